@@ -1,0 +1,147 @@
+"""The raw ABI layer: ctypes mirrors of ``rkllm.h`` for each supported ABI.
+
+Nothing here loads a library at import time. :func:`bind` attaches the
+prototypes of one ABI to an already loaded ``ctypes.CDLL``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, c_char_p, c_int, c_void_p
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from . import common, v1_2, v1_3
+from .common import LLMHandle, RKLLMCrossAttnParam, RKLLMLoraAdapter
+
+SUPPORTED_ABIS = ("1.2", "1.3")
+
+_MODULES: dict[str, ModuleType] = {"1.2": v1_2, "1.3": v1_3}
+
+
+def abi_module(abi: str) -> ModuleType:
+    """Return the module holding the ABI-specific types of ``abi`` ("1.2" or "1.3")."""
+    return _MODULES[abi]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeFunctions:
+    """The exported functions of one loaded runtime, with prototypes attached.
+
+    Each attribute is the ctypes function itself; the C prototype is in the
+    comment of :func:`bind` next to its ``argtypes``.
+    """
+
+    abi: str
+    rkllm_createDefaultParam: Any
+    rkllm_init: Any
+    rkllm_load_lora: Any
+    rkllm_load_prompt_cache: Any
+    rkllm_release_prompt_cache: Any
+    rkllm_destroy: Any
+    rkllm_run: Any
+    rkllm_run_async: Any
+    rkllm_abort: Any
+    rkllm_is_running: Any
+    rkllm_clear_kv_cache: Any
+    rkllm_get_kv_cache_size: Any
+    rkllm_set_chat_template: Any
+    rkllm_set_function_tools: Any
+    rkllm_set_cross_attn_params: Any | None
+
+
+def bind(lib: ctypes.CDLL, abi: str) -> RuntimeFunctions:
+    """Attach the prototypes of ``abi`` to the functions exported by ``lib``.
+
+    Args:
+        lib: the loaded runtime library.
+        abi: "1.2" or "1.3".
+
+    Returns:
+        The bound functions.
+
+    Raises:
+        AttributeError: a required symbol is missing from ``lib``.
+    """
+    m = _MODULES[abi]
+    P_Param = POINTER(m.RKLLMParam)
+    P_Input = POINTER(m.RKLLMInput)
+    P_Infer = POINTER(m.RKLLMInferParam)
+    P_int = POINTER(c_int)
+
+    def proto(name: str, restype: Any, *argtypes: Any) -> Any:
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = list(argtypes)
+        return fn
+
+    cross_attn = None
+    if hasattr(lib, "rkllm_set_cross_attn_params"):
+        # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
+        cross_attn = proto("rkllm_set_cross_attn_params", c_int, LLMHandle, POINTER(RKLLMCrossAttnParam))
+
+    return RuntimeFunctions(
+        abi=abi,
+        # RKLLMParam rkllm_createDefaultParam();
+        rkllm_createDefaultParam=proto("rkllm_createDefaultParam", m.RKLLMParam),
+        # 1.2: int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
+        # 1.3: int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
+        rkllm_init=proto("rkllm_init", c_int, POINTER(LLMHandle), P_Param, m.INIT_CALLBACK_ARGTYPE),
+        # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
+        rkllm_load_lora=proto("rkllm_load_lora", c_int, LLMHandle, POINTER(RKLLMLoraAdapter)),
+        # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
+        rkllm_load_prompt_cache=proto("rkllm_load_prompt_cache", c_int, LLMHandle, c_char_p),
+        # int rkllm_release_prompt_cache(LLMHandle handle);
+        rkllm_release_prompt_cache=proto("rkllm_release_prompt_cache", c_int, LLMHandle),
+        # int rkllm_destroy(LLMHandle handle);
+        rkllm_destroy=proto("rkllm_destroy", c_int, LLMHandle),
+        # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input,
+        #               RKLLMInferParam* rkllm_infer_params, void* userdata);
+        rkllm_run=proto("rkllm_run", c_int, LLMHandle, P_Input, P_Infer, c_void_p),
+        # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input,
+        #                     RKLLMInferParam* rkllm_infer_params, void* userdata);
+        rkllm_run_async=proto("rkllm_run_async", c_int, LLMHandle, P_Input, P_Infer, c_void_p),
+        # int rkllm_abort(LLMHandle handle);
+        rkllm_abort=proto("rkllm_abort", c_int, LLMHandle),
+        # int rkllm_is_running(LLMHandle handle);
+        rkllm_is_running=proto("rkllm_is_running", c_int, LLMHandle),
+        # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
+        rkllm_clear_kv_cache=proto("rkllm_clear_kv_cache", c_int, LLMHandle, c_int, P_int, P_int),
+        # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
+        rkllm_get_kv_cache_size=proto("rkllm_get_kv_cache_size", c_int, LLMHandle, P_int),
+        # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt,
+        #                             const char* prompt_prefix, const char* prompt_postfix);
+        rkllm_set_chat_template=proto("rkllm_set_chat_template", c_int, LLMHandle, c_char_p, c_char_p, c_char_p),
+        # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt,
+        #                              const char* tools, const char* tool_response_str);
+        rkllm_set_function_tools=proto("rkllm_set_function_tools", c_int, LLMHandle, c_char_p, c_char_p, c_char_p),
+        rkllm_set_cross_attn_params=cross_attn,
+    )
+
+
+# Symbols every supported runtime exports; `rkllm_set_function_tools` and
+# `rkllm_get_kv_cache_size` first appeared in 1.2.1, so their absence marks a
+# runtime <= 1.2.0 (unsupported: different callback and clear_kv_cache ABI).
+REQUIRED_SYMBOLS = (
+    "rkllm_createDefaultParam",
+    "rkllm_init",
+    "rkllm_run",
+    "rkllm_abort",
+    "rkllm_destroy",
+    "rkllm_clear_kv_cache",
+    "rkllm_set_chat_template",
+)
+SYMBOLS_SINCE_1_2_1 = ("rkllm_set_function_tools", "rkllm_get_kv_cache_size")
+
+__all__ = [
+    "REQUIRED_SYMBOLS",
+    "SUPPORTED_ABIS",
+    "SYMBOLS_SINCE_1_2_1",
+    "RuntimeFunctions",
+    "abi_module",
+    "bind",
+    "common",
+    "v1_2",
+    "v1_3",
+]

@@ -1,0 +1,151 @@
+"""One exception hierarchy for everything ``rkllm_core`` raises.
+
+Every class derives from :class:`RKLLMError` and, where one fits, from the
+matching builtin too, so callers can catch either ``RKLLMError`` or the
+builtin they already expect (``LookupError`` for an unknown model, ``OSError``
+for a missing library, ``ValueError`` for bad arguments, ``TimeoutError`` for
+a busy handle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ABIError",
+    "BusyError",
+    "CacheError",
+    "ContextLengthError",
+    "HandleClosedError",
+    "InitError",
+    "InvalidParameterError",
+    "LibraryNotFoundError",
+    "ModelFileError",
+    "ModelNotFoundError",
+    "NativeError",
+    "NoModelsFoundError",
+    "RKLLMError",
+    "RunError",
+    "UnsupportedRuntimeError",
+]
+
+
+class RKLLMError(Exception):
+    """Base class of every error raised by ``rkllm_core``."""
+
+
+class LibraryNotFoundError(RKLLMError, OSError):
+    """``librkllmrt.so`` could not be found or loaded.
+
+    Attributes:
+        tried: every path or name that was tried, in order.
+    """
+
+    def __init__(self, message: str, tried: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.tried: tuple[str, ...] = tuple(tried)
+
+    def __str__(self) -> str:  # OSError formats args oddly; keep our message
+        return str(self.args[0]) if self.args else ""
+
+
+class ABIError(RKLLMError, RuntimeError):
+    """The runtime library's ABI could not be established; nothing was initialised."""
+
+
+class UnsupportedRuntimeError(ABIError):
+    """The runtime library is a version this package does not support (<= 1.2.0)."""
+
+
+class NativeError(RKLLMError, RuntimeError):
+    """A native runtime function returned a failure code.
+
+    Attributes:
+        code: the integer the native function returned.
+        function: the name of the native function.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, function: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.function = function
+
+
+class InitError(NativeError):
+    """``rkllm_init`` failed (bad model file, context above the limit, driver, permissions)."""
+
+
+class RunError(NativeError):
+    """A generation failed: ``rkllm_run`` returned an error or the runtime reported ERROR."""
+
+
+class HandleClosedError(RKLLMError, RuntimeError):
+    """The runtime handle was used after ``close()``."""
+
+
+class BusyError(RKLLMError, TimeoutError):
+    """The handle stayed busy with another generation past the caller's timeout."""
+
+
+class InvalidParameterError(RKLLMError, ValueError):
+    """An argument is out of range or of the wrong kind; nothing was sent to the runtime."""
+
+
+class ContextLengthError(InvalidParameterError):
+    """A context length or prompt does not fit the model's context window.
+
+    Attributes:
+        requested: the number of tokens asked for.
+        limit: the limit it exceeds.
+    """
+
+    def __init__(self, message: str, *, requested: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.requested = requested
+        self.limit = limit
+
+
+class ModelFileError(RKLLMError, ValueError):
+    """A model file is missing, unreadable or not a model the runtime can load."""
+
+
+class ModelNotFoundError(RKLLMError, LookupError):
+    """No registered model matches the requested name.
+
+    Attributes:
+        name: the name that was asked for.
+        suggestions: close matches, best first.
+        known: every known name.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str = "",
+        suggestions: Sequence[str] = (),
+        known: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.suggestions: tuple[str, ...] = tuple(suggestions)
+        self.known: tuple[str, ...] = tuple(known)
+
+    def __str__(self) -> str:  # KeyError-style repr quoting is unhelpful here
+        return str(self.args[0]) if self.args else ""
+
+
+class NoModelsFoundError(ModelNotFoundError):
+    """No ``.rkllm`` file was found in any model directory.
+
+    Attributes:
+        searched: the directories that were searched.
+    """
+
+    def __init__(self, message: str, *, searched: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.searched: tuple[str, ...] = tuple(searched)
+
+
+class CacheError(RKLLMError, OSError):
+    """A cache file could not be read or written."""

@@ -1,0 +1,158 @@
+"""Plain-Python value types of the runtime layer (no ctypes here)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from .errors import InvalidParameterError
+
+FinishReason = Literal["stop", "length", "abort"]
+"""Why a run ended: the model stopped, hit ``max_new_tokens``, or was aborted."""
+
+__all__ = [
+    "FinishReason",
+    "InitParams",
+    "PerfStats",
+    "SamplingParams",
+    "StreamChunk",
+]
+
+
+def _check_range(name: str, value: float | int | None, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidParameterError(f"{name} must be a number, got {type(value).__name__}")
+    if math.isnan(value) or value > hi or value < lo or (lo_open and value == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise InvalidParameterError(f"{name}={value!r} is out of range; expected a value in {bound}")
+
+
+def _check_int(name: str, value: int | None, lo: int, hi: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(f"{name} must be an integer, got {type(value).__name__}")
+    _check_range(name, value, lo, hi)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling settings. ``None`` means "leave the runtime's value".
+
+    On the 1.3 ABI these can change per run; on 1.2 they are fixed at init.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repeat_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+
+    def __post_init__(self) -> None:
+        """Validate every value; raise :class:`InvalidParameterError` with the field name."""
+        _check_range("temperature", self.temperature, 0.0, 100.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_int("top_k", self.top_k, 0, 1_000_000)
+        _check_range("repeat_penalty", self.repeat_penalty, 0.0, 100.0, lo_open=True)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_int("mirostat", self.mirostat, 0, 2)
+        _check_range("mirostat_tau", self.mirostat_tau, 0.0, 100.0)
+        _check_range("mirostat_eta", self.mirostat_eta, 0.0, 10.0)
+
+    def is_empty(self) -> bool:
+        """Return True when no value is set."""
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+    def merged(self, other: SamplingParams | None) -> SamplingParams:
+        """Return these settings with every value set in ``other`` taking precedence."""
+        if other is None:
+            return self
+        values = {f.name: getattr(other, f.name) for f in fields(self) if getattr(other, f.name) is not None}
+        return SamplingParams(**{**self.as_dict(), **values})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the settings as a dict (``None`` for unset values)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class InitParams:
+    """Settings applied at ``rkllm_init`` on top of ``rkllm_createDefaultParam()``.
+
+    ``None`` keeps the runtime's default.
+    """
+
+    max_context_len: int | None = None
+    max_new_tokens: int | None = None
+    n_keep: int | None = None
+    sampling: SamplingParams = SamplingParams()
+    skip_special_token: bool | None = None
+    ignore_eos_token: bool | None = None
+    """1.3 only."""
+    enabled_cpus_num: int | None = None
+    enabled_cpus_mask: int | None = None
+    n_batch: int | None = None
+    embed_flash: bool | None = None
+    base_domain_id: int | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the integer settings."""
+        _check_int("max_context_len", self.max_context_len, 1, 1 << 20)
+        _check_int("max_new_tokens", self.max_new_tokens, -1, 1 << 20)
+        _check_int("n_keep", self.n_keep, -1, 1 << 20)
+        _check_int("enabled_cpus_num", self.enabled_cpus_num, 0, 8)
+        _check_int("enabled_cpus_mask", self.enabled_cpus_mask, 0, 0xFF)
+        _check_int("n_batch", self.n_batch, 1, 255)
+        _check_int("base_domain_id", self.base_domain_id, 0, 1 << 16)
+
+
+@dataclass(frozen=True, slots=True)
+class PerfStats:
+    """``RKLLMPerfStat`` as reported by the runtime at the end of a run."""
+
+    prefill_time_ms: float
+    prefill_tokens: int
+    generate_time_ms: float
+    generate_tokens: int
+    memory_usage_mb: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prefill throughput, or 0.0 when no time was reported."""
+        return self.prefill_tokens * 1000.0 / self.prefill_time_ms if self.prefill_time_ms > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode throughput, or 0.0 when no time was reported."""
+        return self.generate_tokens * 1000.0 / self.generate_time_ms if self.generate_time_ms > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One piece of a generation stream.
+
+    Attributes:
+        text: newly decoded text (may be empty, e.g. while a multi-byte
+            character is incomplete, or on the final chunk).
+        token_id: the token that produced this chunk, when there is one.
+        finish_reason: set on the final chunk only.
+        stats: the runtime's perf stats, on the final chunk when reported.
+    """
+
+    text: str
+    token_id: int | None = None
+    finish_reason: FinishReason | None = None
+    stats: PerfStats | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True for the last chunk of a run."""
+        return self.finish_reason is not None

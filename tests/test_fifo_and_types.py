@@ -1,0 +1,141 @@
+"""Pure-Python units: the FIFO lock and the parameter types."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from rkllm_core._fifo import FifoLock
+from rkllm_core.errors import InvalidParameterError
+from rkllm_core.types import InitParams, PerfStats, SamplingParams
+
+
+def test_fifo_order_across_threads() -> None:
+    lock = FifoLock()
+    assert lock.acquire()
+    order: list[int] = []
+
+    def worker(i: int) -> None:
+        lock.acquire()
+        order.append(i)
+        lock.release()
+
+    threads = []
+    for i in range(8):
+        t = threading.Thread(target=worker, args=(i,))
+        t.start()
+        threads.append(t)
+        while lock.waiting() != i + 1:
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert order == list(range(8))
+    assert not lock.locked()
+
+
+def test_timeout_leaves_the_queue() -> None:
+    lock = FifoLock()
+    lock.acquire()
+    assert lock.acquire(timeout=0.01) is False
+    assert lock.waiting() == 0
+    lock.release()
+    assert lock.acquire(timeout=0.01) is True
+    lock.release()
+
+
+def test_release_from_another_thread() -> None:
+    lock = FifoLock()
+    lock.acquire()
+    t = threading.Thread(target=lock.release)
+    t.start()
+    t.join()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+async def test_async_and_thread_waiters_share_one_line() -> None:
+    lock = FifoLock()
+    lock.acquire()
+    order: list[str] = []
+
+    async def a(name: str) -> None:
+        await lock.acquire_async()
+        order.append(name)
+        lock.release()
+
+    t1 = asyncio.create_task(a("async1"))
+    await asyncio.sleep(0.01)
+    th = threading.Thread(target=lambda: (lock.acquire(), order.append("thread"), lock.release()))
+    th.start()
+    while lock.waiting() != 2:
+        await asyncio.sleep(0.001)
+    t2 = asyncio.create_task(a("async2"))
+    await asyncio.sleep(0.01)
+    lock.release()
+    await asyncio.gather(t1, t2)
+    th.join(5)
+    assert order == ["async1", "thread", "async2"]
+
+
+async def test_cancelled_async_waiter_passes_the_lock_on() -> None:
+    lock = FifoLock()
+    lock.acquire()
+    task = asyncio.create_task(lock.acquire_async())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lock.waiting() == 0
+    lock.release()
+    assert not lock.locked()
+    assert await lock.acquire_async(timeout=0.01)
+    assert await lock.acquire_async(timeout=0.01) is False
+    lock.release()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.1},
+        {"top_p": 0.0},
+        {"top_p": 1.01},
+        {"top_k": -1},
+        {"top_k": 1.5},
+        {"repeat_penalty": 0},
+        {"mirostat": 3},
+        {"frequency_penalty": 5},
+        {"temperature": "hot"},
+        {"top_k": True},
+    ],
+)
+def test_invalid_sampling_is_rejected_with_the_field_name(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert next(iter(kwargs)) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_sampling_merge() -> None:
+    base = SamplingParams(temperature=0.7, top_k=20)
+    merged = base.merged(SamplingParams(top_k=5, top_p=0.9))
+    assert merged == SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
+    assert SamplingParams().is_empty() and not merged.is_empty()
+
+
+def test_init_params_validation() -> None:
+    with pytest.raises(InvalidParameterError, match="max_context_len"):
+        InitParams(max_context_len=0)
+    with pytest.raises(InvalidParameterError, match="n_batch"):
+        InitParams(n_batch=0)
+    assert InitParams(max_context_len=4096).max_context_len == 4096
+
+
+def test_perf_rates() -> None:
+    s = PerfStats(100.0, 50, 2000.0, 40, 600.0)
+    assert s.prefill_tokens_per_s == 500.0 and s.decode_tokens_per_s == 20.0
+    assert PerfStats(0, 0, 0, 0, 0).decode_tokens_per_s == 0.0
