@@ -1,0 +1,133 @@
+"""The one result callback handed to the runtime, and the per-run channels it feeds.
+
+A single module-level ``CFUNCTYPE`` object lives for the whole process, so
+the runtime can never call a collected callback. It routes by ``userdata``
+(a run id) to that run's :class:`RunChannel`. It only copies bytes out of the
+``RKLLMResult`` (whose pointers are valid only during the call) into a queue;
+it never raises and always returns an int.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import queue
+import threading
+from typing import Any
+
+from ._abi.common import LLMCallState, LLMResultCallback, RKLLMPerfStat, RKLLMResult, field_offset
+
+NORMAL = int(LLMCallState.RKLLM_RUN_NORMAL)
+WAITING = int(LLMCallState.RKLLM_RUN_WAITING)
+FINISH = int(LLMCallState.RKLLM_RUN_FINISH)
+ERROR = int(LLMCallState.RKLLM_RUN_ERROR)
+END = -1
+"""Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
+
+_TEXT_OFFSET = field_offset(RKLLMResult, "text")
+_TOKEN_OFFSET = field_offset(RKLLMResult, "token_id")
+_PERF_OFFSET = field_offset(RKLLMResult, "perf")
+
+_PERF_SIZE = ctypes.sizeof(RKLLMPerfStat)
+_string_at = ctypes.string_at
+_void_p_at = ctypes.c_void_p.from_address
+_int32_at = ctypes.c_int32.from_address
+
+
+class RunChannel:
+    """Carries one run's events from the runtime thread to its consumer.
+
+    Items are tuples: ``(NORMAL, bytes, token_id)``, ``(WAITING, token_id)``,
+    ``(FINISH, RKLLMPerfStat copy)``, ``(ERROR,)`` and finally
+    ``(END, return_code, exception_or_None)``.
+
+    An async consumer registers a waker; the producer calls it only when the
+    consumer is parked, so the common case costs one queue put.
+    """
+
+    __slots__ = ("_loop", "_parked", "_wake_event", "queue")
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_event: asyncio.Event | None = None
+        self._parked = False
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        """Post an item (any thread)."""
+        self.queue.put(item)
+        if self._parked:
+            self._parked = False
+            loop = self._loop
+            if loop is not None and self._wake_event is not None:
+                try:
+                    loop.call_soon_threadsafe(self._wake_event.set)
+                except RuntimeError:  # loop closed; nobody is listening any more
+                    pass
+
+    async def get_async(self) -> tuple[Any, ...]:
+        """Return the next item without blocking the event loop."""
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        if self._wake_event is None:
+            self._loop = asyncio.get_running_loop()
+            self._wake_event = asyncio.Event()
+        while True:
+            self._wake_event.clear()
+            self._parked = True
+            try:  # re-check after parking: a put may have raced the flag
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                await self._wake_event.wait()
+                continue
+            self._parked = False
+            return item
+
+
+_channels: dict[int, RunChannel] = {}
+_channels_lock = threading.Lock()
+_ids = itertools.count(1)
+
+
+def open_channel() -> tuple[int, RunChannel]:
+    """Register a new channel; return its id (the run's ``userdata``) and the channel."""
+    channel = RunChannel()
+    with _channels_lock:
+        run_id = next(_ids)
+        _channels[run_id] = channel
+    return run_id, channel
+
+
+def close_channel(run_id: int) -> None:
+    """Unregister a channel; later callbacks for this id are ignored."""
+    with _channels_lock:
+        _channels.pop(run_id, None)
+
+
+def _on_result(result: int | None, userdata: int | None, state: int) -> int:
+    try:
+        channel = _channels.get(userdata or 0)
+        if channel is None or not result:
+            return 0
+        if state == NORMAL:
+            addr = _void_p_at(result + _TEXT_OFFSET).value
+            channel.put((NORMAL, _string_at(addr) if addr else b"", _int32_at(result + _TOKEN_OFFSET).value))
+        elif state == WAITING:
+            # The runtime holds an incomplete UTF-8 character back; whatever
+            # text it attaches here is not a delta, so it is ignored.
+            channel.put((WAITING, _int32_at(result + _TOKEN_OFFSET).value))
+        elif state == FINISH:
+            perf = RKLLMPerfStat.from_buffer_copy(_string_at(result + _PERF_OFFSET, _PERF_SIZE))
+            channel.put((FINISH, perf))
+        elif state == ERROR:
+            channel.put((ERROR,))
+    except BaseException:  # never let an exception cross into native code  # noqa: S110
+        pass
+    return 0
+
+
+RESULT_CALLBACK = LLMResultCallback(_on_result)
+"""The process-wide callback object; it is never freed."""
