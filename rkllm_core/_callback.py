@@ -14,6 +14,7 @@ import ctypes
 import itertools
 import queue
 import threading
+import time
 from typing import Any
 
 from ._abi.common import LLMCallState, LLMResultCallback, RKLLMPerfStat, RKLLMResult, field_offset
@@ -24,6 +25,9 @@ FINISH = int(LLMCallState.RKLLM_RUN_FINISH)
 ERROR = int(LLMCallState.RKLLM_RUN_ERROR)
 END = -1
 """Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
+
+_COALESCE_S = 0.0003
+_FAST_GAP_S = 0.001
 
 _TEXT_OFFSET = field_offset(RKLLMResult, "text")
 _TOKEN_OFFSET = field_offset(RKLLMResult, "token_id")
@@ -46,13 +50,39 @@ class RunChannel:
     consumer is parked, so the common case costs one queue put.
     """
 
-    __slots__ = ("_loop", "_parked", "_wake_event", "queue")
+    __slots__ = ("_fast", "_loop", "_parked", "_wake_event", "queue")
 
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
         self._parked = False
+        self._fast = False
+
+    def get(self) -> tuple[Any, ...]:
+        """Return the next item, blocking (the GIL is released while waiting).
+
+        When items arrive faster than one per millisecond, waking the consumer
+        for each one costs more than the work itself (a futex wake and a GIL
+        hand-over per token). In that regime the consumer naps briefly so the
+        runtime thread can queue a batch; at board speeds (tens of ms per
+        token) it blocks and wakes at once, adding no latency.
+        """
+        q = self.queue
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            pass
+        if self._fast:
+            time.sleep(_COALESCE_S)
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                pass
+        t0 = time.perf_counter()
+        item = q.get()
+        self._fast = time.perf_counter() - t0 < _FAST_GAP_S
+        return item
 
     def put(self, item: tuple[Any, ...]) -> None:
         """Post an item (any thread)."""

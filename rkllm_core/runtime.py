@@ -229,7 +229,7 @@ class RunStream(Iterator[StreamChunk]):
             self._run, self._channel = self._owner._start_locked(self._prepared)
         run, channel = self._run, self._channel
         assert channel is not None
-        get = channel.queue.get
+        get = channel.get
         try:
             while True:
                 item = get()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .errors import InvalidParameterError
 
@@ -135,13 +135,11 @@ class PerfStats:
         return self.generate_tokens * 1000.0 / self.generate_time_ms if self.generate_time_ms > 0 else 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
-    """One piece of a generation stream.
+class StreamChunk(NamedTuple):
+    """One piece of a generation stream (a named tuple: cheap to create per token).
 
     Attributes:
-        text: newly decoded text (may be empty, e.g. while a multi-byte
-            character is incomplete, or on the final chunk).
+        text: newly decoded text (may be empty on the final chunk).
         token_id: the token that produced this chunk, when there is one.
         finish_reason: set on the final chunk only.
         stats: the runtime's perf stats, on the final chunk when reported.

@@ -1,0 +1,236 @@
+"""The bundled runtime simulator: build it, control it, and make model files for it.
+
+The simulator is a C library with the same ABI as ``librkllmrt.so`` (1.2 or
+1.3, chosen at compile time). It lets everything above the ctypes layer run
+on a machine without an NPU, through the very code path used on a board.
+It is compiled on first use with the system C compiler into a per-user cache
+keyed by the hash of its source, so rebuilding is automatic and cheap.
+
+Run ``python -m rkllm_core.simulator`` to build both ABIs and print the paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import RKLLMError
+
+__all__ = [
+    "SimulatorBuildError",
+    "SimulatorControl",
+    "build_simulator",
+    "default_cache_dir",
+    "make_model",
+]
+
+COUNTERS = (
+    "live_handles",
+    "inits",
+    "init_failures",
+    "destroys",
+    "runs",
+    "active_runs",
+    "max_active_runs",
+    "prefilled_tokens",
+    "generated_tokens",
+    "callbacks",
+    "aborts",
+    "pauses",
+    "errors",
+    "kv_clears",
+    "prompt_cache_saves",
+    "prompt_cache_loads",
+    "prompt_cache_releases",
+    "prompt_cache_hit_tokens",
+    "lora_loads",
+    "template_sets",
+    "tools_sets",
+    "context_shifts",
+    "busy_ns",
+    "invalid_handle_calls",
+    "concurrent_run_violations",
+    "destroy_while_running",
+)
+
+_CFLAGS = ("-std=c11", "-O2", "-shared", "-fPIC", "-pthread")
+_build_lock = threading.Lock()
+
+
+class SimulatorBuildError(RKLLMError, RuntimeError):
+    """The simulator could not be compiled (no C compiler, or a compiler error)."""
+
+
+def default_cache_dir() -> Path:
+    """Return where built simulators are cached (``$XDG_CACHE_HOME/rkllm-core/sim``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rkllm-core" / "sim"
+
+
+def _source() -> bytes:
+    return resources.files("rkllm_core").joinpath("_sim/rkllm_sim.c").read_bytes()
+
+
+def _compiler(cc: str | None) -> str:
+    for candidate in (cc, os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise SimulatorBuildError("no C compiler found (tried $CC, cc, gcc, clang); install gcc to build the simulator")
+
+
+def build_simulator(
+    abi: str = "1.3",
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cc: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Compile the simulator for ``abi`` (once per source version) and return the library path.
+
+    Args:
+        abi: "1.2" or "1.3".
+        cache_dir: where to keep built libraries (default :func:`default_cache_dir`).
+        cc: the C compiler (default ``$CC``, then ``cc``, ``gcc``, ``clang``).
+        force: rebuild even when a cached build exists.
+
+    Raises:
+        SimulatorBuildError: no compiler, or compilation failed (with its output).
+    """
+    if abi not in ("1.2", "1.3"):
+        raise ValueError(f"abi must be '1.2' or '1.3', got {abi!r}")
+    compiler = _compiler(cc)
+    source = _source()
+    define = "-DRKLLM_SIM_ABI=" + abi.replace(".", "")
+    key = hashlib.sha256(b"\0".join([source, define.encode(), compiler.encode(), " ".join(_CFLAGS).encode()]))
+    out_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = out_dir / key.hexdigest()[:16] / f"librkllmrt-sim-{abi}.so"
+    with _build_lock:
+        if target.is_file() and not force:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src = Path(tmp) / "rkllm_sim.c"
+            src.write_bytes(source)
+            built = Path(tmp) / target.name
+            cmd = [compiler, *_CFLAGS, define, str(src), "-o", str(built)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SimulatorBuildError(f"building the simulator failed: {' '.join(cmd)}\n{proc.stderr}")
+            os.replace(built, target)  # atomic: concurrent builders never see a partial file
+    return target
+
+
+def make_model(
+    directory: str | os.PathLike[str],
+    filename: str = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm",
+    *,
+    size_mb: float = 0.0,
+    memory_mb: int | None = None,
+    think: bool = True,
+    max_context: int | None = None,
+) -> Path:
+    """Write a model file the simulator accepts.
+
+    The file is sparse when ``size_mb`` is given, so a "1 GB model" costs no
+    disk. The context limit comes from ``ctxNNNN`` in the file name, else
+    ``max_context``, else 4096 (like real converted models).
+    """
+    path = Path(directory) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["RKLLMSIM 1"]
+    if memory_mb is not None:
+        lines.append(f"memory_mb={memory_mb}")
+    if max_context is not None:
+        lines.append(f"max_context={max_context}")
+    lines.append(f"think={1 if think else 0}")
+    header = ("\n".join(lines) + "\n\n").encode()
+    with open(path, "wb") as f:
+        f.write(header)
+        if size_mb > 0:
+            f.truncate(max(len(header), int(size_mb * 1024 * 1024)))
+    return path
+
+
+class SimulatorControl:
+    """Read the simulator's counters and trace, and change its settings.
+
+    Settings (``set``): ``token_delay_ms``, ``prefill_ms_per_token``,
+    ``init_delay_ms``, ``destroy_delay_ms``, ``error_after_tokens``,
+    ``finish_after_abort``, ``waiting_text``, ``split_utf8_normal``,
+    ``trace``, ``banner``.
+    """
+
+    def __init__(self, library_path: str | os.PathLike[str]) -> None:
+        # The same path loads the same already-mapped library as the runtime binding.
+        self._lib = ctypes.CDLL(os.fspath(library_path))
+        lib = self._lib
+        lib.rkllm_sim_counter.restype, lib.rkllm_sim_counter.argtypes = ctypes.c_longlong, [ctypes.c_char_p]
+        lib.rkllm_sim_set.restype = ctypes.c_int
+        lib.rkllm_sim_set.argtypes = [ctypes.c_char_p, ctypes.c_double]
+        lib.rkllm_sim_reset_counters.restype, lib.rkllm_sim_reset_counters.argtypes = None, []
+        lib.rkllm_sim_trace_read.restype = ctypes.c_size_t
+        lib.rkllm_sim_trace_read.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.rkllm_sim_trace_clear.restype, lib.rkllm_sim_trace_clear.argtypes = None, []
+        lib.rkllm_sim_abi.restype, lib.rkllm_sim_abi.argtypes = ctypes.c_int, []
+
+    @property
+    def abi(self) -> str:
+        """The ABI the simulator was built for."""
+        return {12: "1.2", 13: "1.3"}[self._lib.rkllm_sim_abi()]
+
+    def counter(self, name: str) -> int:
+        """Return one counter (see :data:`COUNTERS`)."""
+        value = int(self._lib.rkllm_sim_counter(name.encode()))
+        if value < 0:
+            raise KeyError(name)
+        return value
+
+    def counters(self) -> dict[str, int]:
+        """Return all counters."""
+        return {name: self.counter(name) for name in COUNTERS}
+
+    def reset(self) -> None:
+        """Reset the counters (not ``live_handles``/``active_runs``)."""
+        self._lib.rkllm_sim_reset_counters()
+
+    def set(self, key: str, value: float) -> None:
+        """Change a global simulator setting."""
+        if self._lib.rkllm_sim_set(key.encode(), float(value)) != 0:
+            raise KeyError(key)
+
+    def trace(self) -> list[dict[str, Any]]:
+        """Return the recorded API calls (enable with ``set("trace", 1)``)."""
+        size = int(self._lib.rkllm_sim_trace_read(None, 0))
+        buf = ctypes.create_string_buffer(size + 1)
+        self._lib.rkllm_sim_trace_read(buf, size + 1)
+        return [json.loads(line) for line in buf.raw[:size].decode("utf-8", "replace").splitlines() if line]
+
+    def clear_trace(self) -> None:
+        """Forget the recorded calls."""
+        self._lib.rkllm_sim_trace_clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the simulator for both ABIs and print the library paths."""
+    del argv
+    for abi in ("1.2", "1.3"):
+        try:
+            sys.stdout.write(f"{abi}\t{build_simulator(abi)}\n")
+        except SimulatorBuildError as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

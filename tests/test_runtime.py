@@ -1,0 +1,472 @@
+"""Binding tests: the real ctypes path against the C simulator, for both ABIs.
+
+The ``sim`` fixture asserts after every test that native code never saw an
+invalid handle, never had two runs overlap on one handle, never destroyed a
+running handle, and that no handle leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rkllm_core.errors import (
+    BusyError,
+    HandleClosedError,
+    InitError,
+    InvalidParameterError,
+    ModelFileError,
+    NativeError,
+    RunError,
+)
+from rkllm_core.library import RuntimeLibrary
+from rkllm_core.runtime import RKLLMRuntime
+from rkllm_core.simulator import SimulatorControl, make_model
+from rkllm_core.types import InitParams, SamplingParams
+
+Factory = Callable[..., RKLLMRuntime]
+
+
+def echo(prompt: str) -> str:
+    """The simulator's plain answer to a prompt."""
+    return f"Echo: {prompt} — ok."
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+def test_full_stream(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    chunks = list(runtime.stream("hello there"))
+    text = "".join(c.text for c in chunks)
+    assert text == echo("hello there")
+    final = chunks[-1]
+    assert final.finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
+    assert final.stats is not None
+    assert final.stats.generate_tokens == sim.counter("generated_tokens") > 0
+    assert final.stats.prefill_tokens == sim.counter("prefilled_tokens") > 0
+    assert all(isinstance(c.token_id, int) for c in chunks[:-1])
+    assert sim.counter("runs") == 1
+
+
+@pytest.mark.parametrize("split", [0, 1], ids=["waiting", "raw-bytes"])
+@pytest.mark.parametrize("waiting_text", [0, 1], ids=["null", "empty"])
+def test_multibyte_text_survives_any_split(
+    runtime: RKLLMRuntime, sim: SimulatorControl, split: int, waiting_text: int
+) -> None:
+    sim.set("split_utf8_normal", split)
+    sim.set("waiting_text", waiting_text)
+    prompt = "héllo wörld 日本語 🎉 ok"
+    chunks = list(runtime.stream(prompt))
+    assert "".join(c.text for c in chunks) == echo(prompt)
+    assert all("\ufffd" not in c.text for c in chunks)
+
+
+def test_generate_returns_whole_text(runtime: RKLLMRuntime) -> None:
+    result = runtime.generate("abc")
+    assert result.text == echo("abc") and result.finish_reason == "stop" and result.tokens > 0
+
+
+def test_explicit_abort_mid_stream(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 1)
+    stream = runtime.stream("count to 5000")
+    seen = [next(stream) for _ in range(5)]
+    assert "".join(c.text for c in seen).startswith("1 2")
+    stream.abort()
+    rest = list(stream)
+    assert rest[-1].finish_reason == "abort"
+    assert sim.counter("aborts") == 1
+    assert sim.counter("generated_tokens") < 1000
+    assert runtime.generate("again").text == echo("again")
+
+
+@pytest.mark.parametrize("finish_after_abort", [0, 1])
+def test_consumer_breaking_early_aborts(runtime: RKLLMRuntime, sim: SimulatorControl, finish_after_abort: int) -> None:
+    sim.set("token_delay_ms", 1)
+    sim.set("finish_after_abort", finish_after_abort)
+    with runtime.stream("count to 5000") as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+    # Leaving the with-block waited for the runtime: the run is over right now.
+    assert not runtime.is_running
+    assert sim.counter("active_runs") == 0
+    assert sim.counter("aborts") == 1
+    assert runtime.generate("next").text == echo("next")
+
+
+def test_dropped_stream_aborts(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 1)
+    stream = runtime.stream("count to 5000")
+    next(stream)
+    del stream
+    gc.collect()
+    wait_until(lambda: not runtime.is_running)
+    assert sim.counter("aborts") == 1
+
+
+def test_concurrent_callers_queue_in_order(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 0.2)
+    results: dict[int, str] = {}
+    order: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            stream = runtime.stream(f"prompt number {i}")
+            first = next(stream)
+            order.append(i)
+            results[i] = first.text + "".join(c.text for c in stream)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    blocker = runtime.stream("count to 300")
+    next(blocker)  # hold the handle so every worker has to queue
+    threads = []
+    for i in range(10):
+        t = threading.Thread(target=worker, args=(i,))
+        t.start()
+        threads.append(t)
+        wait_until(lambda n=i + 1: runtime._state.lock.waiting() == n)
+    list(blocker)
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert results == {i: echo(f"prompt number {i}") for i in range(10)}
+    assert order == list(range(10)), "callers must be served first come, first served"
+    assert sim.counter("max_active_runs") == 1
+
+
+def test_busy_timeout(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 1)
+    with runtime.stream("count to 2000") as holder:
+        next(holder)
+        t0 = time.monotonic()
+        with pytest.raises(BusyError) as info:
+            next(runtime.stream("x", timeout=0.05))
+        assert isinstance(info.value, TimeoutError)
+        assert time.monotonic() - t0 < 5
+        assert runtime._state.lock.waiting() == 0, "a timed-out caller must leave the queue"
+
+
+def test_runtime_error_mid_stream(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    stream = runtime.stream("please fail [[sim:error]] now")
+    with pytest.raises(RunError) as info:
+        for _ in stream:
+            pass
+    assert info.value.function == "rkllm_run"
+    assert runtime.generate("still alive").text == echo("still alive")
+
+
+def test_error_after_tokens_setting(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("error_after_tokens", 3)
+    got: list[str] = []
+    with pytest.raises(RunError):
+        for c in runtime.stream("count to 100"):
+            got.append(c.text)
+    assert 0 < len(got) <= 3
+    assert runtime.generate("ok").text == echo("ok")
+
+
+def test_gc_frees_the_handle(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_path: Path) -> None:
+    live = sim.counter("live_handles")
+    rt = RKLLMRuntime(model_path, library=sim_lib)
+    assert sim.counter("live_handles") == live + 1
+    rt.generate("x")
+    del rt
+    gc.collect()
+    assert sim.counter("live_handles") == live
+    assert sim.counter("destroys") == 1
+
+
+def test_gc_while_streaming_waits_for_the_run(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_path: Path) -> None:
+    sim.set("token_delay_ms", 1)
+    rt = RKLLMRuntime(model_path, library=sim_lib)
+    stream = rt.stream("count to 5000")
+    next(stream)
+    del rt, stream
+    gc.collect()
+    wait_until(lambda: sim.counter("destroys") == 1)
+    assert sim.counter("destroy_while_running") == 0
+
+
+def test_close_while_streaming(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 1)
+    chunks: list[str] = []
+    reasons: list[str | None] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        for c in runtime.stream("count to 5000"):
+            chunks.append(c.text)
+            started.set()
+            if c.finish_reason:
+                reasons.append(c.finish_reason)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    started.wait(5)
+    runtime.close()
+    t.join(5)
+    assert reasons == ["abort"]
+    assert sim.counter("destroys") == 1
+    runtime.close()  # idempotent
+    with pytest.raises(HandleClosedError):
+        runtime.stream("x")
+    with pytest.raises(HandleClosedError):
+        runtime.kv_cache_size()
+
+
+async def test_async_stream_does_not_block_the_loop(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 2)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    text = ""
+    final = None
+    async for chunk in runtime.astream("count to 40"):
+        text += chunk.text
+        final = chunk
+    stop.set()
+    await task
+    assert text == " ".join(str(i) for i in range(1, 41))
+    assert final is not None and final.finish_reason == "stop"
+    assert ticks > 20, "the event loop was blocked while streaming"
+
+
+async def test_async_cancel_aborts_the_run(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 1)
+    got = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in runtime.astream("count to 5000"):
+            got.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if not runtime.is_running:
+            break
+        await asyncio.sleep(0.01)
+    assert not runtime.is_running
+    assert sim.counter("aborts") == 1
+    texts = [c.text async for c in runtime.astream("after")]
+    assert "".join(texts) == echo("after")
+
+
+async def test_async_callers_queue(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    async def one(i: int) -> str:
+        return "".join([c.text async for c in runtime.astream(f"q{i}")])
+
+    results = await asyncio.gather(*(one(i) for i in range(16)))
+    assert results == [echo(f"q{i}") for i in range(16)]
+    assert sim.counter("max_active_runs") == 1
+
+
+async def test_async_wait_is_cancellable(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 1)
+    holder = runtime.astream("count to 2000")
+    await holder.__anext__()
+    waiter = asyncio.create_task(runtime.astream("queued").__anext__())
+    await asyncio.sleep(0.02)
+    assert runtime._state.lock.waiting() == 1
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    assert runtime._state.lock.waiting() == 0
+    with pytest.raises(BusyError):
+        await runtime.astream("x", timeout=0.01).__anext__()
+    await holder.aclose()
+    texts = [c.text async for c in runtime.astream("free again")]
+    assert "".join(texts) == echo("free again")
+
+
+def test_max_new_tokens_gives_length(runtime_factory: Factory, sim: SimulatorControl, abi: str) -> None:
+    if abi == "1.2":
+        rt = runtime_factory(params=InitParams(max_new_tokens=5))
+        result = rt.generate("count to 100")
+    else:
+        rt = runtime_factory()
+        result = rt.generate("count to 100", max_new_tokens=5)
+    assert result.finish_reason == "length"
+    assert result.stats is not None and result.stats.generate_tokens == 5
+
+
+def test_per_run_sampling_is_1_3_only(runtime: RKLLMRuntime, sim: SimulatorControl, abi: str) -> None:
+    sampling = SamplingParams(temperature=0.2, top_k=5)
+    if abi == "1.2":
+        with pytest.raises(InvalidParameterError, match="1.3"):
+            runtime.stream("x", sampling=sampling)
+        with pytest.raises(InvalidParameterError):
+            runtime.stream("x", max_new_tokens=3)
+        return
+    sim.set("trace", 1)
+    runtime.generate("x", sampling=sampling, max_new_tokens=7)
+    run = [t for t in sim.trace() if t["fn"] == "rkllm_run"][-1]
+    assert run["max_new_tokens"] == 7
+    assert run["sampling"]["top_k"] == 5 and abs(run["sampling"]["temperature"] - 0.2) < 1e-6
+
+
+def test_init_errors_are_typed(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path) -> None:
+    with pytest.raises(ModelFileError):
+        RKLLMRuntime(model_dir / "missing.rkllm", library=sim_lib)
+    corrupt = model_dir / "corrupt-ctx4096.rkllm"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(InitError) as info:
+        RKLLMRuntime(corrupt, library=sim_lib)
+    assert info.value.function == "rkllm_init" and info.value.code != 0
+    small = make_model(model_dir, "tiny-ctx1024.rkllm")
+    with pytest.raises(InitError, match="max_context_len=4096"):
+        RKLLMRuntime(small, params=InitParams(max_context_len=4096), library=sim_lib)
+    assert sim.counter("init_failures") == 2
+    # The process keeps serving: a good model loads after the failures.
+    with RKLLMRuntime(small, library=sim_lib) as rt:
+        assert rt.generate("fine").text == echo("fine")
+
+
+def test_bad_arguments_never_reach_the_runtime(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    with pytest.raises(InvalidParameterError, match="role"):
+        runtime.stream("x", role="assistant")  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError, match="NUL"):
+        runtime.stream("a\0b")
+    with pytest.raises(InvalidParameterError):
+        runtime.stream(None)
+    with pytest.raises(InvalidParameterError):
+        runtime.stream(123)  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(InvalidParameterError):
+        SamplingParams(temperature=float("nan"))
+    assert sim.counter("runs") == 0
+
+
+def test_keep_history_and_kv_cache(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    assert runtime.kv_cache_size() == 0
+    runtime.generate("first turn", keep_history=True)
+    after_one = runtime.kv_cache_size()
+    assert after_one > 0
+    prefilled = sim.counter("prefilled_tokens")
+    runtime.generate("second", keep_history=True)
+    assert runtime.kv_cache_size() > after_one
+    # The second turn prefilled only its own message (no system prompt again).
+    assert sim.counter("prefilled_tokens") - prefilled < prefilled
+    runtime.clear_kv_cache()
+    assert runtime.kv_cache_size() == 0
+    runtime.generate("independent")
+    assert runtime.kv_cache_size() == 0
+
+
+def test_function_tools_and_tool_role(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "magic_function",
+                "description": "Applies a magic function to an input.",
+                "parameters": {"type": "object", "properties": {"input": {"type": "integer"}}, "required": ["input"]},
+            },
+        }
+    ]
+    runtime.set_function_tools("You are a helpful assistant.", tools)
+    text = runtime.generate("What is magic_function(3)? Use the tool.").text
+    assert "<tool_call>" in text and '"name": "magic_function"' in text and '"input": 3' in text
+    answer = runtime.generate('[{"output": 5}]', role="tool").text
+    assert answer == 'Tool result: [{"output": 5}]'
+    with pytest.raises(InvalidParameterError, match="JSON"):
+        runtime.set_function_tools("s", [{"bad": object()}])
+    with pytest.raises(InvalidParameterError):
+        runtime.set_function_tools("s", "{not json")
+
+
+def test_chat_template(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("trace", 1)
+    runtime.set_chat_template("SYS", "<u>", "</u><a>")
+    assert runtime.generate("hi").text == echo("hi")
+    calls = [t for t in sim.trace() if t["fn"] == "rkllm_set_chat_template"]
+    assert calls[-1]["system_prompt"] == "SYS" and calls[-1]["prompt_prefix"] == "<u>"
+    with pytest.raises(InvalidParameterError):
+        runtime.set_chat_template("a\0", "", "")
+
+
+def test_prompt_cache_save_and_load(runtime_factory: Factory, sim: SimulatorControl, tmp_path: Path) -> None:
+    cache = tmp_path / "system.cache"
+    system = "You are a meticulous assistant. " * 30
+    a = runtime_factory()
+    a.set_chat_template(system, "<u>", "</u>")
+    a.generate("hi", save_prompt_cache=cache)
+    assert cache.is_file() and sim.counter("prompt_cache_saves") == 1
+    a.close()
+    b = runtime_factory()
+    b.set_chat_template(system, "<u>", "</u>")
+    b.load_prompt_cache(cache)
+    before = sim.counter("prefilled_tokens")
+    b.generate("hello")
+    assert sim.counter("prompt_cache_hit_tokens") > 100
+    assert sim.counter("prefilled_tokens") - before < 20
+    b.release_prompt_cache()
+    assert sim.counter("prompt_cache_releases") == 1
+    with pytest.raises(InvalidParameterError):
+        b.load_prompt_cache(tmp_path / "missing.cache")
+    corrupt = tmp_path / "corrupt.cache"
+    corrupt.write_text("garbage")
+    with pytest.raises(NativeError) as info:
+        b.load_prompt_cache(corrupt)
+    assert info.value.function == "rkllm_load_prompt_cache"
+    assert b.generate("ok").text == echo("ok")
+
+
+def test_lora(runtime: RKLLMRuntime, sim: SimulatorControl, tmp_path: Path) -> None:
+    adapter = tmp_path / "style.rkllm_lora"
+    adapter.write_bytes(b"lora")
+    runtime.load_lora(adapter, "style")
+    assert runtime.generate("hey", lora="style").text == "[lora:style] " + echo("hey")
+    with pytest.raises(RunError):
+        runtime.generate("hey", lora="unknown")
+    with pytest.raises(InvalidParameterError):
+        runtime.load_lora(tmp_path / "nope", "x")
+
+
+def test_thinking_switch(runtime: RKLLMRuntime) -> None:
+    with_thinking = runtime.generate("why", enable_thinking=True).text
+    assert with_thinking.startswith("<think>") and with_thinking.endswith(echo("why"))
+    assert runtime.generate("why").text == echo("why")
+
+
+def test_two_handles_run_in_parallel(runtime_factory: Factory, sim: SimulatorControl, model_dir: Path) -> None:
+    sim.set("token_delay_ms", 1)
+    a = runtime_factory()
+    b = runtime_factory(make_model(model_dir, "gemma-3-1b-it_w8a8.rkllm"))
+    out: dict[str, str] = {}
+
+    def go(name: str, rt: RKLLMRuntime) -> None:
+        out[name] = rt.generate("count to 60").text
+
+    threads = [threading.Thread(target=go, args=(n, r)) for n, r in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    expected = " ".join(str(i) for i in range(1, 61))
+    assert out == {"a": expected, "b": expected}
+    assert sim.counter("max_active_runs") == 2
