@@ -31,14 +31,16 @@ CC = _find_cc()
 
 pytestmark = [
     pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH"),
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the simulator targets Linux (ELF, pthread, dlopen)"),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="the simulator targets Linux (ELF, pthread, dlopen)"
+    ),
 ]
 
 
 def _build_all(cmds: list[list[str]]) -> None:
     """Run the compiler commands in parallel; fail with the compiler output if any fails."""
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
-    for cmd, proc in zip(cmds, procs):
+    for cmd, proc in zip(cmds, procs, strict=False):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"build failed: {' '.join(cmd)}\n{out}{err}"
 
@@ -66,7 +68,10 @@ def test_sim_driver(abi: int, tmp_path: Path) -> None:
     nm = shutil.which("nm")
     if nm:
         syms = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
-        funcs = {parts[2] for parts in (line.split() for line in syms.stdout.splitlines())
-                 if len(parts) == 3 and parts[1] == "T"}
+        funcs = {
+            parts[2]
+            for parts in (line.split() for line in syms.stdout.splitlines())
+            if len(parts) == 3 and parts[1] == "T"
+        }
         assert funcs and all(name.startswith("rkllm_") for name in funcs), sorted(funcs)
         assert {"rkllm_init", "rkllm_run", "rkllm_sim_abi", "rkllm_sim_counter"} <= funcs
