@@ -1,0 +1,16 @@
+# Sourced by the scripts: create or reuse the project's virtualenv and install the project into it.
+# Usage: . scripts/_venv.sh EXTRAS   (e.g. "all" or "dev")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+stamp="$VENV/.installed-$1"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[$1]"
+  touch "$stamp"
+fi
+cd "$ROOT"
