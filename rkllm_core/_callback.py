@@ -26,7 +26,7 @@ ERROR = int(LLMCallState.RKLLM_RUN_ERROR)
 END = -1
 """Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
 
-_COALESCE_S = 0.0003
+_COALESCE_S = 0.0005
 _FAST_GAP_S = 0.001
 
 _TEXT_OFFSET = field_offset(RKLLMResult, "text")
