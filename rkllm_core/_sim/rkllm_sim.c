@@ -3,7 +3,7 @@
  *
  * It exports the same C ABI as the real runtime so that the Python binding can run its real ctypes
  * code path on a machine without an NPU. Nothing here is derived from the vendor's implementation:
- * the behaviour follows the public header and the project's notes (shared/rkllm-abi/NOTES.md), and
+ * the behaviour follows the public header and the runtime's documented behaviour, and
  * the "model" is a tiny text file (see read_model()) whose replies are deterministic functions of the
  * prompt, so that tests can match answers to questions.
  *
@@ -311,7 +311,7 @@ SIM_API int rkllm_sim_set(const char *key, double value);
 SIM_API size_t rkllm_sim_trace_read(char *buf, size_t cap);
 SIM_API void rkllm_sim_trace_clear(void);
 
-/* ---- LP64 layout checks (numbers from shared/rkllm-abi/layout-*-lp64.json) ---- */
+/* ---- LP64 layout checks (numbers from tests/data/layout-*-lp64.json) ---- */
 #if UINTPTR_MAX == 0xffffffffffffffff
 #define SIM_SIZE(T, n) _Static_assert(sizeof(T) == (n), "sizeof " #T)
 #define SIM_OFF(T, f, n) _Static_assert(offsetof(T, f) == (n), "offsetof " #T "." #f)
