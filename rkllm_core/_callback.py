@@ -26,7 +26,7 @@ ERROR = int(LLMCallState.RKLLM_RUN_ERROR)
 END = -1
 """Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
 
-_COALESCE_S = 0.0005
+_COALESCE_S = 0.005
 _FAST_GAP_S = 0.001
 
 _TEXT_OFFSET = field_offset(RKLLMResult, "text")
@@ -35,8 +35,6 @@ _PERF_OFFSET = field_offset(RKLLMResult, "perf")
 
 _PERF_SIZE = ctypes.sizeof(RKLLMPerfStat)
 _string_at = ctypes.string_at
-_void_p_at = ctypes.c_void_p.from_address
-_int32_at = ctypes.c_int32.from_address
 
 
 class RunChannel:
@@ -64,9 +62,12 @@ class RunChannel:
 
         When items arrive faster than one per millisecond, waking the consumer
         for each one costs more than the work itself (a futex wake and a GIL
-        hand-over per token). In that regime the consumer naps briefly so the
-        runtime thread can queue a batch; at board speeds (tens of ms per
-        token) it blocks and wakes at once, adding no latency.
+        hand-over per token, and a consumer holding the GIL stalls the runtime
+        thread's next callback). In that regime the consumer naps 5 ms so the
+        runtime thread can queue a batch undisturbed; the batch then becomes
+        one chunk. At board speeds (tens of ms per token) it blocks and wakes
+        at once, adding no latency; the first slow token after a burst leaves
+        fast mode.
         """
         q = self.queue
         try:
@@ -88,13 +89,37 @@ class RunChannel:
         """Post an item (any thread)."""
         self.queue.put(item)
         if self._parked:
-            self._parked = False
-            loop = self._loop
-            if loop is not None and self._wake_event is not None:
-                try:
-                    loop.call_soon_threadsafe(self._wake_event.set)
-                except RuntimeError:  # loop closed; nobody is listening any more
-                    pass
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake a parked async consumer (any thread)."""
+        self._parked = False
+        loop = self._loop
+        if loop is not None and self._wake_event is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake_event.set)
+            except RuntimeError:  # loop closed; nobody is listening any more
+                pass
+
+    def get_many(self) -> list[tuple[Any, ...]]:
+        """Block for at least one item; return it with every item already queued."""
+        items = [self.get()]
+        self._drain(items)
+        return items
+
+    async def get_many_async(self) -> list[tuple[Any, ...]]:
+        """Like :meth:`get_many` without blocking the event loop."""
+        items = [await self.get_async()]
+        self._drain(items)
+        return items
+
+    def _drain(self, items: list[tuple[Any, ...]]) -> None:
+        get_nowait = self.queue.get_nowait
+        try:
+            while True:
+                items.append(get_nowait())
+        except queue.Empty:
+            pass
 
     async def get_async(self) -> tuple[Any, ...]:
         """Return the next item without blocking the event loop."""
@@ -137,18 +162,31 @@ def close_channel(run_id: int) -> None:
         _channels.pop(run_id, None)
 
 
+class _ResultHead(ctypes.Structure):
+    """The first two fields of ``RKLLMResult``: read together, with one ctypes object per token."""
+
+    _fields_ = [("text", ctypes.c_char_p), ("token_id", ctypes.c_int32)]
+
+
+assert field_offset(_ResultHead, "token_id") == _TOKEN_OFFSET and _TEXT_OFFSET == 0
+_head_at = _ResultHead.from_address
+
+
 def _on_result(result: int | None, userdata: int | None, state: int) -> int:
+    # Per-token hot path: a dict lookup, one ctypes read and a queue put.
     try:
         channel = _channels.get(userdata or 0)
         if channel is None or not result:
             return 0
         if state == NORMAL:
-            addr = _void_p_at(result + _TEXT_OFFSET).value
-            channel.put((NORMAL, _string_at(addr) if addr else b"", _int32_at(result + _TOKEN_OFFSET).value))
+            head = _head_at(result)
+            channel.queue.put((NORMAL, head.text or b"", head.token_id))
+            if channel._parked:
+                channel.wake()
         elif state == WAITING:
             # The runtime holds an incomplete UTF-8 character back; whatever
             # text it attaches here is not a delta, so it is ignored.
-            channel.put((WAITING, _int32_at(result + _TOKEN_OFFSET).value))
+            channel.put((WAITING, _head_at(result).token_id))
         elif state == FINISH:
             perf = RKLLMPerfStat.from_buffer_copy(_string_at(result + _PERF_OFFSET, _PERF_SIZE))
             channel.put((FINISH, perf))

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,32 +133,64 @@ class _Run:
         self.stats: PerfStats | None = None
         self.error = False
         self.tokens = 0
+        self.ended = False  # the worker's end marker was consumed: rkllm_run has returned
         self.finish_reason: FinishReason | None = None
 
-    def feed(self, item: tuple[Any, ...]) -> StreamChunk | None:
-        """Turn one channel item into a chunk (None when there is nothing to show)."""
-        kind = item[0]
-        if kind == NORMAL:
-            self.tokens += 1
-            text = self.decoder.decode(item[1])
-            return StreamChunk(text, item[2]) if text else None
-        if kind == WAITING:
-            self.tokens += 1
-        elif kind == FINISH:
-            p = item[1]
-            self.stats = PerfStats(
-                float(p.prefill_time_ms),
-                int(p.prefill_tokens),
-                float(p.generate_time_ms),
-                int(p.generate_tokens),
-                float(p.memory_usage_mb),
-            )
-        elif kind == ERROR:
-            self.error = True
-        return None
+    def feed_many(self, items: list[tuple[Any, ...]]) -> list[StreamChunk]:
+        """Turn a batch of channel items into chunks, the final one last if the run ended.
+
+        Consecutive tokens that arrived while the consumer was busy become one
+        chunk (``n_tokens`` says how many): the consumer never falls behind the
+        runtime by doing per-token work for tokens it has already missed. At
+        board speeds the consumer is always waiting, so chunks are single tokens.
+        """
+        out: list[StreamChunk] = []
+        pending: list[bytes] = []
+        n = 0
+        last_token: int | None = None
+        for item in items:
+            kind = item[0]
+            if kind == NORMAL:
+                pending.append(item[1])
+                last_token = item[2]
+                n += 1
+                continue
+            if kind == WAITING:
+                n += 1
+                continue
+            if pending or n:
+                self._emit(out, pending, n, last_token)
+                pending, n = [], 0
+            if kind == FINISH:
+                p = item[1]
+                self.stats = PerfStats(
+                    float(p.prefill_time_ms),
+                    int(p.prefill_tokens),
+                    float(p.generate_time_ms),
+                    int(p.generate_tokens),
+                    float(p.memory_usage_mb),
+                )
+            elif kind == ERROR:
+                self.error = True
+            elif kind == END:
+                out.append(self.end(item[1], item[2]))
+                return out
+        if pending or n:
+            self._emit(out, pending, n, last_token)
+        return out
+
+    def _emit(self, out: list[StreamChunk], pending: list[bytes], n: int, token: int | None) -> None:
+        self.tokens += n
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        text = self.decoder.decode(data) if data else ""
+        if text:
+            out.append(StreamChunk(text, token, None, None, n))
+        elif out and out[-1].finish_reason is None:  # count held-back tokens on the previous chunk
+            out[-1] = out[-1]._replace(n_tokens=out[-1].n_tokens + n)
 
     def end(self, rc: int, exc: BaseException | None) -> StreamChunk:
         """Build the final chunk, or raise if the run failed."""
+        self.ended = True
         tail = self.decoder.decode(b"", final=True)
         if exc is not None:
             raise RunError(f"rkllm_run raised {exc!r}", function="rkllm_run") from exc
@@ -173,7 +206,7 @@ class _Run:
             generated = self.stats.generate_tokens if self.stats is not None else self.tokens
             reason = "length" if 0 < self.max_new_tokens <= max(generated, self.tokens) else "stop"
         self.finish_reason = reason
-        return StreamChunk(tail, None, reason, self.stats)
+        return StreamChunk(tail, None, reason, self.stats, 0)
 
 
 class RunStream(Iterator[StreamChunk]):
@@ -194,6 +227,7 @@ class RunStream(Iterator[StreamChunk]):
         self._channel: _callback.RunChannel | None = None
         self._done = False
         self._pieces: list[str] = []
+        self._ready: deque[StreamChunk] = deque()
 
     @property
     def text(self) -> str:
@@ -220,6 +254,8 @@ class RunStream(Iterator[StreamChunk]):
         self.close()
 
     def __next__(self) -> StreamChunk:
+        if self._ready:
+            return self._ready.popleft()
         if self._done:
             raise StopIteration
         if self._run is None:
@@ -227,23 +263,23 @@ class RunStream(Iterator[StreamChunk]):
                 self._done = True
                 raise BusyError(f"the model stayed busy for {self._timeout} s; try again later")
             self._run, self._channel = self._owner._start_locked(self._prepared)
+        if self._ready:
+            return self._ready.popleft()
         run, channel = self._run, self._channel
         assert channel is not None
-        get = channel.get
         try:
             while True:
-                item = get()
-                if item[0] == END:
-                    self._done = True
-                    chunk = run.end(item[1], item[2])
-                    self._pieces.append(chunk.text)
-                    return chunk
-                chunk_or_none = run.feed(item)
-                if chunk_or_none is not None:
-                    self._pieces.append(chunk_or_none.text)
-                    return chunk_or_none
+                chunks = run.feed_many(channel.get_many())
+                if chunks:
+                    self._pieces.extend(c.text for c in chunks)
+                    if chunks[-1].finish_reason is not None:
+                        self._done = True
+                    self._ready.extend(chunks[1:])
+                    return chunks[0]
         except BaseException:
-            if not self._done:  # KeyboardInterrupt and the like: stop the NPU too
+            if run.ended:  # the run failed and is over: nothing to stop or wait for
+                self._done = True
+            elif not self._done:  # KeyboardInterrupt and the like: stop the NPU too
                 self.close()
             raise
 
@@ -629,14 +665,12 @@ class RKLLMRuntime:
         finished = False
         try:
             while True:
-                item = await channel.get_async()
-                if item[0] == END:
-                    finished = True
-                    yield run.end(item[1], item[2])
-                    return
-                chunk = run.feed(item)
-                if chunk is not None:
+                for chunk in run.feed_many(await channel.get_many_async()):
+                    if chunk.finish_reason is not None:
+                        finished = True
                     yield chunk
+                if finished:
+                    return
         finally:
             if not finished:
                 # Do not wait here: the worker releases the handle when rkllm_run returns.

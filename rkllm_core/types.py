@@ -136,19 +136,23 @@ class PerfStats:
 
 
 class StreamChunk(NamedTuple):
-    """One piece of a generation stream (a named tuple: cheap to create per token).
+    """One piece of a generation stream (a named tuple: cheap to create).
 
     Attributes:
         text: newly decoded text (may be empty on the final chunk).
         token_id: the token that produced this chunk, when there is one.
         finish_reason: set on the final chunk only.
         stats: the runtime's perf stats, on the final chunk when reported.
+        n_tokens: how many generated tokens this chunk carries (0 on the final
+            chunk). Usually 1; more when tokens arrived faster than the consumer
+            read them and were merged.
     """
 
     text: str
     token_id: int | None = None
     finish_reason: FinishReason | None = None
     stats: PerfStats | None = None
+    n_tokens: int = 1
 
     @property
     def is_final(self) -> bool:
