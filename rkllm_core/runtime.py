@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from . import _callback
 from ._abi import RuntimeFunctions, abi_module
@@ -61,10 +61,31 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["user", "tool"]
 
-__all__ = ["Completion", "RKLLMRuntime", "Role", "RunStream"]
+__all__ = ["Completion", "RKLLMRuntime", "Role", "RunOptions", "RunStream"]
 
 # How long close()/a finalizer waits for an aborted run to return before giving up on destroy.
 _ABORT_WAIT_S = 60.0
+
+
+class RunOptions(TypedDict, total=False):
+    """Per-run options of :meth:`RKLLMRuntime.stream` / :meth:`RKLLMRuntime.astream`."""
+
+    role: Role
+    """"user", or "tool" for function results (a JSON array)."""
+    enable_thinking: bool
+    """Switch the template's thinking mode (Qwen3)."""
+    keep_history: bool
+    """Keep this turn in the KV cache for the next run."""
+    sampling: SamplingParams | None
+    """Per-run sampling (1.3 only)."""
+    max_new_tokens: int | None
+    """Per-run limit (1.3 only; <= 0 means the init value)."""
+    lora: str | None
+    """The name of a loaded LoRA adapter to apply."""
+    save_prompt_cache: str | os.PathLike[str] | None
+    """Write this run's prefill state to this file."""
+    token_ids: Sequence[int] | None
+    """Token input instead of a prompt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,14 +483,14 @@ class RKLLMRuntime:
         self,
         prompt: str | None,
         *,
-        role: str,
-        enable_thinking: bool,
-        keep_history: bool,
-        sampling: SamplingParams | None,
-        max_new_tokens: int | None,
-        lora: str | None,
-        save_prompt_cache: str | os.PathLike[str] | None,
-        token_ids: Sequence[int] | None,
+        role: str = "user",
+        enable_thinking: bool = False,
+        keep_history: bool = False,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+        lora: str | None = None,
+        save_prompt_cache: str | os.PathLike[str] | None = None,
+        token_ids: Sequence[int] | None = None,
     ) -> _Prepared:
         self._check_open()
         if role not in ("user", "tool"):
@@ -579,50 +600,30 @@ class RKLLMRuntime:
         self,
         prompt: str | None = None,
         *,
-        role: Role = "user",
-        enable_thinking: bool = False,
-        keep_history: bool = False,
-        sampling: SamplingParams | None = None,
-        max_new_tokens: int | None = None,
-        lora: str | None = None,
-        save_prompt_cache: str | os.PathLike[str] | None = None,
-        token_ids: Sequence[int] | None = None,
         timeout: float | None = None,
+        **options: Unpack[RunOptions],
     ) -> RunStream:
         """Start a generation and return its chunk stream.
 
         Args:
             prompt: the text (the runtime applies the model's chat template).
-            role: "user", or "tool" for function results (a JSON array).
-            enable_thinking: switch the template's thinking mode (Qwen3).
-            keep_history: keep this turn in the KV cache for the next run.
-            sampling: per-run sampling (1.3 only).
-            max_new_tokens: per-run limit (1.3 only; <= 0 means the init value).
-            lora: the name of a loaded LoRA adapter to apply.
-            save_prompt_cache: write this run's prefill state to this file.
-            token_ids: token input instead of ``prompt``.
             timeout: seconds to wait for the handle before raising ``BusyError``.
+            **options: see :class:`RunOptions` (``role``, ``enable_thinking``,
+                ``keep_history``, ``sampling``, ``max_new_tokens``, ``lora``,
+                ``save_prompt_cache``, ``token_ids``).
 
         Raises:
             InvalidParameterError: bad arguments (nothing reaches the runtime).
             HandleClosedError: the handle was closed.
         """
-        prep = self._prepare(
-            prompt,
-            role=role,
-            enable_thinking=enable_thinking,
-            keep_history=keep_history,
-            sampling=sampling,
-            max_new_tokens=max_new_tokens,
-            lora=lora,
-            save_prompt_cache=save_prompt_cache,
-            token_ids=token_ids,
-        )
+        prep = self._prepare(prompt, **options)
         return RunStream(self, prep, timeout)
 
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RunOptions]
+    ) -> Completion:
         """Run to the end and return the whole text (same arguments as :meth:`stream`)."""
-        with self.stream(prompt, **kwargs) as s:
+        with self.stream(prompt, timeout=timeout, **options) as s:
             final = None
             for chunk in s:
                 final = chunk
@@ -633,32 +634,15 @@ class RKLLMRuntime:
         self,
         prompt: str | None = None,
         *,
-        role: Role = "user",
-        enable_thinking: bool = False,
-        keep_history: bool = False,
-        sampling: SamplingParams | None = None,
-        max_new_tokens: int | None = None,
-        lora: str | None = None,
-        save_prompt_cache: str | os.PathLike[str] | None = None,
-        token_ids: Sequence[int] | None = None,
         timeout: float | None = None,
+        **options: Unpack[RunOptions],
     ) -> AsyncIterator[StreamChunk]:
         """Async version of :meth:`stream`; never blocks the event loop.
 
         Cancelling the consuming task, or closing the generator early
         (use ``contextlib.aclosing``), aborts the run on the NPU.
         """
-        prep = self._prepare(
-            prompt,
-            role=role,
-            enable_thinking=enable_thinking,
-            keep_history=keep_history,
-            sampling=sampling,
-            max_new_tokens=max_new_tokens,
-            lora=lora,
-            save_prompt_cache=save_prompt_cache,
-            token_ids=token_ids,
-        )
+        prep = self._prepare(prompt, **options)
         if not await self._state.lock.acquire_async(timeout):
             raise BusyError(f"the model stayed busy for {timeout} s; try again later")
         run, channel = self._start_locked(prep)
