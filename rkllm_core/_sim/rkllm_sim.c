@@ -1481,6 +1481,38 @@ static void handle_free(sim_handle *h) {
     free(h);
 }
 
+/* A custom template that declares tools the Qwen way lists one JSON object per line between
+ * "<tools>" and "</tools>" in its system text. Return them as a JSON array, or NULL. */
+static char *tools_from_template_text(const char *text) {
+    const char *start = strstr(text, "<tools>\n");
+    if (!start) return NULL;
+    start += strlen("<tools>\n");
+    const char *end = strstr(start, "</tools>");
+    if (!end) return NULL;
+    sbuf arr = {0};
+    sb_adds(&arr, "[");
+    size_t count = 0;
+    for (const char *line = start; line < end;) {
+        const char *nl = memchr(line, '\n', (size_t)(end - line));
+        const char *stop = nl ? nl : end;
+        if (stop > line) {
+            if (count++) sb_adds(&arr, ",");
+            sb_add(&arr, line, (size_t)(stop - line));
+        }
+        line = nl ? nl + 1 : end;
+    }
+    sb_adds(&arr, "]");
+    char *json = sb_take(&arr);
+    jv *parsed = json_parse(json, strlen(json), false);
+    bool ok = parsed && parsed->type == JV_ARR && parsed->n > 0;
+    jv_free(parsed);
+    if (!ok) {
+        free(json);
+        return NULL;
+    }
+    return json;
+}
+
 /* --------------------------------------------------------------------- template ---- */
 
 static void append_system_part(sbuf *b, const sim_handle *h) {
@@ -1858,6 +1890,7 @@ typedef struct {
     bool enable_thinking;
     char *prompt; /* text for the template (PROMPT / MULTIMODAL), else NULL */
     char *reply_prompt; /* what rule 6 echoes */
+    bool custom_thinks; /* custom template whose turn ends in a bare assistant header (no empty think block) */
     size_t extra_tokens; /* tokens without text: ids, embeddings, images, video frames */
     int mode, keep_history, max_new_tokens;
     char *lora;
@@ -1908,7 +1941,7 @@ static char *build_reply(const sim_job *j, const char *tools, bool custom, bool 
     const char *prompt = j->reply_prompt ? j->reply_prompt : "";
     bool text = j->input_type == RKLLM_INPUT_PROMPT;
     *err_at = -1;
-    if (j->enable_thinking && !custom && think && j->prompt)
+    if (think && j->prompt && (custom ? j->custom_thinks : j->enable_thinking))
         sb_addf(&out, "<think>\nThe user wrote %zu tokens.\n</think>\n\n", count_tokens(j->prompt));
     if (text && strstr(prompt, "[[sim:error]]")) *err_at = 2;
     if (text && tools && strcmp(j->role, "user") == 0 && reply_tool_calls(&out, tools, prompt)) return sb_take(&out);
@@ -1916,6 +1949,14 @@ static char *build_reply(const sim_job *j, const char *tools, bool custom, bool 
     if (text && strcmp(j->role, "tool") == 0) {
         sb_adds(&out, "Tool result: ");
         sb_adds(&out, prompt);
+        return sb_take(&out);
+    }
+    const char *tr = text ? strstr(prompt, "<tool_response>\n") : NULL;
+    if (tr) { /* results rendered into a user turn by a custom template: answer with the first one */
+        tr += strlen("<tool_response>\n");
+        const char *te = strstr(tr, "\n</tool_response>");
+        sb_adds(&out, "Tool result: ");
+        sb_add(&out, tr, te ? (size_t)(te - tr) : strlen(tr));
         return sb_take(&out);
     }
     size_t len = strlen(prompt), cut = len < 160 ? len : 160;
@@ -1989,6 +2030,11 @@ static void *run_worker(void *arg) {
     char *tools = xstrdup(h->tools_json);
     char *pcache = (was_empty && text_input) ? xstrdup(h->pcache_text) : NULL;
     bool custom = h->custom_template, think = h->think;
+    if (custom && h->postfix) {
+        static const char hdr[] = "<|im_start|>assistant\n";
+        size_t pl = strlen(h->postfix), hl = sizeof hdr - 1;
+        j->custom_thinks = pl >= hl && strcmp(h->postfix + pl - hl, hdr) == 0;
+    }
     size_t max_ctx = (size_t)h->max_context_len;
     int n_keep = h->n_keep;
     float mem_mb = (float)(h->memory_mb >= 0 ? h->memory_mb : (h->model_size + (1 << 20) - 1) >> 20) +
@@ -2403,14 +2449,17 @@ SIM_API int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt,
     }
     sim_handle *h = handle_acquire(handle);
     if (!h) return -1;
+    char *declared = tools_from_template_text(system_prompt ? system_prompt : "");
     lock();
     free(h->system_prompt);
     free(h->prefix);
     free(h->postfix);
+    free(h->tools_json);
     h->custom_template = true;
     h->system_prompt = xstrdup(system_prompt ? system_prompt : "");
     h->prefix = xstrdup(prefix ? prefix : "");
     h->postfix = xstrdup(postfix ? postfix : "");
+    h->tools_json = declared; /* tools a Qwen-style template lists in <tools>...</tools>, or NULL */
     G.counters[C_TEMPLATE_SETS]++;
     unlock();
     handle_release(h);
