@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -76,6 +77,7 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "Usage",
+    "shared_engine",
 ]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -619,3 +621,42 @@ def _response(done: ChatDone) -> ChatResponse:
         invalid_tool_calls=done.invalid_tool_calls,
         kv_reused=done.kv_reused,
     )
+
+
+_engines: weakref.WeakKeyDictionary[ModelManager, ChatEngine] = weakref.WeakKeyDictionary()
+_managers: dict[tuple[str | None, str | None], ModelManager] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_engine(
+    *,
+    manager: ModelManager | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    library_path: str | os.PathLike[str] | None = None,
+) -> ChatEngine:
+    """The engine for a manager, shared by every caller that uses that manager.
+
+    KV-cache reuse works across objects only if they share one engine, so the
+    adapters get theirs here: for an explicit ``manager``; for a
+    ``model_dir``/``library_path`` pair (one manager per distinct pair); or,
+    with neither, for the process-wide default manager.
+    """
+    with _shared_lock:
+        if manager is None:
+            if model_dir is None and library_path is None:
+                manager = default_manager()
+            else:
+                key = (
+                    os.fspath(model_dir) if model_dir is not None else None,
+                    os.fspath(library_path) if library_path is not None else None,
+                )
+                manager = _managers.get(key)
+                if manager is None:
+                    from .registry import ModelRegistry
+
+                    registry = ModelRegistry([Path(model_dir)]) if model_dir is not None else None
+                    manager = _managers[key] = ModelManager(registry, library=library_path)
+        engine = _engines.get(manager)
+        if engine is None:
+            engine = _engines[manager] = ChatEngine(manager)
+        return engine
