@@ -4,6 +4,8 @@ Subcommands:
 
 * ``rkllm models [--json] [--model-dir DIR ...]``: the models found, with
   their friendly names and the facts read from their file names.
+* ``rkllm info [--json]``: runtime library (path, ABI and why), versions,
+  board, RAM, kernel, CPU/NPU/DDR clocks and governors, model directories.
 """
 
 from __future__ import annotations
@@ -70,6 +72,86 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _library_info(path: str | None) -> dict[str, object]:
+    from .errors import LibraryNotFoundError
+    from .library import load_library
+
+    try:
+        lib = load_library(path)
+    except LibraryNotFoundError as exc:
+        return {"found": False, "error": str(exc), "tried": list(exc.tried)}
+    except RKLLMError as exc:
+        return {"found": True, "error": str(exc)}
+    return {
+        "found": True,
+        "path": str(lib.path),
+        "abi": lib.abi,
+        "abi_reason": lib.abi_reason,
+        "version": lib.version,
+        "simulator": lib.is_simulator,
+    }
+
+
+def gather_info(lib_path: str | None, model_dirs: Sequence[str] | None) -> dict[str, object]:
+    """Everything ``rkllm info`` reports, as a JSON-serialisable dict."""
+    from .errors import NoModelsFoundError
+    from .sysinfo import read_system_state
+
+    registry = ModelRegistry(list(model_dirs) if model_dirs else None)
+    try:
+        models = [m.name for m in registry.models()]
+    except NoModelsFoundError:
+        models = []
+    return {
+        "library": _library_info(lib_path),
+        "system": read_system_state().as_dict(),
+        "model_dirs": [{"path": str(d), "exists": d.is_dir()} for d in registry.model_dirs],
+        "models": models,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the library, system and model facts a bug report needs."""
+    info = gather_info(args.lib, args.model_dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lib = info["library"]
+    assert isinstance(lib, dict)
+    print("runtime library")
+    if lib.get("path"):
+        kind = " (SIMULATOR)" if lib.get("simulator") else ""
+        print(f"  path:     {lib['path']}{kind}")
+        print(f"  ABI:      {lib['abi']} ({lib['abi_reason']})")
+        print(f"  version:  {lib.get('version') or 'unknown (printed by the runtime when a model loads)'}")
+    else:
+        print(f"  not usable: {lib.get('error')}")
+    system = info["system"]
+    assert isinstance(system, dict)
+    print("system")
+    for key in ("board", "soc", "ram_mb", "kernel", "machine", "python", "npu_driver"):
+        print(f"  {key + ':':<11} {system.get(key) if system.get(key) is not None else 'unknown'}")
+    governors = sorted(set(system["cpu_governors"].values()))
+    freqs = system["cpu_freqs_mhz"].values()
+    if governors:
+        print(f"  cpu:        governors {', '.join(governors)}; {min(freqs)}-{max(freqs)} MHz now")
+    for name, dev in system["devfreq"].items():
+        if dev.get("kind") in ("npu", "dmc"):
+            print(
+                f"  {dev['kind']}:        {name}: governor {dev.get('governor')}, {dev.get('cur_freq')} MHz now "
+                f"(max {dev.get('max_freq')})"
+            )
+    for what, why in system["unreadable"].items():
+        print(f"  unreadable {what}: {why}")
+    print("models")
+    for d in info["model_dirs"]:  # type: ignore[attr-defined]
+        print(f"  dir {d['path']}{'' if d['exists'] else ' (missing)'}")
+    models = info["models"]
+    assert isinstance(models, list)
+    print(f"  {len(models)} found" + (f": {', '.join(models)}" if models else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``rkllm`` command."""
     parser = argparse.ArgumentParser(prog="rkllm", description="LLMs on the Rockchip NPU (RKLLM runtime).")
@@ -78,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list (keys: " + ", ".join(JSON_KEYS) + ")")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable; default RKLLM_MODEL_DIR)")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("info", help="library, ABI, board, clocks and models: paste this into bug reports")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--lib", help="runtime library path (default: RKLLM_LIB_PATH, then the usual places)")
+    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
+    p.set_defaults(func=cmd_info)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""What the board looks like: SoC, RAM, kernel, NPU driver, CPU and devfreq clocks.
+
+Decode speed on RK3588/RK3576 depends heavily on the CPU governor and the NPU
+and DDR (DMC) clocks, so reports record them. Every reading is best effort:
+what cannot be read is listed in ``unreadable`` with the reason, never raised.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SystemState", "read_system_state"]
+
+NPU_VERSION_PATHS = ("/sys/kernel/debug/rknpu/version", "/proc/debug/rknpu/version")
+
+
+@dataclass
+class SystemState:
+    """A snapshot of the machine's state relevant to NPU inference speed."""
+
+    machine: str = ""
+    kernel: str = ""
+    python: str = ""
+    board: str | None = None
+    soc: str | None = None
+    ram_mb: int | None = None
+    npu_driver: str | None = None
+    cpu_governors: dict[str, str] = field(default_factory=dict)
+    cpu_freqs_mhz: dict[str, int] = field(default_factory=dict)
+    devfreq: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _read(path: str | Path, state: SystemState, label: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").strip("\0\n ")
+    except OSError as exc:
+        state.unreadable[label] = f"{path}: {exc.strerror or exc}"
+        return None
+
+
+def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
+    """Read what is readable. ``root`` lets tests point at a fake filesystem tree."""
+    base = Path(root)
+    s = SystemState(
+        machine=platform.machine(),
+        kernel=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(),
+    )
+    model = _read(base / "proc/device-tree/model", s, "board")
+    s.board = model or None
+    compatible = _read(base / "proc/device-tree/compatible", s, "soc")
+    if compatible:
+        socs = [c.split(",", 1)[1] for c in compatible.split("\0") if c.startswith("rockchip,rk") and "," in c]
+        s.soc = socs[-1] if socs else None
+    meminfo = _read(base / "proc/meminfo", s, "ram")
+    if meminfo:
+        for line in meminfo.splitlines():
+            if line.startswith("MemTotal:"):
+                s.ram_mb = int(line.split()[1]) // 1024
+                break
+    for rel in NPU_VERSION_PATHS:
+        p = base / rel.lstrip("/")
+        try:
+            s.npu_driver = p.read_text().strip().split(":")[-1].strip() or None
+            s.unreadable.pop("npu_driver", None)
+            break
+        except OSError as exc:
+            s.unreadable["npu_driver"] = f"{p}: {exc.strerror or exc} (debugfs may need root)"
+    cpu_dir = base / "sys/devices/system/cpu"
+    try:
+        cpus = sorted(
+            (d for d in cpu_dir.iterdir() if d.name[3:].isdigit() and d.name.startswith("cpu")),
+            key=lambda d: int(d.name[3:]),
+        )
+    except OSError as exc:
+        cpus = []
+        s.unreadable["cpufreq"] = f"{cpu_dir}: {exc.strerror or exc}"
+    for cpu in cpus:
+        gov = cpu / "cpufreq/scaling_governor"
+        freq = cpu / "cpufreq/scaling_cur_freq"
+        try:
+            s.cpu_governors[cpu.name] = gov.read_text().strip()
+            s.cpu_freqs_mhz[cpu.name] = int(freq.read_text().strip()) // 1000
+        except (OSError, ValueError) as exc:
+            s.unreadable.setdefault("cpufreq", f"{cpu / 'cpufreq'}: {getattr(exc, 'strerror', None) or exc}")
+    devfreq_dir = base / "sys/class/devfreq"
+    try:
+        devices = sorted(devfreq_dir.iterdir())
+    except OSError as exc:
+        devices = []
+        s.unreadable["devfreq"] = f"{devfreq_dir}: {exc.strerror or exc}"
+    for dev in devices:
+        entry: dict[str, Any] = {}
+        for key in ("governor", "cur_freq", "max_freq", "min_freq"):
+            try:
+                value = (dev / key).read_text().strip()
+            except OSError:
+                continue
+            entry[key] = int(value) // 1_000_000 if key.endswith("freq") and value.isdigit() else value
+        kind = "npu" if "npu" in dev.name else "dmc" if "dmc" in dev.name else "gpu" if "gpu" in dev.name else "other"
+        entry["kind"] = kind
+        s.devfreq[dev.name] = entry
+    if not any(e.get("kind") == "npu" for e in s.devfreq.values()):
+        s.unreadable.setdefault("npu_devfreq", "no NPU devfreq device under /sys/class/devfreq")
+    if not any(e.get("kind") == "dmc" for e in s.devfreq.values()):
+        s.unreadable.setdefault("dmc_devfreq", "no DDR (dmc) devfreq device under /sys/class/devfreq")
+    return s
