@@ -6,6 +6,8 @@ Subcommands:
   their friendly names and the facts read from their file names.
 * ``rkllm info [--json]``: runtime library (path, ABI and why), versions,
   board, RAM, kernel, CPU/NPU/DDR clocks and governors, model directories.
+* ``rkllm chat MODEL``: interactive streaming chat (multi-turn through the
+  KV cache); Ctrl-C stops the current answer, not the program.
 """
 
 from __future__ import annotations
@@ -152,6 +154,85 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive streaming chat; Ctrl-C stops the current answer, Ctrl-D or /exit quits."""
+    from .engine import ChatDone, ReasoningDelta, TextDelta, ToolCall, shared_engine
+    from .messages import ChatMessage, ChatOptions
+
+    engine = shared_engine(model_dir=args.model_dir, library_path=args.lib)
+    info = engine.manager.resolve(args.model)  # unknown names fail here, before anything loads
+    color = sys.stdout.isatty() and not args.no_color
+    dim, reset = (DIM, RESET) if color else ("", "")
+    system: str | None = args.system
+    thinking = bool(args.think)
+    history: list[ChatMessage] = []
+    print(f"chatting with {info.name} ({info.filename}); /reset, /system TEXT, /think on|off, /exit")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system") :].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
+            continue
+        if text.startswith("/think"):
+            thinking = text.endswith("on")
+            print(f"(thinking {'on' if thinking else 'off'})")
+            continue
+        history.append(ChatMessage("user", text))
+        messages = ([ChatMessage("system", system)] if system else []) + history
+        stream = engine.stream(info.name, messages, ChatOptions(enable_thinking=thinking))
+        in_reasoning = False
+        try:
+            for event in stream:
+                if isinstance(event, ReasoningDelta):
+                    if not in_reasoning:
+                        print(dim, end="")
+                        in_reasoning = True
+                    print(event.text, end="", flush=True)
+                    continue
+                if in_reasoning:
+                    print(reset + "\n", end="")
+                    in_reasoning = False
+                if isinstance(event, TextDelta):
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, ToolCall):
+                    print(f"[tool call {event.name}({json.dumps(event.arguments)})]", end="", flush=True)
+                elif isinstance(event, ChatDone):
+                    history.append(event.message)
+                    u = event.usage
+                    rate = event.stats.decode_tokens_per_s if event.stats else 0.0
+                    print(
+                        f"\n{dim}[{u.output_tokens} tokens at {rate:.1f} tok/s; prefilled {u.prefilled_tokens} "
+                        f"of {u.input_tokens} context tokens; {event.finish_reason}]{reset}"
+                    )
+        except KeyboardInterrupt:
+            stream.close()  # aborts the generation on the NPU; the program goes on
+            history.pop()
+            print(f"{reset}\n(stopped)")
+        except RKLLMError as exc:
+            history.pop()
+            print(f"{reset}\nerror: {exc}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``rkllm`` command."""
     parser = argparse.ArgumentParser(prog="rkllm", description="LLMs on the Rockchip NPU (RKLLM runtime).")
@@ -165,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path (default: RKLLM_LIB_PATH, then the usual places)")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("chat", help="interactive streaming chat with a model")
+    p.add_argument("model", help="friendly name, file name or path")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--think", action="store_true", help="start with thinking on")
+    p.add_argument("--no-color", action="store_true", help="do not dim the reasoning")
+    p.add_argument("--lib", help="runtime library path")
+    p.add_argument("--model-dir", help="model directory")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

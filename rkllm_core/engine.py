@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -213,7 +213,7 @@ class ChatEngine:
     # -- public API -------------------------------------------------------------------------------
     def stream(
         self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None
-    ) -> Iterator[ChatEvent]:
+    ) -> Generator[ChatEvent, None, None]:
         """Answer ``messages`` with ``model``, yielding events; the last one is :class:`ChatDone`.
 
         Closing the iterator early aborts the generation.
