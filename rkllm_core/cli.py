@@ -8,6 +8,7 @@ Subcommands:
   board, RAM, kernel, CPU/NPU/DDR clocks and governors, model directories.
 * ``rkllm chat MODEL``: interactive streaming chat (multi-turn through the
   KV cache); Ctrl-C stops the current answer, not the program.
+* ``rkllm bench [MODEL ...]`` and ``rkllm bench compare A.json B.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from .errors import RKLLMError
@@ -233,6 +235,47 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"{reset}\nerror: {exc}", file=sys.stderr)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark models, or compare two reports (``rkllm bench compare A.json B.json``)."""
+    from pathlib import Path
+
+    from .bench import BenchConfig, compare, load_report, run_bench, to_markdown, write_outputs
+    from .manager import ModelManager
+
+    if args.models[:1] == ["compare"]:
+        if len(args.models) != 3:
+            print("usage: rkllm bench compare A.json B.json", file=sys.stderr)
+            return 2
+        try:
+            a, b = load_report(args.models[1]), load_report(args.models[2])
+        except (OSError, ValueError) as exc:
+            print(f"rkllm: error: {exc}", file=sys.stderr)
+            return 2
+        print(compare(a, b), end="")
+        return 0
+    if any(n < 1 for n in args.prompt_tokens) or args.new_tokens < 1 or args.repeat < 1 or args.warmup < 0:
+        print("rkllm: error: token counts and --repeat must be positive", file=sys.stderr)
+        return 2
+    config = BenchConfig(tuple(args.prompt_tokens), args.new_tokens, args.repeat, args.warmup)
+    registry = ModelRegistry(args.model_dir or None)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path, md_path = out_dir / f"rkllm-bench-{stamp}.json", out_dir / f"rkllm-bench-{stamp}.md"
+    with ModelManager(registry, library=args.lib) as manager:
+        report = run_bench(
+            manager,
+            args.models,
+            config,
+            progress=sys.stderr,
+            on_result=lambda r: write_outputs(r, json_path, md_path),  # keep partial results on disk
+        )
+    write_outputs(report, json_path, md_path)
+    print(to_markdown(report), end="")
+    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    return 130 if report["partial"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``rkllm`` command."""
     parser = argparse.ArgumentParser(prog="rkllm", description="LLMs on the Rockchip NPU (RKLLM runtime).")
@@ -254,6 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", help="model directory")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser(
+        "bench",
+        help="benchmark models (TTFT, prefill/decode tok/s, memory) or compare two reports",
+        description="rkllm bench [MODEL ...] | rkllm bench compare A.json B.json",
+    )
+    p.add_argument("models", nargs="*", help="friendly names (default: every model found), or 'compare A B'")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 1024], help="prompt lengths (128 1024)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (64)")
+    p.add_argument("--repeat", type=int, default=3, help="measured runs per point (3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (1)")
+    p.add_argument("--out", default=".", help="directory for the JSON and markdown reports")
+    p.add_argument("--lib", help="runtime library path")
+    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,319 @@
+"""``rkllm bench``: load time, TTFT, prefill and decode speed, memory — with the system state.
+
+Each measurement is taken twice where it can be: from the runtime's own perf
+stats and from the wall clock around the stream. Reports record what decides
+the speed on a board (CPU governors, NPU and DDR devfreq clocks, driver and
+runtime versions) and compare decode speed with Rockchip's published table
+when the model, dtype and platform are in it.
+
+The JSON schema (``schema: 1``)::
+
+    {"schema": 1, "title", "simulated": bool, "partial": bool, "created",
+     "library": {...}, "system": {...},                  # see rkllm_core.sysinfo
+     "config": {"prompt_tokens": [...], "new_tokens", "repeat", "warmup"},
+     "reference": {"source", "runtime"},
+     "results": [{"model", "filename", "dtype", "platform", "context", "load_s",
+                  "prompt_tokens", "runs",
+                  "median": {metric: value}, "min": {...}, "max": {...},
+                  "official": {"tokens_per_s", "ttft_ms", "memory_mb"} | null,
+                  "vs_official": float | null}]}
+
+Metrics: ``ttft_ms`` (wall), ``prefill_tps`` / ``decode_tps`` (runtime perf
+stats), ``prefill_tps_wall`` / ``decode_tps_wall`` (wall clock),
+``prefill_tokens``, ``generate_tokens``, ``memory_mb`` (runtime, VmHWM) and
+``rss_mb`` (process peak RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import NoModelsFoundError
+from .manager import ModelManager
+from .registry import ModelInfo, friendly_name, parse_model_filename
+from .sysinfo import read_system_state
+from .types import InitParams
+
+SCHEMA = 1
+METRICS = (
+    "ttft_ms",
+    "prefill_tps",
+    "prefill_tps_wall",
+    "decode_tps",
+    "decode_tps_wall",
+    "prefill_tokens",
+    "generate_tokens",
+    "memory_mb",
+    "rss_mb",
+)
+_FILLER = (
+    "the sky is blue and the sea is wide while birds fly over old towns near green hills "
+    "where people walk slowly along quiet roads at the end of a long summer day "
+).split()
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: prompt lengths (tokens), new tokens per run, repetitions, warm-up runs."""
+
+    prompt_tokens: tuple[int, ...] = (128, 1024)
+    new_tokens: int = 64
+    repeat: int = 3
+    warmup: int = 1
+
+
+def make_prompt(tokens: int) -> str:
+    """A prompt of roughly ``tokens`` tokens that asks for a long answer (one short word ≈ one token)."""
+    ask = "Now count to 100000, numbers separated by spaces."
+    words = max(0, tokens - 12)
+    return " ".join(_FILLER[i % len(_FILLER)] for i in range(words)) + "\n" + ask
+
+
+def official_table() -> dict[str, Any]:
+    """Rockchip's published benchmark table (data shipped with the package)."""
+    raw = resources.files("rkllm_core").joinpath("data/rockchip_benchmark.json").read_text()
+    table: dict[str, Any] = json.loads(raw)
+    return table
+
+
+def find_official(info: ModelInfo, table: dict[str, Any]) -> dict[str, Any] | None:
+    """The published row for this model's family, size, dtype and platform, if any."""
+    facts = info.facts
+    if not (facts.dtype and facts.platform):
+        return None
+    base = friendly_name(facts)
+    for row in table["rows"]:
+        row_name = friendly_name(parse_model_filename(f"{row['model']}-{row['size']}-{row['dtype']}.rkllm"))
+        if row_name == base and row["dtype"] == facts.dtype and row["platform"] == facts.platform:
+            return dict(row)
+    return None
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _one_run(manager: ModelManager, name: str, prompt: str, new_tokens: int) -> dict[str, float]:
+    abi = manager.library.abi
+    init = InitParams(max_new_tokens=new_tokens) if abi == "1.2" else None
+    with manager.using(name, init) as lease:
+        rt = lease.runtime
+        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens} if abi == "1.3" else {}
+        t0 = time.perf_counter()
+        t_first: float | None = None
+        stream = rt.stream(prompt, **kwargs)
+        for chunk in stream:
+            if t_first is None and chunk.text:
+                t_first = time.perf_counter()
+        t_end = time.perf_counter()
+        stats = stream.stats
+    t_first = t_first or t_end
+    gen = stats.generate_tokens if stats else 0
+    prefill = stats.prefill_tokens if stats else 0
+    ttft = (t_first - t0) * 1000
+    return {
+        "ttft_ms": ttft,
+        "prefill_tps": stats.prefill_tokens_per_s if stats else 0.0,
+        "prefill_tps_wall": prefill * 1000 / ttft if ttft > 0 else 0.0,
+        "decode_tps": stats.decode_tokens_per_s if stats else 0.0,
+        "decode_tps_wall": (gen - 1) / (t_end - t_first) if gen > 1 and t_end > t_first else 0.0,
+        "prefill_tokens": float(prefill),
+        "generate_tokens": float(gen),
+        "memory_mb": stats.memory_usage_mb if stats else 0.0,
+        "rss_mb": _rss_mb(),
+    }
+
+
+def run_bench(
+    manager: ModelManager,
+    models: Sequence[str],
+    config: BenchConfig,
+    *,
+    progress: TextIO | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``models`` (all registered ones when empty) and return the report.
+
+    ``KeyboardInterrupt`` stops early: the report so far is returned with ``partial: true``.
+    """
+    lib = manager.library
+    infos = [manager.resolve(m) for m in models] if models else manager.registry.models()
+    if not infos:
+        dirs = [str(d) for d in manager.registry.model_dirs]
+        raise NoModelsFoundError(
+            f"no .rkllm models found; searched: {', '.join(dirs)}; put model files there or set RKLLM_MODEL_DIR",
+            searched=dirs,
+        )
+    table = official_table()
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "simulated": lib.is_simulator,
+        "partial": False,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "library": {"path": str(lib.path), "abi": lib.abi, "abi_reason": lib.abi_reason, "version": lib.version},
+        "system": read_system_state().as_dict(),
+        "config": {
+            "prompt_tokens": list(config.prompt_tokens),
+            "new_tokens": config.new_tokens,
+            "repeat": config.repeat,
+            "warmup": config.warmup,
+        },
+        "reference": {"source": table["source"], "runtime": table["runtime"]},
+        "results": [],
+    }
+    system = report["system"]
+    where = system.get("board") or system.get("soc") or system.get("machine")
+    report["title"] = f"RKLLM benchmark — {where}" + (" (simulated)" if lib.is_simulator else "")
+    total = len(infos) * len(config.prompt_tokens) * (config.repeat + config.warmup)
+    done = 0
+
+    def tick(label: str) -> None:
+        if progress is not None:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            progress.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
+            progress.flush()
+
+    try:
+        for info in infos:
+            for name, entry in ((e.info.name, e) for e in manager.loaded()):
+                if name != info.name and entry.leases == 0:
+                    manager.unload(name)
+            t0 = time.perf_counter()
+            with manager.using(info.name, InitParams(max_new_tokens=config.new_tokens)):
+                pass
+            load_s = time.perf_counter() - t0
+            official = find_official(info, table)
+            for tokens in config.prompt_tokens:
+                prompt = make_prompt(tokens)
+                runs = []
+                for i in range(config.warmup + config.repeat):
+                    tick(f"{info.name} prompt {tokens} run {i + 1}")
+                    run = _one_run(manager, info.name, prompt, config.new_tokens)
+                    done += 1
+                    if i >= config.warmup:
+                        runs.append(run)
+                median = {k: statistics.median(r[k] for r in runs) for k in METRICS}
+                result: dict[str, Any] = {
+                    "model": info.name,
+                    "filename": info.filename,
+                    "dtype": info.dtype,
+                    "platform": info.platform,
+                    "context": info.context_size,
+                    "load_s": load_s,
+                    "prompt_tokens": tokens,
+                    "runs": runs,
+                    "median": median,
+                    "min": {k: min(r[k] for r in runs) for k in METRICS},
+                    "max": {k: max(r[k] for r in runs) for k in METRICS},
+                    "official": None,
+                    "vs_official": None,
+                }
+                if official is not None and tokens == official["prompt_tokens"]:
+                    result["official"] = {k: official[k] for k in ("tokens_per_s", "ttft_ms", "memory_mb")}
+                    result["vs_official"] = median["decode_tps"] / official["tokens_per_s"]
+                report["results"].append(result)
+                if on_result is not None:
+                    on_result(report)
+    except KeyboardInterrupt:
+        report["partial"] = True
+    if progress is not None:
+        progress.write("\n")
+    return report
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: a system summary and one table row per model and prompt length."""
+    s = report["system"]
+    lib = report["library"]
+    lines = [f"# {report['title']}" + (" — PARTIAL (interrupted)" if report.get("partial") else ""), ""]
+    governors = ", ".join(sorted(set(s.get("cpu_governors", {}).values()))) or "unknown"
+    clocks = "; ".join(
+        f"{d['kind']} {n}: {d.get('governor')} {d.get('cur_freq')} MHz"
+        for n, d in s.get("devfreq", {}).items()
+        if d.get("kind") in ("npu", "dmc")
+    )
+    lines += [
+        f"- runtime: {lib['path']} (ABI {lib['abi']}, version {lib.get('version') or 'unknown'})",
+        f"- board: {s.get('board') or 'unknown'}, SoC {s.get('soc') or 'unknown'}, RAM {s.get('ram_mb')} MB, "
+        f"{s.get('kernel')}, NPU driver {s.get('npu_driver') or 'unknown'}",
+        f"- CPU governors: {governors}" + (f"; {clocks}" if clocks else ""),
+        f"- not readable: {', '.join(s.get('unreadable', {})) or 'nothing'}",
+        f"- {report['config']['new_tokens']} new tokens, median of {report['config']['repeat']} runs after "
+        f"{report['config']['warmup']} warm-up; speeds from the runtime's perf stats (wall clock in brackets)",
+        "",
+        "| Model | Prompt | Speed (tok/s) | vs official | TTFT (ms) | Prefill (tok/s) | Context | Memory (MB) "
+        "| RSS (MB) | Load (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        m, lo, hi = r["median"], r["min"], r["max"]
+        vs = f"{r['vs_official']:.0%} of {r['official']['tokens_per_s']}" if r.get("vs_official") else "—"
+        lines.append(
+            f"| {r['model']} | {r['prompt_tokens']} | {m['decode_tps']:.1f} ({m['decode_tps_wall']:.1f}) "
+            f"[{lo['decode_tps']:.1f}–{hi['decode_tps']:.1f}] | {vs} | {m['ttft_ms']:.0f} | "
+            f"{m['prefill_tps']:.0f} ({m['prefill_tps_wall']:.0f}) | {r['context']} | {m['memory_mb']:.0f} | "
+            f"{m['rss_mb']:.0f} | {r['load_s']:.2f} |"
+        )
+    lines += ["", f"Official numbers: {report['reference']['source']} (runtime {report['reference']['runtime']})."]
+    return "\n".join(lines) + "\n"
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """A markdown table of the differences between two reports (matched by model and prompt length)."""
+    index = {(r["model"], r["prompt_tokens"]): r for r in a["results"]}
+    lines = [
+        f"# {a['title']} → {b['title']}",
+        "",
+        "| Model | Prompt | Speed (tok/s) | TTFT (ms) | Memory (MB) |",
+        "|---|---|---|---|---|",
+    ]
+
+    def delta(old: float, new: float) -> str:
+        pct = f" ({(new - old) / old:+.0%})" if old else ""
+        return f"{old:.1f} → {new:.1f}{pct}"
+
+    for r in b["results"]:
+        old = index.get((r["model"], r["prompt_tokens"]))
+        if old is None:
+            lines.append(f"| {r['model']} | {r['prompt_tokens']} | only in the second report | | |")
+            continue
+        m0, m1 = old["median"], r["median"]
+        lines.append(
+            f"| {r['model']} | {r['prompt_tokens']} | {delta(m0['decode_tps'], m1['decode_tps'])} | "
+            f"{delta(m0['ttft_ms'], m1['ttft_ms'])} | {delta(m0['memory_mb'], m1['memory_mb'])} |"
+        )
+    diffs = []
+    for key in ("cpu_governors", "devfreq", "npu_driver", "kernel"):
+        if a["system"].get(key) != b["system"].get(key):
+            diffs.append(key)
+    if a["library"].get("version") != b["library"].get("version"):
+        diffs.append("runtime version")
+    lines += ["", "System differences: " + (", ".join(diffs) if diffs else "none recorded")]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict[str, Any], json_path: Path, markdown_path: Path | None) -> None:
+    """Write the JSON (atomically) and the markdown report."""
+    tmp = json_path.with_suffix(json_path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(json_path)
+    if markdown_path is not None:
+        markdown_path.write_text(to_markdown(report))
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read a report written by ``rkllm bench``."""
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not an rkllm bench report (schema {data.get('schema')!r})")
+    return data
