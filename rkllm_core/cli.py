@@ -9,6 +9,7 @@ Subcommands:
 * ``rkllm chat MODEL``: interactive streaming chat (multi-turn through the
   KV cache); Ctrl-C stops the current answer, not the program.
 * ``rkllm bench [MODEL ...]`` and ``rkllm bench compare A.json B.json``.
+* ``rkllm doctor [MODEL ...]``: a pass/fail board validation to paste into an issue.
 """
 
 from __future__ import annotations
@@ -276,6 +277,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 130 if report["partial"] else 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Validate the runtime, a model and the binding; print a report to paste into an issue."""
+    import tempfile
+
+    from .doctor import default_manager_for, format_report, run_doctor
+    from .library import load_library
+    from .sysinfo import read_system_state
+
+    model_dirs = args.model_dir
+    lib_line = ""
+    try:
+        lib = load_library(args.lib)
+        lib_line = f"{lib.path} (ABI {lib.abi}, version {lib.version or 'unknown'})"
+        if lib.is_simulator and not args.models and not model_dirs:
+            from .simulator import make_model
+
+            demo = tempfile.mkdtemp(prefix="rkllm-doctor-")
+            make_model(demo, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")
+            make_model(demo, "gemma-3-1b-it_w8a8.rkllm")
+            model_dirs = [demo]
+    except RKLLMError:
+        pass  # the library step reports it
+    s = read_system_state()
+    header = (
+        f"rkllm doctor — {s.board or s.soc or s.machine}, {s.kernel}, NPU driver {s.npu_driver or 'unknown'}, "
+        f"runtime {lib_line or 'not found'}"
+    )
+    with default_manager_for(model_dirs, args.lib) as manager:
+        results = run_doctor(manager, args.models)
+    print(format_report(results, header))
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``rkllm`` command."""
     parser = argparse.ArgumentParser(prog="rkllm", description="LLMs on the Rockchip NPU (RKLLM runtime).")
@@ -311,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("doctor", help="validate runtime, ABI, init, stream, abort, swap and prompt cache")
+    p.add_argument("models", nargs="*", help="one or two models to use (default: the first two found)")
+    p.add_argument("--lib", help="runtime library path")
+    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""``rkllm doctor``: a short validation a user with a board runs once and pastes into an issue.
+
+Steps: struct layouts, library and ABI, init, stream, abort mid-stream, a swap
+between two models, prompt-cache save and load. Each step passes, fails (with
+the error) or is skipped (with the reason); on the simulator the same steps
+run against simulated models.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _abi
+from .manager import ModelManager
+from .registry import ModelRegistry
+
+__all__ = ["CheckResult", "EXPECTED_SIZES", "run_doctor"]
+
+# sizeof() from Rockchip's headers (runtime 1.2.3 and 1.3.0), for 64-bit and 32-bit ARM.
+EXPECTED_SIZES: dict[str, dict[int, dict[str, int]]] = {
+    "1.2": {
+        8: {"RKLLMParam": 208, "RKLLMInput": 64, "RKLLMInferParam": 32, "RKLLMResult": 72, "RKLLMExtendParam": 120},
+        4: {"RKLLMParam": 188, "RKLLMInput": 36, "RKLLMInferParam": 16, "RKLLMResult": 52, "RKLLMExtendParam": 120},
+    },
+    "1.3": {
+        8: {"RKLLMParam": 184, "RKLLMInput": 160, "RKLLMInferParam": 40, "RKLLMResult": 72, "RKLLMCallback": 48},
+        4: {"RKLLMParam": 176, "RKLLMInput": 84, "RKLLMInferParam": 24, "RKLLMResult": 52, "RKLLMCallback": 24},
+    },
+}
+
+
+@dataclass
+class CheckResult:
+    """One step of the validation."""
+
+    name: str
+    status: str  # "PASS", "FAIL" or "SKIP"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def check_layouts() -> str:
+    """Compare the ctypes mirrors with the header sizes for this pointer width; raise on a mismatch."""
+    width = ctypes.sizeof(ctypes.c_void_p)
+    problems = []
+    for abi, by_width in EXPECTED_SIZES.items():
+        module = _abi.abi_module(abi)
+        for struct, size in by_width[width].items():
+            cls = getattr(module, struct, None) or getattr(_abi.common, struct)
+            if ctypes.sizeof(cls) != size:
+                problems.append(f"ABI {abi} {struct}: {ctypes.sizeof(cls)} bytes, header says {size}")
+    if problems:
+        raise AssertionError("; ".join(problems))
+    return f"{sum(len(v[width]) for v in EXPECTED_SIZES.values())} structs match ({width * 8}-bit)"
+
+
+def run_doctor(
+    manager: ModelManager,
+    models: Sequence[str] = (),
+    *,
+    work_dir: str | Path | None = None,
+) -> list[CheckResult]:
+    """Run every step and return the results (never raises for a failing step)."""
+    results: list[CheckResult] = []
+    state: dict[str, object] = {}
+
+    def step(name: str, fn: Callable[[], str]) -> bool:
+        t0 = time.perf_counter()
+        try:
+            detail = fn()
+            status = "SKIP" if detail.startswith("skipped") else "PASS"
+        except Exception as exc:  # a failing step is reported, the others still run
+            detail = f"{type(exc).__name__}: {exc}"
+            if not str(exc):
+                detail += " " + traceback.format_exc(limit=2).splitlines()[-2].strip()
+            status = "FAIL"
+        results.append(CheckResult(name, status, detail, time.perf_counter() - t0))
+        return status != "FAIL"
+
+    step("struct layouts", check_layouts)
+
+    def library() -> str:
+        lib = manager.library
+        state["lib"] = lib
+        kind = "SIMULATOR " if lib.is_simulator else ""
+        return f"{kind}{lib.path} ABI {lib.abi} ({lib.abi_reason}), version {lib.version or 'unknown'}"
+
+    if not step("runtime library and ABI", library):
+        return results
+
+    names = list(models) or [m.name for m in manager.registry.models()]
+
+    def pick() -> str:
+        if not names:
+            dirs = ", ".join(str(d) for d in manager.registry.model_dirs)
+            raise LookupError(f"no models found (searched {dirs}); pass a model or set RKLLM_MODEL_DIR")
+        state["model"] = manager.resolve(names[0]).name
+        return f"using {state['model']}" + (f", second model {names[1]}" if len(names) > 1 else "")
+
+    if not step("models", pick):
+        return results
+    model = str(state["model"])
+
+    def init() -> str:
+        t0 = time.perf_counter()
+        with manager.using(model) as lease:
+            return f"{lease.info.filename} loaded in {time.perf_counter() - t0:.2f} s (context {lease.runtime.max_context_len})"
+
+    if not step("init", init):
+        return results
+
+    def stream() -> str:
+        with manager.using(model) as lease:
+            s = lease.runtime.stream("Say hello in one short sentence.")
+            chunks = list(s)
+        text = "".join(c.text for c in chunks).strip()
+        if not text:
+            raise AssertionError("the model produced no text")
+        stats = chunks[-1].stats
+        rate = f", {stats.decode_tokens_per_s:.1f} tok/s" if stats else ", no perf stats"
+        return f"{len(chunks) - 1} chunks, finish {chunks[-1].finish_reason}{rate}: {text[:60]!r}"
+
+    step("stream", stream)
+
+    def abort() -> str:
+        with manager.using(model) as lease:
+            rt = lease.runtime
+            s = rt.stream("Count from 1 to 10000, numbers separated by spaces. count to 10000")
+            got = 0
+            for chunk in s:
+                if chunk.is_final:
+                    break
+                got += 1
+                if got == 3:
+                    s.abort()
+            if s.finish_reason != "abort":
+                raise AssertionError(f"the run ended with {s.finish_reason!r} instead of 'abort'")
+            again = rt.generate("Reply with OK.")
+            if not again.text.strip():
+                raise AssertionError("no text after the abort")
+        return f"aborted after {got} chunks; the next run answered"
+
+    step("abort mid-stream", abort)
+
+    def swap() -> str:
+        if len(names) < 2:
+            return "skipped: only one model available (pass two models to test a swap)"
+        other = manager.resolve(names[1]).name
+        with manager.using(other) as lease:
+            lease.runtime.generate("Hi.")
+        with manager.using(model) as lease:
+            lease.runtime.generate("Hi.")
+        loaded = [e.info.name for e in manager.loaded()]
+        if manager.max_loaded == 1 and loaded != [model]:
+            raise AssertionError(f"expected only {model} loaded after the swap, found {loaded}")
+        return f"{model} → {other} → {model}; loaded now: {', '.join(loaded)}"
+
+    step("swap between two models", swap)
+
+    def prompt_cache() -> str:
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            path = Path(tmp) / "system.cache"
+            with manager.using(model) as lease:
+                rt = lease.runtime
+                rt.set_function_tools("You are a careful assistant. " * 20, "[]")
+                rt.generate("Hi.", save_prompt_cache=path)
+                if not path.is_file() or path.stat().st_size == 0:
+                    raise AssertionError("the runtime wrote no prompt cache file")
+                rt.load_prompt_cache(path)
+                rt.generate("Hello again.")
+                rt.release_prompt_cache()
+            return f"saved {path.stat().st_size} bytes, loaded and released"
+
+    step("prompt cache save and load", prompt_cache)
+    return results
+
+
+def format_report(results: Sequence[CheckResult], header: str = "") -> str:
+    """A plain-text pass/fail report to paste into an issue."""
+    lines = [header] if header else []
+    for r in results:
+        lines.append(f"[{r.status}] {r.name} ({r.seconds:.2f} s): {r.detail}")
+    failed = sum(r.status == "FAIL" for r in results)
+    lines.append(
+        f"result: {failed} of {len(results)} checks FAILED" if failed else f"result: all {len(results)} checks OK"
+    )
+    return "\n".join(lines)
+
+
+def default_manager_for(model_dirs: Sequence[str] | None, library: str | None) -> ModelManager:
+    """A manager with a budget of one model, so the swap step really swaps."""
+    return ModelManager(ModelRegistry(list(model_dirs) if model_dirs else None), library=library, max_loaded=1)
