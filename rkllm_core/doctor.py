@@ -110,7 +110,8 @@ def run_doctor(
     def init() -> str:
         t0 = time.perf_counter()
         with manager.using(model) as lease:
-            return f"{lease.info.filename} loaded in {time.perf_counter() - t0:.2f} s (context {lease.runtime.max_context_len})"
+            took = time.perf_counter() - t0
+            return f"{lease.info.filename} loaded in {took:.2f} s (context {lease.runtime.max_context_len})"
 
     if not step("init", init):
         return results
