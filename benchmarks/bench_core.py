@@ -20,14 +20,19 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from rkllm_core._abi import abi_module
 from rkllm_core._abi.common import LLMHandle, LLMResultCallback
+from rkllm_core.engine import ChatEngine
 from rkllm_core.library import load_library
 from rkllm_core.manager import ModelManager
+from rkllm_core.messages import ChatMessage
 from rkllm_core.registry import ModelRegistry
 from rkllm_core.runtime import RKLLMRuntime
 from rkllm_core.simulator import SimulatorControl, build_simulator, make_model
@@ -177,6 +182,56 @@ def main() -> int:
     sim.set("init_delay_ms", 0)
     sim.set("destroy_delay_ms", 0)
 
+    # 4. 32 concurrent requests on one model: does the NPU ever idle while work is queued?
+    # Paced like a small model on a board: 1 ms per prompt token, 10 ms per generated token.
+    sim.set("token_delay_ms", 10)
+    sim.set("prefill_ms_per_token", 1)
+    with ModelManager(ModelRegistry([d], platform=None), library=lib_path, max_loaded=1) as mgr:
+        engine = ChatEngine(mgr, prompt_cache=False)
+        engine.chat("qwen3-0.6b", [ChatMessage("user", "warm up")])
+        sim.reset()
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            try:
+                engine.chat("qwen3-0.6b", [ChatMessage("user", f"request {i}: count to 10")])
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        busy = sim.counter("busy_ns") / 1e9
+    assert not errors, errors[:1]
+    results["concurrent_32_wall_s"] = wall
+    results["concurrent_32_busy_s"] = busy
+    results["concurrent_32_wall_over_busy"] = wall / busy
+    sim.set("token_delay_ms", 0)
+    sim.set("prefill_ms_per_token", 0)
+
+    # 5. import time of rkllm_core (fresh interpreter, median of 7)
+    code = "import time; t=time.perf_counter(); import rkllm_core; print(time.perf_counter()-t)"
+    times = [
+        float(
+            subprocess.run(
+                [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(7)
+    ]
+    check = (
+        "import sys, rkllm_core; print(any(m.split('.')[0] in ('langchain_core','llama_index') for m in sys.modules))"
+    )
+    frameworks = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    results["import_ms"] = statistics.median(times) * 1000
+    results["import_pulls_frameworks"] = frameworks == "True"
+
     print(f"machine: {results['machine']} (simulator, ABI {args.abi})")
     print("| measure | value | goal |")
     print("|---|---|---|")
@@ -192,6 +247,14 @@ def main() -> int:
     )
     print(f"| swap overhead beyond init+destroy | {results['swap_overhead_ms']:.2f} ms | <= 5 ms |")
     print(f"| re-inits for 100 repeated same-model requests | {reinits} | 0 |")
+    print(
+        f"| 32 concurrent requests: wall ÷ runtime busy time | {results['concurrent_32_wall_over_busy']:.3f} "
+        f"({wall:.2f} s / {busy:.2f} s) | <= 1.05 |"
+    )
+    print(
+        f"| `import rkllm_core` | {results['import_ms']:.1f} ms (frameworks imported: "
+        f"{results['import_pulls_frameworks']}) | <= 50 ms, none |"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
