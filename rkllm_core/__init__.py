@@ -49,15 +49,29 @@ _EXPORTS: dict[str, str] = {
     "RuntimeLibrary": "library",
     "find_library": "library",
     "load_library": "library",
-    # registry
+    # registry and manager
     "ModelInfo": "registry",
     "ModelRegistry": "registry",
+    "ModelManager": "manager",
+    "default_manager": "manager",
+    # chat
+    "ChatEngine": "engine",
+    "ChatResponse": "engine",
+    "shared_engine": "engine",
+    "ChatMessage": "messages",
+    "ChatOptions": "messages",
+    "ToolCallRequest": "messages",
+    "PromptCacheStore": "promptcache",
 }
 
 __all__ = [
     "ABIError",
     "BusyError",
     "CacheError",
+    "ChatEngine",
+    "ChatMessage",
+    "ChatOptions",
+    "ChatResponse",
     "Completion",
     "ContextLengthError",
     "HandleClosedError",
@@ -67,11 +81,13 @@ __all__ = [
     "LibraryNotFoundError",
     "ModelFileError",
     "ModelInfo",
+    "ModelManager",
     "ModelNotFoundError",
     "ModelRegistry",
     "NativeError",
     "NoModelsFoundError",
     "PerfStats",
+    "PromptCacheStore",
     "RKLLMError",
     "RKLLMRuntime",
     "RunError",
@@ -79,13 +95,17 @@ __all__ = [
     "RuntimeLibrary",
     "SamplingParams",
     "StreamChunk",
+    "ToolCallRequest",
     "UnsupportedRuntimeError",
+    "default_manager",
     "find_library",
     "load_library",
+    "shared_engine",
     "__version__",
 ]
 
 if TYPE_CHECKING:
+    from .engine import ChatEngine, ChatResponse, shared_engine
     from .errors import (
         ABIError,
         BusyError,
@@ -104,6 +124,9 @@ if TYPE_CHECKING:
         UnsupportedRuntimeError,
     )
     from .library import RuntimeLibrary, find_library, load_library
+    from .manager import ModelManager, default_manager
+    from .messages import ChatMessage, ChatOptions, ToolCallRequest
+    from .promptcache import PromptCacheStore
     from .registry import ModelInfo, ModelRegistry
     from .runtime import Completion, RKLLMRuntime, RunStream
     from .types import InitParams, PerfStats, SamplingParams, StreamChunk
