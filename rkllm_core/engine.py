@@ -26,15 +26,16 @@ finish reason, the assistant message and token usage.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._fifo import FifoLock
 from .errors import BusyError, ContextLengthError, NativeError
@@ -87,6 +88,7 @@ PROMPT_CACHE_MIN_TOKENS = 64
 """System prompts estimated shorter than this are not worth a cache file."""
 
 ChatFinishReason = Literal["stop", "length", "abort"]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,20 +249,18 @@ class ChatEngine:
 
         Loading a model and the short native set-up calls run in a worker thread.
         """
-        import asyncio
-
         opts = options or ChatOptions()
         msgs = validate_messages(messages)
         tools_json = normalise_tools(opts.active_tools) if opts.active_tools else ""
-        lease = await asyncio.to_thread(self._lease, model, opts)
+        lease = await _in_thread(self._lease, model, opts, on_orphan=Lease.release)
         try:
             rt = lease.runtime
             conv = self._conversation(rt)
             if not await conv.lock.acquire_async(opts.timeout):
                 raise BusyError(f"{model} stayed busy for {opts.timeout} s")
             try:
-                plan = await asyncio.to_thread(self._plan, conv, rt, lease.info, msgs, opts, tools_json)
-                await asyncio.to_thread(self._apply_setup, conv, rt, plan)
+                plan = await _in_thread(self._plan, conv, rt, lease.info, msgs, opts, tools_json)
+                await _in_thread(self._apply_setup, conv, rt, plan)
                 tracker = _Tracker(plan, opts)
                 try:
                     async for chunk in rt.astream(plan.prompt, **self._run_kwargs(rt, plan, opts)):
@@ -271,7 +271,7 @@ class ChatEngine:
                 except BaseException:
                     conv.dirty = True
                     raise
-                done = await asyncio.to_thread(self._finish, conv, rt, lease, plan, tracker)
+                done = await _in_thread(self._finish, conv, rt, lease, plan, tracker)
                 for event in tracker.flushed:
                     yield event
                 yield done
@@ -547,6 +547,26 @@ class ChatEngine:
             invalid_tool_calls=tuple(tracker.pipeline.invalid_tool_calls),
             kv_reused=plan.reuse,
         )
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any, on_orphan: Callable[[_T], object] | None = None) -> _T:
+    """Run ``fn`` in a worker thread.
+
+    If the caller is cancelled meanwhile, the call still finishes before the
+    cancellation propagates (so no lock is released under a running native
+    call), and ``on_orphan`` disposes of its result (e.g. releases a lease).
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError as cancelled:
+        try:
+            result = await asyncio.shield(task)
+        except BaseException:  # the call failed or we were cancelled again: nothing to dispose of
+            raise cancelled from None
+        if on_orphan is not None:
+            on_orphan(result)
+        raise
 
 
 class _Tracker:

@@ -333,3 +333,18 @@ def test_concurrent_conversations_get_their_own_answers(make_engine: Callable[..
     for t in threads:
         t.join(30)
     assert out == {i: echo(f"prompt {i}") for i in range(10)}
+
+
+async def test_cancel_while_loading_releases_the_lease(
+    make_engine: Callable[..., ChatEngine], sim: SimulatorControl
+) -> None:
+    sim.set("init_delay_ms", 300)
+    engine = make_engine()
+    task = asyncio.create_task(engine.achat("qwen3-0.6b", [U("hi")]))
+    await asyncio.sleep(0.05)  # the model is loading in a worker thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The load finished and its lease was given back: the model can be unloaded at once.
+    assert await asyncio.to_thread(engine.manager.unload, "qwen3-0.6b", timeout=1) == 1
+    assert sim.counter("runs") == 0
