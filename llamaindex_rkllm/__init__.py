@@ -1,7 +1,16 @@
-"""LlamaIndex integration for the RKLLM runtime (``RKLLM``).
+"""LlamaIndex integration for the RKLLM runtime: ``RKLLM``, a LlamaIndex LLM on the Rockchip NPU.
 
-The LLM class lands on top of ``rkllm_core``'s chat engine; until then this
-package only reserves the import name.
+Install with ``pip install "boardllm[llamaindex]"``; also importable as
+``llama_index.llms.rkllm``.
+
+Example::
+
+    from llama_index.core import Settings
+    from llamaindex_rkllm import RKLLM
+
+    Settings.llm = RKLLM(model="qwen3-0.6b")
 """
 
-__all__: list[str] = []
+from llamaindex_rkllm.base import RKLLM
+
+__all__ = ["RKLLM"]

@@ -1,0 +1,77 @@
+"""RAG with LlamaIndex on the Rockchip NPU: index the text files in examples/data and ask questions.
+
+Usage:
+    python examples/llamaindex_rag.py ["your question" ...]
+
+Runs on the NPU with your model when ``librkllmrt.so`` is found, else on the simulator (it
+says so loudly; simulated answers echo the prompt, so you can see the retrieved context
+that reached the model). See ``llamaindex_setup.py`` for the environment variables.
+
+Embeddings: by default a small keyword embedding (offline, no download) picks the
+documents. On a board, use a real embedding model from a local folder; it runs on the CPU
+while the LLM runs on the NPU::
+
+    pip install llama-index-embeddings-huggingface
+    export HF_HUB_OFFLINE=1
+    export RKLLM_EMBED_MODEL=/opt/models/bge-small-en-v1.5     # a folder copied to the board
+
+    # which amounts to:
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    Settings.embed_model = HuggingFaceEmbedding(model_name="/opt/models/bge-small-en-v1.5", device="cpu")
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
+from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, make_llm  # noqa: E402
+
+from rkllm_core.errors import RKLLMError  # noqa: E402
+
+QUESTIONS = [
+    "How many NPU cores does the RK3588 have?",
+    "Which chip does the Orange Pi 5 use?",
+]
+
+
+def main() -> int:
+    questions = sys.argv[1:] or QUESTIONS
+    llm, simulated = make_llm(max_new_tokens=256)
+    Settings.llm = llm
+    Settings.embed_model = embed_model()
+    Settings.chunk_size = 256
+    recorder = UsageRecorder.install()
+
+    documents = SimpleDirectoryReader(str(DATA_DIR), required_exts=[".txt"]).load_data()
+    index = VectorStoreIndex.from_documents(documents)
+    print(f"indexed {len(documents)} files from {DATA_DIR}")
+    query_engine = index.as_query_engine(similarity_top_k=2, streaming=True)
+
+    try:
+        for question in questions:
+            print(f"\n> {question}")
+            response = query_engine.query(question)
+            for token in response.response_gen:  # the answer, streamed from the NPU
+                print(token, end="", flush=True)
+            print()
+            print(
+                "sources: "
+                + ", ".join(
+                    f"{Path(n.node.metadata.get('file_name', '?')).name} ({n.score:.2f})" for n in response.source_nodes
+                )
+            )
+            print(f"[{describe(recorder.take())}{', simulated' if simulated else ''}]")
+    except RKLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        llm.manager.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,744 @@
+"""``RKLLM``: a LlamaIndex LLM that runs models on the Rockchip NPU, in-process.
+
+It is a thin adapter over :class:`rkllm_core.engine.ChatEngine`:
+
+* LlamaIndex messages become ``rkllm_core`` messages (tool calls and tool
+  results included), so a conversation sent back turn after turn extends the
+  one already in the NPU's KV cache and only the new messages are prefilled;
+* the engine's events become LlamaIndex responses: answer text, reasoning (a
+  :class:`~llama_index.core.base.llms.types.ThinkingBlock`, never mixed into the
+  answer), tool calls (:class:`~llama_index.core.base.llms.types.ToolCallBlock`
+  and OpenAI-style ``additional_kwargs["tool_calls"]``) and token usage in
+  ``raw["usage"]``, where LlamaIndex's ``TokenCountingHandler`` reads it.
+
+Every instance that uses the same model manager shares one engine
+(:func:`rkllm_core.engine.shared_engine`), hence one view of the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import aclosing, closing
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import (
+    CachePoint,
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+    ToolCallBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
+from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+
+from rkllm_core import messages as core
+from rkllm_core.engine import (
+    ChatDone,
+    ChatEngine,
+    ChatEvent,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    shared_engine,
+)
+from rkllm_core.errors import InvalidParameterError, RKLLMError
+from rkllm_core.manager import ModelManager
+from rkllm_core.types import SamplingParams
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = ["FALLBACK_CONTEXT_WINDOW", "RKLLM"]
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_CONTEXT_WINDOW = 4096
+"""Context window reported when the model cannot be found in the registry (and no override is set)."""
+
+_Request = tuple[list[core.ChatMessage], core.ChatOptions]
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "frequency_penalty", "presence_penalty")
+_IGNORED_KWARGS = frozenset({"formatted", "allow_parallel_tool_calls", "tool_required", "verbose"})
+
+
+class RKLLM(FunctionCallingLLM):
+    """A model on the Rockchip NPU (RKLLM runtime) as a LlamaIndex LLM.
+
+    Constructing it loads nothing: the runtime library and the model are loaded
+    by the model manager on the first request (and swapped out for other models
+    when the manager's budget requires it).
+
+    Examples:
+        ```python
+        from llama_index.core import Settings
+        from llamaindex_rkllm import RKLLM
+
+        Settings.llm = RKLLM(model="qwen3-0.6b", temperature=0.7)
+        print(Settings.llm.complete("Why is the sky blue?"))
+        ```
+
+    Per-call keyword arguments override the settings of the same name for one
+    request: ``temperature``, ``top_p``, ``top_k``, ``repeat_penalty``,
+    ``frequency_penalty``, ``presence_penalty``, ``max_new_tokens`` (or
+    ``max_tokens``), ``stop``, ``thinking`` (or ``enable_thinking``),
+    ``timeout``, plus ``tools`` and ``tool_choice``.
+
+    Args:
+        model: the model (see the ``model`` field).
+        manager: a :class:`rkllm_core.manager.ModelManager` to take models from;
+            every ``RKLLM`` on one manager shares KV-cache state. Default: one
+            manager per ``model_dir``/``library_path`` pair, or the process-wide
+            manager when neither is set.
+        **kwargs: the other fields.
+    """
+
+    model: str = Field(
+        description=(
+            "The model to run: a friendly name such as 'qwen3-0.6b', an alias from rkllm-models.toml, "
+            "a .rkllm file name (with or without the suffix) or a path to a .rkllm file."
+        )
+    )
+    temperature: float | None = Field(
+        default=None,
+        description="Sampling temperature (0-100); None keeps the model's default (registry file or runtime).",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Most tokens generated per answer; None keeps the model's default. Also LlamaIndex's num_output: "
+            "the room left for the answer when prompts are packed (256 when unset)."
+        ),
+    )
+    top_p: float | None = Field(
+        default=None, description="Nucleus sampling threshold in (0, 1]; None keeps the model's default."
+    )
+    top_k: int | None = Field(
+        default=None, description="Sample from the k most likely tokens (0 disables); None keeps the model's default."
+    )
+    repeat_penalty: float | None = Field(
+        default=None, description="Penalty for repeated tokens (1.0 is none); None keeps the model's default."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, description="Frequency penalty in [-2, 2]; None keeps the model's default."
+    )
+    presence_penalty: float | None = Field(
+        default=None, description="Presence penalty in [-2, 2]; None keeps the model's default."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop sequences: the answer ends before the first one found (generation is aborted there).",
+    )
+    thinking: bool = Field(
+        default=False,
+        description=(
+            "Let a thinking model (Qwen3, ...) reason before answering. The reasoning is returned separately "
+            "(a ThinkingBlock in chat messages, additional_kwargs['reasoning_content'] in completions), never "
+            "in the answer text."
+        ),
+    )
+    timeout: float | None = Field(
+        default=None,
+        description=(
+            "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
+            "before raising BusyError (a TimeoutError); None waits as long as needed."
+        ),
+    )
+    context_window: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Context window LlamaIndex packs prompts for. None: the model's context (from its file name or "
+            "rkllm-models.toml). A value above the model's context is capped to it."
+        ),
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description=(
+            "Directory with .rkllm files. None: RKLLM_MODEL_DIR, ./models and ~/.local/share/rkllm/models. "
+            "Ignored when a manager is given."
+        ),
+    )
+    library_path: str | None = Field(
+        default=None,
+        description=(
+            "Path to librkllmrt.so. None: RKLLM_LIB_PATH, then the usual library locations. "
+            "Ignored when a manager is given."
+        ),
+    )
+
+    _manager: ModelManager | None = PrivateAttr(default=None)
+    _warned: set[str] = PrivateAttr(default_factory=set)
+
+    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
+        super().__init__(model=model, **kwargs)
+        if manager is not None and not isinstance(manager, ModelManager):
+            raise TypeError(f"manager must be an rkllm_core ModelManager, not {type(manager).__name__}")
+        self._manager = manager
+
+    # -- validation -----------------------------------------------------------------------------
+    @field_validator("model_dir", "library_path", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> RKLLM:
+        # The same checks the runtime layer makes, so a bad value fails here and not at the first request.
+        self._sampling()
+        core.ChatOptions(stop=tuple(self.stop), max_new_tokens=self.max_new_tokens, timeout=self.timeout)
+        return self
+
+    @classmethod
+    def class_name(cls) -> str:
+        """Name used by LlamaIndex for serialisation and callbacks."""
+        return "RKLLM"
+
+    # -- engine and metadata --------------------------------------------------------------------
+    @property
+    def engine(self) -> ChatEngine:
+        """The chat engine shared by every ``RKLLM`` on the same model manager."""
+        return shared_engine(manager=self._manager, model_dir=self.model_dir, library_path=self.library_path)
+
+    @property
+    def manager(self) -> ModelManager:
+        """The model manager requests go to."""
+        return self.engine.manager
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """What LlamaIndex needs to know to pack prompts: context window, output room, chat and tools."""
+        return LLMMetadata(
+            context_window=self._context_window(),
+            num_output=self.max_new_tokens or DEFAULT_NUM_OUTPUTS,
+            is_chat_model=True,
+            is_function_calling_model=True,
+            model_name=self.model,
+        )
+
+    def _context_window(self) -> int:
+        """The context the model is initialised with (registry), capped by the override.
+
+        Reading the registry only lists file names; the library is not loaded.
+        """
+        try:
+            info = self.manager.resolve(self.model)
+        except (RKLLMError, OSError) as exc:
+            fallback = self.context_window or FALLBACK_CONTEXT_WINDOW
+            self._warn_once(
+                "registry",
+                "cannot read the context size of %r from the model registry (%s); assuming %d tokens",
+                self.model,
+                exc,
+                fallback,
+            )
+            return fallback
+        model_ctx = info.defaults.max_context_len or info.context_size
+        if self.context_window is None:
+            return model_ctx
+        if self.context_window > model_ctx:
+            self._warn_once(
+                "context",
+                "context_window=%d is larger than the %d-token context of %s; using %d",
+                self.context_window,
+                model_ctx,
+                info.name,
+                model_ctx,
+            )
+            return model_ctx
+        return self.context_window
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+    # -- options ----------------------------------------------------------------------------------
+    def _sampling(self, overrides: Mapping[str, Any] | None = None) -> SamplingParams | None:
+        values = {k: getattr(self, k) for k in _SAMPLING_KEYS}
+        if overrides:
+            values.update({k: overrides[k] for k in _SAMPLING_KEYS if k in overrides})
+        sampling = SamplingParams(**values)
+        return None if sampling.is_empty() else sampling
+
+    def _options(self, kwargs: dict[str, Any]) -> core.ChatOptions:
+        """Build the request options from the settings and this call's keyword arguments."""
+        kw = dict(kwargs)
+        sampling = self._sampling(kw)
+        for key in _SAMPLING_KEYS:
+            kw.pop(key, None)
+        max_new = kw.pop("max_new_tokens", None)
+        max_tokens = kw.pop("max_tokens", None)
+        max_new = max_new if max_new is not None else max_tokens if max_tokens is not None else self.max_new_tokens
+        stop = kw.pop("stop", None)
+        stop = self.stop if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        thinking = kw.pop("thinking", kw.pop("enable_thinking", None))
+        timeout = kw.pop("timeout", None)
+        tools = _tool_dicts(kw.pop("tools", None) or ())
+        tool_choice = _tool_choice_name(kw.pop("tool_choice", None))
+        unknown = sorted(k for k in kw if k not in _IGNORED_KWARGS)
+        if unknown:
+            logger.debug("RKLLM ignores these keyword arguments: %s", ", ".join(unknown))
+        return core.ChatOptions(
+            sampling=sampling,
+            max_new_tokens=max_new,
+            stop=tuple(stop),
+            enable_thinking=self.thinking if thinking is None else bool(thinking),
+            tools=tuple(tools),
+            tool_choice=tool_choice if tools else None,
+            timeout=self.timeout if timeout is None else timeout,
+        )
+
+    # -- event streams ----------------------------------------------------------------------------
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
+        """Translate and validate a request up front, so bad input fails at the call, not mid-stream."""
+        return core.validate_messages(to_core_messages(messages)), self._options(kwargs)
+
+    def _events(self, request: _Request) -> Iterator[ChatEvent]:
+        with closing(self.engine.stream(self.model, *request)) as events:
+            yield from events
+
+    async def _aevents(self, request: _Request) -> AsyncIterator[ChatEvent]:
+        async with aclosing(self.engine.astream(self.model, *request)) as events:
+            async for event in events:
+                yield event
+
+    def _completion_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
+        messages = []
+        if self.system_prompt and not formatted:
+            messages.append(ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
+        messages.append(ChatMessage(role=MessageRole.USER, content=prompt))
+        return messages
+
+    # -- chat -----------------------------------------------------------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer a conversation (the last message must be from the user or a tool)."""
+        done = _last_done(self._events(self._request(messages, kwargs)))
+        return _chat_response(done)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Stream the answer: each response carries ``delta`` and the message so far.
+
+        The last response has an empty ``delta`` and the complete message, ``raw``
+        (usage, finish reason, stats) and the tool calls. Closing the generator early
+        aborts the generation on the NPU.
+        """
+        request = self._request(messages, kwargs)
+
+        def gen() -> ChatResponseGen:
+            acc = _Accumulator()
+            with closing(self._events(request)) as events:
+                for event in events:
+                    response = acc.feed(event)
+                    if response is not None:
+                        yield response
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Async :meth:`chat`: never blocks the event loop; cancelling the task aborts the generation."""
+        done = await _alast_done(self._aevents(self._request(messages, kwargs)))
+        return _chat_response(done)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        """Async :meth:`stream_chat`; cancelling the consumer or closing the generator aborts the generation."""
+        request = self._request(messages, kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            acc = _Accumulator()
+            async with aclosing(self._aevents(request)) as events:
+                async for event in events:
+                    response = acc.feed(event)
+                    if response is not None:
+                        yield response
+
+        return gen()
+
+    # -- completion -------------------------------------------------------------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Answer one prompt (sent as a user message, after ``system_prompt`` when set)."""
+        done = _last_done(self._events(self._request(self._completion_messages(prompt, formatted), kwargs)))
+        return _completion_response(done)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Stream the answer to one prompt (``delta`` and ``text`` so far; see :meth:`stream_chat`)."""
+        request = self._request(self._completion_messages(prompt, formatted), kwargs)
+
+        def gen() -> CompletionResponseGen:
+            acc = _Accumulator()
+            with closing(self._events(request)) as events:
+                for event in events:
+                    response = acc.feed_completion(event)
+                    if response is not None:
+                        yield response
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Async :meth:`complete`."""
+        request = self._request(self._completion_messages(prompt, formatted), kwargs)
+        done = await _alast_done(self._aevents(request))
+        return _completion_response(done)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        """Async :meth:`stream_complete`."""
+        request = self._request(self._completion_messages(prompt, formatted), kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            acc = _Accumulator()
+            async with aclosing(self._aevents(request)) as events:
+                async for event in events:
+                    response = acc.feed_completion(event)
+                    if response is not None:
+                        yield response
+
+        return gen()
+
+    # -- tools ------------------------------------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Turn LlamaIndex tools into the request: OpenAI-style definitions and a tool choice.
+
+        ``tool_required`` becomes ``tool_choice="required"``: the model is told to answer
+        with a call (it cannot be forced token by token; see the README).
+        """
+        del verbose, allow_parallel_tool_calls
+        tool_specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg))
+        elif user_msg is not None:
+            messages.append(user_msg)
+        if tool_choice is None and tool_required:
+            tool_choice = "required"
+        return {"messages": messages, "tools": tool_specs, "tool_choice": tool_choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Keep only the first tool call unless parallel calls are allowed."""
+        if not allow_parallel_tool_calls:
+            _keep_first_tool_call(response.message)
+        return response
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The tool calls of a response as ``ToolSelection`` objects.
+
+        Raises:
+            ValueError: there is no tool call and ``error_on_no_tool_call`` is true.
+        """
+        calls = tool_calls_of(response.message)
+        if not calls and error_on_no_tool_call:
+            raise ValueError(
+                f"Expected at least one tool call, got none; the model answered: {response.message.content!r}"
+            )
+        return [ToolSelection(tool_id=c.id or c.name, tool_name=c.name, tool_kwargs=dict(c.arguments)) for c in calls]
+
+
+# ------------------------------------------------------------------------------------- messages
+
+
+_ROLES: dict[MessageRole, core.MessageRole] = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
+    MessageRole.FUNCTION: "tool",
+}
+
+
+def to_core_messages(messages: Sequence[ChatMessage]) -> list[core.ChatMessage]:
+    """Translate LlamaIndex messages into ``rkllm_core`` messages.
+
+    Assistant tool calls (``ToolCallBlock`` blocks, else ``additional_kwargs["tool_calls"]``)
+    become :class:`~rkllm_core.messages.ToolCallRequest` objects and tool results keep their
+    ``tool_call_id``, so a conversation sent back unchanged matches the one in the KV cache.
+    Thinking blocks are dropped (earlier reasoning is not part of the prompt).
+
+    Raises:
+        ValueError: a message carries images, audio, video or documents (text only).
+    """
+    out = []
+    for m in messages:
+        role = _ROLES.get(MessageRole(m.role))
+        if role is None:  # pragma: no cover - every MessageRole is mapped
+            raise InvalidParameterError(f"unsupported message role {m.role!r}")
+        text = _text_of(m)
+        extra = m.additional_kwargs or {}
+        name = extra.get("name") if isinstance(extra.get("name"), str) else None
+        if role == "assistant":
+            out.append(core.ChatMessage("assistant", text, name=name, tool_calls=tuple(tool_calls_of(m))))
+        elif role == "tool":
+            call_id = extra.get("tool_call_id")
+            out.append(core.ChatMessage("tool", text, name=name, tool_call_id=str(call_id) if call_id else None))
+        else:
+            out.append(core.ChatMessage(role, text, name=name if role == "user" else None))
+    return out
+
+
+def _text_of(message: ChatMessage) -> str:
+    parts = []
+    for block in message.blocks:
+        if isinstance(block, TextBlock):
+            parts.append(block.text)
+        elif isinstance(block, ThinkingBlock | ToolCallBlock | CachePoint):
+            continue
+        else:
+            raise InvalidParameterError(
+                f"RKLLM takes text only; a {message.role.value} message has a {type(block).__name__}"
+            )
+    return "\n".join(parts)
+
+
+def tool_calls_of(message: ChatMessage) -> list[core.ToolCallRequest]:
+    """The tool calls of an assistant message: its ``ToolCallBlock`` blocks, else ``additional_kwargs``."""
+    blocks = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if blocks:
+        return [
+            core.ToolCallRequest(b.tool_call_id or b.tool_name, b.tool_name, _arguments(b.tool_kwargs)) for b in blocks
+        ]
+    calls = []
+    for item in (message.additional_kwargs or {}).get("tool_calls") or ():
+        call = _parse_tool_call(item)
+        if call is not None:
+            calls.append(call)
+    return calls
+
+
+def _parse_tool_call(item: Any) -> core.ToolCallRequest | None:
+    """Read a tool call in any of the shapes LlamaIndex code uses (OpenAI dict or object, ToolSelection)."""
+    if isinstance(item, ToolSelection):
+        return core.ToolCallRequest(item.tool_id, item.tool_name, _arguments(item.tool_kwargs))
+    if isinstance(item, ToolCallBlock):
+        return core.ToolCallRequest(item.tool_call_id or item.tool_name, item.tool_name, _arguments(item.tool_kwargs))
+    if not isinstance(item, Mapping):
+        if hasattr(item, "model_dump"):
+            item = item.model_dump()
+        else:
+            return None
+    fn = item.get("function") if isinstance(item.get("function"), Mapping) else item
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    args = fn.get("arguments", fn.get("args", fn.get("tool_kwargs", {})))
+    return core.ToolCallRequest(str(item.get("id") or name), name, _arguments(args))
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            return {}
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _openai_tool_call(call: core.ToolCallRequest) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(dict(call.arguments), ensure_ascii=False)},
+    }
+
+
+def _tool_dicts(tools: Sequence[Any]) -> list[Mapping[str, Any]]:
+    """Tools as OpenAI-style dicts (LlamaIndex tools are converted)."""
+    out: list[Mapping[str, Any]] = []
+    for tool in tools:
+        if isinstance(tool, Mapping):
+            out.append(tool)
+        elif hasattr(tool, "metadata") and hasattr(tool.metadata, "to_openai_tool"):
+            out.append(tool.metadata.to_openai_tool(skip_length_check=True))
+        else:
+            raise InvalidParameterError(f"cannot use {type(tool).__name__} as a tool definition")
+    return out
+
+
+def _tool_choice_name(choice: Any) -> str | None:
+    """``tool_choice`` as the engine takes it: None, 'auto', 'none', 'required' or a tool name."""
+    if choice is None or isinstance(choice, str):
+        return choice
+    if isinstance(choice, Mapping):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
+        if isinstance(name, str):
+            return name
+        if choice.get("type") in ("any", "required", "auto", "none"):
+            return str(choice["type"])
+    raise InvalidParameterError(f"unsupported tool_choice {choice!r}")
+
+
+def _keep_first_tool_call(message: ChatMessage) -> None:
+    seen = False
+    blocks = []
+    for block in message.blocks:
+        if isinstance(block, ToolCallBlock):
+            if seen:
+                continue
+            seen = True
+        blocks.append(block)
+    message.blocks = blocks
+    calls = message.additional_kwargs.get("tool_calls")
+    if isinstance(calls, list) and len(calls) > 1:
+        message.additional_kwargs["tool_calls"] = calls[:1]
+
+
+# ------------------------------------------------------------------------------------- responses
+
+
+def _last_done(events: Iterator[ChatEvent]) -> ChatDone:
+    done: ChatDone | None = None
+    for event in events:
+        if isinstance(event, ChatDone):
+            done = event
+    assert done is not None, "the engine ended a stream without ChatDone"
+    return done
+
+
+async def _alast_done(events: AsyncIterator[ChatEvent]) -> ChatDone:
+    done: ChatDone | None = None
+    async with aclosing(events) as stream:  # type: ignore[type-var]
+        async for event in stream:
+            if isinstance(event, ChatDone):
+                done = event
+    assert done is not None, "the engine ended a stream without ChatDone"
+    return done
+
+
+def _raw(done: ChatDone) -> dict[str, Any]:
+    u = done.usage
+    return {
+        "model": done.model,
+        "finish_reason": done.finish_reason,
+        "usage": {
+            "prompt_tokens": u.input_tokens,
+            "completion_tokens": u.output_tokens,
+            "total_tokens": u.total_tokens,
+            "prefilled_tokens": u.prefilled_tokens,
+            "cached_tokens": u.cached_tokens,
+        },
+        "kv_reused": done.kv_reused,
+        "stats": asdict(done.stats) if done.stats is not None else None,
+        "invalid_tool_calls": [asdict(c) for c in done.invalid_tool_calls],
+    }
+
+
+def _usage_kwargs(done: ChatDone) -> dict[str, int]:
+    u = done.usage
+    return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens}
+
+
+def _assistant_message(text: str, reasoning: str, calls: Sequence[core.ToolCallRequest]) -> ChatMessage:
+    blocks: list[Any] = []
+    if reasoning:
+        blocks.append(ThinkingBlock(content=reasoning))
+    blocks.append(TextBlock(text=text))
+    blocks.extend(ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments)) for c in calls)
+    extra: dict[str, Any] = {"tool_calls": [_openai_tool_call(c) for c in calls]} if calls else {}
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
+
+
+def _chat_response(done: ChatDone, delta: str | None = None) -> ChatResponse:
+    message = _assistant_message(done.message.content, done.reasoning, done.message.tool_calls)
+    return ChatResponse(message=message, raw=_raw(done), delta=delta, additional_kwargs=_usage_kwargs(done))
+
+
+def _completion_response(done: ChatDone, delta: str | None = None) -> CompletionResponse:
+    extra: dict[str, Any] = _usage_kwargs(done)
+    if done.reasoning:
+        extra["reasoning_content"] = done.reasoning
+    if done.message.tool_calls:
+        extra["tool_calls"] = [_openai_tool_call(c) for c in done.message.tool_calls]
+    return CompletionResponse(text=done.message.content, raw=_raw(done), delta=delta, additional_kwargs=extra)
+
+
+class _Accumulator:
+    """Turns engine events into streamed responses carrying the text so far."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.reasoning = ""
+        self.calls: list[core.ToolCallRequest] = []
+
+    def feed(self, event: ChatEvent) -> ChatResponse | None:
+        if isinstance(event, ChatDone):
+            return _chat_response(event, delta="")
+        update = self._update(event)
+        if update is None:
+            return None
+        delta, thinking_delta = update
+        message = _assistant_message(self.text, self.reasoning, self.calls)
+        extra = {"thinking_delta": thinking_delta} if thinking_delta else {}
+        return ChatResponse(message=message, delta=delta, additional_kwargs=extra)
+
+    def feed_completion(self, event: ChatEvent) -> CompletionResponse | None:
+        if isinstance(event, ChatDone):
+            return _completion_response(event, delta="")
+        update = self._update(event)
+        if update is None or isinstance(event, ToolCall):
+            return None
+        delta, thinking_delta = update
+        extra = {"thinking_delta": thinking_delta} if thinking_delta else {}
+        return CompletionResponse(text=self.text, delta=delta, additional_kwargs=extra)
+
+    def _update(self, event: ChatEvent) -> tuple[str, str] | None:
+        if isinstance(event, TextDelta):
+            self.text += event.text
+            return event.text, ""
+        if isinstance(event, ReasoningDelta):
+            self.reasoning += event.text
+            return "", event.text
+        if isinstance(event, ToolCall):
+            self.calls.append(core.ToolCallRequest(event.id, event.name, event.arguments))
+            return "", ""
+        return None  # ToolCallDelta / InvalidToolCall: reported in the final response

@@ -1,0 +1,137 @@
+"""The LlamaIndex examples run end to end on the simulator: scripts in subprocesses, the notebook via nbclient."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from rkllm_core.errors import LibraryNotFoundError  # noqa: E402
+from rkllm_core.library import find_library  # noqa: E402
+from rkllm_core.simulator import make_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
+_OUR_VARS = ("RKLLM_LIB_PATH", "RKLLM_MODEL_DIR", "RKLLM_MODEL", "RKLLM_EMBED_MODEL", "RKLLM_ABI")
+
+
+@pytest.fixture
+def sim_env(sim_paths: dict[str, Path], tmp_path: Path) -> dict[str, str]:
+    """Environment pointing the examples at the simulator and a model directory."""
+    models = tmp_path / "models"
+    make_model(models, QWEN)
+    env = {k: v for k, v in os.environ.items() if k not in _OUR_VARS}
+    env.update(
+        RKLLM_LIB_PATH=str(sim_paths["1.3"]),
+        RKLLM_MODEL_DIR=str(models),
+        RKLLM_PROMPT_CACHE_DIR=str(tmp_path / "prompt-cache"),
+        RKLLM_SIM_TOKEN_DELAY_MS="0",
+        RKLLM_SIM_PREFILL_MS_PER_TOKEN="0",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def run_example(name: str, env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_rag_example(sim_env: dict[str, str], tmp_path: Path) -> None:
+    proc = run_example("llamaindex_rag.py", sim_env, tmp_path)
+    out = proc.stdout
+    assert "RUNNING ON THE SIMULATOR" in proc.stderr
+    assert "indexed 3 files" in out and "embeddings: KeywordEmbedding" in out
+    assert out.count("Echo: Context information is below.") == 2
+    answers = out.split("\n> ")[1:]
+    assert answers[0].startswith("How many NPU cores does the RK3588 have?")
+    assert "sources: rk3588.txt" in answers[0]  # the keyword embedding retrieved the right file first
+    assert "sources: boards.txt" in answers[1]
+    assert "prompt tokens prefilled" in out
+
+
+def test_rag_example_with_own_question(sim_env: dict[str, str], tmp_path: Path) -> None:
+    out = run_example("llamaindex_rag.py", sim_env, tmp_path, "What does librkllmrt.so do?").stdout
+    assert "> What does librkllmrt.so do?" in out and "sources: rkllm.txt" in out
+
+
+def test_chat_engine_example(sim_env: dict[str, str], tmp_path: Path) -> None:
+    out = run_example("llamaindex_chat_engine.py", sim_env, tmp_path).stdout
+    part1, part2 = out.split("=== part 2")
+    assert part1.count("[turn ") == 3 and part2.count("[turn ") == 3
+    assert "Echo: How many cores does the RK3588 NPU have? — ok." in part1
+    assert part1.count("2 LLM call(s)") == 2 and "KV cache reused" not in part1  # condense evicts the chat
+    assert part2.count("1 LLM call(s)") == 3 and part2.count("(KV cache reused)") == 2
+    assert "from the prompt cache" in part2  # turn 1 of part 2 starts like turn 1 of part 1
+
+
+def test_agent_example(sim_env: dict[str, str], tmp_path: Path) -> None:
+    out = run_example("llamaindex_agent.py", sim_env, tmp_path).stdout
+    assert "tool call: multiply({'a': 6, 'b': 7}) -> 42" in out
+    assert "answer: Tool result: 42" in out
+    assert "[2 LLM calls:" in out and "(KV cache reused)" in out
+
+
+def test_agent_example_other_tool(sim_env: dict[str, str], tmp_path: Path) -> None:
+    out = run_example("llamaindex_agent.py", sim_env, tmp_path, "How many NPU cores? Call npu_cores('rk3576').").stdout
+    assert "tool call: npu_cores({'chip': 'rk3576'}) -> rk3576 has 2 NPU cores" in out
+
+
+def test_examples_fall_back_to_the_simulator_loudly(sim_env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in sim_env.items() if k not in ("RKLLM_LIB_PATH", "RKLLM_MODEL_DIR")}
+    try:
+        find_library()
+    except LibraryNotFoundError:
+        pass
+    else:
+        pytest.skip("a runtime library is installed here; the fallback cannot be exercised")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # simulator build and demo model go here
+    proc = run_example("llamaindex_agent.py", env, tmp_path)
+    assert "NO NPU RUNTIME (librkllmrt.so) FOUND -- RUNNING ON THE SIMULATOR." in proc.stderr
+    assert "answer: Tool result: 42" in proc.stdout
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_notebook_runs(sim_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    path = EXAMPLES / "llamaindex_rag.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:  # the notebook is stored without outputs
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None
+    for key, value in sim_env.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    for key in _OUR_VARS:
+        if key not in sim_env:
+            monkeypatch.delenv(key, raising=False)
+    client = nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    )
+    client.execute()
+    text = "".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
+    assert "is_function_calling_model=True" in text
+    assert text.count("Echo: Context information is below.") == 3
+    assert "('rk3588.txt'" in text
+    assert "(KV cache reused)" in text
