@@ -52,6 +52,7 @@ from .errors import (
     InvalidParameterError,
     ModelFileError,
     NativeError,
+    RKLLMError,
     RunError,
 )
 from .library import RuntimeLibrary, load_library
@@ -155,6 +156,7 @@ class _Run:
         self.error = False
         self.tokens = 0
         self.ended = False  # the worker's end marker was consumed: rkllm_run has returned
+        self.deferred: RKLLMError | None = None  # a failure to raise once the chunks before it are out
         self.finish_reason: FinishReason | None = None
 
     def feed_many(self, items: list[tuple[Any, ...]]) -> list[StreamChunk]:
@@ -194,7 +196,12 @@ class _Run:
             elif kind == ERROR:
                 self.error = True
             elif kind == END:
-                out.append(self.end(item[1], item[2]))
+                try:
+                    out.append(self.end(item[1], item[2]))
+                except RKLLMError as exc:
+                    if not out:
+                        raise
+                    self.deferred = exc  # deliver the text that came before the failure first
                 return out
         if pending or n:
             self._emit(out, pending, n, last_token)
@@ -277,6 +284,9 @@ class RunStream(Iterator[StreamChunk]):
     def __next__(self) -> StreamChunk:
         if self._ready:
             return self._ready.popleft()
+        if self._run is not None and self._run.deferred is not None and not self._done:
+            self._done = True
+            raise self._run.deferred
         if self._done:
             raise StopIteration
         if self._run is None:
@@ -284,8 +294,6 @@ class RunStream(Iterator[StreamChunk]):
                 self._done = True
                 raise BusyError(f"the model stayed busy for {self._timeout} s; try again later")
             self._run, self._channel = self._owner._start_locked(self._prepared)
-        if self._ready:
-            return self._ready.popleft()
         run, channel = self._run, self._channel
         assert channel is not None
         try:
@@ -653,6 +661,9 @@ class RKLLMRuntime:
                     if chunk.finish_reason is not None:
                         finished = True
                     yield chunk
+                if run.deferred is not None:
+                    finished = True
+                    raise run.deferred
                 if finished:
                     return
         finally:

@@ -175,8 +175,18 @@ def test_error_after_tokens_setting(runtime: RKLLMRuntime, sim: SimulatorControl
     with pytest.raises(RunError):
         for c in runtime.stream("count to 100"):
             got.append(c.text)
-    assert 0 < len(got) <= 3
+    # The three tokens before the failure are delivered first, however they were batched.
+    assert "".join(got) == "1 2 3 4 5 6 "
     assert runtime.generate("ok").text == echo("ok")
+
+
+async def test_async_error_after_tokens_delivers_the_text_first(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("error_after_tokens", 3)
+    got: list[str] = []
+    with pytest.raises(RunError):
+        async for c in runtime.astream("count to 100"):
+            got.append(c.text)
+    assert "".join(got) == "1 2 3 4 5 6 "
 
 
 def test_gc_frees_the_handle(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_path: Path) -> None:
