@@ -18,9 +18,12 @@
  * up to an empty line; only the first 4 KiB are read. The context limit is ctx<N> in the file name,
  * else max_context, else 4096.
  * Replies (first match wins): "[[sim:error]]" -> ERROR after 2 tokens; a declared tool named in a user
- * prompt -> <tool_call> block(s); "JSON schema: {...}" -> an instance of the schema; "count to N" ->
- * "1 2 ... N"; role "tool" -> "Tool result: <prompt>"; otherwise "Echo: <prompt> \u2014 ok.". Replies
- * stream in 4-byte tokens; a token ending inside a UTF-8 character is sent as WAITING.
+ * prompt (or, when none is, a tool whose name has a word the prompt uses, e.g. "weather" for
+ * get_weather, unless the prompt carries a <tool_response>) -> <tool_call> block(s); "JSON schema: {...}"
+ * -> an instance of the schema; "count to N" -> "1 2 ... N"; role "tool" -> "Tool result: <prompt>";
+ * otherwise "Echo: <prompt> \u2014 ok.". Generated string values are the prompt's first quoted text,
+ * else its first three words. Replies stream in 4-byte tokens; a token ending inside a UTF-8 character
+ * is sent as WAITING.
  *
  * Choices where the real runtime is undocumented:
  *  - rkllm_createDefaultParam(): max_context_len 512, max_new_tokens -1, top_k 1, n_keep -1, top_p 0.9,
@@ -962,8 +965,36 @@ static void jv_write(sbuf *b, const jv *v) {
 
 /* ------------------------------------------------- values generated from a schema ---- */
 
-/* The first three whitespace-separated words of the prompt, as a JSON string. */
+/* The first quoted text in the prompt: '...' or "..." opening at the start, after whitespace or '(',
+ * and closing before a character that is not an ASCII letter or digit (so apostrophes do not count),
+ * on one line, looked for before any "JSON schema:". */
+static bool quoted_text(const char *prompt, const char **start, size_t *len) {
+    const char *marker = strstr(prompt, "JSON schema:");
+    size_t end = marker ? (size_t)(marker - prompt) : strlen(prompt);
+    for (size_t i = 0; i < end; i++) {
+        char q = prompt[i];
+        if ((q != '\'' && q != '"') || (i > 0 && !strchr(" \t\n\r(", prompt[i - 1]))) continue;
+        for (size_t j = i + 1; j < end && prompt[j] != '\n'; j++)
+            if (prompt[j] == q && j > i + 1 && !is_alnum_ascii((unsigned char)prompt[j + 1])) {
+                *start = prompt + i + 1;
+                *len = j - i - 1;
+                return true;
+            }
+    }
+    return false;
+}
+
+/* A string value: the first quoted text of the prompt, else its first three whitespace-separated
+ * words, as a JSON string. */
 static void gen_words(sbuf *out, const char *prompt) {
+    const char *quoted;
+    size_t qlen;
+    if (quoted_text(prompt, &quoted, &qlen)) {
+        char *text = xstrndup(quoted, qlen);
+        json_escape(out, text);
+        free(text);
+        return;
+    }
     sbuf w = {0};
     const char *p = prompt;
     for (int k = 0; k < 3; k++) {
@@ -1165,6 +1196,42 @@ typedef struct {
     size_t pos, len;
 } tool_hit;
 
+/* Name words too generic to say which tool the user means. */
+static bool generic_name_word(const char *w, size_t n) {
+    static const char *const words[] = {"tool", "tools", "func", "function", "call"};
+    for (size_t k = 0; k < sizeof words / sizeof words[0]; k++) {
+        size_t i = 0;
+        while (i < n && words[k][i] && lower_ascii(w[i]) == words[k][i]) i++;
+        if (i == n && !words[k][i]) return true;
+    }
+    return false;
+}
+
+/* Where a word of a tool name (split at '_', '-' and lower-to-upper case changes; 4+ characters; not
+ * generic) first occurs in the prompt as a whole word, case-insensitively. */
+static bool name_word_in_prompt(const char *name, const char *prompt, size_t *pos) {
+    bool found = false;
+    for (const char *s = name; *s;) {
+        while (*s == '_' || *s == '-') s++;
+        if (!*s) break;
+        const char *st = s++;
+        while (*s && *s != '_' && *s != '-' && !(s[-1] >= 'a' && s[-1] <= 'z' && *s >= 'A' && *s <= 'Z')) s++;
+        size_t n = (size_t)(s - st);
+        if (n < 4 || generic_name_word(st, n)) continue;
+        for (const char *p = prompt; *p; p++) {
+            size_t i = 0;
+            while (i < n && p[i] && lower_ascii(p[i]) == lower_ascii(st[i])) i++;
+            if (i == n && (p == prompt || !is_alnum_ascii((unsigned char)p[-1])) &&
+                !is_alnum_ascii((unsigned char)p[n])) {
+                if (!found || (size_t)(p - prompt) < *pos) *pos = (size_t)(p - prompt);
+                found = true;
+                break;
+            }
+        }
+    }
+    return found;
+}
+
 /* Rule 2: if the prompt names a declared tool, reply with <tool_call> block(s). */
 static bool reply_tool_calls(sbuf *out, const char *tools_json, const char *prompt) {
     jv *arr = json_parse(tools_json, strlen(tools_json), false);
@@ -1196,6 +1263,20 @@ static bool reply_tool_calls(sbuf *out, const char *tools_json, const char *prom
         if (kept == 0 || hits[i].pos >= end) {
             hits[kept++] = hits[i];
             end = hits[i].pos + hits[i].len;
+        }
+    /* no tool named: one whose name has a word the prompt uses ("weather" -> get_weather), the earliest
+     * such word winning; never for a prompt that carries a tool result */
+    if (kept == 0 && !strstr(prompt, "<tool_response>"))
+        for (size_t i = 0; i < arr->n; i++) {
+            const jv *fn = jv_get(arr->items[i], "function");
+            if (!fn || fn->type != JV_OBJ) fn = arr->items[i];
+            const jv *name = jv_get(fn, "name");
+            size_t pos = 0;
+            if (!name || name->type != JV_STR || !name->s[0] || !name_word_in_prompt(name->s, prompt, &pos)) continue;
+            if (kept == 0 || pos < hits[0].pos) {
+                hits[0] = (tool_hit){name->s, jv_get(fn, "parameters"), pos, 0};
+                kept = 1;
+            }
         }
     size_t use = (kept > 1 && ci_find(prompt, "two tools")) ? kept : (kept ? 1 : 0);
     for (size_t i = 0; i < use; i++) {
