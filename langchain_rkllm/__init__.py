@@ -1,7 +1,12 @@
-"""LangChain integration for the RKLLM runtime (``ChatRKLLM``).
+"""LangChain integration for the RKLLM runtime: ``ChatRKLLM``.
 
-The chat model lands on top of ``rkllm_core``'s chat engine; until then this
-package only reserves the import name.
+``ChatRKLLM`` is a LangChain chat model that runs ``.rkllm`` models on the
+Rockchip NPU inside the Python process (or on the bundled simulator when no
+``librkllmrt.so`` is found). It is built on ``rkllm_core``'s chat engine, so
+conversations reuse the KV cache across turns.
 """
 
-__all__: list[str] = []
+from ._convert import UnsupportedContentError
+from .chat_models import ChatRKLLM
+
+__all__ = ["ChatRKLLM", "UnsupportedContentError"]
