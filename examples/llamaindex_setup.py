@@ -31,62 +31,20 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
 
 from llamaindex_rkllm import RKLLM
-from rkllm_core.errors import LibraryNotFoundError, NoModelsFoundError
-from rkllm_core.library import load_library
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import build_simulator, default_cache_dir, make_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import setup  # noqa: E402  (runtime and model selection shared by the examples)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEMO_MODEL = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
-BANNER = "=" * 78
-
-
-def pick_runtime() -> tuple[str, bool]:
-    """Return the runtime library path and whether it is the simulator (same logic as quickstart.py)."""
-    try:
-        lib = load_library()
-    except LibraryNotFoundError as exc:
-        print(BANNER, file=sys.stderr)
-        print("  NO NPU RUNTIME (librkllmrt.so) FOUND -- RUNNING ON THE SIMULATOR.", file=sys.stderr)
-        print("  Answers are simulated; nothing runs on an NPU.", file=sys.stderr)
-        print(
-            f"  ({exc.__class__.__name__}: tried {len(exc.tried)} locations; set RKLLM_LIB_PATH on a board)",
-            file=sys.stderr,
-        )
-        print(BANNER, file=sys.stderr)
-        # Pace the simulator like a small model on an RK3588 (~30 tok/s decode, ~1 ms/token prefill).
-        os.environ.setdefault("RKLLM_SIM_TOKEN_DELAY_MS", "30")
-        os.environ.setdefault("RKLLM_SIM_PREFILL_MS_PER_TOKEN", "1")
-        return str(build_simulator("1.3")), True
-    if lib.is_simulator:
-        print(BANNER, file=sys.stderr)
-        print(f"  RUNNING ON THE SIMULATOR ({lib.path}).", file=sys.stderr)
-        print("  Answers are simulated; nothing runs on an NPU.", file=sys.stderr)
-        print(BANNER, file=sys.stderr)
-    return str(lib.path), lib.is_simulator
 
 
 def make_llm(**settings: Any) -> tuple[RKLLM, bool]:
     """Return an ``RKLLM`` for the model to use, and whether the runtime is the simulator."""
-    lib_path, simulated = pick_runtime()
-    os.environ["RKLLM_LIB_PATH"] = lib_path
-    model_dir: str | None = None
-    try:
-        models = ModelRegistry().models()
-    except NoModelsFoundError:
-        models = []
-    if not models and simulated:
-        demo_dir = default_cache_dir().parent / "demo-models"
-        make_model(demo_dir, DEMO_MODEL, size_mb=890)
-        model_dir = str(demo_dir)
-        models = ModelRegistry([demo_dir]).models()
-    if not models:
-        raise SystemExit("no .rkllm models found: put some in ./models or set RKLLM_MODEL_DIR")
-    name = os.environ.get("RKLLM_MODEL") or models[0].name
-    llm = RKLLM(model=name, model_dir=model_dir, library_path=lib_path, **settings)
-    info = llm.manager.resolve(name)
+    env = setup()  # picks the runtime (loudly when simulated) and a model, as every example does
+    llm = RKLLM(model=env.model, library_path=env.library_path, model_dir=os.environ.get("RKLLM_MODEL_DIR"), **settings)
+    info = llm.manager.resolve(env.model)
     print(f"model: {info.name} ({info.filename}, context {info.context_size})")
-    return llm, simulated
+    return llm, env.simulated
 
 
 # ------------------------------------------------------------------------------------ embeddings
