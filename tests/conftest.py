@@ -21,6 +21,18 @@ needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler to build the si
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_prompt_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep every prompt-cache file the tests write out of the user's cache directory."""
+    old = os.environ.get("RKLLM_PROMPT_CACHE_DIR")
+    os.environ["RKLLM_PROMPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("prompt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RKLLM_PROMPT_CACHE_DIR", None)
+    else:
+        os.environ["RKLLM_PROMPT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def sim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("simcache")
