@@ -1300,9 +1300,20 @@ static bool reply_tool_calls(sbuf *out, const char *tools_json, const char *prom
 /* Rule 3: "JSON schema:" followed by a schema object → an instance of it. */
 static bool reply_json_schema(sbuf *out, const char *prompt) {
     const char *m = strstr(prompt, "JSON schema:");
+    if (!m) m = strstr(prompt, "JSON schema to follow:"); /* LlamaIndex's default format prompt */
     const char *brace = m ? strchr(m, '{') : NULL;
     if (!brace) return false;
     jv *schema = json_parse(brace, strlen(brace), true);
+    if (!schema) { /* a template that doubled its braces ("{{...}}"): read it with single ones */
+        sbuf single = {0};
+        for (const char *c = brace; *c; c++) {
+            sb_add(&single, c, 1);
+            if ((c[0] == '{' && c[1] == '{') || (c[0] == '}' && c[1] == '}')) c++;
+        }
+        char *text = sb_take(&single);
+        schema = json_parse(text, strlen(text), true);
+        free(text);
+    }
     if (!schema || schema->type != JV_OBJ) {
         jv_free(schema);
         return false;
