@@ -20,9 +20,9 @@ from pathlib import Path
 
 from bench_core import machine, raw_run_seconds
 
-from rkllm_core.manager import ModelManager
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, build_simulator, make_model
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.sim import SimulatorControl, build_simulator, make_model
 
 FILENAME = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
 

@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rkllm_core.engine import ChatEngine
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, build_simulator, make_model
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.sim import SimulatorControl, build_simulator, make_model
 
 MODELS = {
     "qwen3-0.6b": "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm",  # template rendered by the engine
@@ -44,12 +44,12 @@ def replay(engine: ChatEngine, sim: SimulatorControl, model: str, turns: int = 1
 
 CHILD = """
 import json, sys
-from rkllm_core.engine import ChatEngine
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage
-from rkllm_core.promptcache import PromptCacheStore
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.chat.promptcache import PromptCacheStore
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.sim import SimulatorControl
 lib, models, cache, system, q = sys.argv[1:6]
 sim = SimulatorControl(lib); sim.set("banner", 0)
 with ModelManager(ModelRegistry([models], platform=None), library=lib) as m:

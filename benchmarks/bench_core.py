@@ -27,16 +27,16 @@ import threading
 import time
 from pathlib import Path
 
-from rkllm_core._abi import abi_module
-from rkllm_core._abi.common import LLMHandle, LLMResultCallback
-from rkllm_core.engine import ChatEngine
-from rkllm_core.library import load_library
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage
-from rkllm_core.registry import ModelRegistry
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.functions import abi_module
+from rkllm_core.native.library import load_library
+from rkllm_core.native.structs import LLMHandle, LLMResultCallback
+from rkllm_core.params import InitParams
 from rkllm_core.runtime import RKLLMRuntime
-from rkllm_core.simulator import SimulatorControl, build_simulator, make_model
-from rkllm_core.types import InitParams
+from rkllm_core.sim import SimulatorControl, build_simulator, make_model
 
 
 def machine() -> str:

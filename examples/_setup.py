@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rkllm_core.errors import LibraryNotFoundError, NoModelsFoundError  # noqa: E402
-from rkllm_core.library import load_library  # noqa: E402
-from rkllm_core.registry import ModelRegistry  # noqa: E402
-from rkllm_core.simulator import build_simulator, default_cache_dir, make_model  # noqa: E402
+from rkllm_core.models.registry import ModelRegistry  # noqa: E402
+from rkllm_core.native.library import load_library  # noqa: E402
+from rkllm_core.sim import build_simulator, default_cache_dir, make_model  # noqa: E402
 
 DEMO_MODEL = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
 BANNER = "=" * 78

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import setup  # noqa: E402  (runtime and model selection shared by the examples)
 
 from rkllm_core.errors import RKLLMError  # noqa: E402
-from rkllm_core.manager import default_manager  # noqa: E402
+from rkllm_core.models.manager import default_manager  # noqa: E402
 
 
 def main() -> int:

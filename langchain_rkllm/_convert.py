@@ -16,9 +16,9 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from rkllm_core.chat.messages import ChatMessage as CoreMessage
+from rkllm_core.chat.messages import MessageRole, ToolCallRequest
 from rkllm_core.errors import InvalidParameterError
-from rkllm_core.messages import ChatMessage as CoreMessage
-from rkllm_core.messages import MessageRole, ToolCallRequest
 
 __all__ = ["UnsupportedContentError", "json_instruction", "to_core_messages"]
 

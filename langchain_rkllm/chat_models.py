@@ -25,7 +25,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rkllm_core.engine import (
+from rkllm_core.chat.engine import (
     ChatDone,
     ChatEngine,
     ChatEvent,
@@ -35,11 +35,11 @@ from rkllm_core.engine import (
     ToolCallDelta,
     shared_engine,
 )
+from rkllm_core.chat.messages import ChatMessage, ChatOptions
+from rkllm_core.chat.templates import estimate_tokens
 from rkllm_core.errors import InvalidParameterError
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage, ChatOptions
-from rkllm_core.templates import estimate_tokens
-from rkllm_core.types import SamplingParams
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.params import SamplingParams
 
 from ._convert import UnsupportedContentError, json_instruction, to_core_messages, with_instruction
 

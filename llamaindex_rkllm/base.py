@@ -1,6 +1,6 @@
 """``RKLLM``: a LlamaIndex LLM that runs models on the Rockchip NPU, in-process.
 
-It is a thin adapter over :class:`rkllm_core.engine.ChatEngine`:
+It is a thin adapter over :class:`rkllm_core.chat.engine.ChatEngine`:
 
 * LlamaIndex messages become ``rkllm_core`` messages (tool calls and tool
   results included), so a conversation sent back turn after turn extends the
@@ -12,7 +12,7 @@ It is a thin adapter over :class:`rkllm_core.engine.ChatEngine`:
   ``raw["usage"]``, where LlamaIndex's ``TokenCountingHandler`` reads it.
 
 Every instance that uses the same model manager shares one engine
-(:func:`rkllm_core.engine.shared_engine`), hence one view of the KV cache.
+(:func:`rkllm_core.chat.engine.shared_engine`), hence one view of the KV cache.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from rkllm_core import messages as core
-from rkllm_core.engine import (
+from rkllm_core.chat import messages as core
+from rkllm_core.chat.engine import (
     ChatDone,
     ChatEngine,
     ChatEvent,
@@ -57,8 +57,8 @@ from rkllm_core.engine import (
     shared_engine,
 )
 from rkllm_core.errors import InvalidParameterError, RKLLMError
-from rkllm_core.manager import ModelManager
-from rkllm_core.types import SamplingParams
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.params import SamplingParams
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -99,7 +99,7 @@ class RKLLM(FunctionCallingLLM):
 
     Args:
         model: the model (see the ``model`` field).
-        manager: a :class:`rkllm_core.manager.ModelManager` to take models from;
+        manager: a :class:`rkllm_core.models.manager.ModelManager` to take models from;
             every ``RKLLM`` on one manager shares KV-cache state. Default: one
             manager per ``model_dir``/``library_path`` pair, or the process-wide
             manager when neither is set.
@@ -501,7 +501,7 @@ def to_core_messages(messages: Sequence[ChatMessage]) -> list[core.ChatMessage]:
     """Translate LlamaIndex messages into ``rkllm_core`` messages.
 
     Assistant tool calls (``ToolCallBlock`` blocks, else ``additional_kwargs["tool_calls"]``)
-    become :class:`~rkllm_core.messages.ToolCallRequest` objects and tool results keep their
+    become :class:`~rkllm_core.chat.messages.ToolCallRequest` objects and tool results keep their
     ``tool_call_id``, so a conversation sent back unchanged matches the one in the KV cache.
     Thinking blocks are dropped (earlier reasoning is not part of the prompt).
 

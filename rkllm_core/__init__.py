@@ -37,31 +37,31 @@ _EXPORTS: dict[str, str] = {
     "RunError": "errors",
     "UnsupportedRuntimeError": "errors",
     # types
-    "InitParams": "types",
-    "PerfStats": "types",
-    "SamplingParams": "types",
-    "StreamChunk": "types",
+    "InitParams": "params",
+    "PerfStats": "params",
+    "SamplingParams": "params",
+    "StreamChunk": "params",
     # runtime
     "Completion": "runtime",
     "RKLLMRuntime": "runtime",
     "RunStream": "runtime",
     # library
-    "RuntimeLibrary": "library",
-    "find_library": "library",
-    "load_library": "library",
+    "RuntimeLibrary": "native.library",
+    "find_library": "native.library",
+    "load_library": "native.library",
     # registry and manager
-    "ModelInfo": "registry",
-    "ModelRegistry": "registry",
-    "ModelManager": "manager",
-    "default_manager": "manager",
+    "ModelInfo": "models.registry",
+    "ModelRegistry": "models.registry",
+    "ModelManager": "models.manager",
+    "default_manager": "models.manager",
     # chat
-    "ChatEngine": "engine",
-    "ChatResponse": "engine",
-    "shared_engine": "engine",
-    "ChatMessage": "messages",
-    "ChatOptions": "messages",
-    "ToolCallRequest": "messages",
-    "PromptCacheStore": "promptcache",
+    "ChatEngine": "chat.engine",
+    "ChatResponse": "chat.engine",
+    "shared_engine": "chat.engine",
+    "ChatMessage": "chat.messages",
+    "ChatOptions": "chat.messages",
+    "ToolCallRequest": "chat.messages",
+    "PromptCacheStore": "chat.promptcache",
 }
 
 __all__ = [
@@ -105,7 +105,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .engine import ChatEngine, ChatResponse, shared_engine
+    from .chat.engine import ChatEngine, ChatResponse, shared_engine
+    from .chat.messages import ChatMessage, ChatOptions, ToolCallRequest
+    from .chat.promptcache import PromptCacheStore
     from .errors import (
         ABIError,
         BusyError,
@@ -123,13 +125,11 @@ if TYPE_CHECKING:
         RunError,
         UnsupportedRuntimeError,
     )
-    from .library import RuntimeLibrary, find_library, load_library
-    from .manager import ModelManager, default_manager
-    from .messages import ChatMessage, ChatOptions, ToolCallRequest
-    from .promptcache import PromptCacheStore
-    from .registry import ModelInfo, ModelRegistry
+    from .models.manager import ModelManager, default_manager
+    from .models.registry import ModelInfo, ModelRegistry
+    from .native.library import RuntimeLibrary, find_library, load_library
+    from .params import InitParams, PerfStats, SamplingParams, StreamChunk
     from .runtime import Completion, RKLLMRuntime, RunStream
-    from .types import InitParams, PerfStats, SamplingParams, StreamChunk
 
 
 def __getattr__(name: str) -> Any:

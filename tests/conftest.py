@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.library import RuntimeLibrary, load_library
+from rkllm_core.native.library import RuntimeLibrary, load_library
+from rkllm_core.params import InitParams
 from rkllm_core.runtime import RKLLMRuntime
-from rkllm_core.simulator import SimulatorControl, build_simulator, make_model
-from rkllm_core.types import InitParams
+from rkllm_core.sim import SimulatorControl, build_simulator, make_model
 
 HAVE_CC = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang"))
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler to build the simulator")

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from rkllm_core._abi import common, v1_2, v1_3
+from rkllm_core.native import abi12 as v1_2
+from rkllm_core.native import abi13 as v1_3
+from rkllm_core.native import structs as common
 
 DATA = Path(__file__).parent / "data"
 CASES = [
@@ -104,7 +106,7 @@ def test_import_loads_no_library_and_no_framework() -> None:
     import sys
 
     code = (
-        "import sys, rkllm_core, rkllm_core.runtime, rkllm_core.library;"
+        "import sys, rkllm_core, rkllm_core.runtime, rkllm_core.native.library;"
         "bad=[m for m in sys.modules if m.split('.')[0] in ('langchain_core','langchain','llama_index')];"
         "import ctypes;"
         "maps=open('/proc/self/maps').read() if sys.platform.startswith('linux') else '';"

@@ -22,10 +22,10 @@ from llama_index.core.base.llms.types import MessageRole  # noqa: E402
 
 from langchain_rkllm import ChatRKLLM  # noqa: E402
 from llamaindex_rkllm import RKLLM  # noqa: E402
-from rkllm_core.library import RuntimeLibrary  # noqa: E402
-from rkllm_core.manager import ModelManager  # noqa: E402
-from rkllm_core.registry import ModelRegistry  # noqa: E402
-from rkllm_core.simulator import SimulatorControl, make_model  # noqa: E402
+from rkllm_core.models.manager import ModelManager  # noqa: E402
+from rkllm_core.models.registry import ModelRegistry  # noqa: E402
+from rkllm_core.native.library import RuntimeLibrary  # noqa: E402
+from rkllm_core.sim import SimulatorControl, make_model  # noqa: E402
 
 MODELS = {
     "qwen3-0.6b": "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm",

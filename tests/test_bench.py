@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.bench import BenchConfig, compare, find_official, official_table, run_bench, to_markdown
-from rkllm_core.cli import main
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.sim import SimulatorControl, make_model
+from rkllm_core.tools.bench import BenchConfig, compare, find_official, official_table, run_bench, to_markdown
+from rkllm_core.tools.cli import main
 
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
 SMALL = BenchConfig(prompt_tokens=(128, 300), new_tokens=16, repeat=2, warmup=1)
@@ -120,7 +120,7 @@ def test_cli_bench_errors_are_messages(
     cmd = [
         sys.executable,
         "-m",
-        "rkllm_core.cli",
+        "rkllm_core.tools.cli",
         *args,
         "--lib",
         str(sim_paths["1.3"]),
@@ -130,7 +130,7 @@ def test_cli_bench_errors_are_messages(
         str(tmp_path),
     ]
     if args[1] == "compare":
-        cmd = [sys.executable, "-m", "rkllm_core.cli", *args]
+        cmd = [sys.executable, "-m", "rkllm_core.tools.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -143,7 +143,7 @@ def test_cli_bench_without_models(sim_paths: dict[str, Path], tmp_path: Path) ->
         [
             sys.executable,
             "-m",
-            "rkllm_core.cli",
+            "rkllm_core.tools.cli",
             "bench",
             "--lib",
             str(sim_paths["1.3"]),
@@ -165,7 +165,7 @@ def test_cli_bench_without_library(tmp_path: Path, model_dir: Path) -> None:
         [
             sys.executable,
             "-m",
-            "rkllm_core.cli",
+            "rkllm_core.tools.cli",
             "bench",
             "--lib",
             str(tmp_path / "missing.so"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.library import load_library
+from rkllm_core.native.library import load_library
 from rkllm_core.runtime import RKLLMRuntime
 
 LIB = os.environ.get("RKLLM_LIB_PATH")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.cli import JSON_KEYS, main
-from rkllm_core.simulator import make_model
+from rkllm_core.sim import make_model
+from rkllm_core.tools.cli import JSON_KEYS, main
 
 
 def test_models_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,7 +39,7 @@ def test_no_models_is_a_clear_message_not_a_traceback(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "rkllm_core.cli", "models", "--model-dir", str(empty)],
+        [sys.executable, "-m", "rkllm_core.tools.cli", "models", "--model-dir", str(empty)],
         capture_output=True,
         text=True,
         check=False,

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from rkllm_core.simulator import make_model
+from rkllm_core.sim import make_model
 
 
 def _start(sim_paths: dict[str, Path], model_dir: Path, delay_ms: str = "0") -> subprocess.Popen[str]:
@@ -19,7 +19,7 @@ def _start(sim_paths: dict[str, Path], model_dir: Path, delay_ms: str = "0") -> 
     cmd = [
         sys.executable,
         "-m",
-        "rkllm_core.cli",
+        "rkllm_core.tools.cli",
         "chat",
         "qwen3-0.6b",
         "--lib",

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core import doctor
-from rkllm_core.doctor import check_layouts, format_report, run_doctor
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.sim import SimulatorControl, make_model
+from rkllm_core.tools import doctor
+from rkllm_core.tools.doctor import check_layouts, format_report, run_doctor
 
 
 def test_all_steps_pass_on_the_simulator(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path) -> None:
@@ -64,7 +64,7 @@ def test_layout_mismatch_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_doctor_on_the_simulator(sim_paths: dict[str, Path]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "rkllm_core.cli", "doctor", "--lib", str(sim_paths["1.2"])],
+        [sys.executable, "-m", "rkllm_core.tools.cli", "doctor", "--lib", str(sim_paths["1.2"])],
         capture_output=True,
         text=True,
         check=False,
@@ -75,7 +75,7 @@ def test_cli_doctor_on_the_simulator(sim_paths: dict[str, Path]) -> None:
 
 def test_cli_doctor_without_library(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "rkllm_core.cli", "doctor", "--lib", str(tmp_path / "missing.so")],
+        [sys.executable, "-m", "rkllm_core.tools.cli", "doctor", "--lib", str(tmp_path / "missing.so")],
         capture_output=True,
         text=True,
         check=False,

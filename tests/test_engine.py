@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCall
+from rkllm_core.chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCall
+from rkllm_core.chat.messages import ChatMessage, ChatOptions, ToolCallRequest
 from rkllm_core.errors import ContextLengthError, InvalidParameterError
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage, ChatOptions, ToolCallRequest
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
-from rkllm_core.types import SamplingParams
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.params import SamplingParams
+from rkllm_core.sim import SimulatorControl, make_model
 
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"  # ChatML family: engine renders
 OTHER = "mymodel-1b-w8a8-ctx4096.rkllm"  # unknown family: built-in template + transcript fallback

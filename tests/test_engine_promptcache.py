@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.engine import ChatEngine
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage
-from rkllm_core.promptcache import PromptCacheStore
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.chat.promptcache import PromptCacheStore
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.sim import SimulatorControl, make_model
 
 SYSTEM = " ".join(f"Rule {i}: always answer politely and cite the manual section {i}." for i in range(70))
 
 # One request in a fresh interpreter; prints usage and the simulator counters as JSON.
 CHILD = r"""
 import json, sys
-from rkllm_core.engine import ChatEngine
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage
-from rkllm_core.promptcache import PromptCacheStore
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.chat.promptcache import PromptCacheStore
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.sim import SimulatorControl
 lib, models, cache, system, question = sys.argv[1:6]
 sim = SimulatorControl(lib); sim.set("banner", 0)
 with ModelManager(ModelRegistry([models], platform=None), library=lib) as m:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from rkllm_core._fifo import FifoLock
+from rkllm_core._sync import FifoLock
 from rkllm_core.errors import InvalidParameterError
-from rkllm_core.types import InitParams, PerfStats, SamplingParams
+from rkllm_core.params import InitParams, PerfStats, SamplingParams
 
 
 def test_fifo_order_across_threads() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.simulator import make_model
+from rkllm_core.sim import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -23,10 +23,10 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from langchain_rkllm import ChatRKLLM, UnsupportedContentError
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.sim import SimulatorControl, make_model
 
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"  # qwen3-0.6b: thinking model
 QWEN25 = "Qwen_Qwen2.5-0.5B-Instruct-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"  # qwen2.5-0.5b

@@ -24,8 +24,8 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_rkllm import ChatRKLLM, UnsupportedContentError
-from rkllm_core.engine import shared_engine
-from rkllm_core.simulator import make_model
+from rkllm_core.chat.engine import shared_engine
+from rkllm_core.sim import make_model
 
 MODEL = "qwen3-0.6b"
 OTHER_MODEL = "qwen2.5-0.5b"

@@ -27,18 +27,18 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field, ValidationError
 from typing_extensions import TypedDict
 
-import rkllm_core.library
+import rkllm_core.native.library
 from langchain_rkllm import ChatRKLLM, UnsupportedContentError
 from langchain_rkllm._convert import json_instruction, to_core_messages, with_instruction
 from langchain_rkllm.chat_models import _ChunkMapper, _normalise_tool_choice, _result
-from rkllm_core.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta, Usage
+from rkllm_core.chat.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta, Usage
+from rkllm_core.chat.messages import ChatMessage as CoreMessage
+from rkllm_core.chat.messages import ToolCallRequest
 from rkllm_core.errors import InvalidParameterError
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.messages import ChatMessage as CoreMessage
-from rkllm_core.messages import ToolCallRequest
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.sim import SimulatorControl, make_model
 
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
 
@@ -103,10 +103,10 @@ def test_construction_and_configuration_never_load(
     fresh = tmp_path / "fresh" / "librkllmrt.so"
     fresh.parent.mkdir()
     shutil.copy(sim_lib.path, fresh)
-    keys = set(rkllm_core.library._loaded)
+    keys = set(rkllm_core.native.library._loaded)
     chat = ChatRKLLM(model="qwen3-0.6b", model_dir=str(model_dir), library_path=fresh)
     chat.bind_tools([get_weather])
-    assert set(rkllm_core.library._loaded) == keys
+    assert set(rkllm_core.native.library._loaded) == keys
     assert chat.library_path == str(fresh)  # a Path is accepted and stored as a str
 
 

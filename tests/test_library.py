@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core import library
 from rkllm_core.errors import ABIError, LibraryNotFoundError, RKLLMError, UnsupportedRuntimeError
-from rkllm_core.library import find_library, git_blob_id, load_library, normalise_abi
+from rkllm_core.native import library
+from rkllm_core.native.library import find_library, git_blob_id, load_library, normalise_abi
 
 from .conftest import needs_cc
 
@@ -137,7 +137,7 @@ def test_detection_needs_two_agreeing_signals(
 ) -> None:
     monkeypatch.delenv("RKLLM_ABI", raising=False)
     path = _build_fake(tmp_path, f"fake{abi}", abi=abi, version=version)
-    with caplog.at_level(logging.INFO, logger="rkllm_core.library"):
+    with caplog.at_level(logging.INFO, logger="rkllm_core.native.library"):
         lib = load_library(path)
     assert lib.abi == expected
     assert "probe fits only" in lib.abi_reason and "version strings" in lib.abi_reason

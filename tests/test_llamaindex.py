@@ -32,13 +32,13 @@ from llama_index.core.tools import FunctionTool  # noqa: E402
 
 from llamaindex_rkllm import RKLLM  # noqa: E402
 from llamaindex_rkllm.base import FALLBACK_CONTEXT_WINDOW, to_core_messages  # noqa: E402
-from rkllm_core import library as core_library  # noqa: E402
+from rkllm_core.chat.messages import ToolCallRequest  # noqa: E402
 from rkllm_core.errors import InvalidParameterError  # noqa: E402
-from rkllm_core.library import RuntimeLibrary  # noqa: E402
-from rkllm_core.manager import ModelManager  # noqa: E402
-from rkllm_core.messages import ToolCallRequest  # noqa: E402
-from rkllm_core.registry import ModelRegistry  # noqa: E402
-from rkllm_core.simulator import SimulatorControl, make_model  # noqa: E402
+from rkllm_core.models.manager import ModelManager  # noqa: E402
+from rkllm_core.models.registry import ModelRegistry  # noqa: E402
+from rkllm_core.native import library as core_library  # noqa: E402
+from rkllm_core.native.library import RuntimeLibrary  # noqa: E402
+from rkllm_core.sim import SimulatorControl, make_model  # noqa: E402
 
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
 BIG = "Qwen_Qwen2.5-1.5B-Instruct-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("llama_index.core")
 
 from rkllm_core.errors import LibraryNotFoundError  # noqa: E402
-from rkllm_core.library import find_library  # noqa: E402
-from rkllm_core.simulator import make_model  # noqa: E402
+from rkllm_core.native.library import find_library  # noqa: E402
+from rkllm_core.sim import make_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -36,10 +36,10 @@ from llama_index.core.retrievers import BaseRetriever  # noqa: E402
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode  # noqa: E402
 
 from llamaindex_rkllm import RKLLM  # noqa: E402
-from rkllm_core.library import RuntimeLibrary  # noqa: E402
-from rkllm_core.manager import ModelManager  # noqa: E402
-from rkllm_core.registry import ModelRegistry  # noqa: E402
-from rkllm_core.simulator import SimulatorControl, make_model  # noqa: E402
+from rkllm_core.models.manager import ModelManager  # noqa: E402
+from rkllm_core.models.registry import ModelRegistry  # noqa: E402
+from rkllm_core.native.library import RuntimeLibrary  # noqa: E402
+from rkllm_core.sim import SimulatorControl, make_model  # noqa: E402
 
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from rkllm_core.errors import BusyError, ContextLengthError, InvalidParameterError, ModelNotFoundError
-from rkllm_core.library import RuntimeLibrary
-from rkllm_core.manager import ModelManager
-from rkllm_core.registry import ModelRegistry
-from rkllm_core.simulator import SimulatorControl, make_model
-from rkllm_core.types import InitParams, SamplingParams
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.params import InitParams, SamplingParams
+from rkllm_core.sim import SimulatorControl, make_model
 
 NAMES = {
     "qwen3-0.6b": "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm",

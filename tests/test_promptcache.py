@@ -26,16 +26,16 @@ from typing import Any
 
 import pytest
 
-from rkllm_core.errors import CacheError, InvalidParameterError
-from rkllm_core.promptcache import (
+from rkllm_core.chat.promptcache import (
     STALE_TMP_SECONDS,
     CacheKey,
     PromptCacheStore,
     default_cache_dir,
     model_identity,
 )
+from rkllm_core.errors import CacheError, InvalidParameterError
 
-LOGGER = "rkllm_core.promptcache"
+LOGGER = "rkllm_core.chat.promptcache"
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 DIGEST_SCRIPT = """
 import sys
-from rkllm_core.promptcache import PromptCacheStore
+from rkllm_core.chat.promptcache import PromptCacheStore
 store = PromptCacheStore(sys.argv[1])
 print(store.make_key(sys.argv[2], template=sys.argv[4], system=sys.argv[3], abi="1.3").digest)
 """
@@ -371,7 +371,7 @@ def test_invalid_entry_is_removed_with_a_warning(
 
 CRASH_SCRIPT = """
 import os, sys
-from rkllm_core.promptcache import PromptCacheStore
+from rkllm_core.chat.promptcache import PromptCacheStore
 def crash(*args, **kwargs):
     os._exit(3)  # dies between the data rename and the sidecar write, no cleanup
 PromptCacheStore._write_meta = crash

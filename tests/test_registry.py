@@ -1,4 +1,4 @@
-"""Tests of rkllm_core.registry: file name parsing, discovery, lookup, collisions, registry files."""
+"""Tests of rkllm_core.models.registry: file name parsing, discovery, lookup, collisions, registry files."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from rkllm_core import registry as registry_module
 from rkllm_core.errors import InvalidParameterError, ModelFileError, ModelNotFoundError, NoModelsFoundError
-from rkllm_core.registry import (
+from rkllm_core.models import registry as registry_module
+from rkllm_core.models.registry import (
     DEFAULT_CONTEXT_SIZE,
     ModelDefaults,
     ModelFacts,
@@ -532,7 +532,7 @@ def test_collision_by_index(tmp_path: Path) -> None:
 def test_bare_name_is_not_shadowed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_model(tmp_path, "Qwen3-0.6B-rk3588-w8a8.rkllm")
     make_model(tmp_path, "qwen3_0.6b_w4a16_g64_rk3576.rkllm")
-    with caplog.at_level(logging.WARNING, logger="rkllm_core.registry"):
+    with caplog.at_level(logging.WARNING, logger="rkllm_core.models.registry"):
         registry = ModelRegistry([tmp_path], platform=None)
         with pytest.raises(ModelNotFoundError) as caught:
             registry.get("qwen3-0.6b")
@@ -598,7 +598,7 @@ def test_registry_file_defaults_and_aliases(tmp_path: Path, caplog: pytest.LogCa
     make_model(tmp_path, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm")
     make_model(tmp_path, "gemma-3-1b-it_w8a8.rkllm")
     (tmp_path / "rkllm-models.toml").write_text(REGISTRY_TOML)
-    with caplog.at_level(logging.WARNING, logger="rkllm_core.registry"):
+    with caplog.at_level(logging.WARNING, logger="rkllm_core.models.registry"):
         registry = ModelRegistry([tmp_path], platform=None)
         qwen = registry.get("SMALL")
     assert "unknown key 'favourite_colour'" in caplog.text
@@ -670,7 +670,7 @@ def test_alias_collisions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
         '[models."gemma3-1b"]\naliases = ["qwen3-0.6b-w8a8", "g"]\n\n'
         '[models."qwen3-0.6b-w8a8"]\naliases = ["qwen3-0.6b", "g"]\n'
     )
-    with caplog.at_level(logging.WARNING, logger="rkllm_core.registry"):
+    with caplog.at_level(logging.WARNING, logger="rkllm_core.models.registry"):
         registry = ModelRegistry([tmp_path], platform=None)
         gemma = registry.get("gemma3-1b")
     assert gemma.aliases == ("g",)

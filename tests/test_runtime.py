@@ -26,10 +26,10 @@ from rkllm_core.errors import (
     NativeError,
     RunError,
 )
-from rkllm_core.library import RuntimeLibrary
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.params import InitParams, SamplingParams
 from rkllm_core.runtime import RKLLMRuntime
-from rkllm_core.simulator import SimulatorControl, make_model
-from rkllm_core.types import InitParams, SamplingParams
+from rkllm_core.sim import SimulatorControl, make_model
 
 Factory = Callable[..., RKLLMRuntime]
 

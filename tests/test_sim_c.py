@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SIM_SRC = ROOT / "rkllm_core" / "_sim" / "rkllm_sim.c"
+SIM_SRC = ROOT / "rkllm_core" / "sim" / "rkllm_sim.c"
 DRIVER_SRC = ROOT / "tests" / "c" / "sim_driver.c"
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]
 

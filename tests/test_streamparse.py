@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from rkllm_core.errors import InvalidParameterError, RKLLMError
-from rkllm_core.streamparse import (
+from rkllm_core.chat.streamparse import (
     MAX_STOP_SEQUENCES,
     Event,
     InvalidToolCall,
@@ -27,6 +26,7 @@ from rkllm_core.streamparse import (
     ToolCallDelta,
     ToolCallParser,
 )
+from rkllm_core.errors import InvalidParameterError, RKLLMError
 
 # --------------------------------------------------------------------------- helpers
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_core.cli import main
-from rkllm_core.sysinfo import read_system_state
+from rkllm_core.board import read_system_state
+from rkllm_core.tools.cli import main
 
 
 def _write(root: Path, rel: str, text: str) -> None:
@@ -47,7 +47,7 @@ def test_unreadable_parts_are_reported_not_raised(tmp_path: Path) -> None:
 
 
 def test_info_json(capsys: pytest.CaptureFixture[str], sim_paths: dict[str, Path], model_dir: Path) -> None:
-    from rkllm_core.simulator import make_model
+    from rkllm_core.sim import make_model
 
     make_model(model_dir)
     assert main(["info", "--json", "--lib", str(sim_paths["1.2"]), "--model-dir", str(model_dir)]) == 0

@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #define RKLLM_SIM_DECLARATIONS_ONLY
-#include "../../rkllm_core/_sim/rkllm_sim.c"
+#include "../../rkllm_core/sim/rkllm_sim.c"
 
 #if RKLLM_SIM_ABI >= 13
 #define SIM_VERSION_STR "1.3.0"

@@ -35,8 +35,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _abi
-from .errors import ABIError, LibraryNotFoundError, UnsupportedRuntimeError
+from ..errors import ABIError, LibraryNotFoundError, UnsupportedRuntimeError
+from . import abi12, abi13, functions, structs
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def normalise_abi(value: str) -> str:
         ABIError: for anything else, including unsupported versions.
     """
     text = value.strip().lower().lstrip("v")
-    if text in _abi.SUPPORTED_ABIS:
+    if text in functions.SUPPORTED_ABIS:
         return text
     abi = version_to_abi(text)
     if abi is None:
@@ -159,7 +159,7 @@ def find_library(path: str | os.PathLike[str] | None = None) -> Path:
     raise LibraryNotFoundError(
         f"{LIBRARY_NAME} not found; tried: {', '.join(tried)}. Install Rockchip's runtime "
         "(rknn-llm, rkllm-runtime/Linux/librkllm_api) or set RKLLM_LIB_PATH. Without a board, build the "
-        "simulator: python -m rkllm_core.simulator",
+        "simulator: python -m rkllm_core.sim",
         tried,
     )
 
@@ -193,16 +193,16 @@ def _probe_signal(lib: ctypes.CDLL) -> tuple[str | None, str]:
     """
     fn = lib.rkllm_createDefaultParam
     fn.argtypes = []
-    fn.restype = _abi.v1_2.RKLLMParam
+    fn.restype = abi12.RKLLMParam
     try:
         p12 = fn()
     except Exception as exc:  # pragma: no cover - a crash would not reach here anyway
         return None, f"probe failed: {exc}"
     raw = bytes(memoryview(p12).cast("B"))
-    p13 = _abi.v1_3.RKLLMParam.from_buffer_copy(raw[: ctypes.sizeof(_abi.v1_3.RKLLMParam)])
+    p13 = abi13.RKLLMParam.from_buffer_copy(raw[: ctypes.sizeof(abi13.RKLLMParam)])
     ptr_min = 4096
 
-    def plausible_extend(e: _abi.common.RKLLMExtendParam) -> bool:
+    def plausible_extend(e: structs.RKLLMExtendParam) -> bool:
         return (
             0 <= e.base_domain_id <= 64
             and 0 <= e.enabled_cpus_num <= 8
@@ -215,7 +215,7 @@ def _probe_signal(lib: ctypes.CDLL) -> tuple[str | None, str]:
         addr = ctypes.c_void_p.from_buffer_copy(raw, offset).value
         return addr is None or addr >= ptr_min
 
-    img_offsets = [_abi.common.field_offset(_abi.v1_2.RKLLMParam, n) for n in ("img_start", "img_end", "img_content")]
+    img_offsets = [structs.field_offset(abi12.RKLLMParam, n) for n in ("img_start", "img_end", "img_content")]
     ok12 = raw[57] in (0, 1) and all(ptr_ok(o) for o in img_offsets) and plausible_extend(p12.extend_param)
     ok13 = raw[57] in (0, 1) and raw[58] in (0, 1) and plausible_extend(p13.extend_param)
     # The probe only counts when exactly one reading makes sense and the
@@ -236,10 +236,10 @@ def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
         ABIError: the evidence is not conclusive.
     """
     signals: dict[str, str] = {}
-    missing = [s for s in _abi.REQUIRED_SYMBOLS if not hasattr(lib, s)]
+    missing = [s for s in functions.REQUIRED_SYMBOLS if not hasattr(lib, s)]
     if missing:
         raise ABIError(f"{path} does not look like the RKLLM runtime: missing {', '.join(missing)}")
-    if not all(hasattr(lib, s) for s in _abi.SYMBOLS_SINCE_1_2_1):
+    if not all(hasattr(lib, s) for s in functions.SYMBOLS_SINCE_1_2_1):
         raise UnsupportedRuntimeError(
             f"{path} is an RKLLM runtime older than 1.2.1 (no rkllm_set_function_tools); "
             "it is not supported: install runtime 1.2.1-1.2.3 or 1.3.x"
@@ -294,7 +294,7 @@ class RuntimeLibrary:
     abi: str
     abi_reason: str
     version: str | None
-    functions: _abi.RuntimeFunctions
+    functions: functions.RuntimeFunctions
     cdll: ctypes.CDLL = field(repr=False)
 
     @property
@@ -337,15 +337,15 @@ def load_library(path: str | os.PathLike[str] | None = None, abi: str | None = N
             raise LibraryNotFoundError(f"cannot load {lib_path}: {exc}", [str(lib_path)]) from exc
         if requested_abi is not None:
             decision = AbiDecision(requested_abi, f"set by {source}")
-            if not all(hasattr(cdll, s) for s in _abi.SYMBOLS_SINCE_1_2_1):
+            if not all(hasattr(cdll, s) for s in functions.SYMBOLS_SINCE_1_2_1):
                 raise UnsupportedRuntimeError(f"{lib_path} is an RKLLM runtime older than 1.2.1; it is not supported")
         else:
             decision = detect_abi(lib_path, cdll)
         try:
-            functions = _abi.bind(cdll, decision.abi)
+            bound = functions.bind(cdll, decision.abi)
         except AttributeError as exc:
             raise ABIError(f"{lib_path} lacks a required RKLLM symbol: {exc}") from exc
-        lib = RuntimeLibrary(lib_path, decision.abi, decision.reason, decision.version, functions, cdll)
+        lib = RuntimeLibrary(lib_path, decision.abi, decision.reason, decision.version, bound, cdll)
         logger.info("RKLLM runtime %s: ABI %s (%s)", lib_path, decision.abi, decision.reason)
         _loaded[key] = lib
         return lib

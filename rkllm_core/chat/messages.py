@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import InvalidParameterError
+from ..errors import InvalidParameterError
+from ..params import SamplingParams
 from .streamparse import StopSequenceFilter
-from .types import SamplingParams
 
 __all__ = [
     "ChatMessage",

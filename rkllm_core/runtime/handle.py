@@ -33,19 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
-from . import _callback
-from ._abi import RuntimeFunctions, abi_module
-from ._abi.common import (
-    LLMHandle,
-    RKLLMInferMode,
-    RKLLMInputType,
-    RKLLMLoraAdapter,
-    RKLLMLoraParam,
-    RKLLMPromptCacheParam,
-)
-from ._callback import END, ERROR, FINISH, NORMAL, WAITING
-from ._fifo import FifoLock
-from .errors import (
+from .._sync import FifoLock
+from ..errors import (
     BusyError,
     HandleClosedError,
     InitError,
@@ -55,8 +44,19 @@ from .errors import (
     RKLLMError,
     RunError,
 )
-from .library import RuntimeLibrary, load_library
-from .types import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk
+from ..native import callback
+from ..native.callback import END, ERROR, FINISH, NORMAL, WAITING
+from ..native.functions import RuntimeFunctions, abi_module
+from ..native.library import RuntimeLibrary, load_library
+from ..native.structs import (
+    LLMHandle,
+    RKLLMInferMode,
+    RKLLMInputType,
+    RKLLMLoraAdapter,
+    RKLLMLoraParam,
+    RKLLMPromptCacheParam,
+)
+from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class RunStream(Iterator[StreamChunk]):
         self._prepared = prepared
         self._timeout = timeout
         self._run: _Run | None = None
-        self._channel: _callback.RunChannel | None = None
+        self._channel: callback.RunChannel | None = None
         self._done = False
         self._pieces: list[str] = []
         self._ready: deque[StreamChunk] = deque()
@@ -358,14 +358,14 @@ class RKLLMRuntime:
     Args:
         model_path: the ``.rkllm`` file.
         params: init settings on top of ``rkllm_createDefaultParam()``.
-        library: a :class:`~rkllm_core.library.RuntimeLibrary`, or a path to
+        library: a :class:`~rkllm_core.native.library.RuntimeLibrary`, or a path to
             the runtime (default: ``RKLLM_LIB_PATH``, then the usual places).
         abi: force the ABI ("1.2" or "1.3"); default ``RKLLM_ABI`` or detection.
 
     Raises:
         ModelFileError: the model file does not exist.
         InitError: ``rkllm_init`` failed.
-        LibraryNotFoundError, ABIError: see :func:`~rkllm_core.library.load_library`.
+        LibraryNotFoundError, ABIError: see :func:`~rkllm_core.native.library.load_library`.
 
     Example:
         >>> with RKLLMRuntime("qwen3.rkllm") as rt:  # doctest: +SKIP
@@ -396,11 +396,11 @@ class RKLLMRuntime:
         handle = LLMHandle()
         if self.library.abi == "1.3":
             cb = abi_module(self.library.abi).RKLLMCallback()
-            cb.result_callback = _callback.RESULT_CALLBACK
+            cb.result_callback = callback.RESULT_CALLBACK
             rc = fns.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(cb))
             keepalive: tuple[Any, ...] = (param, path_bytes, cb)
         else:
-            rc = fns.rkllm_init(ctypes.byref(handle), ctypes.byref(param), _callback.RESULT_CALLBACK)
+            rc = fns.rkllm_init(ctypes.byref(handle), ctypes.byref(param), callback.RESULT_CALLBACK)
             keepalive = (param, path_bytes)
         if rc != 0 or not handle.value:
             raise InitError(
@@ -533,7 +533,7 @@ class RKLLMRuntime:
             save_prompt_cache=os.fsencode(save_prompt_cache) if save_prompt_cache else None,
         )
 
-    def _start_locked(self, prep: _Prepared) -> tuple[_Run, _callback.RunChannel]:
+    def _start_locked(self, prep: _Prepared) -> tuple[_Run, callback.RunChannel]:
         """Start a run; the caller holds the handle lock, which the worker releases."""
         state = self._state
         try:
@@ -582,7 +582,7 @@ class RKLLMRuntime:
                     if prep.max_new_tokens > 0:
                         max_new = prep.max_new_tokens
             run = _Run(max_new, tuple(keep))
-            run_id, channel = _callback.open_channel()
+            run_id, channel = callback.open_channel()
             with state.mutex:
                 state.current = run
                 state.running = True
@@ -743,14 +743,14 @@ def _c_text(value: str, name: str) -> bytes:
     return value.encode("utf-8")
 
 
-def _run_worker(state: _HandleState, run_id: int, channel: _callback.RunChannel, inp: Any, infer: Any) -> None:
+def _run_worker(state: _HandleState, run_id: int, channel: callback.RunChannel, inp: Any, infer: Any) -> None:
     rc, exc = -1, None
     try:
         rc = int(state.fns.rkllm_run(state.handle, ctypes.byref(inp), ctypes.byref(infer), run_id))
     except BaseException as e:  # surfaced to the consumer through the end marker
         exc = e
     finally:
-        _callback.close_channel(run_id)
+        callback.close_channel(run_id)
         with state.mutex:
             state.current = None
             state.running = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ctypes import POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int32, c_size_t
 
-from .common import (
+from .structs import (
     LLMResultCallback,
     RKLLMEmbedInput,
     RKLLMExtendParam,

@@ -6,7 +6,7 @@ on a machine without an NPU, through the very code path used on a board.
 It is compiled on first use with the system C compiler into a per-user cache
 keyed by the hash of its source, so rebuilding is automatic and cheap.
 
-Run ``python -m rkllm_core.simulator`` to build both ABIs and print the paths.
+Run ``python -m rkllm_core.sim`` to build both ABIs and print the paths.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import RKLLMError
+from ..errors import RKLLMError
 
 __all__ = [
     "SimulatorBuildError",
@@ -78,7 +78,7 @@ def default_cache_dir() -> Path:
 
 
 def _source() -> bytes:
-    return resources.files("rkllm_core").joinpath("_sim/rkllm_sim.c").read_bytes()
+    return resources.files("rkllm_core.sim").joinpath("rkllm_sim.c").read_bytes()
 
 
 def _compiler(cc: str | None) -> str:
@@ -231,6 +231,3 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

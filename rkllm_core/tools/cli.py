@@ -20,8 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .errors import RKLLMError
-from .registry import ModelInfo, ModelRegistry
+from ..errors import RKLLMError
+from ..models.registry import ModelInfo, ModelRegistry
 
 JSON_KEYS = ("name", "filename", "path", "context_size", "dtype", "platform", "size_mb", "loaded")
 
@@ -51,7 +51,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     """List the registered models."""
     registry = ModelRegistry(args.model_dir or None)
     models = registry.models()
-    from .manager import _default  # only an already-created default manager can have models loaded
+    from ..models.manager import _default  # only an already-created default manager can have models loaded
 
     loaded = {e.info.name for e in _default.loaded()} if _default is not None else set()
     rows = [_model_row(m, m.name in loaded) for m in models]
@@ -78,8 +78,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _library_info(path: str | None) -> dict[str, object]:
-    from .errors import LibraryNotFoundError
-    from .library import load_library
+    from ..errors import LibraryNotFoundError
+    from ..native.library import load_library
 
     try:
         lib = load_library(path)
@@ -99,8 +99,8 @@ def _library_info(path: str | None) -> dict[str, object]:
 
 def gather_info(lib_path: str | None, model_dirs: Sequence[str] | None) -> dict[str, object]:
     """Everything ``rkllm info`` reports, as a JSON-serialisable dict."""
-    from .errors import NoModelsFoundError
-    from .sysinfo import read_system_state
+    from ..board import read_system_state
+    from ..errors import NoModelsFoundError
 
     registry = ModelRegistry(list(model_dirs) if model_dirs else None)
     try:
@@ -162,8 +162,8 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive streaming chat; Ctrl-C stops the current answer, Ctrl-D or /exit quits."""
-    from .engine import ChatDone, ReasoningDelta, TextDelta, ToolCall, shared_engine
-    from .messages import ChatMessage, ChatOptions
+    from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCall, shared_engine
+    from ..chat.messages import ChatMessage, ChatOptions
 
     engine = shared_engine(model_dir=args.model_dir, library_path=args.lib)
     info = engine.manager.resolve(args.model)  # unknown names fail here, before anything loads
@@ -240,8 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark models, or compare two reports (``rkllm bench compare A.json B.json``)."""
     from pathlib import Path
 
+    from ..models.manager import ModelManager
     from .bench import BenchConfig, compare, load_report, run_bench, to_markdown, write_outputs
-    from .manager import ModelManager
 
     if args.models[:1] == ["compare"]:
         if len(args.models) != 3:
@@ -281,9 +281,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Validate the runtime, a model and the binding; print a report to paste into an issue."""
     import tempfile
 
+    from ..board import read_system_state
+    from ..native.library import load_library
     from .doctor import default_manager_for, format_report, run_doctor
-    from .library import load_library
-    from .sysinfo import read_system_state
 
     model_dirs = args.model_dir
     lib_line = ""
@@ -291,7 +291,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         lib = load_library(args.lib)
         lib_line = f"{lib.path} (ABI {lib.abi}, version {lib.version or 'unknown'})"
         if lib.is_simulator and not args.models and not model_dirs:
-            from .simulator import make_model
+            from ..sim import make_model
 
             demo = tempfile.mkdtemp(prefix="rkllm-doctor-")
             make_model(demo, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")

@@ -82,7 +82,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from .errors import CacheError, InvalidParameterError
+from ..errors import CacheError, InvalidParameterError
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

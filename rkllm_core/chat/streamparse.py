@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
-from .errors import InvalidParameterError, RKLLMError
+from ..errors import InvalidParameterError, RKLLMError
 
 __all__ = [
     "MAX_STOP_SEQUENCES",

@@ -23,7 +23,7 @@ from ctypes import (
     c_void_p,
 )
 
-from .common import (
+from .structs import (
     LLMResultCallback,
     RKLLMEmbedInput,
     RKLLMExtendParam,

@@ -43,8 +43,8 @@ its subdirectories) adds aliases and per-model defaults::
     chat_template = { system = "...", prefix = "...", postfix = "..." }
 
 Every key is optional. Sampling values and the two limits must be what
-:class:`~rkllm_core.types.SamplingParams` and
-:class:`~rkllm_core.types.InitParams` accept (the same checks run), so a
+:class:`~rkllm_core.params.SamplingParams` and
+:class:`~rkllm_core.params.InitParams` accept (the same checks run), so a
 registry file can never hold a value the runtime would refuse.
 
 Keys are matched case-insensitively against the models found under the file's
@@ -76,13 +76,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import (
+from ..errors import (
     InvalidParameterError,
     ModelFileError,
     ModelNotFoundError,
     NoModelsFoundError,
 )
-from .types import InitParams, SamplingParams
+from ..params import InitParams, SamplingParams
 
 __all__ = [
     "DEFAULT_CONTEXT_SIZE",
@@ -570,7 +570,7 @@ class ModelDefaults:
 
     @property
     def sampling(self) -> SamplingParams:
-        """The sampling fields as :class:`~rkllm_core.types.SamplingParams`."""
+        """The sampling fields as :class:`~rkllm_core.params.SamplingParams`."""
         return SamplingParams(**{k: getattr(self, k) for k in _SAMPLING_FIELDS})
 
     def merged(self, other: ModelDefaults) -> ModelDefaults:

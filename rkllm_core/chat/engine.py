@@ -7,9 +7,9 @@ Per runtime handle the engine remembers which conversation is in the KV cache
   turns including the assistant reply the model produced — only the new user /
   tool messages are sent, with ``keep_history=1``.
 * Otherwise the KV cache is cleared and the conversation rebuilt (see
-  :mod:`rkllm_core.templates` for how earlier assistant turns are rendered).
+  :mod:`rkllm_core.chat.templates` for how earlier assistant turns are rendered).
   For a fresh conversation with a long system prompt, the prefill of the
-  system prompt is cached on disk (:mod:`rkllm_core.promptcache`) and loaded
+  system prompt is cached on disk (:mod:`rkllm_core.chat.promptcache`) and loaded
   on later runs, also after a restart.
 * A reply cut by a stop sequence, an abort, an error or a context shift
   leaves the KV cache out of step with what the caller will send back, so the
@@ -20,7 +20,7 @@ Per runtime handle the engine remembers which conversation is in the KV cache
   input always stay); if even that cannot fit, ``ContextLengthError``.
 
 Events: text and reasoning deltas, tool-call deltas and complete tool calls
-(from :mod:`rkllm_core.streamparse`), then one :class:`ChatDone` with the
+(from :mod:`rkllm_core.chat.streamparse`), then one :class:`ChatDone` with the
 finish reason, the assistant message and token usage.
 """
 
@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._fifo import FifoLock
-from .errors import BusyError, ContextLengthError, NativeError
-from .manager import Lease, ModelManager, default_manager
+from .._sync import FifoLock
+from ..errors import BusyError, ContextLengthError, NativeError
+from ..models.manager import Lease, ModelManager, default_manager
+from ..models.registry import ModelInfo
+from ..params import InitParams, PerfStats, StreamChunk
+from ..runtime.handle import RKLLMRuntime, RunStream
 from .messages import ChatMessage, ChatOptions, ToolCallRequest, normalise_tools, validate_messages
-from .registry import ModelInfo
-from .runtime import RKLLMRuntime, RunStream
 from .streamparse import (
     Event,
     InvalidToolCall,
@@ -60,7 +61,6 @@ from .templates import (
     render_transcript,
     template_for_family,
 )
-from .types import InitParams, PerfStats, StreamChunk
 
 if TYPE_CHECKING:
     from .promptcache import CacheKey, PromptCacheStore
@@ -176,7 +176,7 @@ class _Plan:
 
 
 class ChatEngine:
-    """Runs chat requests on models from a :class:`~rkllm_core.manager.ModelManager`.
+    """Runs chat requests on models from a :class:`~rkllm_core.models.manager.ModelManager`.
 
     Args:
         manager: where models come from (default: the process-wide manager).
@@ -672,7 +672,7 @@ def shared_engine(
                 )
                 manager = _managers.get(key)
                 if manager is None:
-                    from .registry import ModelRegistry
+                    from ..models.registry import ModelRegistry
 
                     registry = ModelRegistry([Path(model_dir)]) if model_dir is not None else None
                     manager = _managers[key] = ModelManager(registry, library=library_path)

@@ -9,7 +9,7 @@ when the model, dtype and platform are in it.
 The JSON schema (``schema: 1``)::
 
     {"schema": 1, "title", "simulated": bool, "partial": bool, "created",
-     "library": {...}, "system": {...},                  # see rkllm_core.sysinfo
+     "library": {...}, "system": {...},                  # see rkllm_core.board
      "config": {"prompt_tokens": [...], "new_tokens", "repeat", "warmup"},
      "reference": {"source", "runtime"},
      "results": [{"model", "filename", "dtype", "platform", "context", "load_s",
@@ -37,11 +37,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import NoModelsFoundError
-from .manager import ModelManager
-from .registry import ModelInfo, friendly_name, parse_model_filename
-from .sysinfo import read_system_state
-from .types import InitParams
+from ..board import read_system_state
+from ..errors import NoModelsFoundError
+from ..models.manager import ModelManager
+from ..models.registry import ModelInfo, friendly_name, parse_model_filename
+from ..params import InitParams
 
 SCHEMA = 1
 METRICS = (

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from ._abi.common import LLMCallState, LLMResultCallback, RKLLMPerfStat, RKLLMResult, field_offset
+from .structs import LLMCallState, LLMResultCallback, RKLLMPerfStat, RKLLMResult, field_offset
 
 NORMAL = int(LLMCallState.RKLLM_RUN_NORMAL)
 WAITING = int(LLMCallState.RKLLM_RUN_WAITING)

@@ -1,4 +1,4 @@
-"""The raw ABI layer: ctypes mirrors of ``rkllm.h`` for each supported ABI.
+"""The runtime's exported functions, with the prototypes of one ABI attached.
 
 Nothing here loads a library at import time. :func:`bind` attaches the
 prototypes of one ABI to an already loaded ``ctypes.CDLL``.
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from . import common, v1_2, v1_3
-from .common import LLMHandle, RKLLMCrossAttnParam, RKLLMLoraAdapter
+from . import abi12, abi13
+from .structs import LLMHandle, RKLLMCrossAttnParam, RKLLMLoraAdapter
 
 SUPPORTED_ABIS = ("1.2", "1.3")
 
-_MODULES: dict[str, ModuleType] = {"1.2": v1_2, "1.3": v1_3}
+_MODULES: dict[str, ModuleType] = {"1.2": abi12, "1.3": abi13}
 
 
 def abi_module(abi: str) -> ModuleType:
@@ -141,7 +141,4 @@ __all__ = [
     "RuntimeFunctions",
     "abi_module",
     "bind",
-    "common",
-    "v1_2",
-    "v1_3",
 ]

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _abi
-from .manager import ModelManager
-from .registry import ModelRegistry
+from ..models.manager import ModelManager
+from ..models.registry import ModelRegistry
+from ..native import functions, structs
 
 __all__ = ["CheckResult", "EXPECTED_SIZES", "run_doctor"]
 
@@ -50,9 +50,9 @@ def check_layouts() -> str:
     width = ctypes.sizeof(ctypes.c_void_p)
     problems = []
     for abi, by_width in EXPECTED_SIZES.items():
-        module = _abi.abi_module(abi)
+        module = functions.abi_module(abi)
         for struct, size in by_width[width].items():
-            cls = getattr(module, struct, None) or getattr(_abi.common, struct)
+            cls = getattr(module, struct, None) or getattr(structs, struct)
             if ctypes.sizeof(cls) != size:
                 problems.append(f"ABI {abi} {struct}: {ctypes.sizeof(cls)} bytes, header says {size}")
     if problems:

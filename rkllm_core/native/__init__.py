@@ -1,0 +1,6 @@
+"""The native layer: everything that touches ctypes.
+
+ctypes mirrors of ``rkllm.h`` per ABI, library loading and ABI choice, the one result callback, and a
+backend object per ABI that builds the structs the runtime takes. Nothing above this package touches
+ctypes structures or branches on the ABI.
+"""

@@ -1,0 +1,1 @@
+"""Command-line tools: ``rkllm`` (models, info, chat, bench, doctor)."""
