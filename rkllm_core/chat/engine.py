@@ -20,7 +20,7 @@ Per runtime handle the engine remembers which conversation is in the KV cache
   input always stay); if even that cannot fit, ``ContextLengthError``.
 
 Events: text and reasoning deltas, tool-call deltas and complete tool calls
-(from :mod:`rkllm_core.chat.streamparse`), then one :class:`ChatDone` with the
+(from :mod:`rkllm_core.chat.parse`), then one :class:`ChatDone` with the
 finish reason, the assistant message and token usage.
 """
 
@@ -44,7 +44,7 @@ from ..models.registry import ModelInfo
 from ..params import InitParams, PerfStats, StreamChunk
 from ..runtime.handle import RKLLMRuntime, RunStream
 from .messages import ChatMessage, ChatOptions, ToolCallRequest, normalise_tools, validate_messages
-from .streamparse import (
+from .parse import (
     Event,
     InvalidToolCall,
     ReasoningDelta,

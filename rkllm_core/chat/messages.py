@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from ..errors import InvalidParameterError
 from ..params import SamplingParams
-from .streamparse import StopSequenceFilter
+from .parse import StopSequenceFilter
 
 __all__ = [
     "ChatMessage",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rkllm_core.chat.streamparse import (
+from rkllm_core.chat.parse import (
     MAX_STOP_SEQUENCES,
     Event,
     InvalidToolCall,
