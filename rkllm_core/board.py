@@ -1,21 +1,39 @@
 """What the board looks like: SoC, RAM, kernel, NPU driver, CPU and devfreq clocks.
 
 Decode speed on RK3588/RK3576 depends heavily on the CPU governor and the NPU
-and DDR (DMC) clocks, so reports record them. Every reading is best effort:
-what cannot be read is listed in ``unreadable`` with the reason, never raised.
+and DDR (DMC) clocks, so reports record them (:func:`read_system_state`).
+Every reading is best effort: what cannot be read is listed in ``unreadable``
+with the reason, never raised.
+
+Models are converted for one SoC series: :func:`detect_board_platform` reads
+this board's SoC from the device tree and :func:`platform_matches` tells
+whether a model built for one platform suits another.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["SystemState", "read_system_state"]
+__all__ = [
+    "DEVICE_TREE_COMPATIBLE",
+    "SystemState",
+    "detect_board_platform",
+    "platform_matches",
+    "read_system_state",
+    "soc_series",
+]
 
 NPU_VERSION_PATHS = ("/sys/kernel/debug/rknpu/version", "/proc/debug/rknpu/version")
+#: Where the board's SoC is read from.
+DEVICE_TREE_COMPATIBLE: Final = "/proc/device-tree/compatible"
+
+# A Rockchip SoC name as the device tree and model file names spell it.
+_PLATFORM_RE: Final = re.compile(r"^(?:rk|rv)\d{4}[a-z]?$")
 
 
 @dataclass
@@ -114,3 +132,64 @@ def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
     if not any(e.get("kind") == "dmc" for e in s.devfreq.values()):
         s.unreadable.setdefault("dmc_devfreq", "no DDR (dmc) devfreq device under /sys/class/devfreq")
     return s
+
+
+# --------------------------------------------------------------------------
+# Platform
+# --------------------------------------------------------------------------
+
+
+def detect_board_platform(path: str | Path = DEVICE_TREE_COMPATIBLE) -> str | None:
+    """Read the board's Rockchip SoC from the device tree.
+
+    Args:
+        path: the device tree's ``compatible`` file (NUL-separated
+            ``vendor,model`` strings, most specific first).
+
+    Returns:
+        The SoC exactly as the device tree names it (``rk3588``, ``rk3588s``,
+        ``rk3576``, ``rv1126b``), or None when the file is unreadable or names
+        no Rockchip SoC. Compare with :func:`platform_matches`.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    for raw in data.split(b"\0"):
+        vendor, _, model = raw.decode("ascii", "replace").strip().lower().partition(",")
+        if vendor == "rockchip" and _PLATFORM_RE.match(model):
+            return model
+    return None
+
+
+def soc_series(platform: str) -> str:
+    """The SoC series a platform belongs to: ``rk3588s`` and ``rk3588j`` are ``rk3588``.
+
+    Only an ``rk`` SoC's trailing letter is dropped: ``rv1126b`` is a different
+    chip from ``rv1126``.
+
+    Args:
+        platform: a platform name such as ``RK3588S``.
+
+    Returns:
+        The lower-case series name.
+    """
+    lowered = platform.strip().lower()
+    if re.fullmatch(r"rk\d{4}[a-z]", lowered):
+        return lowered[:-1]
+    return lowered
+
+
+def platform_matches(model_platform: str | None, board_platform: str | None) -> bool:
+    """Whether a model converted for ``model_platform`` suits ``board_platform``.
+
+    Args:
+        model_platform: the model's target, e.g. ``rk3588``.
+        board_platform: the board's SoC, e.g. ``rk3588s``.
+
+    Returns:
+        True when both are known and in the same SoC series.
+    """
+    if not model_platform or not board_platform:
+        return False
+    return soc_series(model_platform) == soc_series(board_platform)

@@ -1,4 +1,4 @@
-"""Tests of rkllm_core.models.registry: file name parsing, discovery, lookup, collisions, registry files."""
+"""Tests of models.names, models.registry_file, models.registry and board platform detection."""
 
 from __future__ import annotations
 
@@ -13,21 +13,12 @@ from typing import Any
 
 import pytest
 
+from rkllm_core.board import detect_board_platform, platform_matches, soc_series
 from rkllm_core.errors import InvalidParameterError, ModelFileError, ModelNotFoundError, NoModelsFoundError
 from rkllm_core.models import registry as registry_module
-from rkllm_core.models.registry import (
-    DEFAULT_CONTEXT_SIZE,
-    ModelDefaults,
-    ModelFacts,
-    ModelRegistry,
-    default_model_dirs,
-    detect_board_platform,
-    friendly_name,
-    load_registry_file,
-    parse_model_filename,
-    platform_matches,
-    soc_series,
-)
+from rkllm_core.models.names import ModelFacts, friendly_name, parse_model_filename
+from rkllm_core.models.registry import DEFAULT_CONTEXT_SIZE, ModelRegistry, default_model_dirs
+from rkllm_core.models.registry_file import ModelDefaults, load_registry_file
 
 LOCAL_DATA = Path(__file__).resolve().parent / "data" / "model-filenames.jsonl"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "model-filenames.jsonl"
@@ -598,7 +589,7 @@ def test_registry_file_defaults_and_aliases(tmp_path: Path, caplog: pytest.LogCa
     make_model(tmp_path, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm")
     make_model(tmp_path, "gemma-3-1b-it_w8a8.rkllm")
     (tmp_path / "rkllm-models.toml").write_text(REGISTRY_TOML)
-    with caplog.at_level(logging.WARNING, logger="rkllm_core.models.registry"):
+    with caplog.at_level(logging.WARNING, logger="rkllm_core.models.registry_file"):
         registry = ModelRegistry([tmp_path], platform=None)
         qwen = registry.get("SMALL")
     assert "unknown key 'favourite_colour'" in caplog.text

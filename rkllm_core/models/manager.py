@@ -38,11 +38,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+from ..board import detect_board_platform, platform_matches
 from ..errors import BusyError, ContextLengthError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
 from ..params import InitParams, PerfStats, SamplingParams
 from ..runtime.handle import RKLLMRuntime
-from .registry import ModelInfo, ModelRegistry, detect_board_platform, platform_matches
+from .registry import ModelInfo, ModelRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from typing import Any, TextIO
 from ..board import read_system_state
 from ..errors import NoModelsFoundError
 from ..models.manager import ModelManager
-from ..models.registry import ModelInfo, friendly_name, parse_model_filename
+from ..models.names import friendly_name, parse_model_filename
+from ..models.registry import ModelInfo
 from ..params import InitParams
 
 SCHEMA = 1
