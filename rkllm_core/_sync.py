@@ -1,118 +1,236 @@
-"""A first-come-first-served lock usable from threads and from asyncio.
+"""Waiting that works the same for threads and for asyncio tasks.
 
-Ownership is handed directly to the next waiter on release, so callers are
-served in arrival order. The lock is not tied to a thread: a run started on
-one thread is released by the worker thread that ends it.
+The core is used from plain threads (``invoke``, ``batch``, a sync FastAPI
+handler) and from asyncio tasks (``ainvoke``, ``abatch``, workflows) at the same
+time, on the same models. The rules this module implements:
+
+* **Owners are threads or tasks.** :func:`current_owner` is the running asyncio
+  task, else the current thread. Work of one task may hop between pool threads;
+  bookkeeping keyed by thread ids would mistake one task for another.
+* **Waiting never borrows a thread.** A :class:`Waiter` is an event for a
+  thread and a future on its loop for a task, so an awaiting task occupies no
+  thread at all. Cancelling the task leaves the line at once.
+* **Lines are first come, first served.** :class:`FifoLock` hands ownership to
+  the next waiter on release, so callers are served in arrival order whatever
+  mix of threads and tasks they are.
+* **Short native calls run on threads the core owns** (:func:`offload`), never
+  on the event loop's default executor, which user code can fill up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+import time
 from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+__all__ = ["Deadline", "FifoLock", "Waiter", "current_owner", "native_executor", "offload"]
+
+_T = TypeVar("_T")
+
+NATIVE_WORKERS = 4
+"""Threads of the core's executor for short native calls (init, destroy, set-up calls)."""
 
 
-class _Waiter:
-    __slots__ = ("granted",)
-
-    def __init__(self) -> None:
-        self.granted = False
-
-    def wake(self) -> bool:  # pragma: no cover - overridden
-        """Signal ownership; return False if the waiter can no longer take it."""
-        raise NotImplementedError
-
-
-class _ThreadWaiter(_Waiter):
-    __slots__ = ("event",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.event = threading.Event()
-
-    def wake(self) -> bool:
-        self.event.set()
-        return True
+def current_owner() -> Hashable:
+    """Who is asking: the running asyncio task, else the current thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return threading.current_thread()
+    task = asyncio.current_task()
+    return task if task is not None else threading.current_thread()
 
 
-class _AsyncWaiter(_Waiter):
-    __slots__ = ("future", "loop")
+def describe_owner(owner: Hashable) -> str:
+    """A short human name for an owner, for error messages."""
+    if isinstance(owner, asyncio.Task):
+        return f"task {owner.get_name()!r}"
+    if isinstance(owner, threading.Thread):
+        return f"thread {owner.name!r}"
+    return repr(owner)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self.loop = loop
-        self.future: asyncio.Future[None] = loop.create_future()
 
-    def wake(self) -> bool:
+class Deadline:
+    """A point in time derived from a ``timeout`` in seconds (``None``: no limit)."""
+
+    __slots__ = ("_end", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+            raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+        if timeout is not None and math.isnan(timeout):
+            raise ValueError("timeout must not be NaN")
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+
+    def remaining(self) -> float | None:
+        """Seconds left (never negative), or ``None`` without a limit."""
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        """True once the time is up."""
+        return self._end is not None and time.monotonic() >= self._end
+
+
+class Waiter:
+    """One party waiting for something: a thread (an event) or a task (a future on its loop).
+
+    :meth:`wake` may be called from any thread, any number of times; a woken
+    waiter returns from :meth:`wait` / :meth:`wait_async` and re-examines the
+    state it waits for. Callers re-arm it with :meth:`reset` under the same
+    lock that guards that state and wakers hold, so no wake-up is lost.
+    """
+
+    __slots__ = ("_event", "_future", "_loop", "owner")
+
+    def __init__(self, owner: Hashable | None = None) -> None:
+        self.owner = owner if owner is not None else current_owner()
         try:
-            self.loop.call_soon_threadsafe(self._resolve)
-        except RuntimeError:  # the loop is closed: nobody will take the lock
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._event: threading.Event | None = threading.Event() if self._loop is None else None
+        self._future: asyncio.Future[None] | None = None
+        self.reset()
+
+    @property
+    def is_async(self) -> bool:
+        """True for a waiter on an event loop."""
+        return self._loop is not None
+
+    def reset(self) -> None:
+        """Re-arm: the next wait blocks until the next :meth:`wake`."""
+        if self._loop is None:
+            assert self._event is not None
+            self._event.clear()
+        else:
+            self._future = self._loop.create_future()
+
+    def wake(self) -> bool:
+        """Wake the waiter (any thread). Returns False if it can never wake (its loop is closed)."""
+        if self._loop is None:
+            assert self._event is not None
+            self._event.set()
+            return True
+        future = self._future
+        if future is None:  # pragma: no cover - always armed
+            return True
+        try:
+            self._loop.call_soon_threadsafe(_resolve, future)
+        except RuntimeError:  # the loop is closed: nobody will ever look
             return False
         return True
 
-    def _resolve(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
+    def wait(self, timeout: float | None) -> bool:
+        """Block the calling thread until woken; False if ``timeout`` passed first."""
+        assert self._event is not None, "an async waiter was waited on from a thread"
+        return self._event.wait(timeout)
+
+    async def wait_async(self, timeout: float | None) -> bool:
+        """Await until woken (occupies no thread); False on timeout. Cancellation propagates."""
+        future = self._future
+        assert future is not None, "a thread waiter was awaited"
+        if future.done():
+            return True
+        if timeout is None:
+            await asyncio.shield(future)  # shield: cancelling us must not look like a wake-up
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(future)
+        except TimeoutError:
+            return future.done()
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class FifoLock:
-    """A non-reentrant FIFO lock with sync and async acquisition and timeouts."""
+    """A non-reentrant first-come-first-served lock for threads and tasks, with timeouts.
+
+    Ownership is handed directly to the next waiter on release, so callers are
+    served in arrival order. The lock records its logical :attr:`owner` (the
+    thread or task that acquired it) for deadlock checks, but any thread may
+    release it: a run started by one caller is released by the worker thread
+    that ends it.
+    """
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._locked = False
-        self._waiters: deque[_Waiter] = deque()
+        self._owner: Hashable | None = None
+        self._waiters: deque[_LockWaiter] = deque()
 
     def locked(self) -> bool:
-        """Return True while some caller owns the lock."""
+        """True while some caller owns the lock."""
         return self._locked
 
+    @property
+    def owner(self) -> Hashable | None:
+        """The thread or task that holds the lock, if any."""
+        return self._owner
+
     def waiting(self) -> int:
-        """Return how many callers are queued."""
+        """How many callers are in line."""
         return len(self._waiters)
 
-    def acquire(self, timeout: float | None = None) -> bool:
-        """Wait in line for the lock. Return False if ``timeout`` seconds passed first."""
+    def try_acquire(self, owner: Hashable | None = None) -> bool:
+        """Take the lock only if it is free and nobody is in line."""
+        with self._mutex:
+            if self._locked or self._waiters:
+                return False
+            self._locked, self._owner = True, owner if owner is not None else current_owner()
+            return True
+
+    def acquire(self, timeout: float | None = None, owner: Hashable | None = None) -> bool:
+        """Wait in line for the lock; False if ``timeout`` seconds passed first."""
+        waiter = self._enqueue(owner)
+        if waiter is None:
+            return True
+        if waiter.waiter.wait(timeout):
+            return True
+        return self._leave(waiter)
+
+    async def acquire_async(self, timeout: float | None = None, owner: Hashable | None = None) -> bool:
+        """Like :meth:`acquire`, awaiting without occupying a thread; cancellation leaves the line at once."""
+        waiter = self._enqueue(owner)
+        if waiter is None:
+            return True
+        try:
+            if await waiter.waiter.wait_async(timeout):
+                return True
+        except BaseException:
+            if self._leave(waiter):  # handed the lock just as we were cancelled: pass it on
+                self.release()
+            raise
+        return self._leave(waiter)
+
+    def _enqueue(self, owner: Hashable | None) -> _LockWaiter | None:
+        me = owner if owner is not None else current_owner()
         with self._mutex:
             if not self._locked and not self._waiters:
-                self._locked = True
-                return True
-            waiter = _ThreadWaiter()
+                self._locked, self._owner = True, me
+                return None
+            waiter = _LockWaiter(Waiter(me))
             self._waiters.append(waiter)
-        if waiter.event.wait(timeout):
-            return True
+            return waiter
+
+    def _leave(self, waiter: _LockWaiter) -> bool:
+        """Leave the line after a timeout or cancel; True if the lock was granted in the meantime."""
         with self._mutex:
-            if waiter.granted:  # granted between the timeout and the mutex
+            if waiter.granted:
                 return True
             self._waiters.remove(waiter)
             return False
-
-    async def acquire_async(self, timeout: float | None = None) -> bool:
-        """Like :meth:`acquire` without blocking the event loop; cancellation leaves the line."""
-        loop = asyncio.get_running_loop()
-        with self._mutex:
-            if not self._locked and not self._waiters:
-                self._locked = True
-                return True
-            waiter = _AsyncWaiter(loop)
-            self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-            return True
-        except BaseException as exc:
-            with self._mutex:
-                if waiter.granted:
-                    owned = True
-                else:
-                    owned = False
-                    self._waiters.remove(waiter)
-            if owned:
-                if isinstance(exc, TimeoutError):
-                    return True  # it arrived just in time
-                self.release()  # cancelled after being handed the lock: pass it on
-            if isinstance(exc, TimeoutError):
-                return False
-            raise
 
     def release(self) -> None:
         """Hand the lock to the next waiter, or unlock. Any thread may call this."""
@@ -122,6 +240,51 @@ class FifoLock:
             while self._waiters:
                 waiter = self._waiters.popleft()
                 waiter.granted = True
-                if waiter.wake():
+                self._owner = waiter.waiter.owner
+                if waiter.waiter.wake():
                     return
-            self._locked = False
+            self._locked, self._owner = False, None
+
+
+class _LockWaiter:
+    __slots__ = ("granted", "waiter")
+
+    def __init__(self, waiter: Waiter) -> None:
+        self.waiter = waiter
+        self.granted = False
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def native_executor() -> ThreadPoolExecutor:
+    """The core's own small thread pool for short native calls (created on first use).
+
+    Async code runs ``rkllm_init``, ``rkllm_destroy`` and the set-up calls of a
+    request here instead of on the event loop, and never on the loop's default
+    executor: user code cannot starve these threads, and they never wait for a
+    lock (callers hold what the call needs before submitting it).
+    """
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=NATIVE_WORKERS, thread_name_prefix="rkllm-native")
+        return _executor
+
+
+def submit(fn: Callable[..., _T], *args: Any) -> Future[_T]:
+    """Run ``fn(*args)`` on the core's executor."""
+    return native_executor().submit(fn, *args)
+
+
+async def offload(fn: Callable[..., _T], *args: Any) -> _T:
+    """Await ``fn(*args)`` run on the core's executor.
+
+    Cancelling the caller does not wait for the call, nor cancel it (not even
+    before it starts): it runs to the end on its own thread, and its result is
+    dropped. Callers that must not let go of a
+    resource while the call runs arrange for the call to release it (see
+    :meth:`rkllm_core.runtime.Session.call`).
+    """
+    return await asyncio.shield(asyncio.wrap_future(submit(fn, *args)))

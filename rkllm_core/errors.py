@@ -84,7 +84,26 @@ class HandleClosedError(RKLLMError, RuntimeError):
 
 
 class BusyError(RKLLMError, TimeoutError):
-    """The handle stayed busy with another generation past the caller's timeout."""
+    """A model could not be had: busy past the caller's ``timeout``, or waiting would never end.
+
+    It is a :class:`TimeoutError`, so ``except TimeoutError`` (and, since Python 3.11,
+    ``except asyncio.TimeoutError`` around ``asyncio.wait_for``) catches it too: put
+    ``except BusyError`` first where the two mean different things to you.
+
+    Attributes:
+        reason: ``"timeout"`` (waited ``waited`` seconds), ``"deadlock"`` (refused at
+            once: the caller holds what it would wait for, e.g. a nested request from
+            inside its own stream), or ``"busy"`` (the handle is in the middle of a run).
+        waited: the timeout that ran out, for ``"timeout"``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "timeout", waited: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.waited = waited
+
+    def __str__(self) -> str:  # OSError-style formatting of TimeoutError would show the args tuple
+        return str(self.args[0]) if self.args else ""
 
 
 class InvalidParameterError(RKLLMError, ValueError):

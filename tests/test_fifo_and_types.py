@@ -1,4 +1,4 @@
-"""Pure-Python units: the FIFO lock and the parameter types."""
+"""Pure-Python units: owners, waiters, the FIFO lock, the core's executor, and the parameter types."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rkllm_core._sync import FifoLock
+from rkllm_core._sync import Deadline, FifoLock, Waiter, current_owner, native_executor, offload
 from rkllm_core.errors import InvalidParameterError
 from rkllm_core.params import InitParams, PerfStats, SamplingParams
 
@@ -96,6 +96,83 @@ async def test_cancelled_async_waiter_passes_the_lock_on() -> None:
     assert await lock.acquire_async(timeout=0.01)
     assert await lock.acquire_async(timeout=0.01) is False
     lock.release()
+
+
+async def test_owners_are_tasks_not_the_threads_they_run_on() -> None:
+    here = current_owner()
+    assert here is asyncio.current_task()
+    task_owner = await asyncio.create_task(_owner_of_task())
+    assert task_owner is not here and isinstance(task_owner, asyncio.Task)
+    thread_owner = await asyncio.to_thread(current_owner)
+    assert isinstance(thread_owner, threading.Thread) and thread_owner is not threading.main_thread()
+
+
+async def _owner_of_task() -> object:
+    return current_owner()
+
+
+def test_the_lock_records_its_owner_and_hands_it_on() -> None:
+    lock = FifoLock()
+    assert lock.acquire() and lock.owner is threading.current_thread()
+    got: list[object] = []
+
+    def waiter() -> None:
+        lock.acquire()
+        got.append(lock.owner)
+        lock.release()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    while lock.waiting() == 0:
+        time.sleep(0.001)
+    lock.release()
+    t.join(5)
+    assert got == [t] and lock.owner is None and not lock.locked()
+    assert lock.try_acquire() and not FifoLock().locked()
+    assert not lock.try_acquire()
+    lock.release()
+
+
+async def test_awaiting_a_waiter_occupies_no_thread() -> None:
+    waiter = Waiter()
+    threads_before = threading.active_count()
+    pending = [asyncio.create_task(Waiter().wait_async(0.05)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert threading.active_count() == threads_before  # fifty waits, no thread for any of them
+    assert await asyncio.gather(*pending) == [False] * 50  # all timed out
+    threading.Timer(0.01, waiter.wake).start()
+    assert await waiter.wait_async(5) is True
+
+
+def test_deadline() -> None:
+    assert Deadline(None).remaining() is None and not Deadline(None).expired
+    d = Deadline(0)
+    assert d.remaining() == 0 and d.expired
+    assert 0 < (Deadline(10).remaining() or 0) <= 10
+    with pytest.raises(TypeError):
+        Deadline("soon")  # type: ignore[arg-type]
+
+
+async def test_offload_runs_on_the_core_executor_and_a_cancel_does_not_stop_the_call() -> None:
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def native_call() -> str:
+        started.set()
+        release.wait(5)
+        finished.set()
+        return threading.current_thread().name
+
+    assert (await offload(threading.current_thread)).name.startswith("rkllm-native")
+    task = asyncio.create_task(offload(native_call))
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not finished.is_set()  # the caller left at once
+    release.set()
+    await asyncio.to_thread(finished.wait, 5)
+    assert finished.is_set()  # and the call still ran to its end
+    assert native_executor() is native_executor()
 
 
 @pytest.mark.parametrize(
