@@ -203,3 +203,26 @@ def test_simulator_is_detected_by_its_marker(sim_paths: dict[str, Path], monkeyp
         lib = load_library(path)
         assert lib.abi == abi and lib.is_simulator
         assert "simulator" in lib.abi_reason
+
+
+def test_each_abi_has_a_backend_that_builds_its_own_structs(sim_paths: dict[str, Path]) -> None:
+    import ctypes
+
+    from rkllm_core.errors import InvalidParameterError
+    from rkllm_core.native import abi12, abi13
+    from rkllm_core.native.backend import RunRequest
+    from rkllm_core.params import SamplingParams
+
+    full = SamplingParams(1.0, 0.9, 40, 1.1, 0.0, 0.0, 0, 5.0, 0.1)
+    req = RunRequest(b"user", b"hi", None, False, True, None, None, None, None)
+    for abi, module in (("1.2", abi12), ("1.3", abi13)):
+        backend = load_library(sim_paths[abi]).backend
+        assert backend.abi == abi and backend.per_run_sampling == (abi == "1.3")
+        inp, infer, keep = backend.run_structs(req)
+        assert type(inp) is module.RKLLMInput and type(infer) is module.RKLLMInferParam
+        assert ctypes.sizeof(infer) == (32 if abi == "1.2" else 40) and infer.keep_history == 1 and inp in keep
+    per_run = RunRequest(b"user", b"hi", None, False, False, full, 16, None, None)
+    _, infer, _ = load_library(sim_paths["1.3"]).backend.run_structs(per_run)
+    assert infer.max_new_tokens == 16 and infer.sampling_params.contents.top_k == 40
+    with pytest.raises(InvalidParameterError, match="1.3 runtime"):
+        load_library(sim_paths["1.2"]).backend.run_structs(per_run)

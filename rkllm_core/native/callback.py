@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ FINISH = int(LLMCallState.RKLLM_RUN_FINISH)
 ERROR = int(LLMCallState.RKLLM_RUN_ERROR)
 END = -1
 """Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
+
+logger = logging.getLogger(__name__)
 
 _COALESCE_S = 0.005
 _FAST_GAP_S = 0.001
@@ -192,9 +195,27 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
             channel.put((FINISH, perf))
         elif state == ERROR:
             channel.put((ERROR,))
-    except BaseException:  # never let an exception cross into native code  # noqa: S110
-        pass
+    except BaseException:  # never let an exception cross into native code
+        _report_failure(userdata)
     return 0
+
+
+_last_failure_log = 0.0
+
+
+def _report_failure(userdata: int | None) -> None:
+    """A bug in the callback: fail the run visibly (an ERROR marker) and log, at most every 10 s."""
+    global _last_failure_log
+    try:
+        channel = _channels.get(userdata or 0)
+        if channel is not None:
+            channel.put((ERROR,))
+        now = time.monotonic()
+        if now - _last_failure_log > 10.0:
+            _last_failure_log = now
+            logger.exception("the result callback failed; the run is reported as failed")
+    except BaseException:  # noqa: S110 - nothing may escape into native code
+        pass
 
 
 RESULT_CALLBACK = LLMResultCallback(_on_result)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..errors import ABIError, LibraryNotFoundError, UnsupportedRuntimeError
 from . import abi12, abi13, functions, structs
+from .backend import Backend, backend_for
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +297,10 @@ class RuntimeLibrary:
     version: str | None
     functions: functions.RuntimeFunctions
     cdll: ctypes.CDLL = field(repr=False)
+    backend: Backend = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", backend_for(self.functions))
 
     @property
     def is_simulator(self) -> bool:

@@ -1,0 +1,242 @@
+"""One backend object per ABI: it builds the structs the runtime takes, so ABI branches stop here.
+
+Everything above the native layer speaks in plain Python values (:class:`RunRequest`,
+:class:`~rkllm_core.params.InitParams`) and asks the backend what the runtime
+can do (:attr:`Backend.per_run_sampling`) instead of comparing ABI strings.
+The ctypes objects a call needs are returned together with everything that
+must stay alive while the runtime may read them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidParameterError
+from ..params import InitParams, SamplingParams
+from . import abi12, abi13
+from .callback import RESULT_CALLBACK
+from .functions import RuntimeFunctions
+from .structs import (
+    LLMHandle,
+    RKLLMInferMode,
+    RKLLMInputType,
+    RKLLMLoraAdapter,
+    RKLLMLoraParam,
+    RKLLMPromptCacheParam,
+)
+
+__all__ = ["Backend", "RunRequest", "backend_for"]
+
+_EXTEND_FIELDS = ("enabled_cpus_num", "enabled_cpus_mask", "n_batch", "embed_flash", "base_domain_id")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """A validated run, in plain Python values (see :meth:`Backend.run_structs`)."""
+
+    role: bytes
+    prompt: bytes | None
+    token_ids: tuple[int, ...] | None
+    enable_thinking: bool
+    keep_history: bool
+    sampling: SamplingParams | None
+    """Complete per-run sampling (every field set); 1.3 only."""
+    max_new_tokens: int | None
+    """Per-run limit; 1.3 only."""
+    lora: bytes | None
+    save_prompt_cache: bytes | None
+    mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE
+
+
+class Backend:
+    """Builds the ABI's structs; subclasses exist per ABI.
+
+    Attributes:
+        abi: "1.2" or "1.3".
+        per_run_sampling: the runtime takes sampling and ``max_new_tokens`` per run.
+        functions: the bound native functions.
+    """
+
+    abi = ""
+    per_run_sampling = False
+    _module: Any = None
+
+    def __init__(self, functions: RuntimeFunctions) -> None:
+        self.functions = functions
+
+    # -- init ----------------------------------------------------------------------------------------
+    def default_param(self) -> Any:
+        """``rkllm_createDefaultParam()``: a fresh ``RKLLMParam`` of this ABI."""
+        return self.functions.rkllm_createDefaultParam()
+
+    def apply_init(self, param: Any, init: InitParams) -> None:
+        """Write ``init`` (the values that are set) into ``param``.
+
+        Raises:
+            InvalidParameterError: a setting this ABI does not have.
+        """
+        for name in ("max_context_len", "max_new_tokens", "n_keep", "skip_special_token"):
+            value = getattr(init, name)
+            if value is not None:
+                setattr(param, name, value)
+        if init.ignore_eos_token is not None:
+            self._set_ignore_eos(param, init.ignore_eos_token)
+        for name, value in init.sampling.as_dict().items():
+            if value is not None:
+                setattr(param, name, value)
+        ext = param.extend_param
+        for name in _EXTEND_FIELDS:
+            value = getattr(init, name)
+            if value is not None:
+                setattr(ext, name, int(value))
+
+    def _set_ignore_eos(self, param: Any, value: bool) -> None:
+        raise InvalidParameterError(f"ignore_eos_token needs the 1.3 runtime (this one has ABI {self.abi})")
+
+    def init(self, param: Any) -> tuple[int, int, tuple[Any, ...]]:
+        """``rkllm_init`` with the process-wide result callback.
+
+        Returns:
+            (return code, handle or 0, objects to keep alive as long as the handle).
+        """
+        handle = LLMHandle()
+        rc, keep = self._init(handle, param)
+        return int(rc), int(handle.value or 0), keep
+
+    def _init(self, handle: Any, param: Any) -> tuple[int, tuple[Any, ...]]:  # pragma: no cover - per ABI
+        raise NotImplementedError
+
+    @staticmethod
+    def sampling_defaults(param: Any) -> dict[str, Any]:
+        """The sampling values of an ``RKLLMParam`` (what a run uses when it sets none)."""
+        return {name: getattr(param, name) for name in SamplingParams.__dataclass_fields__}
+
+    # -- calls on a handle (plain values in, return codes out) --------------------------------------------
+    def run(self, handle: int, inp: Any, infer: Any, userdata: int) -> int:
+        """``rkllm_run`` (blocks until the run ends)."""
+        return int(self.functions.rkllm_run(handle, ctypes.byref(inp), ctypes.byref(infer), userdata))
+
+    def abort(self, handle: int) -> int:
+        """``rkllm_abort``."""
+        return int(self.functions.rkllm_abort(handle))
+
+    def destroy(self, handle: int) -> int:
+        """``rkllm_destroy``."""
+        return int(self.functions.rkllm_destroy(handle))
+
+    def clear_kv_cache(self, handle: int, keep_system_prompt: bool) -> int:
+        """``rkllm_clear_kv_cache(handle, keep_system_prompt, NULL, NULL)``."""
+        return int(self.functions.rkllm_clear_kv_cache(handle, 1 if keep_system_prompt else 0, None, None))
+
+    def kv_cache_size(self, handle: int, n_batch: int) -> tuple[int, int]:
+        """``rkllm_get_kv_cache_size``: (return code, positions of the first batch)."""
+        sizes = (ctypes.c_int * max(1, n_batch))()
+        rc = int(self.functions.rkllm_get_kv_cache_size(handle, sizes))
+        return rc, int(sizes[0])
+
+    def set_chat_template(self, handle: int, system: bytes, prefix: bytes, postfix: bytes) -> int:
+        """``rkllm_set_chat_template``."""
+        return int(self.functions.rkllm_set_chat_template(handle, system, prefix, postfix))
+
+    def set_function_tools(self, handle: int, system: bytes, tools: bytes, response_tag: bytes) -> int:
+        """``rkllm_set_function_tools``."""
+        return int(self.functions.rkllm_set_function_tools(handle, system, tools, response_tag))
+
+    def load_prompt_cache(self, handle: int, path: bytes) -> int:
+        """``rkllm_load_prompt_cache``."""
+        return int(self.functions.rkllm_load_prompt_cache(handle, path))
+
+    def release_prompt_cache(self, handle: int) -> int:
+        """``rkllm_release_prompt_cache``."""
+        return int(self.functions.rkllm_release_prompt_cache(handle))
+
+    def load_lora(self, handle: int, path: bytes, name: bytes, scale: float) -> int:
+        """``rkllm_load_lora``."""
+        adapter = RKLLMLoraAdapter(path, name, float(scale))
+        return int(self.functions.rkllm_load_lora(handle, ctypes.byref(adapter)))
+
+    # -- runs -----------------------------------------------------------------------------------------
+    def run_structs(self, req: RunRequest) -> tuple[Any, Any, tuple[Any, ...]]:
+        """``RKLLMInput`` and ``RKLLMInferParam`` for a run, and what must outlive it."""
+        m = self._module
+        inp = m.RKLLMInput()
+        inp.role = req.role
+        inp.enable_thinking = req.enable_thinking
+        keep: list[Any] = [inp]
+        if req.prompt is not None:
+            inp.input_type = RKLLMInputType.RKLLM_INPUT_PROMPT
+            inp.prompt_input = req.prompt
+            keep.append(req.prompt)
+        else:
+            assert req.token_ids is not None
+            ids = (ctypes.c_int32 * len(req.token_ids))(*req.token_ids)
+            inp.input_type = RKLLMInputType.RKLLM_INPUT_TOKEN
+            inp.token_input.input_ids = ids
+            inp.token_input.n_tokens = len(req.token_ids)
+            keep.append(ids)
+        infer = m.RKLLMInferParam()
+        infer.mode = req.mode
+        infer.keep_history = 1 if req.keep_history else 0
+        keep.append(infer)
+        if req.lora:
+            lp = RKLLMLoraParam(req.lora)
+            infer.lora_params = ctypes.pointer(lp)
+            keep.append(lp)
+        if req.save_prompt_cache:
+            pc = RKLLMPromptCacheParam(1, req.save_prompt_cache)
+            infer.prompt_cache_params = ctypes.pointer(pc)
+            keep.append(pc)
+        self._per_run(infer, req, keep)
+        return inp, infer, tuple(keep)
+
+    def _per_run(self, infer: Any, req: RunRequest, keep: list[Any]) -> None:
+        if req.sampling is not None or req.max_new_tokens is not None:
+            raise InvalidParameterError(
+                "per-run sampling and max_new_tokens need the 1.3 runtime; on 1.2 they are fixed at init "
+                "(pass them in InitParams, or let the model manager re-initialise)"
+            )
+
+
+class _Backend12(Backend):
+    abi = "1.2"
+    per_run_sampling = False
+    _module = abi12
+
+    def _init(self, handle: Any, param: Any) -> tuple[int, tuple[Any, ...]]:
+        rc = self.functions.rkllm_init(ctypes.byref(handle), ctypes.byref(param), RESULT_CALLBACK)
+        return rc, (param,)
+
+
+class _Backend13(Backend):
+    abi = "1.3"
+    per_run_sampling = True
+    _module = abi13
+
+    def _set_ignore_eos(self, param: Any, value: bool) -> None:
+        param.ignore_eos_token = value
+
+    def _init(self, handle: Any, param: Any) -> tuple[int, tuple[Any, ...]]:
+        cb = abi13.RKLLMCallback()
+        cb.result_callback = RESULT_CALLBACK
+        rc = self.functions.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(cb))
+        return rc, (param, cb)
+
+    def _per_run(self, infer: Any, req: RunRequest, keep: list[Any]) -> None:
+        if req.sampling is not None:
+            sp = abi13.RKLLMSamplingParam()
+            for name, value in req.sampling.as_dict().items():
+                setattr(sp, name, value)
+            infer.sampling_params = ctypes.pointer(sp)
+            keep.append(sp)
+        if req.max_new_tokens is not None:
+            infer.max_new_tokens = req.max_new_tokens
+
+
+_BACKENDS: dict[str, type[Backend]] = {"1.2": _Backend12, "1.3": _Backend13}
+
+
+def backend_for(functions: RuntimeFunctions) -> Backend:
+    """The backend of the ABI ``functions`` were bound for."""
+    return _BACKENDS[functions.abi](functions)
