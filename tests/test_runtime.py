@@ -480,3 +480,146 @@ def test_two_handles_run_in_parallel(runtime_factory: Factory, sim: SimulatorCon
     expected = " ".join(str(i) for i in range(1, 61))
     assert out == {"a": expected, "b": expected}
     assert sim.counter("max_active_runs") == 2
+
+
+# -- sessions, the KV cache's state, close -------------------------------------------------------------------
+
+
+def test_a_session_is_exclusive_and_the_kv_state_lives_on_the_handle(runtime: RKLLMRuntime) -> None:
+    with runtime.session() as s:
+        start = s.kv.epoch
+        s.generate("turn one", keep_history=True)
+        assert s.kv.epoch == start + 1 and s.kv.tag is None  # a run moves the epoch; nobody declared the content
+        s.mark_kv("conversation A", s.kv_cache_size())
+        assert runtime.kv.tag == "conversation A" and runtime.kv.tokens and runtime.kv.tokens > 0
+        others: list[str] = []
+        t = threading.Thread(target=lambda: others.append(runtime.generate("someone else").text))
+        t.start()
+        time.sleep(0.05)
+        assert others == [] and runtime._state.lock.waiting() == 1  # waits for the session
+    t.join(5)
+    assert others == [echo("someone else")]
+    assert runtime.kv.tag is None and runtime.kv.epoch == start + 2  # the other run reset what we declared
+    with runtime.session() as s:
+        s.mark_kv("B")
+        s.set_chat_template("sys", "<u>", "</u>")
+        assert s.kv.tag is None and s.chat_setup == ("template", "sys", "<u>", "</u>")
+        s.mark_kv("C")
+        s.clear_kv_cache()
+        assert s.kv.tag is None and s.kv.tokens == 0
+
+
+def test_asking_again_for_a_handle_you_hold_fails_at_once(runtime: RKLLMRuntime) -> None:
+    with runtime.session():
+        with pytest.raises(BusyError, match="already holds") as err:
+            runtime.generate("nested")
+        assert err.value.reason == "deadlock"
+    # A one-shot stream lets go by itself when its run ends: waiting behind it is fine.
+    stream = runtime.stream("count to 20")
+    next(stream)
+    assert runtime.generate("after").text == echo("after")
+    stream.close()
+
+
+def test_session_calls_are_checked(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 2)
+    s = runtime.session()
+    with pytest.raises(InvalidParameterError, match="not active"):
+        s.kv_cache_size()
+    with s:
+        stream = s.stream("count to 20")
+        next(stream)
+        with pytest.raises(BusyError, match="still going"):
+            s.clear_kv_cache()
+        stream.close()
+        s.clear_kv_cache()
+    with pytest.raises(InvalidParameterError, match="only once"):
+        s.acquire()
+
+
+def test_invalid_text_never_reaches_the_runtime(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    runs = sim.counter("runs")
+    with pytest.raises(InvalidParameterError, match=r"prompt is not valid text: .* at position 3"):
+        runtime.stream("abc\ud800def")
+    with pytest.raises(InvalidParameterError, match="system_prompt"):
+        runtime.set_chat_template("bad \udfff", "", "")
+    with pytest.raises(InvalidParameterError, match="NUL character at position 1"):
+        runtime.stream("a\0b")
+    assert sim.counter("runs") == runs and sim.counter("template_sets") == 0
+
+
+def test_close_waits_for_another_holder_but_never_for_itself(runtime_factory: Factory, sim: SimulatorControl) -> None:
+    rt = runtime_factory()
+    with rt.session() as s:
+        rt.close()  # held by this thread: returns at once, destroyed when the session lets go
+        assert rt.closed and sim.counter("destroys") == 0
+        with pytest.raises(HandleClosedError):
+            s.kv_cache_size()
+    assert sim.counter("destroys") == 1
+    rt2 = runtime_factory()
+    held, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with rt2.session():
+            held.set()
+            go.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.05, go.set).start()
+    rt2.close(timeout=5)  # waits for the other thread to let go
+    assert sim.counter("destroys") == 2
+    t.join(5)
+
+
+def test_the_gc_safety_net_never_blocks(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_path: Path) -> None:
+    sim.set("token_delay_ms", 2)
+    rt = RKLLMRuntime(model_path, library=sim_lib)
+    state = rt._state
+    state.backend = _IgnoresAbort(state.backend)  # a runtime slow to honour rkllm_abort
+    stream = rt.stream("count to 300")
+    next(stream)
+    del rt, stream  # dropped mid-run: the stream asks for an abort, the finalizer runs
+    t0 = time.perf_counter()
+    gc.collect()
+    waited = time.perf_counter() - t0
+    assert state.closed and not state.destroyed and waited < 0.2  # it did not wait for the run
+    wait_until(lambda: state.destroyed)  # destroyed by the worker once rkllm_run returned
+    assert sim.counter("destroys") == 1 and sim.counter("destroy_while_running") == 0
+
+
+class _IgnoresAbort:
+    def __init__(self, backend: object) -> None:
+        self._backend = backend
+
+    def abort(self, handle: int) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._backend, name)
+
+
+async def test_an_async_session_lets_go_only_after_its_native_call(
+    runtime: RKLLMRuntime, sim: SimulatorControl
+) -> None:
+    sim.set("destroy_delay_ms", 0)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_native() -> None:
+        started.set()
+        release.wait(5)
+
+    async def request() -> None:
+        async with runtime.session() as s:
+            await s.call(slow_native)
+
+    task = asyncio.create_task(request())
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert runtime._state.lock.locked()  # the call is still running: the handle is not handed on yet
+    release.set()
+    texts = [c.text async for c in runtime.astream("next", timeout=5)]
+    assert "".join(texts) == echo("next")

@@ -1,5 +1,6 @@
-"""The runtime layer: a handle on one loaded model and its runs (worker thread, queue, abort, close)."""
+"""The runtime layer: a handle on one loaded model, its sessions and its runs."""
 
-from .handle import Completion, RKLLMRuntime, Role, RunOptions, RunStream
+from .handle import Completion, KVState, RKLLMRuntime, Role, RunOptions, Session
+from .run import RunStream
 
-__all__ = ["Completion", "RKLLMRuntime", "Role", "RunOptions", "RunStream"]
+__all__ = ["Completion", "KVState", "RKLLMRuntime", "Role", "RunOptions", "RunStream", "Session"]

@@ -1,71 +1,58 @@
-"""A safe handle on one loaded model: init, streaming runs, abort, caches, close.
+"""A safe handle on one loaded model: sessions, runs, the KV cache's state, close.
 
-Thread model:
+Thread and task model:
 
-* One generation per handle at a time. Callers queue on a FIFO lock
-  (optionally with a timeout that raises :class:`~rkllm_core.errors.BusyError`).
-* Each run has a worker thread that calls the blocking ``rkllm_run``; the
-  runtime's callback only copies bytes into the run's queue. The worker always
-  posts an end marker and releases the handle lock once ``rkllm_run`` has
-  returned, so a consumer can never hang and a queued caller starts as soon as
-  the NPU is free. The end of a run is ``rkllm_run`` returning; a FINISH
-  callback is not required (none may come after an abort).
-* The consumer (an iterator or an async iterator) decodes UTF-8 incrementally
-  and, if it stops early or its task is cancelled, calls ``rkllm_abort``.
-* ``close()`` is idempotent: it refuses new runs, aborts the current one,
-  waits for it to end and only then calls ``rkllm_destroy``. A
-  ``weakref.finalize`` does the same if the handle is dropped unclosed.
+* **One caller at a time.** Work on a handle happens in a :class:`Session`: exclusive
+  use of the handle, taken in arrival order from threads and tasks alike
+  (``with rt.session() as s`` / ``async with rt.session() as s``; awaiting occupies
+  no thread, cancelling leaves the line at once, ``timeout=`` raises
+  :class:`~rkllm_core.errors.BusyError`). The one-shot methods (:meth:`RKLLMRuntime.stream`,
+  :meth:`~RKLLMRuntime.generate`, :meth:`~RKLLMRuntime.clear_kv_cache`, …) each take
+  a session of their own. A caller that asks for a handle it already holds gets
+  ``BusyError`` at once instead of waiting for itself.
+* **Runs.** A worker thread calls the blocking ``rkllm_run`` (see :mod:`.run`).
+  Letting go of a session while its run is still going (an async stream that was
+  cancelled, a one-shot stream) does not wait: the worker hands the handle on when
+  ``rkllm_run`` returns, so the next caller never overlaps a run.
+* **The KV cache's state lives here.** :attr:`RKLLMRuntime.kv` says what the cache
+  holds: an ``epoch`` that every run, clear, template or tools change and
+  prompt-cache load moves on, and a ``tag`` that a session may declare after a
+  run (:meth:`Session.mark_kv`). Whoever used the handle in between — another chat
+  engine, a direct ``generate()`` — moved the epoch and reset the tag, so a reader
+  can tell exactly whether the cache still holds its conversation.
+* **Close.** ``close()`` is idempotent: it refuses new work, aborts the current run
+  and destroys the handle once nobody is using it (waiting, bounded, when another
+  caller holds it). The garbage-collection safety net never waits: if the handle
+  is in use, the caller that lets go of it destroys it. ``rkllm_destroy`` is never
+  called while a run is going or a native call is in flight.
 """
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import ctypes
+import asyncio
 import json
 import logging
 import os
 import threading
 import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict, Unpack
+from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
-from .._sync import FifoLock
-from ..errors import (
-    BusyError,
-    HandleClosedError,
-    InitError,
-    InvalidParameterError,
-    ModelFileError,
-    NativeError,
-    RKLLMError,
-    RunError,
-)
-from ..native import callback
-from ..native.callback import END, ERROR, FINISH, NORMAL, WAITING
-from ..native.functions import RuntimeFunctions, abi_module
+from .._sync import FifoLock, current_owner, describe_owner, submit
+from ..errors import BusyError, HandleClosedError, InitError, InvalidParameterError, ModelFileError, NativeError
+from ..native.backend import Backend, RunRequest
 from ..native.library import RuntimeLibrary, load_library
-from ..native.structs import (
-    LLMHandle,
-    RKLLMInferMode,
-    RKLLMInputType,
-    RKLLMLoraAdapter,
-    RKLLMLoraParam,
-    RKLLMPromptCacheParam,
-)
 from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk
+from .run import ABORT_WAIT_S, Run, RunStream, astream_run, start_worker
 
 logger = logging.getLogger(__name__)
 
 Role = Literal["user", "tool"]
+_T = TypeVar("_T")
 
-__all__ = ["Completion", "RKLLMRuntime", "Role", "RunOptions", "RunStream"]
-
-# How long close()/a finalizer waits for an aborted run to return before giving up on destroy.
-_ABORT_WAIT_S = 60.0
+__all__ = ["Completion", "KVState", "RKLLMRuntime", "Role", "RunOptions", "RunStream", "Session"]
 
 
 class RunOptions(TypedDict, total=False):
@@ -99,257 +86,413 @@ class Completion:
     tokens: int
 
 
-class _HandleState:
-    """What a handle's finalizer needs. It never references the RKLLMRuntime."""
+@dataclass(frozen=True, slots=True)
+class KVState:
+    """What a handle's KV cache holds, as far as the handle knows.
 
-    def __init__(self, fns: RuntimeFunctions, handle: int, keepalive: tuple[Any, ...]) -> None:
-        self.fns = fns
+    Attributes:
+        epoch: moves on at every run, clear, template or tools change and prompt-cache load or release.
+        tag: what the last session declared the cache holds after its run (:meth:`Session.mark_kv`);
+            ``None`` when unknown (anything touched the cache since).
+        tokens: positions in the cache when last read, or ``None`` when unknown.
+    """
+
+    epoch: int = 0
+    tag: Hashable | None = None
+    tokens: int | None = 0
+
+
+class _HandleState:
+    """Everything about one native handle; shared by its runtime object, sessions, runs and finalizer.
+
+    It never references the :class:`RKLLMRuntime`, so dropping that object lets
+    the finalizer run. ``mutex`` guards the fields below it.
+    """
+
+    def __init__(self, backend: Backend, handle: int, keepalive: tuple[Any, ...], name: str) -> None:
+        self.backend = backend
+        self.fns = backend.functions
         self.handle = handle
-        self.keepalive = keepalive  # param struct, model path, 1.3 callback struct
+        self.keepalive = keepalive  # the param struct, the model path, the 1.3 callback struct
+        self.name = name
         self.lock = FifoLock()
+        self.destroyed_event = threading.Event()
+        self.mutex = threading.Lock()
         self.closed = False
         self.destroyed = False
-        self.running = False
-        self.current: _Run | None = None
-        self.mutex = threading.Lock()
+        self.current: Run | None = None  # a run whose rkllm_run has not returned
+        self.jobs = 0  # native calls in flight on the core's executor for the holder
+        self.release_pending = False  # the holder let go while a run or job was in flight
+        self.kv = KVState()
+        self.chat_setup: tuple[str, str, str, str] | None = None  # last template / tools installed
+        self.prompt_cache: str | None = None  # the loaded prompt cache file
 
-    def abort_current(self) -> bool:
-        with self.mutex:
-            run = self.current
-            if run is None:
+    # -- runs and jobs ----------------------------------------------------------------------------
+    def abort_run(self, run: Run) -> bool:
+        """Abort ``run`` if it is still the current run (never another caller's later run)."""
+        with self.mutex:  # held across the call so no new run can start in between
+            if self.current is not run or run.returned.is_set():
                 return False
             run.aborted = True
-        rc = self.fns.rkllm_abort(self.handle)
+            rc = self.backend.abort(self.handle)
         if rc != 0:
             logger.warning("rkllm_abort returned %d", rc)
         return True
 
+    def abort_soon(self, run: Run) -> None:
+        """Abort ``run`` from the core's executor (for async code: no native call on the loop)."""
+        if not run.returned.is_set():
+            submit(self.abort_run, run)
 
-def _destroy(state: _HandleState) -> None:
-    """Close a handle: refuse new work, abort, wait for the run to end, destroy."""
-    if state.destroyed:
-        return
-    state.closed = True
-    state.abort_current()
-    if not state.lock.acquire(timeout=_ABORT_WAIT_S):
-        logger.error("a run did not end %.0f s after rkllm_abort; not destroying the handle", _ABORT_WAIT_S)
-        return
-    try:
-        if not state.destroyed:
-            state.destroyed = True
-            rc = state.fns.rkllm_destroy(state.handle)
+    def abort_current(self) -> bool:
+        with self.mutex:
+            run = self.current
+        return self.abort_run(run) if run is not None else False
+
+    def run_ended(self, run: Run) -> None:
+        """Called by the worker once ``rkllm_run`` has returned."""
+        with self.mutex:
+            if self.current is run:
+                self.current = None
+            unlock = self._take_pending()
+        if unlock:
+            self.unlock()
+
+    def job_ended(self) -> None:
+        with self.mutex:
+            self.jobs -= 1
+            unlock = self._take_pending()
+        if unlock:
+            self.unlock()
+
+    def _take_pending(self) -> bool:
+        if self.release_pending and self.current is None and self.jobs == 0:
+            self.release_pending = False
+            return True
+        return False
+
+    def let_go(self) -> None:
+        """The holder is done; hand the handle on now, or when its run / job ends."""
+        with self.mutex:
+            if self.current is not None or self.jobs:
+                self.release_pending = True
+                return
+        self.unlock()
+
+    def unlock(self) -> None:
+        """Release the lock (the caller holds it and nothing is in flight); destroy first if closed."""
+        if self.closed and not self.destroyed:
+            self._destroy_locked()
+        self.lock.release()
+
+    def _destroy_locked(self) -> None:
+        self.destroyed = True
+        try:
+            rc = self.backend.destroy(self.handle)
             if rc != 0:
-                logger.warning("rkllm_destroy returned %d", rc)
-    finally:
-        state.lock.release()
+                logger.warning("rkllm_destroy returned %d for %s", rc, self.name)
+        finally:
+            self.destroyed_event.set()
+            logger.info("closed %s", self.name)
 
+    # -- close ----------------------------------------------------------------------------------------
+    def close(self, wait: float | None) -> bool:
+        """Refuse new work, abort the run, destroy when free. Returns True once destroyed.
 
-class _Run:
-    """One prepared run: the ctypes inputs (kept alive until it ends) and its decoding state."""
-
-    def __init__(self, max_new_tokens: int, keepalive: tuple[Any, ...]) -> None:
-        self.max_new_tokens = max_new_tokens
-        self.keepalive = keepalive
-        self.aborted = False
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stats: PerfStats | None = None
-        self.error = False
-        self.tokens = 0
-        self.ended = False  # the worker's end marker was consumed: rkllm_run has returned
-        self.deferred: RKLLMError | None = None  # a failure to raise once the chunks before it are out
-        self.finish_reason: FinishReason | None = None
-
-    def feed_many(self, items: list[tuple[Any, ...]]) -> list[StreamChunk]:
-        """Turn a batch of channel items into chunks, the final one last if the run ended.
-
-        Consecutive tokens that arrived while the consumer was busy become one
-        chunk (``n_tokens`` says how many): the consumer never falls behind the
-        runtime by doing per-token work for tokens it has already missed. At
-        board speeds the consumer is always waiting, so chunks are single tokens.
+        With ``wait`` (seconds), waits for another holder to let go; never waits
+        for a handle the calling thread or task holds itself.
         """
-        out: list[StreamChunk] = []
-        pending: list[bytes] = []
-        n = 0
-        last_token: int | None = None
-        for item in items:
-            kind = item[0]
-            if kind == NORMAL:
-                pending.append(item[1])
-                last_token = item[2]
-                n += 1
-                continue
-            if kind == WAITING:
-                n += 1
-                continue
-            if pending or n:
-                self._emit(out, pending, n, last_token)
-                pending, n = [], 0
-            if kind == FINISH:
-                p = item[1]
-                self.stats = PerfStats(
-                    float(p.prefill_time_ms),
-                    int(p.prefill_tokens),
-                    float(p.generate_time_ms),
-                    int(p.generate_tokens),
-                    float(p.memory_usage_mb),
-                )
-            elif kind == ERROR:
-                self.error = True
-            elif kind == END:
-                try:
-                    out.append(self.end(item[1], item[2]))
-                except RKLLMError as exc:
-                    if not out:
-                        raise
-                    self.deferred = exc  # deliver the text that came before the failure first
-                return out
-        if pending or n:
-            self._emit(out, pending, n, last_token)
-        return out
-
-    def _emit(self, out: list[StreamChunk], pending: list[bytes], n: int, token: int | None) -> None:
-        self.tokens += n
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        text = self.decoder.decode(data) if data else ""
-        if text:
-            out.append(StreamChunk(text, token, None, None, n))
-        elif out and out[-1].finish_reason is None:  # count held-back tokens on the previous chunk
-            out[-1] = out[-1]._replace(n_tokens=out[-1].n_tokens + n)
-
-    def end(self, rc: int, exc: BaseException | None) -> StreamChunk:
-        """Build the final chunk, or raise if the run failed."""
-        self.ended = True
-        tail = self.decoder.decode(b"", final=True)
-        if exc is not None:
-            raise RunError(f"rkllm_run raised {exc!r}", function="rkllm_run") from exc
-        if self.aborted:
-            reason: FinishReason = "abort"
-        elif self.error or rc != 0:
-            raise RunError(
-                f"generation failed: the runtime reported an error (rkllm_run returned {rc})",
-                code=rc,
-                function="rkllm_run",
-            )
-        else:
-            generated = self.stats.generate_tokens if self.stats is not None else self.tokens
-            reason = "length" if 0 < self.max_new_tokens <= max(generated, self.tokens) else "stop"
-        self.finish_reason = reason
-        return StreamChunk(tail, None, reason, self.stats, 0)
+        if self.destroyed:
+            return True
+        self.closed = True
+        self.abort_current()
+        if self.lock.try_acquire(owner=_CLOSER):
+            if self.destroyed:
+                self.lock.release()
+            else:
+                self.unlock()
+            return True
+        if not wait or self.lock.owner is current_owner():
+            return self.destroyed  # whoever lets go of the handle destroys it
+        if not self.destroyed_event.wait(wait):
+            logger.error("%s is still in use %.0f s after close(); it is destroyed when released", self.name, wait)
+        return self.destroyed
 
 
-class RunStream(Iterator[StreamChunk]):
-    """A synchronous stream of :class:`StreamChunk` for one run.
+_CLOSER = object()  # the owner recorded while close() holds the lock
 
-    The run starts (waiting its turn on the handle) at the first ``next()``.
-    Stopping early — ``break``, ``close()``, garbage collection or leaving a
-    ``with`` block — aborts the run and waits until the runtime has returned.
-    The final chunk has ``finish_reason`` set and, when the runtime reported
-    them, ``stats``.
+
+def _finalize(state: _HandleState) -> None:
+    state.close(wait=None)  # the GC safety net never blocks
+
+
+class Session:
+    """Exclusive use of a handle for a sequence of calls and runs.
+
+    ``with rt.session(timeout) as s`` (threads) or ``async with rt.session(timeout) as s``
+    (tasks). While it is held nobody else can run or change the handle, so what
+    :attr:`kv` says stays true until the session itself changes it. Methods mirror
+    :class:`RKLLMRuntime`'s without taking the handle again. A session is used by one
+    caller at a time and cannot be re-entered.
     """
 
-    def __init__(self, owner: RKLLMRuntime, prepared: _Prepared, timeout: float | None) -> None:
-        self._owner = owner
-        self._prepared = prepared
+    def __init__(self, runtime: RKLLMRuntime, timeout: float | None = None) -> None:
+        self._rt = runtime
+        self._state = runtime._state
         self._timeout = timeout
-        self._run: _Run | None = None
-        self._channel: callback.RunChannel | None = None
+        self._active = False
         self._done = False
-        self._pieces: list[str] = []
-        self._ready: deque[StreamChunk] = deque()
 
-    @property
-    def text(self) -> str:
-        """All text yielded so far."""
-        return "".join(self._pieces)
+    # -- taking and letting go ----------------------------------------------------------------------
+    def _check_free(self, owner: Hashable) -> None:
+        state = self._state
+        if state.closed:
+            raise HandleClosedError(f"the runtime handle for {state.name} is closed")
+        if self._done or self._active:
+            raise InvalidParameterError("a session can be entered only once")
+        if state.lock.owner is owner and not state.release_pending:
+            raise BusyError(
+                f"{describe_owner(owner)} already holds {state.name} and asks for it again (a nested request, e.g. "
+                "from inside its own stream or a callback); finish or close the first request before starting another",
+                reason="deadlock",
+            )
 
-    @property
-    def finish_reason(self) -> FinishReason | None:
-        """Why the run ended, once it has."""
-        return self._run.finish_reason if self._run else None
-
-    @property
-    def stats(self) -> PerfStats | None:
-        """The runtime's perf stats, once reported."""
-        return self._run.stats if self._run else None
-
-    def __iter__(self) -> RunStream:
+    def _acquired(self, ok: bool) -> Session:
+        if not ok:
+            self._done = True
+            raise BusyError(
+                f"{self._state.name} stayed busy for {self._timeout} s; try again later",
+                reason="timeout",
+                waited=self._timeout,
+            )
+        if self._state.closed:
+            self._done = True
+            self._state.unlock()
+            raise HandleClosedError(f"the runtime handle for {self._state.name} is closed")
+        self._active = True
         return self
 
-    def __enter__(self) -> RunStream:
-        return self
+    def acquire(self, timeout: float | None = None, owner: Hashable | None = None) -> Session:
+        """Wait in line for the handle (``timeout`` defaults to the session's)."""
+        me = owner if owner is not None else current_owner()
+        self._check_free(me)
+        wait = self._timeout if timeout is None else timeout
+        return self._acquired(self._state.lock.acquire(wait, owner=me))
+
+    async def acquire_async(self, timeout: float | None = None) -> Session:
+        """Like :meth:`acquire` without occupying a thread; cancelling leaves the line at once."""
+        me = current_owner()
+        self._check_free(me)
+        wait = self._timeout if timeout is None else timeout
+        return self._acquired(await self._state.lock.acquire_async(wait, owner=me))
+
+    def release(self) -> None:
+        """Let go of the handle (idempotent). Never waits: a run still going hands it on when it ends."""
+        if not self._active:
+            return
+        self._active = False
+        self._done = True
+        self._state.let_go()
+
+    def __enter__(self) -> Session:
+        return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.release()
 
-    def __next__(self) -> StreamChunk:
-        if self._ready:
-            return self._ready.popleft()
-        if self._run is not None and self._run.deferred is not None and not self._done:
-            self._done = True
-            raise self._run.deferred
-        if self._done:
-            raise StopIteration
-        if self._run is None:
-            if not self._owner._state.lock.acquire(self._timeout):
-                self._done = True
-                raise BusyError(f"the model stayed busy for {self._timeout} s; try again later")
-            self._run, self._channel = self._owner._start_locked(self._prepared)
-        run, channel = self._run, self._channel
-        assert channel is not None
+    async def __aenter__(self) -> Session:
+        return await self.acquire_async()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def active(self) -> bool:
+        """True while the session holds the handle."""
+        return self._active
+
+    @property
+    def runtime(self) -> RKLLMRuntime:
+        """The handle this session is on."""
+        return self._rt
+
+    # -- state ------------------------------------------------------------------------------------------
+    @property
+    def kv(self) -> KVState:
+        """What the KV cache holds (see :class:`KVState`)."""
+        return self._state.kv
+
+    @property
+    def chat_setup(self) -> tuple[str, str, str, str] | None:
+        """The last template installed, or ``None`` for the model's own.
+
+        ``("template", system, prefix, postfix)`` or ``("tools", system, tools_json, response_tag)``.
+        """
+        return self._state.chat_setup
+
+    @property
+    def prompt_cache(self) -> str | None:
+        """The prompt-cache file loaded into the handle, if any."""
+        return self._state.prompt_cache
+
+    def abort(self) -> bool:
+        """Abort this session's run, if one is going; does not wait. True if a run was aborted."""
+        run = self._state.current
+        return self._state.abort_run(run) if run is not None and self._active else False
+
+    def abort_soon(self) -> None:
+        """Like :meth:`abort`, with the native call made from the core's executor (for async code)."""
+        run = self._state.current
+        if run is not None and self._active:
+            self._state.abort_soon(run)
+
+    def mark_kv(self, tag: Hashable | None, tokens: int | None = None) -> None:
+        """Declare what the KV cache holds now (after this session's run ended cleanly)."""
+        self._ready()
+        state = self._state
+        state.kv = KVState(state.kv.epoch, tag, state.kv.tokens if tokens is None else tokens)
+
+    def _ready(self) -> _HandleState:
+        state = self._state
+        if not self._active:
+            raise InvalidParameterError("the session is not active (enter it with `with` / `async with`)")
+        if state.closed:
+            raise HandleClosedError(f"the runtime handle for {state.name} is closed")
+        if state.current is not None:
+            raise BusyError(f"a run is still going on {state.name}; finish or close its stream first", reason="busy")
+        return state
+
+    def _moved(self, tokens: int | None) -> None:
+        state = self._state
+        state.kv = KVState(state.kv.epoch + 1, None, tokens)
+
+    def _check(self, rc: int, name: str) -> None:
+        if rc != 0:
+            raise NativeError(f"{name} failed (code {rc})", code=rc, function=name)
+
+    # -- runs ---------------------------------------------------------------------------------------------
+    def _start(self, req: RunRequest) -> Run:
+        state = self._ready()
+        inp, infer, keep = state.backend.run_structs(req)
+        max_new = self._rt.max_new_tokens
+        if req.max_new_tokens is not None and req.max_new_tokens > 0:
+            max_new = req.max_new_tokens
+        run = Run(max_new, keep)
+        with state.mutex:
+            state.current = run
+        self._moved(None)
         try:
-            while True:
-                chunks = run.feed_many(channel.get_many())
-                if chunks:
-                    self._pieces.extend(c.text for c in chunks)
-                    if chunks[-1].finish_reason is not None:
-                        self._done = True
-                    self._ready.extend(chunks[1:])
-                    return chunks[0]
+            start_worker(state, run, inp, infer)
         except BaseException:
-            if run.ended:  # the run failed and is over: nothing to stop or wait for
-                self._done = True
-            elif not self._done:  # KeyboardInterrupt and the like: stop the NPU too
-                self.close()
+            with state.mutex:
+                state.current = None
             raise
+        return run
 
-    def abort(self) -> None:
-        """Ask the runtime to stop; the stream then ends with ``finish_reason='abort'``."""
-        if self._run is not None and not self._done:
-            self._owner._state.abort_current()
+    def stream(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> RunStream:
+        """Start a run in this session and return its chunk stream (see :meth:`RKLLMRuntime.stream`)."""
+        req = self._rt._request(prompt, **options)
+        return RunStream(lambda: self._start(req), self._state.abort_run)
 
-    def close(self) -> None:
-        """Abort if still running and wait until the runtime has returned."""
-        if self._done:
-            return
-        self._done = True
-        if self._run is None or self._channel is None:
-            return
-        self._owner._state.abort_current()
-        with contextlib.suppress(Exception):
-            while self._channel.queue.get(timeout=_ABORT_WAIT_S)[0] != END:
-                pass
-        self._run.finish_reason = self._run.finish_reason or "abort"
+    async def astream(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> AsyncIterator[StreamChunk]:
+        """Async :meth:`stream`; closing early or cancelling aborts the run without waiting for it."""
+        run = self._start(self._rt._request(prompt, **options))
+        async for chunk in astream_run(run, self._state.abort_soon):
+            yield chunk
 
-    def __del__(self) -> None:
-        # A stream dropped mid-run must not leave the NPU generating for nobody.
-        if not self._done and self._run is not None:
-            with contextlib.suppress(Exception):
-                self._owner._state.abort_current()
+    def generate(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> Completion:
+        """Run to the end in this session and return the whole text."""
+        return _collect(self.stream(prompt, **options))
 
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Await ``fn(*args)`` on the core's executor as part of this session.
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """Validated run arguments, converted at run start into ctypes structs."""
+        For short native calls from async code. If the caller is cancelled the
+        call still finishes on its thread, and the handle is not let go before it has.
+        """
+        state = self._state
+        if not self._active:
+            raise InvalidParameterError("the session is not active")
+        with state.mutex:
+            state.jobs += 1
+        try:
+            future = submit(fn, *args)
+        except BaseException:
+            state.job_ended()
+            raise
+        future.add_done_callback(lambda _f: state.job_ended())
+        return await asyncio.shield(asyncio.wrap_future(future))  # a cancel must not stop a native call
 
-    role: bytes
-    prompt: bytes | None
-    token_ids: tuple[int, ...] | None
-    enable_thinking: bool
-    keep_history: bool
-    sampling: SamplingParams | None
-    max_new_tokens: int | None
-    lora: bytes | None
-    save_prompt_cache: bytes | None
+    # -- native calls -----------------------------------------------------------------------------------
+    def clear_kv_cache(self, keep_system_prompt: bool = False) -> None:
+        """Empty the KV cache (optionally keeping the system prompt)."""
+        state = self._ready()
+        rc = state.backend.clear_kv_cache(state.handle, keep_system_prompt)
+        self._moved(0 if rc == 0 and not keep_system_prompt else None)
+        self._check(rc, "rkllm_clear_kv_cache")
+
+    def kv_cache_size(self) -> int:
+        """The number of positions in the KV cache (of the first batch); also recorded in :attr:`kv`."""
+        state = self._ready()
+        rc, size = state.backend.kv_cache_size(state.handle, self._rt.params.n_batch or 1)
+        self._check(rc, "rkllm_get_kv_cache_size")
+        state.kv = KVState(state.kv.epoch, state.kv.tag, size)
+        return size
+
+    def set_chat_template(self, system_prompt: str, prompt_prefix: str, prompt_postfix: str) -> None:
+        """Replace the model's chat template with literal strings (you supply special tokens)."""
+        args = (
+            _c_text(system_prompt, "system_prompt"),
+            _c_text(prompt_prefix, "prompt_prefix"),
+            _c_text(prompt_postfix, "prompt_postfix"),
+        )
+        state = self._ready()
+        state.chat_setup = None
+        self._moved(None)
+        self._check(state.backend.set_chat_template(state.handle, *args), "rkllm_set_chat_template")
+        state.chat_setup = ("template", system_prompt, prompt_prefix, prompt_postfix)
+
+    def set_function_tools(
+        self, system_prompt: str, tools: str | Sequence[dict[str, Any]], tool_response_str: str = "tool_response"
+    ) -> None:
+        """Install a system prompt and OpenAI-style tool definitions (a JSON array)."""
+        tools_json = _tools_json(tools)
+        args = (
+            _c_text(system_prompt, "system_prompt"),
+            _c_text(tools_json, "tools"),
+            _c_text(tool_response_str, "tool_response_str"),
+        )
+        state = self._ready()
+        state.chat_setup = None
+        self._moved(None)
+        self._check(state.backend.set_function_tools(state.handle, *args), "rkllm_set_function_tools")
+        state.chat_setup = ("tools", system_prompt, tools_json, tool_response_str)
+
+    def load_prompt_cache(self, path: str | os.PathLike[str]) -> None:
+        """Load a prompt cache file saved by an earlier run (``save_prompt_cache=``)."""
+        if not Path(path).is_file():
+            raise InvalidParameterError(f"prompt cache file not found: {path}")
+        state = self._ready()
+        state.prompt_cache = None
+        self._moved(None)
+        self._check(state.backend.load_prompt_cache(state.handle, os.fsencode(path)), "rkllm_load_prompt_cache")
+        state.prompt_cache = os.fspath(path)
+
+    def release_prompt_cache(self) -> None:
+        """Unload the loaded prompt cache."""
+        state = self._ready()
+        self._moved(None)
+        rc = state.backend.release_prompt_cache(state.handle)
+        state.prompt_cache = None
+        self._check(rc, "rkllm_release_prompt_cache")
+
+    def load_lora(self, path: str | os.PathLike[str], name: str, scale: float = 1.0) -> None:
+        """Load a LoRA adapter; apply it to a run with ``lora=name``."""
+        if not Path(path).is_file():
+            raise InvalidParameterError(f"LoRA adapter file not found: {path}")
+        name_b = _c_text(name, "name")
+        state = self._ready()
+        self._check(state.backend.load_lora(state.handle, os.fsencode(path), name_b, scale), "rkllm_load_lora")
 
 
 class RKLLMRuntime:
@@ -386,23 +529,16 @@ class RKLLMRuntime:
         self.params = params or InitParams()
         if not self.model_path.is_file():
             raise ModelFileError(f"model file not found: {self.model_path}")
-        fns = self.library.functions
-        param = fns.rkllm_createDefaultParam()
+        backend = self.library.backend
+        param = backend.default_param()
         path_bytes = os.fsencode(self.model_path)
         param.model_path = path_bytes
-        self._apply_init_params(param)
+        backend.apply_init(param, self.params)
         self.max_new_tokens = int(param.max_new_tokens)
         self.max_context_len = int(param.max_context_len)
-        handle = LLMHandle()
-        if self.library.abi == "1.3":
-            cb = abi_module(self.library.abi).RKLLMCallback()
-            cb.result_callback = callback.RESULT_CALLBACK
-            rc = fns.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(cb))
-            keepalive: tuple[Any, ...] = (param, path_bytes, cb)
-        else:
-            rc = fns.rkllm_init(ctypes.byref(handle), ctypes.byref(param), callback.RESULT_CALLBACK)
-            keepalive = (param, path_bytes)
-        if rc != 0 or not handle.value:
+        self._sampling_defaults = backend.sampling_defaults(param)
+        rc, handle, keep = backend.init(param)
+        if rc != 0 or not handle:
             raise InitError(
                 f"rkllm_init failed for {self.model_path} (code {rc}); check the model file, that "
                 f"max_context_len={self.max_context_len} is within the model's limit, the NPU driver "
@@ -410,35 +546,20 @@ class RKLLMRuntime:
                 code=rc,
                 function="rkllm_init",
             )
-        self._state = _HandleState(fns, handle.value, keepalive)
-        self._finalizer = weakref.finalize(self, _destroy, self._state)
-        logger.info("loaded %s (ABI %s)", self.model_path.name, self.library.abi)
-
-    # -- init helpers -------------------------------------------------------------------------
-    def _apply_init_params(self, param: Any) -> None:
-        p = self.params
-        for name in ("max_context_len", "max_new_tokens", "n_keep", "skip_special_token"):
-            value = getattr(p, name)
-            if value is not None:
-                setattr(param, name, value)
-        if p.ignore_eos_token is not None:
-            if self.library.abi != "1.3":
-                raise InvalidParameterError("ignore_eos_token needs the 1.3 runtime")
-            param.ignore_eos_token = p.ignore_eos_token
-        for name, value in p.sampling.as_dict().items():
-            if value is not None:
-                setattr(param, name, value)
-        ext = param.extend_param
-        for name in ("enabled_cpus_num", "enabled_cpus_mask", "n_batch", "embed_flash", "base_domain_id"):
-            value = getattr(p, name)
-            if value is not None:
-                setattr(ext, name, int(value))
+        self._state = _HandleState(backend, handle, (*keep, path_bytes), self.model_path.name)
+        self._finalizer = weakref.finalize(self, _finalize, self._state)
+        logger.info("loaded %s (ABI %s)", self.model_path.name, backend.abi)
 
     # -- state ------------------------------------------------------------------------------------
     @property
     def abi(self) -> str:
         """The runtime ABI in use ("1.2" or "1.3")."""
         return self.library.abi
+
+    @property
+    def per_run_sampling(self) -> bool:
+        """True when sampling and ``max_new_tokens`` can change per run (the 1.3 ABI)."""
+        return self.library.backend.per_run_sampling
 
     @property
     def closed(self) -> bool:
@@ -448,15 +569,21 @@ class RKLLMRuntime:
     @property
     def is_running(self) -> bool:
         """True while a run is generating on this handle."""
-        return self._state.running
+        return self._state.current is not None
 
-    def _check_open(self) -> None:
-        if self._state.closed:
-            raise HandleClosedError(f"the runtime handle for {self.model_path.name} is closed")
+    @property
+    def kv(self) -> KVState:
+        """What the KV cache holds (see :class:`KVState`); read it inside a session to rely on it."""
+        return self._state.kv
 
-    def close(self) -> None:
-        """Abort any run, wait for it to end, then destroy the handle. Safe to call twice."""
-        self._finalizer()
+    def close(self, timeout: float = ABORT_WAIT_S) -> None:
+        """Abort any run and destroy the handle once nobody is using it. Safe to call twice.
+
+        Waits up to ``timeout`` seconds for another caller to let go; a handle the
+        calling thread or task holds itself is destroyed when it lets go.
+        """
+        if self._state.close(wait=timeout):
+            self._finalizer.detach()
 
     def __enter__(self) -> RKLLMRuntime:
         return self
@@ -468,26 +595,16 @@ class RKLLMRuntime:
         """Abort the current run, if any. Returns True if a run was aborted. Does not wait."""
         return self._state.abort_current()
 
-    @contextlib.contextmanager
-    def _exclusive(self, timeout: float | None) -> Iterator[None]:
-        self._check_open()
-        if not self._state.lock.acquire(timeout):
-            raise BusyError(f"the model stayed busy for {timeout} s")
-        try:
-            self._check_open()
-            yield
-        finally:
-            self._state.lock.release()
+    def session(self, timeout: float | None = None) -> Session:
+        """Exclusive use of this handle: ``with rt.session() as s`` or ``async with rt.session() as s``.
 
-    def _call(self, name: str, *args: Any, timeout: float | None = None) -> int:
-        with self._exclusive(timeout):
-            rc = int(getattr(self._state.fns, name)(self._state.handle, *args))
-        if rc != 0:
-            raise NativeError(f"{name} failed (code {rc})", code=rc, function=name)
-        return rc
+        Args:
+            timeout: seconds to wait in line before ``BusyError``.
+        """
+        return Session(self, timeout)
 
     # -- runs --------------------------------------------------------------------------------------
-    def _prepare(
+    def _request(
         self,
         prompt: str | None,
         *,
@@ -499,110 +616,44 @@ class RKLLMRuntime:
         lora: str | None = None,
         save_prompt_cache: str | os.PathLike[str] | None = None,
         token_ids: Sequence[int] | None = None,
-    ) -> _Prepared:
-        self._check_open()
+    ) -> RunRequest:
+        """Validate a run's arguments (nothing reaches the runtime when they are wrong)."""
+        if self._state.closed:
+            raise HandleClosedError(f"the runtime handle for {self.model_path.name} is closed")
         if role not in ("user", "tool"):
             raise InvalidParameterError(f"role must be 'user' or 'tool', got {role!r}")
         if (prompt is None) == (token_ids is None):
             raise InvalidParameterError("pass exactly one of prompt or token_ids")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidParameterError(f"prompt must be a str, got {type(prompt).__name__}")
-            if "\0" in prompt:
-                raise InvalidParameterError("prompt contains a NUL character")
-        if token_ids is not None and (not token_ids or not all(isinstance(t, int) for t in token_ids)):
+        if token_ids is not None and (
+            not token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
+        ):
             raise InvalidParameterError("token_ids must be a non-empty sequence of ints")
         if sampling is not None and sampling.is_empty():
             sampling = None
-        if self.abi == "1.2" and (sampling is not None or max_new_tokens is not None):
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
+            raise InvalidParameterError("max_new_tokens must be an int")
+        if not self.per_run_sampling and (sampling is not None or max_new_tokens is not None):
             raise InvalidParameterError(
                 "per-run sampling and max_new_tokens need the 1.3 runtime; on 1.2 they are fixed at init "
                 "(pass them in InitParams, or let the model manager re-initialise)"
             )
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
-            raise InvalidParameterError("max_new_tokens must be an int")
-        return _Prepared(
+        full: SamplingParams | None = None
+        if sampling is not None:
+            merged = self.params.sampling.merged(sampling).as_dict()
+            full = SamplingParams(
+                **{k: v if v is not None else self._sampling_defaults[k] for k, v in merged.items()}
+            )
+        return RunRequest(
             role=role.encode(),
-            prompt=prompt.encode("utf-8", "surrogatepass") if prompt is not None else None,
+            prompt=_c_text(prompt, "prompt") if prompt is not None else None,
             token_ids=tuple(token_ids) if token_ids is not None else None,
             enable_thinking=bool(enable_thinking),
             keep_history=bool(keep_history),
-            sampling=sampling,
+            sampling=full,
             max_new_tokens=max_new_tokens,
-            lora=lora.encode() if lora else None,
+            lora=_c_text(lora, "lora") if lora else None,
             save_prompt_cache=os.fsencode(save_prompt_cache) if save_prompt_cache else None,
         )
-
-    def _start_locked(self, prep: _Prepared) -> tuple[_Run, callback.RunChannel]:
-        """Start a run; the caller holds the handle lock, which the worker releases."""
-        state = self._state
-        try:
-            if state.closed:
-                raise HandleClosedError(f"the runtime handle for {self.model_path.name} is closed")
-            m = abi_module(self.library.abi)
-            inp = m.RKLLMInput()
-            inp.role = prep.role
-            inp.enable_thinking = prep.enable_thinking
-            keep: list[Any] = [inp]
-            if prep.prompt is not None:
-                inp.input_type = RKLLMInputType.RKLLM_INPUT_PROMPT
-                inp.prompt_input = prep.prompt
-                keep.append(prep.prompt)
-            else:
-                assert prep.token_ids is not None
-                ids = (ctypes.c_int32 * len(prep.token_ids))(*prep.token_ids)
-                inp.input_type = RKLLMInputType.RKLLM_INPUT_TOKEN
-                inp.token_input.input_ids = ids
-                inp.token_input.n_tokens = len(prep.token_ids)
-                keep.append(ids)
-            infer = m.RKLLMInferParam()
-            infer.mode = RKLLMInferMode.RKLLM_INFER_GENERATE
-            infer.keep_history = 1 if prep.keep_history else 0
-            keep.append(infer)
-            if prep.lora:
-                lp = RKLLMLoraParam(prep.lora)
-                infer.lora_params = ctypes.pointer(lp)
-                keep.append(lp)
-            if prep.save_prompt_cache:
-                pc = RKLLMPromptCacheParam(1, prep.save_prompt_cache)
-                infer.prompt_cache_params = ctypes.pointer(pc)
-                keep.append(pc)
-            max_new = self.max_new_tokens
-            if self.abi == "1.3":
-                if prep.sampling is not None:
-                    sp = m.RKLLMSamplingParam()
-                    base = self.params.sampling.merged(prep.sampling)
-                    defaults = self._default_sampling()
-                    for name, value in base.as_dict().items():
-                        setattr(sp, name, value if value is not None else defaults[name])
-                    infer.sampling_params = ctypes.pointer(sp)
-                    keep.append(sp)
-                if prep.max_new_tokens is not None:
-                    infer.max_new_tokens = prep.max_new_tokens
-                    if prep.max_new_tokens > 0:
-                        max_new = prep.max_new_tokens
-            run = _Run(max_new, tuple(keep))
-            run_id, channel = callback.open_channel()
-            with state.mutex:
-                state.current = run
-                state.running = True
-            worker = threading.Thread(
-                target=_run_worker,
-                args=(state, run_id, channel, inp, infer),
-                name=f"rkllm-run-{run_id}",
-                daemon=True,
-            )
-            worker.start()
-            return run, channel
-        except BaseException:
-            state.running = False
-            state.current = None
-            state.lock.release()
-            raise
-
-    def _default_sampling(self) -> dict[str, Any]:
-        param = self._state.keepalive[0]
-        return {name: getattr(param, name) for name in SamplingParams.__dataclass_fields__}
 
     def stream(
         self,
@@ -612,6 +663,9 @@ class RKLLMRuntime:
         **options: Unpack[RunOptions],
     ) -> RunStream:
         """Start a generation and return its chunk stream.
+
+        The handle is taken (in arrival order) at the first ``next()`` and handed
+        on as soon as the runtime returns.
 
         Args:
             prompt: the text (the runtime applies the model's chat template).
@@ -624,19 +678,22 @@ class RKLLMRuntime:
             InvalidParameterError: bad arguments (nothing reaches the runtime).
             HandleClosedError: the handle was closed.
         """
-        prep = self._prepare(prompt, **options)
-        return RunStream(self, prep, timeout)
+        req = self._request(prompt, **options)
+
+        def start() -> Run:
+            session = Session(self, timeout).acquire()
+            try:
+                return session._start(req)
+            finally:
+                session.release()  # takes effect when the run ends
+
+        return RunStream(start, self._state.abort_run)
 
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RunOptions]
     ) -> Completion:
         """Run to the end and return the whole text (same arguments as :meth:`stream`)."""
-        with self.stream(prompt, timeout=timeout, **options) as s:
-            final = None
-            for chunk in s:
-                final = chunk
-            assert final is not None and final.finish_reason is not None
-            return Completion(s.text, final.finish_reason, final.stats, s._run.tokens if s._run else 0)
+        return _collect(self.stream(prompt, timeout=timeout, **options))
 
     async def astream(
         self,
@@ -647,112 +704,101 @@ class RKLLMRuntime:
     ) -> AsyncIterator[StreamChunk]:
         """Async version of :meth:`stream`; never blocks the event loop.
 
-        Cancelling the consuming task, or closing the generator early
-        (use ``contextlib.aclosing``), aborts the run on the NPU.
+        Waiting for the handle occupies no thread. Cancelling the consuming task,
+        or closing the generator early (use ``contextlib.aclosing``), aborts the
+        run on the NPU.
         """
-        prep = self._prepare(prompt, **options)
-        if not await self._state.lock.acquire_async(timeout):
-            raise BusyError(f"the model stayed busy for {timeout} s; try again later")
-        run, channel = self._start_locked(prep)
-        finished = False
+        req = self._request(prompt, **options)
+        session = await Session(self, timeout).acquire_async()
         try:
-            while True:
-                for chunk in run.feed_many(await channel.get_many_async()):
-                    if chunk.finish_reason is not None:
-                        finished = True
-                    yield chunk
-                if run.deferred is not None:
-                    finished = True
-                    raise run.deferred
-                if finished:
-                    return
+            run = session._start(req)
         finally:
-            if not finished:
-                # Do not wait here: the worker releases the handle when rkllm_run returns.
-                self._state.abort_current()
+            session.release()  # takes effect when the run ends
+        async for chunk in astream_run(run, self._state.abort_soon):
+            yield chunk
 
-    # -- other native calls --------------------------------------------------------------------
+    # -- other native calls (each in a session of its own) -----------------------------------------
     def clear_kv_cache(self, keep_system_prompt: bool = False, *, timeout: float | None = None) -> None:
         """Empty the KV cache (optionally keeping the system prompt)."""
-        self._call("rkllm_clear_kv_cache", 1 if keep_system_prompt else 0, None, None, timeout=timeout)
+        with self.session(timeout) as s:
+            s.clear_kv_cache(keep_system_prompt)
 
     def kv_cache_size(self, *, timeout: float | None = None) -> int:
         """Return the number of positions in the KV cache (of the first batch)."""
-        n = max(1, self.params.n_batch or 1)
-        sizes = (ctypes.c_int * n)()
-        self._call("rkllm_get_kv_cache_size", sizes, timeout=timeout)
-        return int(sizes[0])
+        with self.session(timeout) as s:
+            return s.kv_cache_size()
 
-    def set_chat_template(self, system_prompt: str, prompt_prefix: str, prompt_postfix: str) -> None:
+    def set_chat_template(
+        self, system_prompt: str, prompt_prefix: str, prompt_postfix: str, *, timeout: float | None = None
+    ) -> None:
         """Replace the model's chat template with literal strings (you supply special tokens)."""
-        args = [
-            _c_text(v, name)
-            for v, name in (
-                (system_prompt, "system_prompt"),
-                (prompt_prefix, "prompt_prefix"),
-                (prompt_postfix, "prompt_postfix"),
-            )
-        ]
-        self._call("rkllm_set_chat_template", *args)
+        with self.session(timeout) as s:
+            s.set_chat_template(system_prompt, prompt_prefix, prompt_postfix)
 
     def set_function_tools(
-        self, system_prompt: str, tools: str | Sequence[dict[str, Any]], tool_response_str: str = "tool_response"
+        self,
+        system_prompt: str,
+        tools: str | Sequence[dict[str, Any]],
+        tool_response_str: str = "tool_response",
+        *,
+        timeout: float | None = None,
     ) -> None:
         """Install a system prompt and OpenAI-style tool definitions (a JSON array)."""
-        if not isinstance(tools, str):
-            try:
-                tools = json.dumps(list(tools), ensure_ascii=False)
-            except (TypeError, ValueError) as exc:
-                raise InvalidParameterError(f"tools are not JSON-serialisable: {exc}") from exc
-        else:
-            try:
-                if not isinstance(json.loads(tools), list):
-                    raise InvalidParameterError("tools must be a JSON array")
-            except json.JSONDecodeError as exc:
-                raise InvalidParameterError(f"tools is not valid JSON: {exc}") from exc
-        self._call(
-            "rkllm_set_function_tools",
-            _c_text(system_prompt, "system_prompt"),
-            _c_text(tools, "tools"),
-            _c_text(tool_response_str, "tool_response_str"),
-        )
+        with self.session(timeout) as s:
+            s.set_function_tools(system_prompt, tools, tool_response_str)
 
-    def load_prompt_cache(self, path: str | os.PathLike[str]) -> None:
+    def load_prompt_cache(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> None:
         """Load a prompt cache file saved by an earlier run (``save_prompt_cache=``)."""
-        if not Path(path).is_file():
-            raise InvalidParameterError(f"prompt cache file not found: {path}")
-        self._call("rkllm_load_prompt_cache", os.fsencode(path))
+        with self.session(timeout) as s:
+            s.load_prompt_cache(path)
 
-    def release_prompt_cache(self) -> None:
+    def release_prompt_cache(self, *, timeout: float | None = None) -> None:
         """Unload the loaded prompt cache."""
-        self._call("rkllm_release_prompt_cache")
+        with self.session(timeout) as s:
+            s.release_prompt_cache()
 
-    def load_lora(self, path: str | os.PathLike[str], name: str, scale: float = 1.0) -> None:
+    def load_lora(
+        self, path: str | os.PathLike[str], name: str, scale: float = 1.0, *, timeout: float | None = None
+    ) -> None:
         """Load a LoRA adapter; apply it to a run with ``lora=name``."""
-        if not Path(path).is_file():
-            raise InvalidParameterError(f"LoRA adapter file not found: {path}")
-        adapter = RKLLMLoraAdapter(os.fsencode(path), _c_text(name, "name"), float(scale))
-        self._call("rkllm_load_lora", ctypes.byref(adapter))
+        with self.session(timeout) as s:
+            s.load_lora(path, name, scale)
+
+
+def _collect(stream: RunStream) -> Completion:
+    with stream as s:
+        final = None
+        for chunk in s:
+            final = chunk
+        assert final is not None and final.finish_reason is not None
+        return Completion(s.text, final.finish_reason, final.stats, s.tokens)
 
 
 def _c_text(value: str, name: str) -> bytes:
+    """Encode text for the runtime: a str, no NUL, valid UTF-8 (no lone surrogates)."""
     if not isinstance(value, str):
         raise InvalidParameterError(f"{name} must be a str, got {type(value).__name__}")
     if "\0" in value:
-        raise InvalidParameterError(f"{name} contains a NUL character")
-    return value.encode("utf-8")
-
-
-def _run_worker(state: _HandleState, run_id: int, channel: callback.RunChannel, inp: Any, infer: Any) -> None:
-    rc, exc = -1, None
+        raise InvalidParameterError(f"{name} contains a NUL character at position {value.index(chr(0))}")
     try:
-        rc = int(state.fns.rkllm_run(state.handle, ctypes.byref(inp), ctypes.byref(infer), run_id))
-    except BaseException as e:  # surfaced to the consumer through the end marker
-        exc = e
-    finally:
-        callback.close_channel(run_id)
-        with state.mutex:
-            state.current = None
-            state.running = False
-        state.lock.release()
-        channel.put((END, rc, exc))
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(
+            f"{name} is not valid text: {exc.reason} at position {exc.start} ({value[exc.start : exc.end]!r})"
+        ) from None
+
+
+def _tools_json(tools: str | Sequence[dict[str, Any]]) -> str:
+    if not isinstance(tools, str):
+        try:
+            return json.dumps(list(tools), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameterError(f"tools are not JSON-serialisable: {exc}") from exc
+    try:
+        parsed = json.loads(tools)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(f"tools is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, list):
+        raise InvalidParameterError("tools must be a JSON array")
+    return tools
+
