@@ -37,7 +37,7 @@ def replay(engine: ChatEngine, sim: SimulatorControl, model: str, turns: int = 1
     for t in range(turns):
         history.append(ChatMessage("user", f"Turn {t}: tell me something about the number {t * 7}, briefly please."))
         history.append(engine.chat(model, history).message)
-    with engine.manager.using(model) as lease:
+    with engine.manager.lease(model) as lease:
         unique = lease.runtime.kv_cache_size()
     return sim.counter("prefilled_tokens"), unique
 

@@ -161,18 +161,18 @@ def main() -> int:
         init_destroy.append(time.perf_counter() - t0)
     base = statistics.median(init_destroy)
     with ModelManager(ModelRegistry([d], platform=None), library=lib_path, max_loaded=1) as mgr:
-        with mgr.using("qwen3-0.6b"):
+        with mgr.lease("qwen3-0.6b"):
             pass
         swaps = []
         for i in range(args.swaps):
             name = "gemma3-270m" if i % 2 == 0 else "qwen3-0.6b"
             t0 = time.perf_counter()
-            with mgr.using(name):
+            with mgr.lease(name):
                 pass
             swaps.append(time.perf_counter() - t0)
         sim.reset()
         for _ in range(100):
-            with mgr.using("qwen3-0.6b"):
+            with mgr.lease("qwen3-0.6b"):
                 pass
         reinits = sim.counter("inits")
     results["init_plus_destroy_ms"] = base * 1000

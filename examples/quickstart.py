@@ -29,7 +29,7 @@ def main() -> int:
     prompt = sys.argv[2] if len(sys.argv) > 2 else "Hello! What can you do on a Rockchip NPU?"
     try:
         env = setup()
-        with default_manager().using(env.model) as lease:
+        with default_manager().lease(env.model) as lease:
             info = lease.info
             print(f"model: {info.name} ({info.filename}, context {info.context_size}, ABI {lease.runtime.abi})")
             print(f"> {prompt}")

@@ -106,7 +106,7 @@ def test_ten_turn_replay_prefills_each_token_about_once(
             assert reply.kv_reused == (turn > 0 and engine.reuse_kv)
             history.append(reply.message)
         manager = engine.manager
-        with manager.using(model) as lease:
+        with manager.lease(model) as lease:
             unique = lease.runtime.kv_cache_size()
         return sim.counter("prefilled_tokens"), unique
 

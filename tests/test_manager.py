@@ -56,7 +56,7 @@ def make_manager(models: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl) -
 
 
 def run(manager: ModelManager, name: str, prompt: str) -> str:
-    with manager.using(name) as lease:
+    with manager.lease(name) as lease:
         result = lease.runtime.generate(prompt)
         lease.record_stats(result.stats)
         return result.text
@@ -108,7 +108,7 @@ def test_swap_waits_for_the_running_generation(make_manager: type[ModelManager],
     started = threading.Event()
 
     def long_run() -> None:
-        with m.using("qwen3-0.6b") as lease:
+        with m.lease("qwen3-0.6b") as lease:
             stream = lease.runtime.stream("count to 150")
             started.set()
             chunks = list(stream)
@@ -195,7 +195,7 @@ def test_waiting_for_room_times_out(make_manager: type[ModelManager], sim: Simul
     release = threading.Event()
 
     def holder() -> None:
-        with m.using("qwen3-0.6b"):
+        with m.lease("qwen3-0.6b"):
             held.set()
             release.wait(5)
 
@@ -211,7 +211,8 @@ def test_waiting_for_room_times_out(make_manager: type[ModelManager], sim: Simul
 
 def test_self_deadlock_is_an_error_not_a_hang(make_manager: type[ModelManager]) -> None:
     m = make_manager(max_loaded=1)
-    with m.using("qwen3-0.6b"), pytest.raises(BusyError, match="this thread holds"):
+    nested = "MainThread.* holds qwen3-0.6b and asks for gemma3-270m"
+    with m.lease("qwen3-0.6b"), pytest.raises(BusyError, match=nested):
         m.lease("gemma3-270m")
 
 
@@ -222,7 +223,7 @@ def test_context_above_limit_is_refused_before_init(make_manager: type[ModelMana
     assert "4096" in str(info.value) and "2048" in str(info.value)
     assert info.value.requested == 4096 and info.value.limit == 2048
     assert sim.counter("inits") == 0 and sim.counter("init_failures") == 0
-    with m.using("gemma3-270m") as lease:  # the default is the model's own limit
+    with m.lease("gemma3-270m") as lease:  # the default is the model's own limit
         assert lease.runtime.max_context_len == 2048
 
 
@@ -241,7 +242,7 @@ def test_sampling_policy_per_abi(make_manager: type[ModelManager], sim: Simulato
         InitParams(sampling=SamplingParams(temperature=1.2)),
     )
     for params in (cold, hot, cold):
-        with m.using("qwen3-0.6b", params) as lease:
+        with m.lease("qwen3-0.6b", params) as lease:
             lease.runtime.generate("x")
     # 1.2: sampling is fixed at init, so each change re-initialises (budget 1); 1.3: one instance.
     assert sim.counter("inits") == (3 if abi == "1.2" else 1)
@@ -286,7 +287,7 @@ def test_longrope_needs_runtime_1_2_2(make_manager: type[ModelManager], models: 
 def test_platform_mismatch_warns(make_manager: type[ModelManager]) -> None:
     m = make_manager()
     m._board_platform = "rk3576"
-    with pytest.warns(RuntimeWarning, match="rk3588"), m.using("qwen3-0.6b"):
+    with pytest.warns(RuntimeWarning, match="rk3588"), m.lease("qwen3-0.6b"):
         pass
 
 
@@ -296,3 +297,64 @@ def test_measured_memory_replaces_the_estimate(make_manager: type[ModelManager])
     entry = m.loaded()[0]
     assert entry.measured_mb is not None and entry.measured_mb > 0
     assert entry.load_time_s > 0
+
+
+# -- tasks -------------------------------------------------------------------------------------------------
+
+
+async def test_tasks_are_owners_and_wait_without_threads(
+    make_manager: type[ModelManager], sim: SimulatorControl
+) -> None:
+    import asyncio
+
+    m = make_manager(max_loaded=1)
+    async with m.alease("qwen3-0.6b") as lease:
+        assert lease.owner is asyncio.current_task()
+        threads = threading.active_count()
+        # Another task asking for another model waits (it is not "this thread holds ...": tasks are owners).
+        waiters = [asyncio.create_task(_use(m, "gemma3-270m")) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        assert m.waiting() == 20 and threading.active_count() == threads  # twenty waits, no thread parked
+        nested = "holds qwen3-0.6b and asks for gemma3-270m"
+        with pytest.raises(BusyError, match=nested):  # but this task asking for it would wait for itself
+            await m.alease("gemma3-270m")
+    assert await asyncio.gather(*waiters) == ["gemma3-270m"] * 20
+    assert sim.counter("inits") == 2 and m.waiting() == 0
+
+
+async def _use(m: ModelManager, name: str, timeout: float = 10) -> str:
+    async with m.alease(name, timeout=timeout) as lease:
+        return lease.info.name
+
+
+async def test_a_cancelled_or_timed_out_async_wait_leaves_the_line(make_manager: type[ModelManager]) -> None:
+    import asyncio
+
+    m = make_manager(max_loaded=1)
+    held = m.lease("qwen3-0.6b")  # taken by this task: the waits below are other tasks'
+    try:
+        task = asyncio.create_task(_use(m, "gemma3-270m"))
+        await asyncio.sleep(0.02)
+        assert m.waiting() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert m.waiting() == 0
+        with pytest.raises(BusyError) as timed_out:
+            await asyncio.create_task(_use(m, "gemma3-270m", timeout=0.02))
+        assert timed_out.value.reason == "timeout" and m.waiting() == 0
+    finally:
+        held.release()
+    assert await _use(m, "gemma3-270m") == "gemma3-270m"
+
+
+def test_unload_waits_for_a_model_still_loading(make_manager: type[ModelManager], sim: SimulatorControl) -> None:
+    sim.set("init_delay_ms", 100)
+    m = make_manager()
+    t = threading.Thread(target=lambda: m.lease("qwen3-0.6b").release())
+    t.start()
+    while not m.loaded():
+        time.sleep(0.001)
+    assert m.unload("qwen3-0.6b", timeout=5) == 1  # the request that started the load was served first
+    t.join(5)
+    assert sim.counter("inits") == 1 and sim.counter("destroys") == 1 and not m.loaded()

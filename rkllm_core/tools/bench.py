@@ -104,11 +104,11 @@ def _rss_mb() -> float:
 
 
 def _one_run(manager: ModelManager, name: str, prompt: str, new_tokens: int) -> dict[str, float]:
-    abi = manager.library.abi
-    init = InitParams(max_new_tokens=new_tokens) if abi == "1.2" else None
-    with manager.using(name, init) as lease:
+    per_run = manager.library.backend.per_run_sampling
+    init = None if per_run else InitParams(max_new_tokens=new_tokens)
+    with manager.lease(name, init) as lease:
         rt = lease.runtime
-        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens} if abi == "1.3" else {}
+        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens} if per_run else {}
         t0 = time.perf_counter()
         t_first: float | None = None
         stream = rt.stream(prompt, **kwargs)
@@ -190,7 +190,7 @@ def run_bench(
                 if name != info.name and entry.leases == 0:
                     manager.unload(name)
             t0 = time.perf_counter()
-            with manager.using(info.name, InitParams(max_new_tokens=config.new_tokens)):
+            with manager.lease(info.name, InitParams(max_new_tokens=config.new_tokens)):
                 pass
             load_s = time.perf_counter() - t0
             official = find_official(info, table)

@@ -109,7 +109,7 @@ def run_doctor(
 
     def init() -> str:
         t0 = time.perf_counter()
-        with manager.using(model) as lease:
+        with manager.lease(model) as lease:
             took = time.perf_counter() - t0
             return f"{lease.info.filename} loaded in {took:.2f} s (context {lease.runtime.max_context_len})"
 
@@ -117,7 +117,7 @@ def run_doctor(
         return results
 
     def stream() -> str:
-        with manager.using(model) as lease:
+        with manager.lease(model) as lease:
             s = lease.runtime.stream("Say hello in one short sentence.")
             chunks = list(s)
         text = "".join(c.text for c in chunks).strip()
@@ -130,7 +130,7 @@ def run_doctor(
     step("stream", stream)
 
     def abort() -> str:
-        with manager.using(model) as lease:
+        with manager.lease(model) as lease:
             rt = lease.runtime
             s = rt.stream("Count from 1 to 10000, numbers separated by spaces. count to 10000")
             got = 0
@@ -153,9 +153,9 @@ def run_doctor(
         if len(names) < 2:
             return "skipped: only one model available (pass two models to test a swap)"
         other = manager.resolve(names[1]).name
-        with manager.using(other) as lease:
+        with manager.lease(other) as lease:
             lease.runtime.generate("Hi.")
-        with manager.using(model) as lease:
+        with manager.lease(model) as lease:
             lease.runtime.generate("Hi.")
         loaded = [e.info.name for e in manager.loaded()]
         if manager.max_loaded == 1 and loaded != [model]:
@@ -167,7 +167,7 @@ def run_doctor(
     def prompt_cache() -> str:
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             path = Path(tmp) / "system.cache"
-            with manager.using(model) as lease:
+            with manager.lease(model) as lease:
                 rt = lease.runtime
                 rt.set_function_tools("You are a careful assistant. " * 20, "[]")
                 rt.generate("Hi.", save_prompt_cache=path)
