@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .._sync import FifoLock
-from ..errors import BusyError, ContextLengthError, NativeError
+from ..errors import BusyError, ContextLengthError, InvalidParameterError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
 from ..models.registry import ModelInfo
 from ..params import InitParams, PerfStats, StreamChunk
@@ -450,17 +450,16 @@ class ChatEngine:
             conv.loaded_cache = None
         if wanted is not None and conv.loaded_cache != wanted:
             assert self._store is not None and plan.cache_key is not None
-            with self._store.reading(plan.cache_key) as path:
-                try:
-                    if path is None:
-                        raise NativeError("the cache entry vanished")
-                    rt.load_prompt_cache(path)
-                    conv.loaded_cache = wanted
-                except NativeError as exc:
-                    logger.warning("prompt cache %s could not be loaded (%s); rebuilding it", path, exc)
-                    self._store.invalidate(plan.cache_key, f"load failed: {exc}")
-                    plan.cache_load = None
-                    plan.cache_save = self._store.staging_path(plan.cache_key)
+            path = plan.cache_load
+            assert path is not None
+            try:  # a file the store returned is complete; if it vanished since, that is a miss
+                rt.load_prompt_cache(path)
+                conv.loaded_cache = wanted
+            except (NativeError, InvalidParameterError) as exc:
+                logger.warning("prompt cache %s could not be loaded (%s); rebuilding it", path, exc)
+                self._store.invalidate(plan.cache_key, f"load failed: {exc}")
+                plan.cache_load = None
+                plan.cache_save = self._store.staging_path(plan.cache_key)
 
     def _run_kwargs(self, rt: RKLLMRuntime, plan: _Plan, opts: ChatOptions) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"role": plan.role, "keep_history": True}
