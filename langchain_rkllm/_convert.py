@@ -20,7 +20,7 @@ from rkllm_core.chat.messages import ChatMessage as CoreMessage
 from rkllm_core.chat.messages import MessageRole, ToolCallRequest
 from rkllm_core.errors import InvalidParameterError
 
-__all__ = ["UnsupportedContentError", "json_instruction", "to_core_messages"]
+__all__ = ["UnsupportedContentError", "to_core_messages"]
 
 # Content-block types that carry a modality the runtime cannot take, by the name used in errors.
 _MODALITIES: dict[str, str] = {
@@ -171,40 +171,3 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[CoreMessage]:
         else:
             raise InvalidParameterError(f"{_describe(i, m)}: ChatRKLLM cannot send this message type")
     return out
-
-
-def json_instruction(response_format: Mapping[str, Any]) -> str:
-    """The instruction appended to the prompt for a ``response_format``.
-
-    ``{"type": "json_schema", "json_schema": {"schema": {...}}}`` asks for an
-    instance of the schema; ``{"type": "json_object"}`` (optionally with a
-    ``"schema"``) asks for a JSON object.
-
-    Raises:
-        InvalidParameterError: an unknown format.
-    """
-    kind = response_format.get("type")
-    schema: Any = None
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, Mapping) else None
-        if not isinstance(schema, Mapping):
-            raise InvalidParameterError('response_format "json_schema" needs {"json_schema": {"schema": {...}}}')
-    elif kind == "json_object":
-        schema = response_format.get("schema")
-    else:
-        raise InvalidParameterError(
-            f"response_format type must be 'json_schema' or 'json_object', got {kind!r}",
-        )
-    if schema:
-        return "Respond with a JSON object matching this JSON schema: " + json.dumps(schema, ensure_ascii=False)
-    return "Respond with a JSON object only, with no other text."
-
-
-def with_instruction(messages: list[CoreMessage], instruction: str) -> list[CoreMessage]:
-    """Append ``instruction`` to the last user message, or add it as a user message after a tool result."""
-    if messages and messages[-1].role == "user":
-        last = messages[-1]
-        joined = f"{last.content}\n\n{instruction}" if last.content else instruction
-        return [*messages[:-1], CoreMessage("user", joined, name=last.name)]
-    return [*messages, CoreMessage("user", instruction)]

@@ -23,7 +23,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils import from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from rkllm_core.chat.engine import (
     ChatDone,
@@ -33,23 +33,21 @@ from rkllm_core.chat.engine import (
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
-    shared_engine,
 )
-from rkllm_core.chat.messages import ChatMessage, ChatOptions
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.chat.options import SAMPLING_FIELDS, ChatOptions, normalise_tool_choice
 from rkllm_core.chat.templates import estimate_tokens
 from rkllm_core.errors import InvalidParameterError
-from rkllm_core.models.manager import ModelManager
-from rkllm_core.params import SamplingParams
+from rkllm_core.models.manager import ModelManager, manager_for
 
-from ._convert import UnsupportedContentError, json_instruction, to_core_messages, with_instruction
+from ._convert import UnsupportedContentError, to_core_messages
 
 __all__ = ["ChatRKLLM", "UnsupportedContentError"]
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repeat_penalty", "frequency_penalty", "presence_penalty")
 _CALL_OPTIONS = frozenset(
     {
         "model",
-        *_SAMPLING_FIELDS,
+        *SAMPLING_FIELDS,
         "max_tokens",
         "reasoning",
         "timeout",
@@ -73,9 +71,10 @@ class ChatRKLLM(BaseChatModel):
 
     Models are ``.rkllm`` files found by friendly name (``qwen3-0.6b``); they are
     loaded on the first call, not when the object is created, and swapped in and
-    out by a ``rkllm_core`` model manager. Every ``ChatRKLLM`` on one manager
-    shares one chat engine, so a conversation that continues where the last
-    request left off only prefills the new messages (KV-cache reuse).
+    out by a ``rkllm_core`` model manager. Each loaded model knows which
+    conversation its KV cache holds, so a request that continues it (from this
+    or any other ``ChatRKLLM``) only prefills the new messages, and a request for
+    another conversation is never answered in that one's context.
     Without ``librkllmrt.so`` everything runs on the bundled simulator.
 
     Setup:
@@ -310,9 +309,11 @@ class ChatRKLLM(BaseChatModel):
     """Path of ``librkllmrt.so`` or of the simulator (default: ``$RKLLM_LIB_PATH``, then the usual places)."""
 
     manager: ModelManager | None = Field(default=None, exclude=True)
-    """The ``rkllm_core`` model manager to load models with (budget, swapping). Instances
-    on one manager share KV-cache state. Default: the process-wide manager (or the one
+    """The ``rkllm_core`` model manager to load models with (budget, swapping); instances
+    on one manager share its loaded models. Default: the process-wide manager (or the one
     for ``model_dir``/``library_path``). Not serialised."""
+
+    _core_engine: ChatEngine | None = PrivateAttr(default=None)
 
     # -- validation ----------------------------------------------------------------------------------------------
     @model_validator(mode="before")
@@ -337,8 +338,7 @@ class ChatRKLLM(BaseChatModel):
             raise ValueError("pass either manager= or model_dir=/library_path=, not both (the manager has its own)")
         if not self.model:
             raise ValueError("model must be a non-empty model name")
-        self._sampling()
-        ChatOptions(max_new_tokens=self.max_tokens, stop=tuple(self.stop or ()), timeout=self.timeout)
+        ChatOptions.from_settings(self._settings())
         return self
 
     # -- LangChain plumbing --------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ class ChatRKLLM(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            **{name: getattr(self, name) for name in _SAMPLING_FIELDS},
+            **{name: getattr(self, name) for name in SAMPLING_FIELDS},
             "max_tokens": self.max_tokens,
             "stop": self.stop,
             "reasoning": self.reasoning,
@@ -382,15 +382,16 @@ class ChatRKLLM(BaseChatModel):
 
     # -- the engine ----------------------------------------------------------------------------------------------
     def _engine(self) -> ChatEngine:
-        """The shared engine for this instance's manager (created lazily, on the first call)."""
-        return shared_engine(manager=self.manager, model_dir=self.model_dir, library_path=self.library_path)
+        """The chat engine on this instance's manager (nothing is loaded until a request)."""
+        if self._core_engine is None:
+            self._core_engine = ChatEngine(self.manager or manager_for(self.model_dir, self.library_path))
+        return self._core_engine
 
-    def _sampling(self, overrides: Mapping[str, Any] | None = None) -> SamplingParams | None:
-        values = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
-        if overrides:
-            values.update({k: v for k, v in overrides.items() if k in _SAMPLING_FIELDS})
-        sampling = SamplingParams(**values)
-        return None if sampling.is_empty() else sampling
+    def _settings(self) -> dict[str, Any]:
+        """This instance's settings, in the core's spelling."""
+        settings: dict[str, Any] = {name: getattr(self, name) for name in SAMPLING_FIELDS}
+        settings.update(max_tokens=self.max_tokens, stop=self.stop, reasoning=self.reasoning, timeout=self.timeout)
+        return settings
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
@@ -403,23 +404,10 @@ class ChatRKLLM(BaseChatModel):
                 f"supported: {', '.join(sorted(_CALL_OPTIONS))}"
             )
         model = kwargs.get("model") or self.model
-        core = to_core_messages(messages)
-        response_format = kwargs.get("response_format")
-        if response_format is not None:
-            core = with_instruction(core, json_instruction(response_format))
-        stops = stop if stop is not None else self.stop
-        reasoning = kwargs.get("reasoning", self.reasoning)
-        tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or ()]  # as-is when bound by bind_tools
-        options = ChatOptions(
-            sampling=self._sampling(kwargs),
-            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
-            stop=tuple(stops or ()),
-            enable_thinking=bool(reasoning),
-            tools=tuple(tools),
-            tool_choice=_normalise_tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools]),
-            timeout=kwargs.get("timeout", self.timeout),
-        )
-        return model, core, options
+        overrides = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS and k != "model"}
+        overrides["stop"] = stop
+        overrides["tools"] = [convert_to_openai_tool(t) for t in kwargs.get("tools") or ()]  # as-is from bind_tools
+        return model, to_core_messages(messages), ChatOptions.from_settings(self._settings(), overrides)
 
     # -- generation ----------------------------------------------------------------------------------------------
     def _chunks(
@@ -541,7 +529,7 @@ class ChatRKLLM(BaseChatModel):
         kwargs.pop("strict", None)
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
-        choice = _normalise_tool_choice(tool_choice, names)
+        choice = normalise_tool_choice(tool_choice, names)
         return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def with_structured_output(
@@ -616,30 +604,6 @@ class ChatRKLLM(BaseChatModel):
         return llm | parser
 
 
-def _normalise_tool_choice(choice: dict[str, Any] | str | bool | None, names: Sequence[str]) -> str | None:
-    if choice is None or choice is False:
-        return None
-    if choice is True:
-        if len(names) != 1:
-            raise ValueError(f"tool_choice=True needs exactly one tool, got {len(names)}: {list(names)}")
-        return names[0]
-    if isinstance(choice, Mapping):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
-        if not isinstance(name, str):
-            raise ValueError(f"tool_choice dict must name a function, got {choice!r}")
-        choice = name
-    if not isinstance(choice, str):
-        raise ValueError(f"tool_choice must be a str, bool, dict or None, got {type(choice).__name__}")
-    if choice == "any":
-        choice = "required"
-    if choice in ("auto", "none", "required") or choice in names:
-        return choice
-    raise ValueError(
-        f"tool_choice must be 'auto', 'none', 'any', 'required' or a bound tool name {list(names)}; got {choice!r}"
-    )
-
-
 class _ChunkMapper:
     """Turns engine events into ``ChatGenerationChunk`` objects (one instance per request)."""
 
@@ -694,14 +658,7 @@ def _response_metadata(done: ChatDone) -> dict[str, Any]:
         "kv_reused": done.kv_reused,
     }
     if done.stats is not None:
-        s = done.stats
-        meta["stats"] = {
-            "prefill_time_ms": s.prefill_time_ms,
-            "prefill_tokens": s.prefill_tokens,
-            "generate_time_ms": s.generate_time_ms,
-            "generate_tokens": s.generate_tokens,
-            "memory_usage_mb": s.memory_usage_mb,
-        }
+        meta["stats"] = done.stats_dict()
     return meta
 
 

@@ -11,8 +11,9 @@ It is a thin adapter over :class:`rkllm_core.chat.engine.ChatEngine`:
   and OpenAI-style ``additional_kwargs["tool_calls"]``) and token usage in
   ``raw["usage"]``, where LlamaIndex's ``TokenCountingHandler`` reads it.
 
-Every instance that uses the same model manager shares one engine
-(:func:`rkllm_core.chat.engine.shared_engine`), hence one view of the KV cache.
+What a model's KV cache holds is known by the model's handle, so every instance
+(and every other user of the same manager) continues a conversation the cache
+holds, and none is ever answered in another's context.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ from rkllm_core.chat.engine import (
     ReasoningDelta,
     TextDelta,
     ToolCall,
-    shared_engine,
+    acollect,
+    collect,
 )
+from rkllm_core.chat.options import SAMPLING_FIELDS, SETTINGS, ChatOptions
 from rkllm_core.errors import InvalidParameterError, RKLLMError
-from rkllm_core.models.manager import ModelManager
-from rkllm_core.params import SamplingParams
+from rkllm_core.models.manager import ModelManager, manager_for
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -70,8 +72,7 @@ logger = logging.getLogger(__name__)
 FALLBACK_CONTEXT_WINDOW = 4096
 """Context window reported when the model cannot be found in the registry (and no override is set)."""
 
-_Request = tuple[list[core.ChatMessage], core.ChatOptions]
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "frequency_penalty", "presence_penalty")
+_Request = tuple[list[core.ChatMessage], ChatOptions]
 _IGNORED_KWARGS = frozenset({"formatted", "allow_parallel_tool_calls", "tool_required", "verbose"})
 
 
@@ -99,10 +100,10 @@ class RKLLM(FunctionCallingLLM):
 
     Args:
         model: the model (see the ``model`` field).
-        manager: a :class:`rkllm_core.models.manager.ModelManager` to take models from;
-            every ``RKLLM`` on one manager shares KV-cache state. Default: one
-            manager per ``model_dir``/``library_path`` pair, or the process-wide
-            manager when neither is set.
+        manager: a :class:`rkllm_core.models.manager.ModelManager` to take models from
+            (budget, swapping); every ``RKLLM`` on one manager shares its loaded models.
+            Default: one manager per ``model_dir``/``library_path`` pair, or the
+            process-wide manager when neither is set.
         **kwargs: the other fields.
     """
 
@@ -182,6 +183,7 @@ class RKLLM(FunctionCallingLLM):
     )
 
     _manager: ModelManager | None = PrivateAttr(default=None)
+    _engine: ChatEngine | None = PrivateAttr(default=None)
     _warned: set[str] = PrivateAttr(default_factory=set)
 
     def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
@@ -206,8 +208,7 @@ class RKLLM(FunctionCallingLLM):
     @model_validator(mode="after")
     def _check_settings(self) -> RKLLM:
         # The same checks the runtime layer makes, so a bad value fails here and not at the first request.
-        self._sampling()
-        core.ChatOptions(stop=tuple(self.stop), max_new_tokens=self.max_new_tokens, timeout=self.timeout)
+        ChatOptions.from_settings(self._settings())
         return self
 
     @classmethod
@@ -218,8 +219,10 @@ class RKLLM(FunctionCallingLLM):
     # -- engine and metadata --------------------------------------------------------------------
     @property
     def engine(self) -> ChatEngine:
-        """The chat engine shared by every ``RKLLM`` on the same model manager."""
-        return shared_engine(manager=self._manager, model_dir=self.model_dir, library_path=self.library_path)
+        """The chat engine this instance sends its requests through (on :attr:`manager`)."""
+        if self._engine is None:
+            self._engine = ChatEngine(self._manager or manager_for(self.model_dir, self.library_path))
+        return self._engine
 
     @property
     def manager(self) -> ModelManager:
@@ -275,40 +278,22 @@ class RKLLM(FunctionCallingLLM):
             logger.warning(msg, *args)
 
     # -- options ----------------------------------------------------------------------------------
-    def _sampling(self, overrides: Mapping[str, Any] | None = None) -> SamplingParams | None:
-        values = {k: getattr(self, k) for k in _SAMPLING_KEYS}
-        if overrides:
-            values.update({k: overrides[k] for k in _SAMPLING_KEYS if k in overrides})
-        sampling = SamplingParams(**values)
-        return None if sampling.is_empty() else sampling
+    def _settings(self) -> dict[str, Any]:
+        """This instance's settings, in the core's spelling."""
+        settings: dict[str, Any] = {key: getattr(self, key) for key in SAMPLING_FIELDS}
+        settings.update(max_new_tokens=self.max_new_tokens, stop=self.stop, thinking=self.thinking)
+        settings["timeout"] = self.timeout
+        return settings
 
-    def _options(self, kwargs: dict[str, Any]) -> core.ChatOptions:
-        """Build the request options from the settings and this call's keyword arguments."""
-        kw = dict(kwargs)
-        sampling = self._sampling(kw)
-        for key in _SAMPLING_KEYS:
-            kw.pop(key, None)
-        max_new = kw.pop("max_new_tokens", None)
-        max_tokens = kw.pop("max_tokens", None)
-        max_new = max_new if max_new is not None else max_tokens if max_tokens is not None else self.max_new_tokens
-        stop = kw.pop("stop", None)
-        stop = self.stop if stop is None else [stop] if isinstance(stop, str) else list(stop)
-        thinking = kw.pop("thinking", kw.pop("enable_thinking", None))
-        timeout = kw.pop("timeout", None)
-        tools = _tool_dicts(kw.pop("tools", None) or ())
-        tool_choice = _tool_choice_name(kw.pop("tool_choice", None))
-        unknown = sorted(k for k in kw if k not in _IGNORED_KWARGS)
+    def _options(self, kwargs: Mapping[str, Any]) -> ChatOptions:
+        """The request options: the settings with this call's keyword arguments on top."""
+        unknown = sorted(k for k in kwargs if k not in SETTINGS and k not in _IGNORED_KWARGS)
         if unknown:
             logger.debug("RKLLM ignores these keyword arguments: %s", ", ".join(unknown))
-        return core.ChatOptions(
-            sampling=sampling,
-            max_new_tokens=max_new,
-            stop=tuple(stop),
-            enable_thinking=self.thinking if thinking is None else bool(thinking),
-            tools=tuple(tools),
-            tool_choice=tool_choice if tools else None,
-            timeout=self.timeout if timeout is None else timeout,
-        )
+        overrides = {k: v for k, v in kwargs.items() if k in SETTINGS}
+        if overrides.get("tools"):
+            overrides["tools"] = _tool_dicts(overrides["tools"])
+        return ChatOptions.from_settings(self._settings(), overrides)
 
     # -- event streams ----------------------------------------------------------------------------
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
@@ -335,7 +320,7 @@ class RKLLM(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer a conversation (the last message must be from the user or a tool)."""
-        done = _last_done(self._events(self._request(messages, kwargs)))
+        done = collect(self._events(self._request(messages, kwargs)))
         return _chat_response(done)
 
     @llm_chat_callback()
@@ -361,7 +346,7 @@ class RKLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Async :meth:`chat`: never blocks the event loop; cancelling the task aborts the generation."""
-        done = await _alast_done(self._aevents(self._request(messages, kwargs)))
+        done = await acollect(self._aevents(self._request(messages, kwargs)))
         return _chat_response(done)
 
     @llm_chat_callback()
@@ -383,7 +368,7 @@ class RKLLM(FunctionCallingLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Answer one prompt (sent as a user message, after ``system_prompt`` when set)."""
-        done = _last_done(self._events(self._request(self._completion_messages(prompt, formatted), kwargs)))
+        done = collect(self._events(self._request(self._completion_messages(prompt, formatted), kwargs)))
         return _completion_response(done)
 
     @llm_completion_callback()
@@ -405,7 +390,7 @@ class RKLLM(FunctionCallingLLM):
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Async :meth:`complete`."""
         request = self._request(self._completion_messages(prompt, formatted), kwargs)
-        done = await _alast_done(self._aevents(request))
+        done = await acollect(self._aevents(request))
         return _completion_response(done)
 
     @llm_completion_callback()
@@ -604,20 +589,6 @@ def _tool_dicts(tools: Sequence[Any]) -> list[Mapping[str, Any]]:
     return out
 
 
-def _tool_choice_name(choice: Any) -> str | None:
-    """``tool_choice`` as the engine takes it: None, 'auto', 'none', 'required' or a tool name."""
-    if choice is None or isinstance(choice, str):
-        return choice
-    if isinstance(choice, Mapping):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
-        if isinstance(name, str):
-            return name
-        if choice.get("type") in ("any", "required", "auto", "none"):
-            return str(choice["type"])
-    raise InvalidParameterError(f"unsupported tool_choice {choice!r}")
-
-
 def _keep_first_tool_call(message: ChatMessage) -> None:
     seen = False
     blocks = []
@@ -636,25 +607,6 @@ def _keep_first_tool_call(message: ChatMessage) -> None:
 # ------------------------------------------------------------------------------------- responses
 
 
-def _last_done(events: Iterator[ChatEvent]) -> ChatDone:
-    done: ChatDone | None = None
-    for event in events:
-        if isinstance(event, ChatDone):
-            done = event
-    assert done is not None, "the engine ended a stream without ChatDone"
-    return done
-
-
-async def _alast_done(events: AsyncIterator[ChatEvent]) -> ChatDone:
-    done: ChatDone | None = None
-    async with aclosing(events) as stream:  # type: ignore[type-var]
-        async for event in stream:
-            if isinstance(event, ChatDone):
-                done = event
-    assert done is not None, "the engine ended a stream without ChatDone"
-    return done
-
-
 def _raw(done: ChatDone) -> dict[str, Any]:
     u = done.usage
     return {
@@ -668,7 +620,7 @@ def _raw(done: ChatDone) -> dict[str, Any]:
             "cached_tokens": u.cached_tokens,
         },
         "kv_reused": done.kv_reused,
-        "stats": asdict(done.stats) if done.stats is not None else None,
+        "stats": done.stats_dict(),
         "invalid_tool_calls": [asdict(c) for c in done.invalid_tool_calls],
     }
 

@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "Completion": "runtime",
     "RKLLMRuntime": "runtime",
     "RunStream": "runtime",
+    "Session": "runtime",
+    "KVState": "runtime",
     # library
     "RuntimeLibrary": "native.library",
     "find_library": "native.library",
@@ -54,12 +56,13 @@ _EXPORTS: dict[str, str] = {
     "ModelRegistry": "models.registry",
     "ModelManager": "models.manager",
     "default_manager": "models.manager",
+    "manager_for": "models.manager",
+    "Lease": "models.manager",
     # chat
     "ChatEngine": "chat.engine",
     "ChatResponse": "chat.engine",
-    "shared_engine": "chat.engine",
     "ChatMessage": "chat.messages",
-    "ChatOptions": "chat.messages",
+    "ChatOptions": "chat.options",
     "ToolCallRequest": "chat.messages",
     "PromptCacheStore": "chat.promptcache",
 }
@@ -78,6 +81,8 @@ __all__ = [
     "InitError",
     "InitParams",
     "InvalidParameterError",
+    "KVState",
+    "Lease",
     "LibraryNotFoundError",
     "ModelFileError",
     "ModelInfo",
@@ -92,6 +97,7 @@ __all__ = [
     "RKLLMRuntime",
     "RunError",
     "RunStream",
+    "Session",
     "RuntimeLibrary",
     "SamplingParams",
     "StreamChunk",
@@ -100,13 +106,14 @@ __all__ = [
     "default_manager",
     "find_library",
     "load_library",
-    "shared_engine",
+    "manager_for",
     "__version__",
 ]
 
 if TYPE_CHECKING:
-    from .chat.engine import ChatEngine, ChatResponse, shared_engine
-    from .chat.messages import ChatMessage, ChatOptions, ToolCallRequest
+    from .chat.engine import ChatEngine, ChatResponse
+    from .chat.messages import ChatMessage, ToolCallRequest
+    from .chat.options import ChatOptions
     from .chat.promptcache import PromptCacheStore
     from .errors import (
         ABIError,
@@ -125,11 +132,11 @@ if TYPE_CHECKING:
         RunError,
         UnsupportedRuntimeError,
     )
-    from .models.manager import ModelManager, default_manager
+    from .models.manager import Lease, ModelManager, default_manager, manager_for
     from .models.registry import ModelInfo, ModelRegistry
     from .native.library import RuntimeLibrary, find_library, load_library
     from .params import InitParams, PerfStats, SamplingParams, StreamChunk
-    from .runtime import Completion, RKLLMRuntime, RunStream
+    from .runtime import Completion, KVState, RKLLMRuntime, RunStream, Session
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from rkllm_core.chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCall
-from rkllm_core.chat.messages import ChatMessage, ChatOptions, ToolCallRequest
+from rkllm_core.chat.messages import ChatMessage, ToolCallRequest
+from rkllm_core.chat.options import ChatOptions
 from rkllm_core.errors import ContextLengthError, InvalidParameterError
 from rkllm_core.models.manager import ModelManager
 from rkllm_core.models.registry import ModelRegistry
@@ -345,6 +346,9 @@ async def test_cancel_while_loading_releases_the_lease(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The load finished and its lease was given back: the model can be unloaded at once.
+    # The cancel did not wait for the load: the model is still loading, and no lease was taken.
+    loading = engine.manager.loaded()
+    assert [e.loading for e in loading] == [True] and loading[0].leases == 0
+    # The load finishes on its own; the idle model is then unloaded at once.
     assert await asyncio.to_thread(engine.manager.unload, "qwen3-0.6b", timeout=1) == 1
     assert sim.counter("runs") == 0

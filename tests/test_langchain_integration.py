@@ -393,7 +393,7 @@ def test_multi_turn_reuses_the_kv_cache(chat: ChatRKLLM, sim: SimulatorControl, 
         history.append(reply)  # sent back unchanged: the next turn continues the cached conversation
     assert max(prefilled[1:]) < prefilled[0]
 
-    # Two instances on one manager share the engine, hence the conversation in the KV cache.
+    # Another instance on the same manager continues the conversation the KV cache holds.
     other = ChatRKLLM(model="qwen3-0.6b", manager=chat.manager)
     history.append(HumanMessage("One more question?"))
     assert other.invoke(history, reasoning=reasoning).response_metadata["kv_reused"] is True

@@ -24,7 +24,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_rkllm import ChatRKLLM, UnsupportedContentError
-from rkllm_core.chat.engine import shared_engine
+from rkllm_core.models.manager import manager_for
 from rkllm_core.sim import make_model
 
 MODEL = "qwen3-0.6b"
@@ -59,7 +59,7 @@ def simulator_env(sim_paths: dict[str, Path], tmp_path_factory: pytest.TempPathF
     _SIM.update(model_dir=str(models), library_path=str(sim_paths["1.3"]))
     yield
     # Every model built from these params shares one manager: close its handles (no leaks for later tests).
-    shared_engine(model_dir=_SIM["model_dir"], library_path=_SIM["library_path"]).manager.close()
+    manager_for(_SIM["model_dir"], _SIM["library_path"]).close()
     mp.undo()
     _SIM.clear()
 

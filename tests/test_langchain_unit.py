@@ -29,8 +29,8 @@ from typing_extensions import TypedDict
 
 import rkllm_core.native.library
 from langchain_rkllm import ChatRKLLM, UnsupportedContentError
-from langchain_rkllm._convert import json_instruction, to_core_messages, with_instruction
-from langchain_rkllm.chat_models import _ChunkMapper, _normalise_tool_choice, _result
+from langchain_rkllm._convert import to_core_messages
+from langchain_rkllm.chat_models import _ChunkMapper, _result
 from rkllm_core.chat.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta, Usage
 from rkllm_core.chat.messages import ChatMessage as CoreMessage
 from rkllm_core.chat.messages import ToolCallRequest
@@ -264,40 +264,13 @@ def test_unknown_blocks_roles_and_types_are_errors() -> None:
         to_core_messages([ChatMessage(role="narrator", content="x")])
 
 
-def test_json_instruction() -> None:
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-    text = json_instruction({"type": "json_schema", "json_schema": {"schema": schema}})
-    assert text.startswith("Respond with a JSON object matching this JSON schema: {")
-    assert "JSON schema:" in text  # what the simulator keys on
-    assert json_instruction({"type": "json_object"}) == "Respond with a JSON object only, with no other text."
-    with pytest.raises(InvalidParameterError):
-        json_instruction({"type": "xml"})
-    msgs = [CoreMessage("user", "Tell me a joke.", name="bob")]
-    assert with_instruction(msgs, "X") == [CoreMessage("user", "Tell me a joke.\n\nX", name="bob")]
-    after_tool = [CoreMessage("user", "q"), CoreMessage("assistant", ""), CoreMessage("tool", "r")]
-    assert with_instruction(after_tool, "X")[-1] == CoreMessage("user", "X")
-    _, core, _ = model()._request([HumanMessage("Tell me a joke.")], None, {"response_format": {"type": "json_object"}})
-    assert core[-1].content.endswith("Respond with a JSON object only, with no other text.")
+def test_response_format_reaches_the_core_options() -> None:
+    request = {"response_format": {"type": "json_object"}}
+    _, _, options = model()._request([HumanMessage("Tell me a joke.")], None, request)
+    assert options.response_format == {"type": "json_object"}
 
 
 # -- tools and structured output --------------------------------------------------------------------------------
-
-
-def test_tool_choice_forms() -> None:
-    names = ["get_weather", "magic_function"]
-    assert _normalise_tool_choice(None, names) is None
-    assert _normalise_tool_choice(False, names) is None
-    assert _normalise_tool_choice("auto", names) == "auto"
-    assert _normalise_tool_choice("none", names) == "none"
-    assert _normalise_tool_choice("any", names) == "required"
-    assert _normalise_tool_choice("required", names) == "required"
-    assert _normalise_tool_choice("magic_function", names) == "magic_function"
-    assert _normalise_tool_choice({"type": "function", "function": {"name": "get_weather"}}, names) == "get_weather"
-    assert _normalise_tool_choice(True, ["only"]) == "only"
-    with pytest.raises(ValueError, match="exactly one tool"):
-        _normalise_tool_choice(True, names)
-    with pytest.raises(ValueError, match="bound tool name"):
-        _normalise_tool_choice("other", names)
 
 
 def test_bind_tools_formats_and_passes_through() -> None:

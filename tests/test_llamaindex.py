@@ -122,9 +122,16 @@ def test_constructing_and_metadata_load_nothing(sim_paths: dict[str, Path], mode
         llm.manager.close()
 
 
-def test_instances_on_one_manager_share_one_engine(manager: ModelManager) -> None:
+def test_instances_on_one_manager_continue_each_others_conversations(manager: ModelManager) -> None:
     a, b = RKLLM("qwen3-0.6b", manager=manager), RKLLM("qwen3-0.6b", manager=manager, temperature=0.2)
-    assert a.engine is b.engine and a.manager is manager
+    assert a.manager is manager and b.manager is manager
+    history = [user("Hello there.")]
+    first = a.chat(history)
+    history += [first.message, user("And then?")]
+    second = b.chat(history)  # the KV cache holds a's conversation: b continues it
+    assert second.raw["kv_reused"] and second.message.content == echo("And then?")
+    third = a.chat([user("A new conversation.")])  # not the one in the cache: rebuilt
+    assert not third.raw["kv_reused"]
 
 
 def test_metadata(manager: ModelManager, models: Path, caplog: pytest.LogCaptureFixture) -> None:

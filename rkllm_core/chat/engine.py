@@ -1,49 +1,46 @@
 """The chat engine both adapters share: messages in, a stream of typed events out.
 
-Per runtime handle the engine remembers which conversation is in the KV cache
-(the fingerprints of its messages, the system prompt, tools and template).
+A request takes a lease on its model from the manager, then a session on the
+handle (both in arrival order; both awaited without a thread in async code),
+and inside that session:
 
-* When a request *extends* that conversation — same setup, same earlier
-  turns including the assistant reply the model produced — only the new user /
-  tool messages are sent, with ``keep_history=1``.
-* Otherwise the KV cache is cleared and the conversation rebuilt (see
-  :mod:`rkllm_core.chat.templates` for how earlier assistant turns are rendered).
-  For a fresh conversation with a long system prompt, the prefill of the
-  system prompt is cached on disk (:mod:`rkllm_core.chat.promptcache`) and loaded
-  on later runs, also after a restart.
-* A reply cut by a stop sequence, an abort, an error or a context shift
-  leaves the KV cache out of step with what the caller will send back, so the
-  next request rebuilds.
-* Context: the KV size is read from the runtime after every run. If the new
-  input plus a reserve for the answer would not fit, the conversation is
-  rebuilt with its oldest turns dropped (the system prompt and the latest
-  input always stay); if even that cannot fit, ``ContextLengthError``.
+1. plans it (:mod:`.planner`): reuse the KV cache when the handle says it holds
+   exactly this conversation, else rebuild it — cleared, template installed,
+   a long system prompt loaded from or saved to the prompt cache on disk;
+2. runs it, feeding the runtime's chunks through the stream parsers
+   (:mod:`.parse`): stop sequences, ``<think>`` reasoning, ``<tool_call>`` blocks;
+3. finishes it: reads the real KV size, declares on the handle what its cache
+   now holds (only after a clean end: a reply cut by a stop sequence, an abort
+   or an error leaves the cache out of step with what the caller will send back,
+   so the next request rebuilds), and reports usage.
 
-Events: text and reasoning deltas, tool-call deltas and complete tool calls
-(from :mod:`rkllm_core.chat.parse`), then one :class:`ChatDone` with the
-finish reason, the assistant message and token usage.
+The engine keeps no state about handles: what a KV cache holds lives on the
+handle (:class:`~rkllm_core.runtime.KVState`), so any number of engines, adapters
+and direct runtime calls can share a model without answering one conversation
+in another's context. In async code the short native set-up calls run on the
+core's own executor, never on the event loop; cancelling a request aborts its
+generation and leaves every line it stood in at once.
+
+Events: text and reasoning deltas, tool-call deltas and complete tool calls,
+then one :class:`ChatDone` with the finish reason, the assistant message and
+token usage.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import os
-import threading
-import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Sequence
+from contextlib import aclosing
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from .._sync import FifoLock
-from ..errors import BusyError, ContextLengthError, InvalidParameterError, NativeError
+from .._sync import Deadline
+from ..errors import InvalidParameterError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
-from ..models.registry import ModelInfo
 from ..params import InitParams, PerfStats, StreamChunk
-from ..runtime.handle import RKLLMRuntime, RunStream
-from .messages import ChatMessage, ChatOptions, ToolCallRequest, normalise_tools, validate_messages
+from ..runtime import Session
+from .messages import ChatMessage, ToolCallRequest, append_instruction, validate_messages
+from .options import ChatOptions, json_instruction
 from .parse import (
     Event,
     InvalidToolCall,
@@ -54,16 +51,10 @@ from .parse import (
     ToolCall,
     ToolCallDelta,
 )
-from .templates import (
-    MESSAGE_OVERHEAD_TOKENS,
-    ChatMLTemplate,
-    estimate_tokens,
-    render_transcript,
-    template_for_family,
-)
+from .planner import PROMPT_CACHE_MIN_TOKENS, Plan, Planner
 
 if TYPE_CHECKING:
-    from .promptcache import CacheKey, PromptCacheStore
+    from .promptcache import PromptCacheStore
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +69,11 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "Usage",
-    "shared_engine",
+    "collect",
+    "acollect",
 ]
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-DEFAULT_OUTPUT_RESERVE = 256
-"""Tokens kept free for the answer when ``max_new_tokens`` is not set."""
-PROMPT_CACHE_MIN_TOKENS = 64
-"""System prompts estimated shorter than this are not worth a cache file."""
-
 ChatFinishReason = Literal["stop", "length", "abort"]
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +101,7 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class ChatDone:
-    """The last event of a request."""
+    """The last event of a request, and the whole answer (:meth:`ChatEngine.chat` returns it)."""
 
     finish_reason: ChatFinishReason
     message: ChatMessage
@@ -129,54 +114,51 @@ class ChatDone:
     kv_reused: bool = False
     """True when the request extended the conversation already in the KV cache."""
 
+    @property
+    def text(self) -> str:
+        """The answer text."""
+        return self.message.content
+
+    def stats_dict(self) -> dict[str, float] | None:
+        """The runtime's perf stats as a plain dict (for response metadata), or ``None``."""
+        return asdict(self.stats) if self.stats is not None else None
+
+
+ChatResponse = ChatDone
+"""A whole answer: the :class:`ChatDone` event of the request."""
 
 ChatEvent = TextDelta | ReasoningDelta | ToolCallDelta | ToolCall | InvalidToolCall | ChatDone
 
 
-@dataclass(frozen=True, slots=True)
-class ChatResponse:
-    """A whole answer (see :meth:`ChatEngine.chat`)."""
-
-    message: ChatMessage
-    reasoning: str
-    finish_reason: ChatFinishReason
-    usage: Usage
-    stats: PerfStats | None
-    model: str
-    invalid_tool_calls: tuple[InvalidToolCall, ...] = ()
-    kv_reused: bool = False
+def collect(events: Iterable[ChatEvent]) -> ChatDone:
+    """Consume a request's events and return its final :class:`ChatDone`."""
+    done: ChatDone | None = None
+    for event in events:
+        if isinstance(event, ChatDone):
+            done = event
+    if done is None:  # pragma: no cover - the engine always ends with ChatDone
+        raise InvalidParameterError("the event stream ended without ChatDone")
+    return done
 
 
-@dataclass
-class _HandleConversation:
-    """What the engine knows about one runtime handle's KV cache."""
-
-    lock: FifoLock = field(default_factory=FifoLock)
-    setup: tuple[Any, ...] | None = None  # (kind, system slot/prompt, tools, prefix, postfix) installed
-    setup_key: tuple[Any, ...] | None = None  # the conversation setup the KV cache belongs to
-    kv_fingerprints: list[tuple[Any, ...]] = field(default_factory=list)
-    kv_tokens: int = 0
-    dirty: bool = True  # the KV cache holds something no fingerprint list describes
-    loaded_cache: str | None = None  # digest of the loaded prompt cache
-
-
-@dataclass
-class _Plan:
-    reuse: bool
-    prompt: str
-    role: Literal["user", "tool"]
-    enable_thinking: bool
-    setup: tuple[Any, ...]
-    setup_key: tuple[Any, ...]
-    kv_after: list[tuple[Any, ...]]  # fingerprints in the KV cache once the input is prefilled
-    cache_key: CacheKey | None = None
-    cache_load: Path | None = None
-    cache_save: Path | None = None
-    dropped_turns: int = 0
+async def acollect(events: AsyncIterator[ChatEvent]) -> ChatDone:
+    """Async :func:`collect` (closes the stream on the way out)."""
+    done: ChatDone | None = None
+    async with aclosing(events) as stream:  # type: ignore[type-var]
+        async for event in stream:
+            if isinstance(event, ChatDone):
+                done = event
+    if done is None:  # pragma: no cover - the engine always ends with ChatDone
+        raise InvalidParameterError("the event stream ended without ChatDone")
+    return done
 
 
 class ChatEngine:
     """Runs chat requests on models from a :class:`~rkllm_core.models.manager.ModelManager`.
+
+    This is the one way to chat with a model by name; the LangChain and LlamaIndex
+    adapters use exactly it. It holds no conversation state (that lives on the
+    model handles), so create as many as you like.
 
     Args:
         manager: where models come from (default: the process-wide manager).
@@ -196,21 +178,27 @@ class ChatEngine:
         reuse_kv: bool = True,
     ) -> None:
         self._manager = manager
-        self._store: PromptCacheStore | None
         if prompt_cache is None:
             from .promptcache import PromptCacheStore
 
             prompt_cache = PromptCacheStore()
-        self._store = prompt_cache or None
-        self.prompt_cache_min_tokens = prompt_cache_min_tokens
-        self.reuse_kv = reuse_kv
-        self._states: weakref.WeakKeyDictionary[RKLLMRuntime, _HandleConversation] = weakref.WeakKeyDictionary()
-        self._states_lock = threading.Lock()
+        self._store: PromptCacheStore | None = prompt_cache or None
+        self._planner = Planner(self._store, prompt_cache_min_tokens=prompt_cache_min_tokens, reuse_kv=reuse_kv)
 
     @property
     def manager(self) -> ModelManager:
         """The model manager in use."""
         return self._manager if self._manager is not None else default_manager()
+
+    @property
+    def reuse_kv(self) -> bool:
+        """Whether conversations are continued in the KV cache."""
+        return self._planner.reuse_kv
+
+    @property
+    def prompt_cache(self) -> PromptCacheStore | None:
+        """The system-prompt cache on disk, or ``None`` when disabled."""
+        return self._store
 
     # -- public API -------------------------------------------------------------------------------
     def stream(
@@ -225,316 +213,125 @@ class ChatEngine:
             ModelNotFoundError, ContextLengthError, BusyError, RunError: see their docs.
         """
         opts = options or ChatOptions()
-        msgs = validate_messages(messages)
-        tools_json = normalise_tools(opts.active_tools) if opts.active_tools else ""
-        lease = self._lease(model, opts)
-        try:
-            rt = lease.runtime
-            conv = self._conversation(rt)
-            if not conv.lock.acquire(opts.timeout):
-                raise BusyError(f"{model} stayed busy for {opts.timeout} s")
-            try:
-                plan = self._plan(conv, rt, lease.info, msgs, opts, tools_json)
-                stream = self._start(conv, rt, lease, plan, opts)
-                yield from self._consume(conv, rt, lease, plan, opts, stream)
-            finally:
-                conv.lock.release()
-        finally:
-            lease.release()
+        msgs = _request_messages(messages, opts)
+        deadline = Deadline(opts.timeout)
+        with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining()) as lease:
+            with lease.runtime.session(deadline.remaining()) as session:
+                plan = self._prepare(session, lease, msgs, opts)
+                tracker = _Tracker(opts)
+                try:
+                    with session.stream(plan.prompt, **_run_kwargs(session, plan, opts)) as run:
+                        for chunk in run:
+                            yield from tracker.feed(chunk)
+                            if tracker.stop_requested:
+                                run.abort()
+                except BaseException:
+                    self._discard(plan)
+                    raise
+                done = self._finish(session, lease, plan, tracker)
+                yield from tracker.flushed
+                yield done
 
     async def astream(
         self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None
-    ) -> AsyncIterator[ChatEvent]:
+    ) -> AsyncGenerator[ChatEvent, None]:
         """Async version of :meth:`stream`; never blocks the event loop, cancellation aborts.
 
-        Loading a model and the short native set-up calls run in a worker thread.
+        Waiting for the model occupies no thread; loading it and the short native
+        set-up calls run on the core's own executor.
         """
         opts = options or ChatOptions()
-        msgs = validate_messages(messages)
-        tools_json = normalise_tools(opts.active_tools) if opts.active_tools else ""
-        lease = await _in_thread(self._lease, model, opts, on_orphan=Lease.release)
-        try:
-            rt = lease.runtime
-            conv = self._conversation(rt)
-            if not await conv.lock.acquire_async(opts.timeout):
-                raise BusyError(f"{model} stayed busy for {opts.timeout} s")
-            try:
-                plan = await _in_thread(self._plan, conv, rt, lease.info, msgs, opts, tools_json)
-                await _in_thread(self._apply_setup, conv, rt, plan)
-                tracker = _Tracker(plan, opts)
+        msgs = _request_messages(messages, opts)
+        deadline = Deadline(opts.timeout)
+        async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining()) as lease:
+            async with lease.runtime.session(deadline.remaining()) as session:
+                plan = await session.call(self._prepare, session, lease, msgs, opts)
+                tracker = _Tracker(opts)
                 try:
-                    async for chunk in rt.astream(plan.prompt, **self._run_kwargs(rt, plan, opts)):
-                        for event in tracker.feed(chunk):
-                            yield event
-                        if tracker.stop_requested:
-                            rt.abort()
+                    chunks = session.astream(plan.prompt, **_run_kwargs(session, plan, opts))
+                    async with aclosing(chunks) as run:  # type: ignore[type-var]
+                        async for chunk in run:
+                            for event in tracker.feed(chunk):
+                                yield event
+                            if tracker.stop_requested:
+                                session.abort_soon()
                 except BaseException:
-                    conv.dirty = True
+                    self._discard(plan)
                     raise
-                done = await _in_thread(self._finish, conv, rt, lease, plan, tracker)
+                done = await session.call(self._finish, session, lease, plan, tracker)
                 for event in tracker.flushed:
                     yield event
                 yield done
-            finally:
-                conv.lock.release()
-        finally:
-            lease.release()
 
-    def chat(self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None) -> ChatResponse:
+    def chat(self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None) -> ChatDone:
         """Answer ``messages`` and return the whole response."""
-        done: ChatDone | None = None
-        for event in self.stream(model, messages, options):
-            if isinstance(event, ChatDone):
-                done = event
-        assert done is not None
-        return _response(done)
+        return collect(self.stream(model, messages, options))
 
-    async def achat(
-        self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None
-    ) -> ChatResponse:
+    async def achat(self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None) -> ChatDone:
         """Async version of :meth:`chat`."""
-        done: ChatDone | None = None
-        async for event in self.astream(model, messages, options):
-            if isinstance(event, ChatDone):
-                done = event
-        assert done is not None
-        return _response(done)
+        return await acollect(self.astream(model, messages, options))
 
     def context_window(self, model: str) -> int:
         """The context size of ``model`` (from the registry)."""
         return self.manager.resolve(model).context_size
 
-    # -- internals ----------------------------------------------------------------------------------
-    def _lease(self, model: str, opts: ChatOptions) -> Lease:
-        init = None
-        if opts.sampling is not None or opts.max_new_tokens is not None:
-            # On 1.2 these pick the instance (fixed at init); on 1.3 the manager ignores them.
-            init = InitParams(sampling=opts.sampling or InitParams().sampling, max_new_tokens=opts.max_new_tokens)
-        return self.manager.lease(model, init, timeout=opts.timeout)
-
-    def _conversation(self, rt: RKLLMRuntime) -> _HandleConversation:
-        with self._states_lock:
-            conv = self._states.get(rt)
-            if conv is None:
-                conv = self._states[rt] = _HandleConversation()
-            return conv
-
-    def _plan(
-        self,
-        conv: _HandleConversation,
-        rt: RKLLMRuntime,
-        info: ModelInfo,
-        msgs: list[ChatMessage],
-        opts: ChatOptions,
-        tools_json: str,
-    ) -> _Plan:
-        system = "\n\n".join(m.content for m in msgs if m.role == "system") or (
-            info.defaults.system_prompt or DEFAULT_SYSTEM_PROMPT
+    # -- inside the session ----------------------------------------------------------------------
+    def _prepare(self, session: Session, lease: Lease, msgs: list[ChatMessage], opts: ChatOptions) -> Plan:
+        """Plan the request and bring the handle to the plan's starting state."""
+        rt = session.runtime
+        plan = self._planner.plan(
+            session.kv, rt.max_context_len, (rt.abi, rt.library.version or ""), lease.info, msgs, opts
         )
-        turns = [m for m in msgs if m.role != "system"]
-        last_assistant = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
-        history, inputs = turns[: last_assistant + 1], turns[last_assistant + 1 :]
-        template = template_for_family(info.facts.family) if info.defaults.chat_template is None else None
-        thinking = bool(opts.enable_thinking)
-        setup_key = (template.name if template else "native", system, tools_json, thinking if template else None)
-        reserve = opts.max_new_tokens or DEFAULT_OUTPUT_RESERVE
-        limit = rt.max_context_len
-        prompt, role = self._render_inputs(template, inputs, opts)
-        input_tokens = estimate_tokens(prompt) + MESSAGE_OVERHEAD_TOKENS * len(inputs)
-        fingerprints = [m.fingerprint() for m in history]
-        kv_after = fingerprints + [m.fingerprint() for m in inputs]
-        if (
-            self.reuse_kv
-            and not conv.dirty
-            and conv.setup_key == setup_key
-            and conv.kv_fingerprints == fingerprints
-            and conv.kv_tokens + input_tokens + reserve <= limit
-        ):
-            return _Plan(True, prompt, role, thinking, conv.setup or (), setup_key, kv_after)
-
-        # Rebuild: drop the oldest turns until the rendered conversation fits.
-        tools_list = (
-            [json.dumps(t, ensure_ascii=False, sort_keys=True) for t in json.loads(tools_json)] if tools_json else []
-        )
-        dropped = 0
-        while True:
-            if template is not None:
-                slot = template.system_block(system, tools_list) + template.render_turns(history)
-                setup: tuple[Any, ...] = ("template", slot, template.prefix(), template.postfix(thinking))
-            else:
-                slot = system + ("\n\n" + render_transcript(history) if history else "")
-                setup = ("tools", slot, tools_json or "[]", "tool_response")
-            needed = estimate_tokens("".join(str(s) for s in setup[1:])) + input_tokens + reserve
-            if needed <= limit or not history:
-                break
-            cut = next((i for i in range(1, len(history)) if history[i].role == "user"), len(history))
-            history = history[cut:]
-            dropped += cut
-        if needed > limit:
-            raise ContextLengthError(
-                f"the prompt needs about {needed - reserve} tokens plus {reserve} for the answer, more than the "
-                f"{limit}-token context of {info.name}; shorten the system prompt or the last message, or lower "
-                "max_new_tokens",
-                requested=needed,
-                limit=limit,
-            )
-        if dropped:
-            logger.info("conversation too long for %s: rebuilt without its %d oldest messages", info.name, dropped)
-        plan = _Plan(
-            False,
-            prompt,
-            role,
-            thinking,
-            setup,
-            setup_key,
-            [m.fingerprint() for m in history] + [m.fingerprint() for m in inputs],
-            dropped_turns=dropped,
-        )
-        if self._store is not None and not history and estimate_tokens(slot) >= self.prompt_cache_min_tokens:
-            lib = rt.library
-            key = self._store.make_key(
-                info.path,
-                setup="\x1f".join(str(s) for s in setup),
-                abi=lib.abi,
-                runtime=lib.version or "",
-                thinking=str(thinking),
-            )
-            plan.cache_key = key
-            found = self._store.lookup(key)
-            if found is not None:
-                plan.cache_load = found
-            else:
-                plan.cache_save = self._store.staging_path(key)
-        return plan
-
-    @staticmethod
-    def _render_inputs(
-        template: ChatMLTemplate | None, inputs: Sequence[ChatMessage], opts: ChatOptions
-    ) -> tuple[str, Literal["user", "tool"]]:
-        names = [n for n in opts.tool_names()] if opts.active_tools else []
-        force = ""
-        if opts.tool_choice in ("required", "any") and names:
-            force = "\n\nAnswer by calling one of the tools: " + ", ".join(names) + "."
-        elif opts.tool_choice and opts.tool_choice in names:
-            force = f"\n\nAnswer by calling the tool `{opts.tool_choice}`."
-        if template is not None:
-            return template.user_text(inputs) + force, "user"
-        if all(m.role == "tool" for m in inputs) and not force:
-            results = [_json_or_text(m.content) for m in inputs]
-            return json.dumps(results, ensure_ascii=False), "tool"
-        parts = [
-            f"<tool_response>\n{m.content}\n</tool_response>"
-            if m.role == "tool"
-            else (f"{m.name}: {m.content}" if m.name else m.content)
-            for m in inputs
-        ]
-        return "\n\n".join(parts) + force, "user"
-
-    def _apply_setup(self, conv: _HandleConversation, rt: RKLLMRuntime, plan: _Plan) -> None:
-        """Bring the handle to the plan's starting state (called with the conversation lock held)."""
         if plan.reuse:
-            return
-        conv.dirty = True
-        if conv.kv_tokens or conv.setup is not None:
-            rt.clear_kv_cache(keep_system_prompt=False)
-        conv.kv_tokens, conv.kv_fingerprints = 0, []
-        if conv.setup != plan.setup:
-            if plan.setup[0] == "template":
-                rt.set_chat_template(plan.setup[1], plan.setup[2], plan.setup[3])
+            return plan
+        assert plan.setup is not None
+        if session.kv.tokens != 0 or session.kv.tag is not None:
+            session.clear_kv_cache()
+        if session.chat_setup != plan.setup:
+            kind, system, second, third = plan.setup
+            if kind == "template":
+                session.set_chat_template(system, second, third)
             else:
-                rt.set_function_tools(plan.setup[1], plan.setup[2], plan.setup[3])
-            conv.setup = plan.setup
-        wanted = plan.cache_key.digest if plan.cache_key is not None and plan.cache_load is not None else None
-        if conv.loaded_cache is not None and conv.loaded_cache != wanted:
-            rt.release_prompt_cache()
-            conv.loaded_cache = None
-        if wanted is not None and conv.loaded_cache != wanted:
-            assert self._store is not None and plan.cache_key is not None
-            path = plan.cache_load
-            assert path is not None
-            try:  # a file the store returned is complete; if it vanished since, that is a miss
-                rt.load_prompt_cache(path)
-                conv.loaded_cache = wanted
+                session.set_function_tools(system, second, third)
+        wanted = str(plan.cache_load) if plan.cache_load is not None else None
+        if session.prompt_cache is not None and session.prompt_cache != wanted:
+            session.release_prompt_cache()
+        if wanted is not None and session.prompt_cache != wanted:
+            try:
+                session.load_prompt_cache(wanted)
             except (NativeError, InvalidParameterError) as exc:
-                logger.warning("prompt cache %s could not be loaded (%s); rebuilding it", path, exc)
+                assert self._store is not None and plan.cache_key is not None
+                logger.warning("prompt cache %s could not be loaded (%s); rebuilding it", wanted, exc)
                 self._store.invalidate(plan.cache_key, f"load failed: {exc}")
                 plan.cache_load = None
                 plan.cache_save = self._store.staging_path(plan.cache_key)
+        return plan
 
-    def _run_kwargs(self, rt: RKLLMRuntime, plan: _Plan, opts: ChatOptions) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"role": plan.role, "keep_history": True}
-        if plan.setup and plan.setup[0] == "tools":
-            kwargs["enable_thinking"] = plan.enable_thinking  # native template: the runtime's switch
-        if rt.abi == "1.3":
-            if opts.sampling is not None:
-                kwargs["sampling"] = opts.sampling
-            if opts.max_new_tokens is not None:
-                kwargs["max_new_tokens"] = opts.max_new_tokens
-        if plan.cache_save is not None:
-            kwargs["save_prompt_cache"] = plan.cache_save
-        return kwargs
-
-    def _start(
-        self, conv: _HandleConversation, rt: RKLLMRuntime, lease: Lease, plan: _Plan, opts: ChatOptions
-    ) -> RunStream:
-        self._apply_setup(conv, rt, plan)
-        return rt.stream(plan.prompt, timeout=opts.timeout, **self._run_kwargs(rt, plan, opts))
-
-    def _consume(
-        self,
-        conv: _HandleConversation,
-        rt: RKLLMRuntime,
-        lease: Lease,
-        plan: _Plan,
-        opts: ChatOptions,
-        stream: RunStream,
-    ) -> Iterator[ChatEvent]:
-        tracker = _Tracker(plan, opts)
-        try:
-            with stream:
-                for chunk in stream:
-                    yield from tracker.feed(chunk)
-                    if tracker.stop_requested:
-                        stream.abort()
-        except BaseException:
-            conv.dirty = True
-            raise
-        done = self._finish(conv, rt, lease, plan, tracker)
-        yield from tracker.flushed
-        yield done
-
-    def _finish(
-        self, conv: _HandleConversation, rt: RKLLMRuntime, lease: Lease, plan: _Plan, tracker: _Tracker
-    ) -> ChatDone:
+    def _finish(self, session: Session, lease: Lease, plan: Plan, tracker: _Tracker) -> ChatDone:
         tracker.flush()
         final = tracker.final
         stats = final.stats if final is not None else None
         lease.record_stats(stats)
         try:
-            kv_now = rt.kv_cache_size()
-        except NativeError:
-            kv_now = 0
+            kv_now: int | None = session.kv_cache_size()
+        except NativeError as exc:
+            logger.warning("cannot read the KV cache size of %s (%s); the next request rebuilds", lease.info.name, exc)
+            kv_now = None
         generated = stats.generate_tokens if stats is not None else tracker.tokens
         message = tracker.message()
         reason = tracker.finish_reason()
-        clean = reason != "abort" and not tracker.pipeline.stopped and final is not None
-        if plan.cache_save is not None:
-            assert self._store is not None and plan.cache_key is not None
-            self._store.commit(plan.cache_key, plan.cache_save, extra={"model": lease.info.name})
-        conv.setup_key = plan.setup_key
-        if clean:
-            conv.kv_fingerprints = plan.kv_after + [message.fingerprint()]
-            conv.kv_tokens = kv_now
-            conv.dirty = False
-        else:
-            conv.dirty = True
-            conv.kv_tokens = kv_now
-        input_tokens = (
-            max(kv_now - generated, stats.prefill_tokens if stats else 0)
-            if kv_now
-            else (stats.prefill_tokens if stats else 0)
-        )
+        if plan.cache_save is not None and self._store is not None and plan.cache_key is not None:
+            if final is not None and (final.finish_reason != "abort" or tracker.tokens > 0):  # prefill complete
+                self._store.commit(plan.cache_key, plan.cache_save, extra={"model": lease.info.name})
+            else:
+                self._store.discard(plan.cache_save)
+        if reason != "abort" and not tracker.pipeline.stopped and final is not None and kv_now is not None:
+            session.mark_kv(plan.tag_after(message), kv_now)
         prefilled = stats.prefill_tokens if stats is not None else 0
+        if kv_now:
+            input_tokens = max(kv_now - generated, prefilled)
+        else:
+            input_tokens = prefilled + plan.kv_before
         usage = Usage(input_tokens, generated, input_tokens + generated, prefilled)
         return ChatDone(
             finish_reason=reason,
@@ -547,31 +344,43 @@ class ChatEngine:
             kv_reused=plan.reuse,
         )
 
+    def _discard(self, plan: Plan) -> None:
+        if plan.cache_save is not None and self._store is not None:
+            self._store.discard(plan.cache_save)
 
-async def _in_thread(fn: Callable[..., _T], *args: Any, on_orphan: Callable[[_T], object] | None = None) -> _T:
-    """Run ``fn`` in a worker thread.
 
-    If the caller is cancelled meanwhile, the call still finishes before the
-    cancellation propagates (so no lock is released under a running native
-    call), and ``on_orphan`` disposes of its result (e.g. releases a lease).
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError as cancelled:
-        try:
-            result = await asyncio.shield(task)
-        except BaseException:  # the call failed or we were cancelled again: nothing to dispose of
-            raise cancelled from None
-        if on_orphan is not None:
-            on_orphan(result)
-        raise
+def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> list[ChatMessage]:
+    msgs = validate_messages(messages)
+    if opts.response_format is not None:
+        msgs = append_instruction(msgs, json_instruction(opts.response_format))
+    return msgs
+
+
+def _init_for(opts: ChatOptions) -> InitParams | None:
+    """On 1.2 sampling and ``max_new_tokens`` pick the instance (fixed at init); on 1.3 the manager ignores them."""
+    if opts.sampling is None and opts.max_new_tokens is None:
+        return None
+    return InitParams(sampling=opts.sampling or InitParams().sampling, max_new_tokens=opts.max_new_tokens)
+
+
+def _run_kwargs(session: Session, plan: Plan, opts: ChatOptions) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"role": plan.role, "keep_history": True}
+    if plan.native:
+        kwargs["enable_thinking"] = plan.enable_thinking  # the built-in template's own switch
+    if session.runtime.per_run_sampling:
+        if opts.sampling is not None:
+            kwargs["sampling"] = opts.sampling
+        if opts.max_new_tokens is not None:
+            kwargs["max_new_tokens"] = opts.max_new_tokens
+    if plan.cache_save is not None:
+        kwargs["save_prompt_cache"] = plan.cache_save
+    return kwargs
 
 
 class _Tracker:
     """Feeds runtime chunks through the stream pipeline and remembers the outcome."""
 
-    def __init__(self, plan: _Plan, opts: ChatOptions) -> None:
+    def __init__(self, opts: ChatOptions) -> None:
         self.pipeline = StreamPipeline(
             stops=opts.stop, enable_thinking=opts.enable_thinking, parse_tools=bool(opts.active_tools)
         )
@@ -620,62 +429,3 @@ _StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | ToolCall | InvalidTo
 def _visible(events: list[Event]) -> list[_StreamEvent]:
     """Drop the pipeline's internal StopHit markers."""
     return [e for e in events if not isinstance(e, StopHit)]
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _response(done: ChatDone) -> ChatResponse:
-    return ChatResponse(
-        message=done.message,
-        reasoning=done.reasoning,
-        finish_reason=done.finish_reason,
-        usage=done.usage,
-        stats=done.stats,
-        model=done.model,
-        invalid_tool_calls=done.invalid_tool_calls,
-        kv_reused=done.kv_reused,
-    )
-
-
-_engines: weakref.WeakKeyDictionary[ModelManager, ChatEngine] = weakref.WeakKeyDictionary()
-_managers: dict[tuple[str | None, str | None], ModelManager] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_engine(
-    *,
-    manager: ModelManager | None = None,
-    model_dir: str | os.PathLike[str] | None = None,
-    library_path: str | os.PathLike[str] | None = None,
-) -> ChatEngine:
-    """The engine for a manager, shared by every caller that uses that manager.
-
-    KV-cache reuse works across objects only if they share one engine, so the
-    adapters get theirs here: for an explicit ``manager``; for a
-    ``model_dir``/``library_path`` pair (one manager per distinct pair); or,
-    with neither, for the process-wide default manager.
-    """
-    with _shared_lock:
-        if manager is None:
-            if model_dir is None and library_path is None:
-                manager = default_manager()
-            else:
-                key = (
-                    os.fspath(model_dir) if model_dir is not None else None,
-                    os.fspath(library_path) if library_path is not None else None,
-                )
-                manager = _managers.get(key)
-                if manager is None:
-                    from ..models.registry import ModelRegistry
-
-                    registry = ModelRegistry([Path(model_dir)]) if model_dir is not None else None
-                    manager = _managers[key] = ModelManager(registry, library=library_path)
-        engine = _engines.get(manager)
-        if engine is None:
-            engine = _engines[manager] = ChatEngine(manager)
-        return engine

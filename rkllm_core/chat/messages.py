@@ -1,4 +1,4 @@
-"""Framework-free chat messages and the options of a chat request.
+"""Framework-free chat messages (the options of a request are in :mod:`.options`).
 
 The adapters translate LangChain / LlamaIndex messages into these; the chat
 engine maps them onto what the runtime accepts.
@@ -7,29 +7,21 @@ engine maps them onto what the runtime accepts.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import InvalidParameterError
-from ..params import SamplingParams
-from .parse import StopSequenceFilter
 
 __all__ = [
     "ChatMessage",
-    "ChatOptions",
     "MessageRole",
     "ToolCallRequest",
-    "ToolChoice",
-    "normalise_tools",
+    "append_instruction",
     "validate_messages",
 ]
 
 MessageRole = Literal["system", "user", "assistant", "tool"]
-ToolChoice = str | None
-"""``None``/``"auto"``, ``"none"``, ``"required"``/``"any"``, or a tool name."""
-
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -88,82 +80,6 @@ class ChatMessage:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ChatOptions:
-    """Settings of one chat request.
-
-    Attributes:
-        sampling: sampling settings (per run on the 1.3 ABI; an instance per setting on 1.2).
-        max_new_tokens: output limit (``None``: the model's default).
-        stop: stop sequences; the text stops before the first one found.
-        enable_thinking: let the model reason in a ``<think>`` block (reported separately).
-        tools: OpenAI-style tool definitions.
-        tool_choice: ``None``/``"auto"``, ``"none"``, ``"required"``/``"any"`` or a tool name.
-        timeout: seconds to wait for the model before ``BusyError``.
-    """
-
-    sampling: SamplingParams | None = None
-    max_new_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    enable_thinking: bool = False
-    tools: tuple[Mapping[str, Any], ...] = ()
-    tool_choice: ToolChoice = None
-    timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        """Validate limits, stops and tool choice."""
-        if self.max_new_tokens is not None and (
-            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1
-        ):
-            raise InvalidParameterError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if isinstance(self.stop, str):
-            raise InvalidParameterError("stop must be a sequence of strings, not a single string")
-        StopSequenceFilter(self.stop)  # validates every stop string
-        if self.timeout is not None and (not isinstance(self.timeout, int | float) or math.isnan(self.timeout)):
-            raise InvalidParameterError("timeout must be a number of seconds")
-        choice = self.tool_choice
-        if choice not in (None, "auto", "none", "required", "any") and not (
-            isinstance(choice, str) and choice in self.tool_names()
-        ):
-            raise InvalidParameterError(
-                f"tool_choice must be 'auto', 'none', 'required', 'any' or one of the tool names "
-                f"{list(self.tool_names())}; got {choice!r}"
-            )
-
-    def tool_names(self) -> tuple[str, ...]:
-        """Names of the tools, in order."""
-        return tuple(_tool_name(t) for t in self.tools)
-
-    @property
-    def active_tools(self) -> tuple[Mapping[str, Any], ...]:
-        """The tools offered to the model (none when ``tool_choice`` is ``"none"``)."""
-        return () if self.tool_choice == "none" else self.tools
-
-
-def _tool_name(tool: Mapping[str, Any]) -> str:
-    fn = tool.get("function", tool)
-    name = fn.get("name") if isinstance(fn, Mapping) else None
-    if not isinstance(name, str) or not name:
-        raise InvalidParameterError(f"a tool definition has no name: {tool!r}")
-    return name
-
-
-def normalise_tools(tools: Sequence[Mapping[str, Any]]) -> str:
-    """Return tools as canonical JSON (OpenAI ``{"type": "function", "function": {...}}`` form).
-
-    Raises:
-        InvalidParameterError: a tool has no name or is not JSON-serialisable.
-    """
-    out = []
-    for tool in tools:
-        _tool_name(tool)
-        out.append(dict(tool) if "function" in tool else {"type": "function", "function": dict(tool)})
-    try:
-        return json.dumps(out, ensure_ascii=False, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameterError(f"tool definitions are not JSON-serialisable: {exc}") from exc
-
-
 def validate_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     """Check a conversation can be answered and return it as a list.
 
@@ -182,3 +98,12 @@ def validate_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
             "the runtime cannot continue an assistant message"
         )
     return msgs
+
+
+def append_instruction(messages: list[ChatMessage], instruction: str) -> list[ChatMessage]:
+    """Append ``instruction`` to the last user message, or add it as a user message after a tool result."""
+    if messages and messages[-1].role == "user":
+        last = messages[-1]
+        joined = f"{last.content}\n\n{instruction}" if last.content else instruction
+        return [*messages[:-1], ChatMessage("user", joined, name=last.name)]
+    return [*messages, ChatMessage("user", instruction)]

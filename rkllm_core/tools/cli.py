@@ -162,10 +162,12 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive streaming chat; Ctrl-C stops the current answer, Ctrl-D or /exit quits."""
-    from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCall, shared_engine
-    from ..chat.messages import ChatMessage, ChatOptions
+    from ..chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCall
+    from ..chat.messages import ChatMessage
+    from ..chat.options import ChatOptions
+    from ..models.manager import manager_for
 
-    engine = shared_engine(model_dir=args.model_dir, library_path=args.lib)
+    engine = ChatEngine(manager_for(args.model_dir, args.lib))
     info = engine.manager.resolve(args.model)  # unknown names fail here, before anything loads
     color = sys.stdout.isatty() and not args.no_color
     dim, reset = (DIM, RESET) if color else ("", "")
