@@ -209,7 +209,7 @@ class SimulatorControl:
             raise KeyError(key)
 
     def trace(self) -> list[dict[str, Any]]:
-        """Return the recorded API calls (enable with ``set("trace", 1)``)."""
+        """Return the recorded API calls (enable with ``set("trace", 1)``; with 2, also each run's context)."""
         size = int(self._lib.rkllm_sim_trace_read(None, 0))
         buf = ctypes.create_string_buffer(size + 1)
         self._lib.rkllm_sim_trace_read(buf, size + 1)

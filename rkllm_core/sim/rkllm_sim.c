@@ -37,7 +37,8 @@
  *    LoRA, prompt longer than the context, ERROR callbacks), not invalid handles or concurrent runs.
  *  - Env vars RKLLM_SIM_* are applied at every rkllm_init (when set); rkllm_sim_set() after that wins.
  *  - The trace buffer is capped at 32 MiB; lines that do not fit are dropped and counted in the
- *    extra counter "trace_dropped".
+ *    extra counter "trace_dropped". With trace >= 2 every run also records a "prefilled" line: the KV
+ *    cache's text once its input is prefilled, i.e. what the answer is conditioned on.
  *  - rkllm_clear_kv_cache() while the handle is running returns -1.
  *  - After an ERROR the KV cache follows keep_history like a normal run.
  *  - rkllm_sim_reset_counters() sets max_active_runs to the current active_runs (not 0).
@@ -1480,6 +1481,15 @@ static void trace_end(sbuf *b) {
     sb_free(b);
 }
 
+/* With trace >= 2: what a run's answer is conditioned on, i.e. the KV cache's text once its input is
+ * prefilled (the system part, earlier turns kept with keep_history, and this turn). */
+static void trace_context(size_t id, const char *text) {
+    sbuf b = {0};
+    sb_addf(&b, "{\"fn\":\"prefilled\",\"handle\":%zu", id);
+    tr_str(&b, "context", text);
+    trace_end(&b);
+}
+
 /* A line with just the function name and the handle. */
 static void trace_simple(const char *fn, LLMHandle handle) {
     sbuf b = {0};
@@ -2169,7 +2179,10 @@ static void *run_worker(void *arg) {
             G.counters[C_PREFILLED_TOKENS] += (long long)(total - hit);
             G.counters[C_PC_HIT_TOKENS] += (long long)hit;
             char *cache_text = j->save_pcache ? xstrdup(h->kv.text.p ? h->kv.text.p : "") : NULL;
+            char *context = G.set.trace >= 2 ? xstrdup(h->kv.text.p ? h->kv.text.p : "") : NULL;
             unlock();
+            if (context) trace_context(h->id, context);
+            free(context);
             if (cache_text && save_prompt_cache(j->pcache_path, h->model_path, h->model_size, cache_text) == 0)
                 count_add(C_PC_SAVES, 1);
             free(cache_text);
