@@ -33,7 +33,7 @@ NPU_VERSION_PATHS = ("/sys/kernel/debug/rknpu/version", "/proc/debug/rknpu/versi
 DEVICE_TREE_COMPATIBLE: Final = "/proc/device-tree/compatible"
 
 # A Rockchip SoC name as the device tree and model file names spell it.
-_PLATFORM_RE: Final = re.compile(r"^(?:rk|rv)\d{4}[a-z]?$")
+PLATFORM_RE: Final = re.compile(r"^(?:rk|rv)\d{4}[a-z]?$")
 
 
 @dataclass
@@ -157,7 +157,7 @@ def detect_board_platform(path: str | Path = DEVICE_TREE_COMPATIBLE) -> str | No
         return None
     for raw in data.split(b"\0"):
         vendor, _, model = raw.decode("ascii", "replace").strip().lower().partition(",")
-        if vendor == "rockchip" and _PLATFORM_RE.match(model):
+        if vendor == "rockchip" and PLATFORM_RE.match(model):
             return model
     return None
 

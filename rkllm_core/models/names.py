@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..board import PLATFORM_RE
+
 __all__ = [
     "ModelFacts",
     "friendly_name",
@@ -104,7 +106,6 @@ _DROP_WORDS: Final = frozenset({"hf", "mini"})
 _SEP_RE: Final = re.compile(r"([-_\s]+|\.(?!\d)|(?<!\d)\.)")
 _ORG_RE: Final = re.compile(r"^([A-Za-z0-9][A-Za-z0-9.-]*)_(.+)$")
 _SIZE_RE: Final = re.compile(r"^(?:\d+(?:\.\d+)?[bm]|e\d+(?:\.\d+)?b|\d+x\d+(?:\.\d+)?b)$")
-_PLATFORM_RE: Final = re.compile(r"^(?:rk|rv)\d{4}[a-z]?$")
 _DTYPE_RE: Final = re.compile(r"^(?:w\d+(?:a\d+)?|fp16|bf16|f16)$")
 _GROUP_RE: Final = re.compile(r"^g\d+$")
 _KTOKEN_RE: Final = re.compile(r"^(\d+)k$")
@@ -177,7 +178,7 @@ def _ends_name(token: str) -> bool:
     """Whether ``token`` is file metadata, which ends the model's name words."""
     return bool(
         _SIZE_RE.match(token)
-        or _PLATFORM_RE.match(token)
+        or PLATFORM_RE.match(token)
         or token in _BARE_SOCS
         or _DTYPE_RE.match(token)
         or token in ("opt", "hybrid", "npu", "ctx")
@@ -290,7 +291,7 @@ def parse_model_filename(filename: str) -> ModelFacts:
         index += 1
         if size is None and _SIZE_RE.match(token):
             size = token
-        elif _PLATFORM_RE.match(token):
+        elif PLATFORM_RE.match(token):
             platform = platform or token
         elif token in _BARE_SOCS:
             platform = platform or f"rk{token}"

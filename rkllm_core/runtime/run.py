@@ -17,14 +17,12 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import RKLLMError, RunError
+from ..native.backend import Backend
 from ..native.callback import END, ERROR, FINISH, NORMAL, WAITING, RunChannel, close_channel, open_channel
 from ..params import FinishReason, PerfStats, StreamChunk
-
-if TYPE_CHECKING:
-    from .handle import _HandleState
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +128,17 @@ class Run:
         return StreamChunk(tail, None, reason, self.stats, 0)
 
 
-def start_worker(state: _HandleState, run: Run, inp: Any, infer: Any) -> None:
+class RunHost(Protocol):
+    """What a run's worker needs from the handle it runs on."""
+
+    backend: Backend
+    handle: int
+
+    def run_ended(self, run: Run) -> None:
+        """Called by the worker once ``rkllm_run`` has returned."""
+
+
+def start_worker(state: RunHost, run: Run, inp: Any, infer: Any) -> None:
     """Register the run's channel and start the thread that calls ``rkllm_run``."""
     run_id, channel = open_channel()
     run.channel = channel
@@ -140,7 +148,7 @@ def start_worker(state: _HandleState, run: Run, inp: Any, infer: Any) -> None:
     worker.start()
 
 
-def _run_worker(state: _HandleState, run: Run, run_id: int, channel: RunChannel, inp: Any, infer: Any) -> None:
+def _run_worker(state: RunHost, run: Run, run_id: int, channel: RunChannel, inp: Any, infer: Any) -> None:
     rc, exc = -1, None
     try:
         rc = state.backend.run(state.handle, inp, infer, run_id)
