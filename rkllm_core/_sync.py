@@ -7,6 +7,11 @@ time, on the same models. The rules this module implements:
 * **Owners are threads or tasks.** :func:`current_owner` is the running asyncio
   task, else the current thread. Work of one task may hop between pool threads;
   bookkeeping keyed by thread ids would mistake one task for another.
+* **What a call chain holds travels with it.** Handles and leases a caller holds
+  are recorded in a context variable (:func:`hold`), which tasks created from
+  there (``asyncio.gather`` inside LangChain's ``ainvoke``, ``asyncio.wait_for``,
+  ``asyncio.to_thread``) inherit. A request that would wait for something its own
+  chain holds is a deadlock and is refused at once (:func:`held_items`).
 * **Waiting never borrows a thread.** A :class:`Waiter` is an event for a
   thread and a future on its loop for a task, so an awaiting task occupies no
   thread at all. Cancelling the task leaves the line at once.
@@ -26,9 +31,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from contextvars import ContextVar
+from typing import Any, Protocol, TypeVar
 
-__all__ = ["Deadline", "FifoLock", "Waiter", "current_owner", "native_executor", "offload"]
+__all__ = [
+    "Deadline",
+    "FifoLock",
+    "Waiter",
+    "current_owner",
+    "hold",
+    "held_items",
+    "native_executor",
+    "offload",
+    "unhold",
+]
 
 _T = TypeVar("_T")
 
@@ -44,6 +60,42 @@ def current_owner() -> Hashable:
         return threading.current_thread()
     task = asyncio.current_task()
     return task if task is not None else threading.current_thread()
+
+
+class Holding(Protocol):
+    """Something a call chain holds (a session on a handle, a lease on a model)."""
+
+    @property
+    def holding(self) -> bool:
+        """True until it is let go (from wherever that happens)."""
+
+
+_HELD: ContextVar[tuple[Holding, ...]] = ContextVar("rkllm_core_held", default=())
+
+NESTED_GRACE_TURNS = 10
+"""Event-loop turns an async request waits before calling a nested request a deadlock.
+
+An async generator dropped without ``aclose()`` (``break`` out of ``async for``) is
+closed by a task the loop schedules at once; until it has run, its caller still
+looks like it holds the generator's model. A few turns let that close happen.
+"""
+
+
+def hold(item: Holding) -> None:
+    """Record that the current call chain holds ``item`` (forgetting what it let go of)."""
+    _HELD.set((*(x for x in _HELD.get() if x.holding and x is not item), item))
+
+
+def unhold(item: Holding) -> None:
+    """Forget ``item`` in the current context (a no-op where it was never recorded)."""
+    items = _HELD.get()
+    if item in items:
+        _HELD.set(tuple(x for x in items if x is not item and x.holding))
+
+
+def held_items() -> list[Holding]:
+    """What the current call chain holds and has not let go of."""
+    return [x for x in _HELD.get() if x.holding]
 
 
 def describe_owner(owner: Hashable) -> str:

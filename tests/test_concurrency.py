@@ -476,9 +476,26 @@ async def test_nested_async_request_from_a_stream_fails_at_once(
     async with aclosing(engine.astream("qwen3-0.6b", [U("count to 20")])) as events:
         async for _ in events:
             with pytest.raises(BusyError, match="task"):
-                async with asyncio.timeout(5):  # (asyncio.wait_for would run it in another task)
-                    await engine.achat("qwen3-0.6b", [U("nested")])
+                await engine.achat("qwen3-0.6b", [U("nested")])
+            with pytest.raises(BusyError, match="already holds"):  # a task started from here is part of the chain
+                await asyncio.wait_for(engine.achat("qwen3-0.6b", [U("nested in a child task")]), 5)
+            with pytest.raises(BusyError, match="holds qwen3-0.6b and asks for gemma3-270m"):
+                await asyncio.gather(engine.achat("gemma3-270m", [U("nested, other model")]))
             break
+
+
+async def test_a_stream_left_without_aclose_is_not_taken_for_a_nested_request(
+    make_manager: Callable[..., ModelManager], sim: SimulatorControl
+) -> None:
+    sim.set("token_delay_ms", 1)
+    manager = make_manager(max_loaded=1)
+    engine = ChatEngine(manager, prompt_cache=False)
+    async for _ in engine.astream("qwen3-0.6b", [U("count to 200")]):
+        break  # no aclose: the loop closes the generator a moment later
+    assert (await engine.achat("qwen3-0.6b", [U("same model")])).message.content == echo("same model")
+    async for _ in engine.astream("qwen3-0.6b", [U("count to 200")]):
+        break
+    assert (await engine.achat("gemma3-270m", [U("other model")])).message.content == echo("other model")
 
 
 def test_a_handle_closed_by_its_user_is_dropped_and_reloaded(

@@ -74,6 +74,19 @@ async def test_langchain_cancel_mid_stream_then_keep_serving(manager: ModelManag
     assert sim.counter("aborts") >= 1
 
 
+async def test_a_langchain_callback_calling_the_model_again_fails_at_once(manager: ModelManager) -> None:
+    """``ainvoke`` runs in a child task (``asyncio.gather``): still part of the streaming chain."""
+    from rkllm_core.errors import BusyError
+
+    chat = ChatRKLLM(model=MODELS[0], manager=manager)
+    async for _ in chat.astream("count to 50"):
+        with pytest.raises(BusyError) as nested:
+            await asyncio.wait_for(chat.ainvoke("from a callback"), 10)
+        assert nested.value.reason == "deadlock"
+        break
+    assert (await chat.ainvoke("afterwards")).content == echo("afterwards")
+
+
 async def test_fastapi_app_with_async_and_sync_handlers(manager: ModelManager) -> None:
     fastapi = pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")

@@ -307,17 +307,21 @@ async def test_tasks_are_owners_and_wait_without_threads(
 ) -> None:
     import asyncio
 
+    import contextvars
+
     m = make_manager(max_loaded=1)
     async with m.alease("qwen3-0.6b") as lease:
         assert lease.owner is asyncio.current_task()
         threads = threading.active_count()
-        # Another task asking for another model waits (it is not "this thread holds ...": tasks are owners).
-        waiters = [asyncio.create_task(_use(m, "gemma3-270m")) for _ in range(20)]
+        # Tasks that are not part of this request (started in a context of their own) wait for the room.
+        waiters = [asyncio.create_task(_use(m, "gemma3-270m"), context=contextvars.Context()) for _ in range(20)]
         await asyncio.sleep(0.05)
         assert m.waiting() == 20 and threading.active_count() == threads  # twenty waits, no thread parked
         nested = "holds qwen3-0.6b and asks for gemma3-270m"
         with pytest.raises(BusyError, match=nested):  # but this task asking for it would wait for itself
             await m.alease("gemma3-270m")
+        with pytest.raises(BusyError, match=nested):  # and so would a task it starts (and awaits) from here
+            await asyncio.create_task(_use(m, "gemma3-270m"))
     assert await asyncio.gather(*waiters) == ["gemma3-270m"] * 20
     assert sim.counter("inits") == 2 and m.waiting() == 0
 
@@ -330,10 +334,12 @@ async def _use(m: ModelManager, name: str, timeout: float = 10) -> str:
 async def test_a_cancelled_or_timed_out_async_wait_leaves_the_line(make_manager: type[ModelManager]) -> None:
     import asyncio
 
+    import contextvars
+
     m = make_manager(max_loaded=1)
-    held = m.lease("qwen3-0.6b")  # taken by this task: the waits below are other tasks'
+    held = m.lease("qwen3-0.6b")  # taken by this task: the waits below are other, unrelated tasks'
     try:
-        task = asyncio.create_task(_use(m, "gemma3-270m"))
+        task = asyncio.create_task(_use(m, "gemma3-270m"), context=contextvars.Context())
         await asyncio.sleep(0.02)
         assert m.waiting() == 1
         task.cancel()
@@ -341,7 +347,7 @@ async def test_a_cancelled_or_timed_out_async_wait_leaves_the_line(make_manager:
             await task
         assert m.waiting() == 0
         with pytest.raises(BusyError) as timed_out:
-            await asyncio.create_task(_use(m, "gemma3-270m", timeout=0.02))
+            await asyncio.create_task(_use(m, "gemma3-270m", timeout=0.02), context=contextvars.Context())
         assert timed_out.value.reason == "timeout" and m.waiting() == 0
     finally:
         held.release()

@@ -21,10 +21,13 @@ requests, served by these rules (the fairness policy):
   leaves the line at once, and the line moves on. ``rkllm_init`` and
   ``rkllm_destroy`` run on the requesting thread, or for a task on the core's
   own executor, never on the event loop.
-* **Owners are threads or tasks.** A request that could only be served by
-  unloading a model its own owner holds (a nested request, e.g. from a callback
-  inside a stream) gets ``BusyError`` at once instead of waiting for itself; so
-  does a swap whose every blocker is itself waiting in the line.
+* **Owners are threads or tasks, and what a call chain holds travels with it**
+  (tasks started from inside a request inherit its leases through a context
+  variable). A request that could only be served by unloading a model its own
+  chain holds (a nested request, e.g. from a callback inside a stream, even
+  through ``asyncio.gather``) gets ``BusyError`` at once instead of waiting for
+  itself; so does a swap whose every blocker is itself waiting in the line; a
+  chain that holds a model never waits behind a swap for it.
 * **Closed handles are dropped.** A runtime closed by its user is forgotten and
   reloaded on the next request.
 
@@ -39,6 +42,7 @@ at interpreter exit in reverse load order.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .._sync import Deadline, Waiter, describe_owner, offload
+from .._sync import NESTED_GRACE_TURNS, Deadline, Waiter, describe_owner, held_items, hold, offload, unhold
 from ..board import detect_board_platform, platform_matches
 from ..errors import BusyError, ContextLengthError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
@@ -128,6 +132,11 @@ class Lease:
         """True once :meth:`release` was called."""
         return self._released
 
+    @property
+    def holding(self) -> bool:
+        """True until released."""
+        return not self._released
+
     def record_stats(self, stats: PerfStats | None) -> None:
         """Report a run's perf stats (used to measure the model's memory)."""
         self._manager._record(self._entry, stats)
@@ -136,6 +145,7 @@ class Lease:
         """Give the model back (idempotent, any thread; never blocks on native code)."""
         if not self._released:
             self._released = True
+            unhold(self)
             self._manager._release(self._entry, self.owner)
 
     def __enter__(self) -> Lease:
@@ -158,7 +168,8 @@ class _Request:
     """One request in the manager's line."""
 
     __slots__ = (
-        "action", "error", "info", "key", "lease", "loaded", "owner", "params", "seq", "state", "victims", "waiter"
+        "action", "chain", "error", "info", "key", "lease", "loaded", "owner", "params", "seq", "state", "victims",
+        "waiter",
     )
 
     def __init__(self, info: ModelInfo, params: InitParams) -> None:
@@ -173,6 +184,8 @@ class _Request:
         self.action: _Action | None = None
         self.victims: list[LoadedModel] | None = None
         self.loaded = False  # this request loaded its model (its lease is not a cache hit)
+        # Models the caller's own chain holds (this task or thread, and the tasks it is waiting for).
+        self.chain = {x._entry for x in held_items() if isinstance(x, Lease)}
         self.seq = 0  # arrival order
 
 
@@ -298,6 +311,7 @@ class ModelManager:
                 lease, action = self._step(req)
                 if lease is not None:
                     handed = True
+                    hold(lease)
                     return lease
                 if action is not None:
                     self._act(req, action)
@@ -319,13 +333,21 @@ class ModelManager:
         deadline = Deadline(timeout)
         if self._library is None:
             await offload(lambda: self.library)  # dlopen and fingerprinting are file I/O: keep them off the loop
-        req = self._enter(name, init)
+        for turn in range(NESTED_GRACE_TURNS + 1):
+            try:
+                req = self._enter(name, init)
+                break
+            except BusyError as exc:  # a dropped async stream of ours may be closing right now
+                if exc.reason != "deadlock" or turn == NESTED_GRACE_TURNS:
+                    raise
+                await asyncio.sleep(0)
         handed = False
         try:
             while True:
                 lease, action = self._step(req)
                 if lease is not None:
                     handed = True
+                    hold(lease)
                     return lease
                 if action is not None:
                     await offload(self._act, req, action)
@@ -577,7 +599,7 @@ class ModelManager:
             entry = self._entries.get(req.key)
             if entry is None or entry.loading:
                 continue
-            if not entry.holders.get(req.owner):  # an owner that holds the model already never waits for it
+            if entry not in req.chain:  # a chain that holds the model already never waits for it
                 if req.seq > self._unloading.get(entry, req.seq) or (entry in draining and not before_head):
                     continue  # waits behind the unload, or the swap that chose this model
             self._grant(req, entry)
@@ -642,7 +664,7 @@ class ModelManager:
         if self._fits(count, used, need):
             return []
         waiting = {r.owner for r in self._line if r.state == "waiting"}
-        candidates = [e for e in entries if not e.loading and not e.holders.get(req.owner)]
+        candidates = [e for e in entries if not e.loading and e not in req.chain]
         # Idle first, then those whose users are not stuck in this line, then least recently used.
         candidates.sort(key=lambda e: (e.leases > 0, bool(set(e.holders) & waiting), e.last_used))
         victims = []
@@ -655,14 +677,14 @@ class ModelManager:
 
     def _check_self_deadlock(self, req: _Request) -> None:
         """A request that only its own leases could make room for is refused at once."""
-        mine = [e for e in self._entries.values() if e.holders.get(req.owner)]
+        mine = [e for e in self._entries.values() if e in req.chain]
         if not mine or req.key in self._entries:
             return
         if not self._fits(len(mine), sum(e.memory_mb for e in mine), self._estimate_mb(req.info)):
             raise BusyError(self._deadlock_message(req), reason="deadlock")
 
     def _deadlock_message(self, req: _Request) -> str:
-        mine = ", ".join(e.info.name for e in self._entries.values() if e.holders.get(req.owner)) or "nothing"
+        mine = ", ".join(e.info.name for e in self._entries.values() if e in req.chain) or "nothing"
         return (
             f"{describe_owner(req.owner)} holds {mine} and asks for {req.info.name}, which needs that room: "
             "it would wait for itself. Finish (or close the stream of) the first request before asking for "

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
-from .._sync import FifoLock, current_owner, describe_owner, submit
+from .._sync import NESTED_GRACE_TURNS, FifoLock, current_owner, describe_owner, held_items, hold, submit, unhold
 from ..errors import BusyError, HandleClosedError, InitError, InvalidParameterError, ModelFileError, NativeError
 from ..native.backend import Backend, RunRequest
 from ..native.library import RuntimeLibrary, load_library
@@ -244,13 +244,17 @@ class Session:
         self._done = False
 
     # -- taking and letting go ----------------------------------------------------------------------
+    def _nested(self) -> bool:
+        """True when the calling chain already holds this handle (it would wait for itself)."""
+        return any(isinstance(x, Session) and x._state is self._state for x in held_items())
+
     def _check_free(self, owner: Hashable) -> None:
         state = self._state
         if state.closed:
             raise HandleClosedError(f"the runtime handle for {state.name} is closed")
         if self._done or self._active:
             raise InvalidParameterError("a session can be entered only once")
-        if state.lock.owner is owner and not state.release_pending:
+        if self._nested():
             raise BusyError(
                 f"{describe_owner(owner)} already holds {state.name} and asks for it again (a nested request, e.g. "
                 "from inside its own stream or a callback); finish or close the first request before starting another",
@@ -270,6 +274,7 @@ class Session:
             self._state.unlock()
             raise HandleClosedError(f"the runtime handle for {self._state.name} is closed")
         self._active = True
+        hold(self)
         return self
 
     def acquire(self, timeout: float | None = None, owner: Hashable | None = None) -> Session:
@@ -282,6 +287,10 @@ class Session:
     async def acquire_async(self, timeout: float | None = None) -> Session:
         """Like :meth:`acquire` without occupying a thread; cancelling leaves the line at once."""
         me = current_owner()
+        for _ in range(NESTED_GRACE_TURNS):  # a dropped async stream of ours may be closing right now
+            if not self._nested():
+                break
+            await asyncio.sleep(0)
         self._check_free(me)
         wait = self._timeout if timeout is None else timeout
         return self._acquired(await self._state.lock.acquire_async(wait, owner=me))
@@ -292,6 +301,7 @@ class Session:
             return
         self._active = False
         self._done = True
+        unhold(self)
         self._state.let_go()
 
     def __enter__(self) -> Session:
@@ -310,6 +320,8 @@ class Session:
     def active(self) -> bool:
         """True while the session holds the handle."""
         return self._active
+
+    holding = active
 
     @property
     def runtime(self) -> RKLLMRuntime:
