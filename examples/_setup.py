@@ -27,6 +27,7 @@ from rkllm_core.native.library import load_library  # noqa: E402
 from rkllm_core.sim import build_simulator, default_cache_dir, make_model  # noqa: E402
 
 DEMO_MODEL = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
+SECOND_DEMO_MODEL = "google_gemma-3-270m-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
 BANNER = "=" * 78
 
 
@@ -89,3 +90,18 @@ def setup() -> Setup:
     name = wanted or next((m.name for m in models if m.name.startswith("qwen")), models[0].name)
     print(f"model: {name}{' (simulated)' if simulated else ''}")
     return Setup(name, simulated, lib_path)
+
+
+def another_model(env: Setup) -> str:
+    """A second model for the examples that use two (on the simulator a demo one is created if needed)."""
+    names = [m.name for m in ModelRegistry().models() if m.name != env.model]
+    if not names and env.simulated:
+        demo_dir = default_cache_dir().parent / "demo-models-second"  # apart: the first may be found twice
+        make_model(demo_dir, SECOND_DEMO_MODEL, size_mb=600, think=False)
+        dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
+        if str(demo_dir) not in dirs:
+            os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*dirs, str(demo_dir)])
+        names = [m.name for m in ModelRegistry().models() if m.name != env.model]
+    if not names:
+        raise SystemExit("this example needs two .rkllm models; only one was found")
+    return names[0]

@@ -117,3 +117,14 @@ def test_notebook_runs(example_env: dict[str, str], monkeypatch: pytest.MonkeyPa
     assert "'name': 'get_weather'" in text and "It is sunny in Paris." in text
     assert "name='Orange Pi 5'" in text and "name='Rock 5B'" in text
     assert "reasoning: The user wrote" in text
+
+
+def test_concurrency_over_two_models(example_env: dict[str, str]) -> None:
+    out = run_example("langchain_concurrency.py", example_env).stdout
+    assert "models: qwen3-0.6b and gemma3-270m" in out and "8 answers from two models" in out
+    for i in range(4):
+        for model in ("qwen3-0.6b", "gemma3-270m"):
+            q = f"Question {i}: what is {i} squared?"
+            assert f"[{model}] {q} -> Echo: {q} — ok." in out
+    assert "(cancelled mid-stream)" in out and "still serving: Echo: Still there? — ok." in out
+    assert "nested request refused at once (deadlock)" in out
