@@ -98,6 +98,15 @@ def held_items() -> list[Holding]:
     return [x for x in _HELD.get() if x.holding]
 
 
+def on_event_loop() -> bool:
+    """True when called from a thread that is running an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def describe_owner(owner: Hashable) -> str:
     """A short human name for an owner, for error messages."""
     if isinstance(owner, asyncio.Task):

@@ -624,3 +624,28 @@ async def test_an_async_session_lets_go_only_after_its_native_call(
     release.set()
     texts = [c.text async for c in runtime.astream("next", timeout=5)]
     assert "".join(texts) == echo("next")
+
+
+async def test_a_destroy_never_runs_on_the_event_loop(runtime_factory: Factory, sim: SimulatorControl) -> None:
+    rt = runtime_factory()
+    state = rt._state
+    destroyed_on: list[str] = []
+    state.backend = _RecordsDestroy(state.backend, destroyed_on)
+    async with rt.session():
+        rt.close()  # held by this task: destroyed when it lets go, which happens on the loop
+        assert not state.destroyed
+    await asyncio.to_thread(wait_until, lambda: state.destroyed)
+    assert len(destroyed_on) == 1 and destroyed_on[0].startswith("rkllm-native")
+    assert sim.counter("destroys") == 1
+
+
+class _RecordsDestroy:
+    def __init__(self, backend: object, threads: list[str]) -> None:
+        self._backend, self._threads = backend, threads
+
+    def destroy(self, handle: int) -> int:
+        self._threads.append(threading.current_thread().name)
+        return self._backend.destroy(handle)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._backend, name)

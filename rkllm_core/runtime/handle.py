@@ -40,7 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
-from .._sync import NESTED_GRACE_TURNS, FifoLock, current_owner, describe_owner, held_items, hold, submit, unhold
+from .._sync import (
+    NESTED_GRACE_TURNS,
+    FifoLock,
+    current_owner,
+    describe_owner,
+    held_items,
+    hold,
+    on_event_loop,
+    submit,
+    unhold,
+)
 from ..errors import BusyError, HandleClosedError, InitError, InvalidParameterError, ModelFileError, NativeError
 from ..native.backend import Backend, RunRequest
 from ..native.library import RuntimeLibrary, load_library
@@ -180,8 +190,15 @@ class _HandleState:
         self.unlock()
 
     def unlock(self) -> None:
-        """Release the lock (the caller holds it and nothing is in flight); destroy first if closed."""
+        """Release the lock (the caller holds it and nothing is in flight); destroy first if closed.
+
+        On an event loop the destroy (a native call that may take a while) is left to
+        the core's executor, which releases the lock once it is done.
+        """
         if self.closed and not self.destroyed:
+            if on_event_loop():
+                submit(self.unlock)
+                return
             self._destroy_locked()
         self.lock.release()
 
