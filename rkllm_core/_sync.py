@@ -146,16 +146,19 @@ class Waiter:
     waiter returns from :meth:`wait` / :meth:`wait_async` and re-examines the
     state it waits for. Callers re-arm it with :meth:`reset` under the same
     lock that guards that state and wakers hold, so no wake-up is lost.
+
+    Args:
+        owner: who waits (default: :func:`current_owner`).
+        loop: the event loop of an async waiter; ``None`` for a thread that
+            blocks (even one that runs a loop: a sync call from async code
+            blocks that loop, which is its caller's choice).
     """
 
     __slots__ = ("_event", "_future", "_loop", "owner")
 
-    def __init__(self, owner: Hashable | None = None) -> None:
+    def __init__(self, owner: Hashable | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.owner = owner if owner is not None else current_owner()
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
+        self._loop = loop
         self._event: threading.Event | None = threading.Event() if self._loop is None else None
         self._future: asyncio.Future[None] | None = None
         self.reset()
@@ -254,7 +257,7 @@ class FifoLock:
 
     def acquire(self, timeout: float | None = None, owner: Hashable | None = None) -> bool:
         """Wait in line for the lock; False if ``timeout`` seconds passed first."""
-        waiter = self._enqueue(owner)
+        waiter = self._enqueue(owner, None)
         if waiter is None:
             return True
         if waiter.waiter.wait(timeout):
@@ -263,7 +266,7 @@ class FifoLock:
 
     async def acquire_async(self, timeout: float | None = None, owner: Hashable | None = None) -> bool:
         """Like :meth:`acquire`, awaiting without occupying a thread; cancellation leaves the line at once."""
-        waiter = self._enqueue(owner)
+        waiter = self._enqueue(owner, asyncio.get_running_loop())
         if waiter is None:
             return True
         try:
@@ -275,13 +278,13 @@ class FifoLock:
             raise
         return self._leave(waiter)
 
-    def _enqueue(self, owner: Hashable | None) -> _LockWaiter | None:
+    def _enqueue(self, owner: Hashable | None, loop: asyncio.AbstractEventLoop | None) -> _LockWaiter | None:
         me = owner if owner is not None else current_owner()
         with self._mutex:
             if not self._locked and not self._waiters:
                 self._locked, self._owner = True, me
                 return None
-            waiter = _LockWaiter(Waiter(me))
+            waiter = _LockWaiter(Waiter(me, loop))
             self._waiters.append(waiter)
             return waiter
 

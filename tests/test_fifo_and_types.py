@@ -134,14 +134,23 @@ def test_the_lock_records_its_owner_and_hands_it_on() -> None:
 
 
 async def test_awaiting_a_waiter_occupies_no_thread() -> None:
-    waiter = Waiter()
+    loop = asyncio.get_running_loop()
+    waiter = Waiter(loop=loop)
     threads_before = threading.active_count()
-    pending = [asyncio.create_task(Waiter().wait_async(0.05)) for _ in range(50)]
+    pending = [asyncio.create_task(Waiter(loop=loop).wait_async(0.05)) for _ in range(50)]
     await asyncio.sleep(0.01)
     assert threading.active_count() == threads_before  # fifty waits, no thread for any of them
     assert await asyncio.gather(*pending) == [False] * 50  # all timed out
     threading.Timer(0.01, waiter.wake).start()
     assert await waiter.wait_async(5) is True
+
+
+async def test_a_sync_wait_from_async_code_blocks_instead_of_breaking() -> None:
+    lock = FifoLock()
+    assert lock.acquire()
+    threading.Timer(0.05, lock.release).start()
+    assert lock.acquire(timeout=5)  # a thread waiter, though a loop runs here (the loop blocks meanwhile)
+    lock.release()
 
 
 def test_deadline() -> None:

@@ -364,3 +364,20 @@ def test_unload_waits_for_a_model_still_loading(make_manager: type[ModelManager]
     assert m.unload("qwen3-0.6b", timeout=5) == 1  # the request that started the load was served first
     t.join(5)
     assert sim.counter("inits") == 1 and sim.counter("destroys") == 1 and not m.loaded()
+
+
+async def test_a_sync_lease_from_async_code_blocks_instead_of_breaking(make_manager: type[ModelManager]) -> None:
+    m = make_manager(max_loaded=1)
+    held = threading.Event()
+
+    def hold_briefly() -> None:
+        with m.lease("qwen3-0.6b"):
+            held.set()
+            time.sleep(0.05)
+
+    t = threading.Thread(target=hold_briefly)
+    t.start()
+    held.wait(5)
+    with m.lease("gemma3-270m", timeout=5) as lease:  # waits on a thread event (blocking this loop), then swaps
+        assert lease.info.name == "gemma3-270m"
+    t.join(5)

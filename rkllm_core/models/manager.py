@@ -172,11 +172,11 @@ class _Request:
         "waiter",
     )
 
-    def __init__(self, info: ModelInfo, params: InitParams) -> None:
+    def __init__(self, info: ModelInfo, params: InitParams, loop: asyncio.AbstractEventLoop | None) -> None:
         self.info = info
         self.params = params
         self.key: _Key = (info.name, params)
-        self.waiter = Waiter()
+        self.waiter = Waiter(loop=loop)
         self.owner = self.waiter.owner
         self.state: Literal["waiting", "acting", "done", "left"] = "waiting"
         self.lease: Lease | None = None
@@ -303,7 +303,7 @@ class ModelManager:
             BusyError: no room within ``timeout``, or waiting would never end.
             InitError: the runtime refused the model.
         """
-        req = self._enter(name, init)
+        req = self._enter(name, init, None)
         deadline = Deadline(timeout)
         handed = False
         try:
@@ -335,7 +335,7 @@ class ModelManager:
             await offload(lambda: self.library)  # dlopen and fingerprinting are file I/O: keep them off the loop
         for turn in range(NESTED_GRACE_TURNS + 1):
             try:
-                req = self._enter(name, init)
+                req = self._enter(name, init, asyncio.get_running_loop())
                 break
             except BusyError as exc:  # a dropped async stream of ours may be closing right now
                 if exc.reason != "deadlock" or turn == NESTED_GRACE_TURNS:
@@ -433,7 +433,7 @@ class ModelManager:
         self.close()
 
     # -- the line ----------------------------------------------------------------------------------
-    def _enter(self, name: str, init: InitParams | None) -> _Request:
+    def _enter(self, name: str, init: InitParams | None, loop: asyncio.AbstractEventLoop | None) -> _Request:
         """Validate a request and put it in line (the checks that need no waiting happen here)."""
         info = self.resolve(name)
         if init is not None and self.library.backend.per_run_sampling:
@@ -442,7 +442,7 @@ class ModelManager:
             init = replace(init, sampling=SamplingParams(), max_new_tokens=None)
         params = self.init_params_for(info, init)
         self._check_runtime_supports(info)
-        req = _Request(info, params)
+        req = _Request(info, params, loop)
         with self._mutex:
             if self._closed:
                 raise RKLLMError("the model manager is closed")
