@@ -6,6 +6,8 @@ live handles, destroy-while-running), not with the manager's view of itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import dataclasses
 import random
 import threading
@@ -305,10 +307,6 @@ def test_measured_memory_replaces_the_estimate(make_manager: type[ModelManager])
 async def test_tasks_are_owners_and_wait_without_threads(
     make_manager: type[ModelManager], sim: SimulatorControl
 ) -> None:
-    import asyncio
-
-    import contextvars
-
     m = make_manager(max_loaded=1)
     async with m.alease("qwen3-0.6b") as lease:
         assert lease.owner is asyncio.current_task()
@@ -332,10 +330,6 @@ async def _use(m: ModelManager, name: str, timeout: float = 10) -> str:
 
 
 async def test_a_cancelled_or_timed_out_async_wait_leaves_the_line(make_manager: type[ModelManager]) -> None:
-    import asyncio
-
-    import contextvars
-
     m = make_manager(max_loaded=1)
     held = m.lease("qwen3-0.6b")  # taken by this task: the waits below are other, unrelated tasks'
     try:
