@@ -10,9 +10,10 @@ overlapping runs, and that no handle leaked.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,16 @@ MODELS = ("qwen3-0.6b", "gemma3-270m")
 
 def echo(prompt: str) -> str:
     return f"Echo: {prompt} — ok."
+
+
+async def cancel_once_streaming(sim: SimulatorControl, consumer: Coroutine[Any, Any, None]) -> None:
+    """Run ``consumer`` in a task and cancel it once the runtime has streamed a few tokens."""
+    task = asyncio.create_task(consumer)
+    while sim.counter("callbacks") < 5:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 @pytest.fixture
@@ -64,12 +75,7 @@ async def test_langchain_cancel_mid_stream_then_keep_serving(manager: ModelManag
         async for _ in chat.astream("count to 2000"):
             await asyncio.sleep(0)
 
-    task = asyncio.create_task(read_forever())
-    while sim.counter("callbacks") < 5:
-        await asyncio.sleep(0.001)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_streaming(sim, read_forever())
     assert (await chat.ainvoke([HumanMessage("still there?")])).content == echo("still there?")
     assert sim.counter("aborts") >= 1
 
@@ -175,10 +181,5 @@ async def test_llamaindex_astream_chat_cancelled_in_a_task(manager: ModelManager
             async for _ in responses:
                 await asyncio.sleep(0)
 
-    task = asyncio.create_task(consume())
-    while sim.counter("callbacks") < 5:
-        await asyncio.sleep(0.001)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_streaming(sim, consume())
     assert (await llm.acomplete("next")).text == echo("next")
