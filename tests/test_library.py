@@ -162,13 +162,34 @@ def test_single_signal_is_not_enough(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 @needs_cc
-def test_env_override_skips_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _build_fake(tmp_path, "noversion2", abi=13, version="x")
+def test_an_explicit_abi_settles_what_the_evidence_cannot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RKLLM_ABI_FORCE", raising=False)
+    path = _build_fake(tmp_path, "noversion2", abi=13, version="x")  # one heuristic alone: not conclusive
     monkeypatch.setenv("RKLLM_ABI", "1.3")
     lib = load_library(path)
-    assert lib.abi == "1.3" and lib.abi_reason == "set by RKLLM_ABI"
-    # An explicit argument beats the environment.
-    assert load_library(path, abi="1.2").abi == "1.2"
+    assert lib.abi == "1.3" and lib.abi_reason == "set by RKLLM_ABI, agreeing with default-param probe"
+
+
+@needs_cc
+def test_an_explicit_abi_against_the_evidence_is_refused_unless_forced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sim_paths: dict[str, Path]
+) -> None:
+    monkeypatch.delenv("RKLLM_ABI_FORCE", raising=False)
+    monkeypatch.setenv("RKLLM_ABI", "1.3")
+    probe_only = _build_fake(tmp_path, "probe13", abi=13, version="x")
+    with pytest.raises(ABIError) as err:  # the argument beats the environment, the evidence beats both
+        load_library(probe_only, abi="1.2")
+    assert "asks for ABI 1.2" in str(err.value) and "default-param probe -> 1.3" in str(err.value)
+    assert "RKLLM_ABI_FORCE=1" in str(err.value)
+    both = _build_fake(tmp_path, "both13", abi=13, version="1.3.0")
+    with pytest.raises(ABIError, match="version strings -> 1.3"):
+        load_library(both, abi="1.2")
+    monkeypatch.setenv("RKLLM_ABI", "1.2")
+    with pytest.raises(ABIError, match="simulator marker -> 1.3"):
+        load_library(sim_paths["1.3"])
+    monkeypatch.setenv("RKLLM_ABI_FORCE", "1")  # the dangerous switch
+    forced = load_library(probe_only, abi="1.2")
+    assert forced.abi == "1.2" and forced.abi_reason.startswith("forced by argument")
 
 
 @needs_cc

@@ -42,6 +42,8 @@ from .backend import Backend, backend_for
 logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "librkllmrt.so"
+ENV_FORCE_ABI = "RKLLM_ABI_FORCE"
+"""Set to ``1`` to use ``RKLLM_ABI``/``abi=`` even where the library's own evidence names another ABI (dangerous)."""
 
 # Git blob ids (`git hash-object librkllmrt.so`) of Rockchip's published builds.
 KNOWN_BUILDS: dict[str, tuple[str, str]] = {
@@ -229,14 +231,16 @@ def _probe_signal(lib: ctypes.CDLL) -> tuple[str | None, str]:
     return None, f"default-param probe inconclusive (fits 1.2: {ok12}, fits 1.3: {ok13})"
 
 
-def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
-    """Establish the ABI of a loaded library from its evidence (see the module docstring).
+@dataclass(frozen=True)
+class _Evidence:
+    """What a library says about its own ABI."""
 
-    Raises:
-        UnsupportedRuntimeError: the library is runtime <= 1.2.0.
-        ABIError: the evidence is not conclusive.
-    """
-    signals: dict[str, str] = {}
+    decision: AbiDecision | None  # conclusive: a known build, the simulator's marker, or two agreeing heuristics
+    named: dict[str, str]  # signal -> the ABI it names (only signals that name one)
+    signals: dict[str, str]
+
+
+def _check_symbols(path: Path, lib: ctypes.CDLL) -> None:
     missing = [s for s in functions.REQUIRED_SYMBOLS if not hasattr(lib, s)]
     if missing:
         raise ABIError(f"{path} does not look like the RKLLM runtime: missing {', '.join(missing)}")
@@ -245,6 +249,10 @@ def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
             f"{path} is an RKLLM runtime older than 1.2.1 (no rkllm_set_function_tools); "
             "it is not supported: install runtime 1.2.1-1.2.3 or 1.3.x"
         )
+
+
+def _evidence(path: Path, lib: ctypes.CDLL) -> _Evidence:
+    signals: dict[str, str] = {}
     try:
         blob = git_blob_id(path)
     except OSError as exc:  # e.g. a bare soname resolved by the loader
@@ -254,7 +262,8 @@ def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
         version, arch = KNOWN_BUILDS[blob]
         abi = version_to_abi(version)
         assert abi is not None
-        return AbiDecision(abi, f"official {arch} build of runtime {version} (git blob {blob[:12]})", version)
+        why = f"official {arch} build of runtime {version} (git blob {blob[:12]})"
+        return _Evidence(AbiDecision(abi, why, version), {"fingerprint": abi}, {"hash": why})
     if blob:
         signals["hash"] = f"unknown build (git blob {blob[:12]})"
     if hasattr(lib, "rkllm_sim_abi"):
@@ -269,7 +278,8 @@ def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
             lib.rkllm_sim_version.restype, lib.rkllm_sim_version.argtypes = ctypes.c_char_p, []
             raw_version = lib.rkllm_sim_version()
             sim_version = raw_version.decode() if raw_version else None
-        return AbiDecision(abi, "simulator marker symbol rkllm_sim_abi", sim_version, signals)
+        decision = AbiDecision(abi, "simulator marker symbol rkllm_sim_abi", sim_version, signals)
+        return _Evidence(decision, {"simulator marker": abi}, signals)
     try:
         data = path.read_bytes()
     except OSError:
@@ -277,14 +287,54 @@ def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
     s_abi, s_why = _strings_signal(data)
     p_abi, p_why = _probe_signal(lib)
     signals["strings"], signals["probe"] = s_why, p_why
-    if s_abi is not None and s_abi == p_abi:
-        return AbiDecision(s_abi, f"{s_why}; {p_why}", None, signals)
-    details = "; ".join(f"{k}: {v}" for k, v in signals.items())
+    named = {k: v for k, v in (("version strings", s_abi), ("default-param probe", p_abi)) if v is not None}
+    agreed = AbiDecision(s_abi, f"{s_why}; {p_why}", None, signals) if s_abi is not None and s_abi == p_abi else None
+    return _Evidence(agreed, named, signals)
+
+
+def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
+    """Establish the ABI of a loaded library from its evidence (see the module docstring).
+
+    Raises:
+        UnsupportedRuntimeError: the library is runtime <= 1.2.0.
+        ABIError: the evidence is not conclusive.
+    """
+    _check_symbols(path, lib)
+    evidence = _evidence(path, lib)
+    if evidence.decision is not None:
+        return evidence.decision
+    details = "; ".join(f"{k}: {v}" for k, v in evidence.signals.items())
     raise ABIError(
         f"cannot establish the ABI of {path} ({details}). Set RKLLM_ABI=1.2 for runtime 1.2.1-1.2.3 or "
         "RKLLM_ABI=1.3 for runtime 1.3.x (the version is printed in the 'rkllm-runtime version' line "
         "when a model loads), or pass abi= explicitly"
     )
+
+
+def _requested_decision(path: Path, lib: ctypes.CDLL, requested: str, source: str, force: bool) -> AbiDecision:
+    """Honour an explicit ABI, unless the library's own evidence names another one (then only when forced)."""
+    _check_symbols(path, lib)
+    evidence = _evidence(path, lib)
+    against = {signal: abi for signal, abi in evidence.named.items() if abi != requested}
+    if against and not force:
+        said = ", ".join(f"{signal} -> {abi}" for signal, abi in against.items())
+        raise ABIError(
+            f"{source} asks for ABI {requested} but {path} contradicts it: {said}. Calling a runtime with the "
+            f"wrong ABI corrupts memory. Remove the setting (or set the ABI the evidence names); if you are sure, "
+            f"set {ENV_FORCE_ABI}=1 to use ABI {requested} anyway"
+        )
+    if against:
+        logger.warning(
+            "%s: using ABI %s against the library's own evidence (%s) because %s=1",
+            path,
+            requested,
+            against,
+            ENV_FORCE_ABI,
+        )
+        return AbiDecision(requested, f"forced by {source} against {against}", None, evidence.signals)
+    version = evidence.decision.version if evidence.decision is not None else None
+    agree = f", agreeing with {', '.join(evidence.named)}" if evidence.named else ""
+    return AbiDecision(requested, f"set by {source}{agree}", version, evidence.signals)
 
 
 @dataclass(frozen=True)
@@ -341,9 +391,8 @@ def load_library(path: str | os.PathLike[str] | None = None, abi: str | None = N
         except OSError as exc:
             raise LibraryNotFoundError(f"cannot load {lib_path}: {exc}", [str(lib_path)]) from exc
         if requested_abi is not None:
-            decision = AbiDecision(requested_abi, f"set by {source}")
-            if not all(hasattr(cdll, s) for s in functions.SYMBOLS_SINCE_1_2_1):
-                raise UnsupportedRuntimeError(f"{lib_path} is an RKLLM runtime older than 1.2.1; it is not supported")
+            force = os.environ.get(ENV_FORCE_ABI, "") == "1"
+            decision = _requested_decision(lib_path, cdll, requested_abi, source, force)
         else:
             decision = detect_abi(lib_path, cdll)
         try:
