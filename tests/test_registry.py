@@ -15,8 +15,8 @@ import pytest
 
 from rkllm_core.board import detect_board_platform, platform_matches, soc_series
 from rkllm_core.errors import InvalidParameterError, ModelFileError, ModelNotFoundError, NoModelsFoundError
+from rkllm_core.filenames import ModelFacts, friendly_name, parse_model_filename
 from rkllm_core.models import registry as registry_module
-from rkllm_core.models.names import ModelFacts, friendly_name, parse_model_filename
 from rkllm_core.models.registry import DEFAULT_CONTEXT_SIZE, ModelRegistry, default_model_dirs
 from rkllm_core.models.registry_file import ModelDefaults, load_registry_file
 

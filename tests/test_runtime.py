@@ -19,6 +19,7 @@ import pytest
 
 from rkllm_core.errors import (
     BusyError,
+    ContextLengthError,
     HandleClosedError,
     InitError,
     InvalidParameterError,
@@ -346,7 +347,7 @@ def test_init_errors_are_typed(sim_lib: RuntimeLibrary, sim: SimulatorControl, m
     with pytest.raises(InitError) as info:
         RKLLMRuntime(corrupt, library=sim_lib)
     assert info.value.function == "rkllm_init" and info.value.code != 0
-    small = make_model(model_dir, "tiny-ctx1024.rkllm")
+    small = make_model(model_dir, "tiny.rkllm", max_context=1024)  # a limit the file name does not state
     with pytest.raises(InitError, match="max_context_len=4096"):
         RKLLMRuntime(small, params=InitParams(max_context_len=4096), library=sim_lib)
     assert sim.counter("init_failures") == 2
@@ -649,3 +650,17 @@ class _RecordsDestroy:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._backend, name)
+
+
+def test_the_file_names_context_limit_applies_without_the_manager(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path
+) -> None:
+    small = make_model(model_dir, "tiny-llm-w8a8-ctx256.rkllm")
+    with RKLLMRuntime(small, library=sim_lib) as rt:  # no InitParams: the file's own limit, not the default
+        assert rt.max_context_len == 256
+        assert rt.generate("hi").text == echo("hi")
+    inits = sim.counter("inits") + sim.counter("init_failures")
+    with pytest.raises(ContextLengthError, match="above the 256-token limit") as err:
+        RKLLMRuntime(small, params=InitParams(max_context_len=512), library=sim_lib)
+    assert err.value.requested == 512 and err.value.limit == 256
+    assert sim.counter("inits") + sim.counter("init_failures") == inits  # refused before rkllm_init

@@ -12,7 +12,7 @@ Model directories, first match wins (see :func:`default_model_dirs`):
    ``./models``.
 
 Names: every file gets a friendly name from its file name (see
-:mod:`rkllm_core.models.names`), e.g.
+:mod:`rkllm_core.filenames`), e.g.
 ``Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm`` is
 ``qwen3-0.6b``. When two files share a friendly name each gets a visible
 suffix (``qwen3-0.6b-w8a8`` / ``qwen3-0.6b-w4a16``) and the bare name
@@ -59,7 +59,7 @@ from ..errors import (
     ModelNotFoundError,
     NoModelsFoundError,
 )
-from .names import _SUFFIX, ModelFacts, _disambiguate, _strip_suffix, friendly_name, parse_model_filename
+from ..filenames import _SUFFIX, ModelFacts, _disambiguate, _strip_suffix, friendly_name, parse_model_filename
 from .registry_file import REGISTRY_FILENAME, ModelDefaults, RegistryEntry, _read_registry_file
 
 __all__ = [

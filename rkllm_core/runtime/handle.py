@@ -36,7 +36,7 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
@@ -51,7 +51,16 @@ from .._sync import (
     submit,
     unhold,
 )
-from ..errors import BusyError, HandleClosedError, InitError, InvalidParameterError, ModelFileError, NativeError
+from ..errors import (
+    BusyError,
+    ContextLengthError,
+    HandleClosedError,
+    InitError,
+    InvalidParameterError,
+    ModelFileError,
+    NativeError,
+)
+from ..filenames import parse_model_filename
 from ..native.backend import Backend, RunRequest
 from ..native.library import RuntimeLibrary, load_library
 from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk
@@ -553,11 +562,11 @@ class RKLLMRuntime:
         library: RuntimeLibrary | str | os.PathLike[str] | None = None,
         abi: str | None = None,
     ) -> None:
-        self.library = library if isinstance(library, RuntimeLibrary) else load_library(library, abi)
         self.model_path = Path(model_path)
-        self.params = params or InitParams()
+        self.params = self._with_context_limit(params or InitParams())
         if not self.model_path.is_file():
             raise ModelFileError(f"model file not found: {self.model_path}")
+        self.library = library if isinstance(library, RuntimeLibrary) else load_library(library, abi)
         backend = self.library.backend
         param = backend.default_param()
         path_bytes = os.fsencode(self.model_path)
@@ -578,6 +587,22 @@ class RKLLMRuntime:
         self._state = _HandleState(backend, handle, (*keep, path_bytes), self.model_path.name)
         self._finalizer = weakref.finalize(self, _finalize, self._state)
         logger.info("loaded %s (ABI %s)", self.model_path.name, backend.abi)
+
+    def _with_context_limit(self, params: InitParams) -> InitParams:
+        """Default ``max_context_len`` to the limit the file name states, and refuse more (before init)."""
+        limit = parse_model_filename(self.model_path.name).ctx
+        if limit is None:
+            return params
+        if params.max_context_len is None:
+            return replace(params, max_context_len=limit)
+        if params.max_context_len > limit:
+            raise ContextLengthError(
+                f"max_context_len={params.max_context_len} is above the {limit}-token limit {self.model_path.name} "
+                f"was converted with (from its file name); use at most {limit}",
+                requested=params.max_context_len,
+                limit=limit,
+            )
+        return params
 
     # -- state ------------------------------------------------------------------------------------
     @property

@@ -39,8 +39,8 @@ from typing import Any, TextIO
 
 from ..board import read_system_state
 from ..errors import NoModelsFoundError
+from ..filenames import friendly_name, parse_model_filename
 from ..models.manager import ModelManager
-from ..models.names import friendly_name, parse_model_filename
 from ..models.registry import ModelInfo
 from ..params import InitParams
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ..board import PLATFORM_RE
+from .board import PLATFORM_RE
 
 __all__ = [
     "ModelFacts",
