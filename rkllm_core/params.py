@@ -13,6 +13,7 @@ FinishReason = Literal["stop", "length", "abort"]
 
 __all__ = [
     "FinishReason",
+    "check_text",
     "InitParams",
     "PerfStats",
     "SamplingParams",
@@ -36,6 +37,25 @@ def _check_int(name: str, value: int | None, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameterError(f"{name} must be an integer, got {type(value).__name__}")
     _check_range(name, value, lo, hi)
+
+
+def check_text(value: object, field: str) -> str:
+    """Return ``value`` if it is text the runtime can take: a str, no NUL, valid UTF-8 (no lone surrogates).
+
+    Raises:
+        InvalidParameterError: naming ``field`` and the position of the first bad character.
+    """
+    if not isinstance(value, str):
+        raise InvalidParameterError(f"{field} must be a str, got {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidParameterError(f"{field} contains a NUL character at position {value.index(chr(0))}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(
+            f"{field} is not valid text: {exc.reason} at position {exc.start} ({value[exc.start : exc.end]!r})"
+        ) from None
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -284,6 +284,35 @@ def test_bad_input_is_typed(make_engine: Callable[..., ChatEngine], sim: Simulat
     assert sim.counter("runs") == 0
 
 
+def test_invalid_text_and_tools_are_refused_before_the_handle_is_touched(
+    make_engine: Callable[..., ChatEngine], sim: SimulatorControl
+) -> None:
+    engine = make_engine()
+    engine.chat("qwen3-0.6b", [S("A fine system prompt."), U("warm up")])  # something in the KV cache
+    touched = {k: sim.counter(k) for k in ("runs", "kv_clears", "template_sets", "tools_sets")}
+    with pytest.raises(InvalidParameterError, match=r"user message content is not valid text.* position 4"):
+        U("bad \ud800 text")
+    with pytest.raises(InvalidParameterError, match="system message content contains a NUL character at position 3"):
+        S("sys\0tem")
+    with pytest.raises(InvalidParameterError, match="tool call 'f' arguments is not valid text"):
+        A("", (ToolCallRequest("c1", "f", {"x": "\udfff"}),))
+    bad_tools = [
+        ({"name": "f", "parameters": "not a schema"}, "tool 'f': parameters must be a JSON schema object"),
+        ({"name": "f", "parameters": {"type": "object", "properties": {"x": {"default": float("nan")}}}}, "tool 'f'"),
+        ({"name": "f", "description": "lone \ud800"}, "tool 'f' description is not valid text"),
+        ({"name": "no spaces allowed"}, "tool #0: the name"),
+        ({"type": "function", "function": "f"}, "tool #0: expected an OpenAI-style function tool"),
+        ({"name": "f", "parameters": {"type": "array"}}, "must be of type 'object'"),
+    ]
+    for tool, message in bad_tools:
+        with pytest.raises(InvalidParameterError, match=message):
+            engine.chat("qwen3-0.6b", [U("x")], ChatOptions(tools=(tool,)))  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError, match="stop sequence #1 is not valid text"):
+        ChatOptions(stop=("ok", "\udc80"))
+    assert {k: sim.counter(k) for k in touched} == touched  # nothing reached the runtime, the KV cache is intact
+    assert engine.chat("qwen3-0.6b", [U("still fine")]).message.content == echo("still fine")
+
+
 def test_names_and_consecutive_messages(make_engine: Callable[..., ChatEngine]) -> None:
     engine = make_engine()
     reply = engine.chat("qwen3-0.6b", [U("one"), ChatMessage("user", "two", name="bob")])

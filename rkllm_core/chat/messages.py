@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import InvalidParameterError
+from ..params import check_text
 
 __all__ = [
     "ChatMessage",
@@ -32,6 +33,17 @@ class ToolCallRequest:
     id: str
     name: str
     arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check the name and that the arguments are a JSON object of valid text."""
+        check_text(self.name, "tool call name")
+        if not isinstance(self.arguments, Mapping):
+            raise InvalidParameterError(f"tool call {self.name!r}: arguments must be a JSON object")
+        try:
+            text = json.dumps(self.arguments, ensure_ascii=False, allow_nan=False, default=str)
+        except ValueError as exc:
+            raise InvalidParameterError(f"tool call {self.name!r}: arguments are not valid JSON ({exc})") from exc
+        check_text(text, f"tool call {self.name!r} arguments")
 
     def canonical(self) -> tuple[str, str]:
         """(name, arguments as canonical JSON): what identifies the call in a prompt."""
@@ -57,13 +69,12 @@ class ChatMessage:
     tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
-        """Check the role and the kinds of the fields."""
+        """Check the role, and that every text is text the runtime can take."""
         if self.role not in _ROLES:
             raise InvalidParameterError(f"message role must be one of {', '.join(_ROLES)}; got {self.role!r}")
-        if not isinstance(self.content, str):
-            raise InvalidParameterError(f"message content must be a str, got {type(self.content).__name__}")
-        if "\0" in self.content:
-            raise InvalidParameterError("message content contains a NUL character")
+        check_text(self.content, f"{self.role} message content")
+        if self.name is not None:
+            check_text(self.name, f"{self.role} message name")
         if self.tool_calls and self.role != "assistant":
             raise InvalidParameterError("only assistant messages can carry tool_calls")
 

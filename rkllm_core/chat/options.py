@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ..errors import InvalidParameterError
-from ..params import SamplingParams
+from ..params import SamplingParams, check_text
 from .parse import StopSequenceFilter
 
 __all__ = [
     "SAMPLING_FIELDS",
     "SETTINGS",
     "ChatOptions",
+    "check_tool",
     "ToolChoice",
     "json_instruction",
     "normalise_tool_choice",
@@ -38,6 +40,7 @@ SAMPLING_FIELDS: Final = ("temperature", "top_p", "top_k", "repeat_penalty", "fr
 _MAX_TOKENS_NAMES: Final = ("max_new_tokens", "max_tokens", "max_completion_tokens")
 _THINKING_NAMES: Final = ("enable_thinking", "thinking", "reasoning")
 _OTHER_NAMES: Final = ("stop", "tools", "tool_choice", "response_format", "timeout")
+_TOOL_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _ALIASES: Final = {
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
@@ -84,10 +87,14 @@ class ChatOptions:
         if isinstance(self.stop, str):
             raise InvalidParameterError("stop must be a sequence of strings, not a single string")
         StopSequenceFilter(self.stop)  # validates every stop string
+        for i, stop in enumerate(self.stop):
+            check_text(stop, f"stop sequence #{i}")
         if self.timeout is not None and (
             isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float) or math.isnan(self.timeout)
         ):
             raise InvalidParameterError("timeout must be a number of seconds")
+        for i, tool in enumerate(self.tools):
+            check_tool(tool, i)
         names = self.tool_names()
         if self.tool_choice not in (None, "auto", "none", "required", "any") and self.tool_choice not in names:
             raise InvalidParameterError(
@@ -216,6 +223,51 @@ def json_instruction(response_format: Mapping[str, Any]) -> str:
     if schema:
         return "Respond with a JSON object matching this JSON schema: " + json.dumps(schema, ensure_ascii=False)
     return "Respond with a JSON object only, with no other text."
+
+
+def check_tool(tool: Any, index: int = 0) -> None:
+    """Check one tool definition against the function-calling subset the frameworks produce.
+
+    ``{"type": "function", "function": {...}}`` or the bare function object, with a
+    ``name`` (a word of letters, digits, ``_``, ``-`` or ``.``, at most 64 long), an
+    optional ``description`` (text) and optional ``parameters``: a JSON schema object
+    (``"type": "object"`` when a type is given, ``properties`` a mapping of schemas,
+    ``required`` a list of property names), serialisable as strict JSON (no NaN).
+
+    Raises:
+        InvalidParameterError: naming the tool (its index, and its name when it has one).
+    """
+    if not isinstance(tool, Mapping):
+        raise InvalidParameterError(f"tool #{index} must be a dict, got {type(tool).__name__}")
+    fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+    if not isinstance(fn, Mapping):
+        raise InvalidParameterError(f"tool #{index}: expected an OpenAI-style function tool, got {dict(tool)!r:.120}")
+    name = fn.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME_RE.fullmatch(name):
+        raise InvalidParameterError(
+            f"tool #{index}: the name must be 1-64 letters, digits, '_', '-' or '.', got {name!r}"
+        )
+    where = f"tool {name!r}"
+    description = fn.get("description")
+    if description is not None:
+        check_text(description, f"{where} description")
+    params = fn.get("parameters")
+    if params is not None:
+        if not isinstance(params, Mapping):
+            raise InvalidParameterError(f"{where}: parameters must be a JSON schema object, got {params!r:.80}")
+        if params.get("type", "object") != "object":
+            raise InvalidParameterError(f"{where}: parameters must be of type 'object', got {params.get('type')!r}")
+        props = params.get("properties", {})
+        if not isinstance(props, Mapping) or not all(isinstance(v, Mapping) for v in props.values()):
+            raise InvalidParameterError(f"{where}: parameters.properties must map names to schemas")
+        required = params.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise InvalidParameterError(f"{where}: parameters.required must be a list of property names")
+    try:
+        text = json.dumps(tool, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"{where} is not valid JSON: {exc}") from exc
+    check_text(text, f"{where} definition")
 
 
 def _canonical(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ContextLengthError
 from ..models.registry import ModelInfo
+from ..params import check_text
 from ..runtime import KVState
 from .messages import ChatMessage
 from .options import ChatOptions, normalise_tools
@@ -153,6 +154,8 @@ class Planner:
             cut = next((i for i in range(1, len(history)) if history[i].role == "user"), len(history))
             history = history[cut:]
             dropped += cut
+        for part, what in zip(setup[1:], ("system prompt", "template prefix", "template postfix"), strict=True):
+            check_text(part, f"the rendered {what}")  # before anything touches the handle
         if needed > limit:
             raise ContextLengthError(
                 f"the prompt needs about {needed - reserve} tokens plus {reserve} for the answer, more than the "

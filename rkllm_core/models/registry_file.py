@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..errors import InvalidParameterError
-from ..params import InitParams, SamplingParams
+from ..params import InitParams, SamplingParams, check_text
 
 __all__ = [
     "REGISTRY_FILENAME",
@@ -177,7 +177,7 @@ def _parse_entry(key: str, table: object, source: Path) -> RegistryEntry:
     if "system_prompt" in table:
         if not isinstance(table["system_prompt"], str):
             raise InvalidParameterError(f"{where}: system_prompt must be a string, got {table['system_prompt']!r}")
-        changes["system_prompt"] = table["system_prompt"]
+        changes["system_prompt"] = check_text(table["system_prompt"], f"{where}: system_prompt")
     if "chat_template" in table:
         value = table["chat_template"]
         if not isinstance(value, dict) or set(value) - set(_TEMPLATE_KEYS):
@@ -187,6 +187,8 @@ def _parse_entry(key: str, table: object, source: Path) -> RegistryEntry:
         parts = tuple(value.get(part, "") for part in _TEMPLATE_KEYS)
         if not all(isinstance(p, str) for p in parts):
             raise InvalidParameterError(f"{where}: chat_template values must be strings, got {value!r}")
+        for part, text in zip(_TEMPLATE_KEYS, parts, strict=True):
+            check_text(text, f"{where}: chat_template.{part}")
         changes["chat_template"] = parts
     aliases: tuple[str, ...] = ()
     if "aliases" in table:

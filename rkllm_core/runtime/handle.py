@@ -63,7 +63,7 @@ from ..errors import (
 from ..filenames import parse_model_filename
 from ..native.backend import Backend, RunRequest
 from ..native.library import RuntimeLibrary, load_library
-from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk
+from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, check_text
 from .run import ABORT_WAIT_S, Run, RunStream, astream_run, start_worker
 
 logger = logging.getLogger(__name__)
@@ -508,12 +508,13 @@ class Session:
 
     def load_prompt_cache(self, path: str | os.PathLike[str]) -> None:
         """Load a prompt cache file saved by an earlier run (``save_prompt_cache=``)."""
+        raw = _c_path(path, "prompt cache path")
         if not Path(path).is_file():
             raise InvalidParameterError(f"prompt cache file not found: {path}")
         state = self._ready()
         state.prompt_cache = None
         self._moved(None)
-        self._check(state.backend.load_prompt_cache(state.handle, os.fsencode(path)), "rkllm_load_prompt_cache")
+        self._check(state.backend.load_prompt_cache(state.handle, raw), "rkllm_load_prompt_cache")
         state.prompt_cache = os.fspath(path)
 
     def release_prompt_cache(self) -> None:
@@ -526,11 +527,12 @@ class Session:
 
     def load_lora(self, path: str | os.PathLike[str], name: str, scale: float = 1.0) -> None:
         """Load a LoRA adapter; apply it to a run with ``lora=name``."""
+        raw = _c_path(path, "LoRA path")
         if not Path(path).is_file():
             raise InvalidParameterError(f"LoRA adapter file not found: {path}")
-        name_b = _c_text(name, "name")
+        name_b = _c_text(name, "LoRA name")
         state = self._ready()
-        self._check(state.backend.load_lora(state.handle, os.fsencode(path), name_b, scale), "rkllm_load_lora")
+        self._check(state.backend.load_lora(state.handle, raw, name_b, scale), "rkllm_load_lora")
 
 
 class RKLLMRuntime:
@@ -706,7 +708,7 @@ class RKLLMRuntime:
             sampling=full,
             max_new_tokens=max_new_tokens,
             lora=_c_text(lora, "lora") if lora else None,
-            save_prompt_cache=os.fsencode(save_prompt_cache) if save_prompt_cache else None,
+            save_prompt_cache=_c_path(save_prompt_cache, "save_prompt_cache") if save_prompt_cache else None,
         )
 
     def stream(
@@ -830,16 +832,15 @@ def _collect(stream: RunStream) -> Completion:
 
 def _c_text(value: str, name: str) -> bytes:
     """Encode text for the runtime: a str, no NUL, valid UTF-8 (no lone surrogates)."""
-    if not isinstance(value, str):
-        raise InvalidParameterError(f"{name} must be a str, got {type(value).__name__}")
-    if "\0" in value:
-        raise InvalidParameterError(f"{name} contains a NUL character at position {value.index(chr(0))}")
-    try:
-        return value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidParameterError(
-            f"{name} is not valid text: {exc.reason} at position {exc.start} ({value[exc.start : exc.end]!r})"
-        ) from None
+    return check_text(value, name).encode("utf-8")
+
+
+def _c_path(value: str | os.PathLike[str], name: str) -> bytes:
+    """Encode a path for the runtime (the file system's encoding; no NUL, which would cut it short)."""
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise InvalidParameterError(f"{name} contains a NUL character: {os.fsdecode(raw)!r}")
+    return raw
 
 
 def _tools_json(tools: str | Sequence[dict[str, Any]]) -> str:
