@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rkllm_core.chat import promptcache
 from rkllm_core.chat.engine import ChatEngine
 from rkllm_core.chat.messages import ChatMessage
 from rkllm_core.chat.promptcache import PromptCacheStore
@@ -90,7 +94,7 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(
     with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
         ChatEngine(m, prompt_cache=store).chat("qwen3-0.6b", [ChatMessage("system", SYSTEM), ChatMessage("user", "a")])
     [entry] = store.entries()
-    # Same size, so the store's own checks pass and the runtime is the one that refuses it.
+    # Same size, so size checks pass: the content fingerprint catches it before the runtime sees it.
     entry.path.write_bytes(b"x" * entry.size)
     with (
         caplog.at_level(logging.WARNING),
@@ -100,7 +104,8 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(
             "qwen3-0.6b", [ChatMessage("system", SYSTEM), ChatMessage("user", "b")]
         )
     assert reply.message.content == "Echo: b — ok."
-    assert any("could not be loaded" in r.getMessage() for r in caplog.records)
+    assert any("swapped or corrupted" in r.getMessage() for r in caplog.records)
+    assert sim.counter("prompt_cache_loads") == 0  # never handed to the runtime
     assert sim.counter("prompt_cache_saves") == 2  # rebuilt
     [entry] = store.entries()
     assert entry.path.read_bytes().startswith(b"RKLLMSIM-PCACHE")
@@ -131,3 +136,105 @@ def test_short_system_prompts_are_not_cached(
             "qwen3-0.6b", [ChatMessage("system", "Be brief."), ChatMessage("user", "a")]
         )
     assert store.entries() == [] and sim.counter("prompt_cache_saves") == 0
+
+
+# -- faults: the prompt cache is an optimisation, so every fault degrades to a miss ------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A cache directory on a disk that is full: a 64 KiB tmpfs where we may mount one, else ENOSPC on commit."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    mounted = False
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"):
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount_point)],
+            capture_output=True,
+            check=False,
+        )
+        mounted = result.returncode == 0
+    if mounted:
+        (mount_point / "filler").write_bytes(b"\0" * 60 * 1024)  # what is left does not hold a cache file
+    else:
+
+        def no_space(src: object, dst: object) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+        monkeypatch.setattr(promptcache, "_replace", no_space)
+    yield mount_point / "pcache"
+    if mounted:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_never_fails_a_request(
+    sim_lib: RuntimeLibrary,
+    sim: SimulatorControl,
+    model_dir: Path,
+    full_disk: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    make_model(model_dir)
+    store = PromptCacheStore(full_disk)
+    registry = ModelRegistry([model_dir], platform=None)
+    with caplog.at_level(logging.WARNING), ModelManager(registry, library=sim_lib) as m:
+        engine = ChatEngine(m, prompt_cache=store)
+        for i in range(4):
+            system = f"{SYSTEM} Variant {i}."  # a fresh conversation each time: each tries to save
+            reply = engine.chat("qwen3-0.6b", [ChatMessage("system", system), ChatMessage("user", f"q{i}")])
+            assert reply.message.content == f"Echo: q{i} — ok."
+    assert store.entries() == []
+    assert sum(r.levelno == logging.WARNING and "prompt cache" in r.getMessage() for r in caplog.records) <= 2
+
+
+def test_an_unusable_cache_directory_is_skipped(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, tmp_path: Path
+) -> None:
+    make_model(model_dir)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+        engine = ChatEngine(m, prompt_cache=PromptCacheStore(blocker / "pcache"))
+        reply = engine.chat("qwen3-0.6b", [ChatMessage("system", SYSTEM), ChatMessage("user", "q")])
+    assert reply.message.content == "Echo: q — ok."
+    assert sim.counter("prompt_cache_saves") == 0  # the runtime was not asked to write where it cannot
+
+
+def test_a_model_file_that_cannot_be_examined_skips_the_cache(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, tmp_path: Path
+) -> None:
+    path = make_model(model_dir)
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+        engine = ChatEngine(m, prompt_cache=PromptCacheStore(tmp_path / "pcache"))
+        engine.chat("qwen3-0.6b", [ChatMessage("user", "load it")])
+        path.unlink()  # replaced on disk while loaded (the runtime has read it already)
+        reply = engine.chat("qwen3-0.6b", [ChatMessage("system", SYSTEM), ChatMessage("user", "q")])
+    assert reply.message.content == "Echo: q — ok." and sim.counter("prompt_cache_saves") == 0
+
+
+def test_cache_files_corrupted_and_swapped_between_runs_are_misses(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, tmp_path: Path
+) -> None:
+    make_model(model_dir)
+    store = PromptCacheStore(tmp_path / "pcache")
+    systems = [f"{SYSTEM} Persona {c}." for c in "AB"]  # same length: same-size cache files
+
+    def ask(system: str, question: str) -> None:
+        with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+            reply = ChatEngine(m, prompt_cache=store).chat(
+                "qwen3-0.6b", [ChatMessage("system", system), ChatMessage("user", question)]
+            )
+        assert reply.message.content == f"Echo: {question} — ok."
+
+    for system in systems:
+        ask(system, "make the entry")
+    a, b = sorted(store.entries(), key=lambda e: e.fields["setup"].endswith("Persona B."))
+    assert a.size == b.size and sim.counter("prompt_cache_saves") == 2
+    a.path.write_bytes(b.path.read_bytes())  # B's file swapped in for A
+    ask(systems[0], "after the swap")
+    b.path.write_bytes(b"\xff" * b.size)  # B corrupted in place
+    ask(systems[1], "after the corruption")
+    assert sim.counter("prompt_cache_loads") == 0  # neither bad file reached the runtime
+    assert sim.counter("prompt_cache_saves") == 4  # both rebuilt
+    ask(systems[0], "and now")
+    assert sim.counter("prompt_cache_loads") == 1  # the rebuilt entry is good

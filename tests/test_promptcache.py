@@ -66,6 +66,7 @@ def store(cache_dir: Path) -> PromptCacheStore:
 
 def put(store: PromptCacheStore, key: CacheKey, data: bytes, **kwargs: Any) -> Path | None:
     staged = store.staging_path(key)
+    assert staged is not None
     staged.write_bytes(data)
     return store.commit(key, staged, **kwargs)
 
@@ -574,19 +575,16 @@ def test_unusable_directory_is_one_warning_and_no_exception(
     store = PromptCacheStore(blocker / "cache")
     key = store.make_key(model, system="s")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        staged = store.staging_path(key)
-        assert staged.parent == store.directory
+        assert store.staging_path(key) is None  # nowhere to save: the runtime is not asked to
         for _ in range(3):
             elsewhere = tmp_path / "staged.bin"
             elsewhere.write_bytes(b"kv state")
             assert store.commit(key, elsewhere) is None
             assert not elsewhere.exists()  # discarded
-        assert store.commit(key, staged) is None
         assert store.lookup(key) is None
         assert store.entries() == [] and store.evict() == 0 and store.invalidate_model(model) == 0
         store.invalidate(key, "test")
         store.clear()
-        store.discard(staged)
     [message] = warnings_of(caplog)
     assert "cannot create prompt cache directory" in message
 
@@ -595,7 +593,7 @@ def test_disk_full_is_one_warning_and_no_exception(
     store: PromptCacheStore, model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = store.make_key(model, system="s")
-    real_replace = os.replace
+    real_replace = promptcache._replace
 
     def full(src: Any, dst: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
@@ -609,11 +607,11 @@ def test_disk_full_is_one_warning_and_no_exception(
         for fail in (full, full, full_for_data):  # the sidecar fails twice, then the data rename
             staged = store.staging_path(key)
             staged.write_bytes(b"kv state")
-            monkeypatch.setattr(os, "replace", fail)
+            monkeypatch.setattr(promptcache, "_replace", fail)
             try:
                 assert store.commit(key, staged) is None
             finally:
-                monkeypatch.setattr(os, "replace", real_replace)
+                monkeypatch.setattr(promptcache, "_replace", real_replace)
             assert names(store.directory) == set()  # staged file, sidecar and temporaries removed
     [message] = warnings_of(caplog)
     assert "No space left on device" in message
@@ -817,3 +815,32 @@ def test_malformed_digest_is_rejected(store: PromptCacheStore, model: Path, tmp_
         with pytest.raises(InvalidParameterError):
             call()
     assert not store.directory.exists() and staged.exists()
+
+
+@pytest.mark.parametrize("size", [1000, 400 * 1024], ids=["small", "larger-than-the-head"])
+def test_a_file_swapped_or_corrupted_in_place_is_never_handed_out(
+    store: PromptCacheStore, model: Path, other_model: Path, caplog: pytest.LogCaptureFixture, size: int
+) -> None:
+    mine, theirs = store.make_key(model, system="mine"), store.make_key(other_model, system="theirs")
+    assert put(store, mine, b"A" * size) is not None and put(store, theirs, b"B" * size) is not None
+    mine_data, _ = entry_files(store, mine)
+    theirs_data, _ = entry_files(store, theirs)
+    mine_data.write_bytes(theirs_data.read_bytes())  # another model's file, same size: size checks pass
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert store.lookup(mine) is None
+    assert any("swapped or corrupted" in m for m in warnings_of(caplog)) and not mine_data.exists()
+    assert store.lookup(theirs) == theirs_data  # the other entry is untouched
+    data = bytearray(theirs_data.read_bytes())
+    data[-1] ^= 0xFF  # one byte changed at the end, same size
+    theirs_data.write_bytes(bytes(data))
+    assert store.lookup(theirs) is None
+
+
+def test_an_entry_without_a_content_fingerprint_is_rebuilt(store: PromptCacheStore, model: Path) -> None:
+    key = store.make_key(model, system="s")
+    assert put(store, key, b"kv state") is not None
+    data, meta = entry_files(store, key)
+    doc = json.loads(meta.read_text())
+    del doc["content"]  # a sidecar written before files were bound to their content
+    meta.write_text(json.dumps(doc))
+    assert store.lookup(key) is None and not data.exists()

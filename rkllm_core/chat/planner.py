@@ -178,17 +178,19 @@ class Planner:
             dropped_turns=dropped,
         )
         if self.store is not None and not history and estimate_tokens(setup[1]) >= self.prompt_cache_min_tokens:
-            key = self.store.make_key(
+            # The prompt cache is an optimisation: any trouble with it (logged by the store) is a miss.
+            key = self.store.try_key(
                 info.path,
                 setup="\x1f".join(setup),
                 abi=runtime_id[0],
                 runtime=runtime_id[1],
                 thinking=str(thinking),
             )
-            plan.cache_key = key
-            plan.cache_load = self.store.lookup(key)
-            if plan.cache_load is None:
-                plan.cache_save = self.store.staging_path(key)
+            if key is not None:
+                plan.cache_key = key
+                plan.cache_load = self.store.lookup(key)
+                if plan.cache_load is None:
+                    plan.cache_save = self.store.staging_path(key)
         return plan
 
 

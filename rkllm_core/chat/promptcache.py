@@ -17,12 +17,16 @@ Layout (``<digest>``: the key's SHA-256, the same in every process):
 * ``<digest>.cache``: the runtime's file, put in place only by ``os.replace`` of a complete,
   fsynced staged file and never written again, so readers need no lock. Its mtime is the
   entry's last-used time (LRU order survives restarts); a hit touches it.
-* ``<digest>.json``: a sidecar (digest, model identity, fields, size, created, extra), kept
+* ``<digest>.json``: a sidecar (digest, model identity, fields, size, a fingerprint of the data
+  file's content, created, extra), kept
   because :meth:`~PromptCacheStore.entries` and :meth:`~PromptCacheStore.invalidate_model` need
   the model identity and fields, which a digest cannot give back. It is written (temporary file
   + ``os.replace``) *before* the data file is renamed into place and removed *after* it, so data
   without a valid sidecar of the same size is never a normal state: such an entry is invalid and
   is removed with a warning. A sidecar without data (a commit in progress, or a crash) is a miss.
+  Before a file is handed to the runtime its content is checked against the fingerprint (the
+  SHA-256 of its first 256 KiB and last 64 KiB): a file swapped in for another model or prompt, or
+  corrupted in place, is never loaded — it is removed and the prefix is computed again.
 * ``<digest>.<pid>.<random>.tmp`` and ``.json.tmp``: staging files.
 
 There are no locks: a race costs at most one prefill (a file evicted before the runtime loads
@@ -53,6 +57,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from ..errors import CacheError, InvalidParameterError
+
+_replace = os.replace  # the renames that put entries in place (a seam for disk-full tests)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -186,6 +192,23 @@ class CacheEntryInfo:
         return (CacheEntryInfo, (*head, dict(self.extra)))
 
 
+_HEAD_BYTES: Final = 256 * 1024
+_TAIL_BYTES: Final = 64 * 1024
+
+
+def _fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's size, first 256 KiB and last 64 KiB: what ties a data file to its entry."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(fh.read(_HEAD_BYTES))
+        if size > _HEAD_BYTES:
+            fh.seek(max(_HEAD_BYTES, size - _TAIL_BYTES))
+            h.update(fh.read(_TAIL_BYTES))
+    return h.hexdigest()
+
+
 def _parse_meta(raw: bytes, digest: str) -> dict[str, Any] | str:
     """A sidecar's content if it is self-consistent, else why it is not."""
     try:
@@ -205,6 +228,8 @@ def _parse_meta(raw: bytes, digest: str) -> dict[str, Any] | str:
         return "metadata does not hash to its digest"
     if type(size) is not int or size <= 0 or type(created) not in (int, float):
         return "metadata has no valid size or creation time"
+    if not isinstance(doc.get("content"), str):
+        return "metadata has no content fingerprint (written by an older version)"
     if not isinstance(doc.setdefault("extra", {}), dict):
         return "metadata extra is not an object"
     return doc
@@ -408,6 +433,14 @@ class PromptCacheStore:
         """
         digest = self._digest(key)
         state = self._inspect(digest)
+        if isinstance(state, tuple):
+            try:
+                content = _fingerprint(self._data(digest))
+            except OSError as exc:
+                logger.debug("cannot read prompt cache file %s: %s", digest[:12], exc)
+                return None
+            if content != state[0]["content"]:
+                state = "its content is not the file this entry was made for (swapped or corrupted)"
         if isinstance(state, str):
             self._drop_invalid(digest, state)
         if not isinstance(state, tuple):
@@ -424,14 +457,26 @@ class PromptCacheStore:
                 infos.append(CacheEntryInfo(*head, float(meta["created"]), meta["extra"]))
         return sorted(infos, key=lambda info: (info.last_used, info.digest))
 
-    def staging_path(self, key: CacheKey) -> Path:
+    def staging_path(self, key: CacheKey) -> Path | None:
         """A fresh ``<directory>/<digest>.<pid>.<random>.tmp`` for the runtime to save a cache file to.
 
-        The directory is created (a failure is logged; :meth:`commit` then drops the file); the file is not.
+        The directory is created; the file is not. ``None`` when the directory cannot be created
+        or written (logged): then nothing should be saved.
         """
         digest = self._digest(key)
-        self._mkdir()
+        if not self._mkdir() or not os.access(self.directory, os.W_OK | os.X_OK):
+            if self.directory.is_dir():
+                self._warn("directory", "prompt cache directory %s is not writable", self.directory)
+            return None
         return self._tmp(digest)
+
+    def try_key(self, model_path: str | os.PathLike[str], **fields: str) -> CacheKey | None:
+        """:meth:`make_key`, or ``None`` (logged) when the model file cannot be examined: the cache is skipped."""
+        try:
+            return self.make_key(model_path, **fields)
+        except CacheError as exc:
+            self._warn("model", "prompt cache skipped: %s", exc)
+            return None
 
     def discard(self, staged: str | os.PathLike[str]) -> None:
         """Remove a staged file (from :meth:`staging_path`) after a failed run; best effort, never raises."""
@@ -491,11 +536,12 @@ class PromptCacheStore:
                     self.discard(original)
             with open(staged, "rb") as fh:
                 os.fsync(fh.fileno())  # complete on disk before it has its final name
+            doc["content"] = _fingerprint(staged)
             with open(meta_tmp, "x", encoding="ascii") as fh:
                 json.dump(doc, fh, indent=2, sort_keys=True, ensure_ascii=True)
-            os.replace(meta_tmp, meta)
+            _replace(meta_tmp, meta)
             cleanup.append(meta)
-            os.replace(staged, data)
+            _replace(staged, data)
         except OSError as exc:
             self._warn("write", "cannot commit prompt cache entry %s in %s: %s", digest[:12], self.directory, exc)
             for path in (staged, *cleanup):
