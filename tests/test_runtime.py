@@ -664,3 +664,46 @@ def test_the_file_names_context_limit_applies_without_the_manager(
         RKLLMRuntime(small, params=InitParams(max_context_len=512), library=sim_lib)
     assert err.value.requested == 512 and err.value.limit == 256
     assert sim.counter("inits") + sim.counter("init_failures") == inits  # refused before rkllm_init
+
+
+EXIT_CHILD = r"""
+import atexit, json, sys, threading, time
+from rkllm_core.runtime import RKLLMRuntime
+from rkllm_core.sim import SimulatorControl
+lib, model = sys.argv[1:3]
+sim = SimulatorControl(lib)
+sim.set("token_delay_ms", 5)  # "count to 3000": about 15 s of generation
+atexit.register(lambda: print("counters", json.dumps(sim.counters()), flush=True))  # runs last
+rt = RKLLMRuntime(model, library=lib)
+
+def stream():
+    result = rt.generate("count to 3000")
+    print("finish", result.finish_reason, result.tokens, flush=True)
+
+threading.Thread(target=stream).start()  # not a daemon: Python joins it at exit
+while sim.counter("generated_tokens") < 5:
+    time.sleep(0.005)
+print("main returns", flush=True)
+"""
+
+
+def test_exit_aborts_a_thread_still_streaming(sim_paths: dict[str, Path], model_path: Path, abi: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_CHILD, str(sim_paths[abi]), str(model_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    lines = proc.stdout.splitlines()
+    finish = next(line for line in lines if line.startswith("finish")).split()
+    assert lines.index("main returns") < lines.index(" ".join(finish))
+    assert finish[1] == "abort" and int(finish[2]) < 1000, proc.stdout  # stopped, not run to its end
+    counters = json.loads(next(line for line in lines if line.startswith("counters"))[len("counters ") :])
+    assert counters["destroys"] == 1 and counters["destroy_while_running"] == 0
+    assert counters["invalid_handle_calls"] == 0 and counters["live_handles"] == 0

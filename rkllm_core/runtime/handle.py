@@ -30,6 +30,7 @@ Thread and task model:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -250,6 +251,29 @@ _CLOSER = object()  # the owner recorded while close() holds the lock
 
 def _finalize(state: _HandleState) -> None:
     state.close(wait=None)  # the GC safety net never blocks
+
+
+_live: weakref.WeakSet[_HandleState] = weakref.WeakSet()
+
+
+def _stop_everything_at_exit() -> None:
+    """At interpreter exit, before non-daemon threads are joined: refuse new work and abort every run.
+
+    A thread still streaming would otherwise keep the process alive for its
+    whole generation. The handles are destroyed once their runs have returned
+    (by whoever lets go of them, or by the managers' and finalizers' exit hooks).
+    """
+    for state in list(_live):
+        state.closed = True
+        try:
+            state.abort_current()
+        except Exception:  # pragma: no cover - interpreter teardown
+            logger.debug("abort at exit failed", exc_info=True)
+
+
+# threading's own exit hooks run before non-daemon threads are joined (atexit runs after): use them
+# where this Python has them, else atexit (then a streaming thread delays exit until its run ends).
+getattr(threading, "_register_atexit", atexit.register)(_stop_everything_at_exit)
 
 
 class Session:
@@ -588,6 +612,7 @@ class RKLLMRuntime:
             )
         self._state = _HandleState(backend, handle, (*keep, path_bytes), self.model_path.name)
         self._finalizer = weakref.finalize(self, _finalize, self._state)
+        _live.add(self._state)
         logger.info("loaded %s (ABI %s)", self.model_path.name, backend.abi)
 
     def _with_context_limit(self, params: InitParams) -> InitParams:
