@@ -247,3 +247,24 @@ def test_each_abi_has_a_backend_that_builds_its_own_structs(sim_paths: dict[str,
     assert infer.max_new_tokens == 16 and infer.sampling_params.contents.top_k == 40
     with pytest.raises(InvalidParameterError, match="1.3 runtime"):
         load_library(sim_paths["1.2"]).backend.run_structs(per_run)
+
+
+@needs_cc
+def test_a_1_3_x_without_a_fingerprint_is_accepted_on_the_usual_evidence_and_says_what_it_assumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("RKLLM_ABI", raising=False)
+    path = _build_fake(tmp_path, "rt131", abi=13, version="1.3.1")  # no fingerprint of ours
+    with caplog.at_level(logging.WARNING, logger="rkllm_core.native.library"):
+        lib = load_library(path)
+    assert lib.abi == "1.3" and lib.version == "1.3.1"
+    assert lib.assumed == ("runtime 1.3.1 has no known fingerprint: its struct layouts are assumed to be those of "
+                           "the 1.3.0 header",)
+    assert "assumed to be those of the 1.3.0 header (unverified)" in caplog.text
+    # One signal alone is still not enough, whatever the version says.
+    with pytest.raises(ABIError, match="cannot establish"):
+        load_library(_build_fake(tmp_path, "rt131-liar", abi=12, version="1.3.1"))
+
+
+def test_a_known_build_or_the_simulator_assumes_nothing(sim_paths: dict[str, Path]) -> None:
+    assert load_library(sim_paths["1.3"]).assumed == ()

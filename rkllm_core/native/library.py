@@ -34,6 +34,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from ..errors import ABIError, LibraryNotFoundError, UnsupportedRuntimeError
 from . import abi12, abi13, functions, structs
@@ -175,10 +176,16 @@ class AbiDecision:
     reason: str
     version: str | None = None
     signals: dict[str, str] = field(default_factory=dict)
+    assumed: tuple[str, ...] = ()
+    """What the decision takes for granted rather than verified (shown by ``rkllm doctor``)."""
+
+
+def _versions_in(data: bytes) -> set[str]:
+    return {m.group(1).decode() for m in _VERSION_RE.finditer(data)}
 
 
 def _strings_signal(data: bytes) -> tuple[str | None, str]:
-    versions = {m.group(1).decode() for m in _VERSION_RE.finditer(data)}
+    versions = _versions_in(data)
     abis = {a for a in (version_to_abi(v) for v in versions) if a is not None}
     if len(abis) == 1:
         abi = abis.pop()
@@ -288,8 +295,22 @@ def _evidence(path: Path, lib: ctypes.CDLL) -> _Evidence:
     p_abi, p_why = _probe_signal(lib)
     signals["strings"], signals["probe"] = s_why, p_why
     named = {k: v for k, v in (("version strings", s_abi), ("default-param probe", p_abi)) if v is not None}
-    agreed = AbiDecision(s_abi, f"{s_why}; {p_why}", None, signals) if s_abi is not None and s_abi == p_abi else None
+    agreed = None
+    if s_abi is not None and s_abi == p_abi:
+        found = sorted(v for v in _versions_in(data) if version_to_abi(v) == s_abi)
+        seen = found[-1] if found else None
+        assumed = (_unverified_layout(seen, s_abi),)
+        agreed = AbiDecision(s_abi, f"{s_why}; {p_why}", seen, signals, assumed)
     return _Evidence(agreed, named, signals)
+
+
+_HEADER_OF_ABI: Final = {"1.2": "1.2.3", "1.3": "1.3.0"}
+
+
+def _unverified_layout(version: str | None, abi: str) -> str:
+    header = _HEADER_OF_ABI[abi]
+    which = f"runtime {version}" if version else "this runtime build"
+    return f"{which} has no known fingerprint: its struct layouts are assumed to be those of the {header} header"
 
 
 def detect_abi(path: Path, lib: ctypes.CDLL) -> AbiDecision:
@@ -331,10 +352,13 @@ def _requested_decision(path: Path, lib: ctypes.CDLL, requested: str, source: st
             against,
             ENV_FORCE_ABI,
         )
-        return AbiDecision(requested, f"forced by {source} against {against}", None, evidence.signals)
-    version = evidence.decision.version if evidence.decision is not None else None
+        forced = (f"ABI {requested} is forced against the library's own evidence ({against})",)
+        return AbiDecision(requested, f"forced by {source} against {against}", None, evidence.signals, forced)
+    decided = evidence.decision
+    version = decided.version if decided is not None else None
     agree = f", agreeing with {', '.join(evidence.named)}" if evidence.named else ""
-    return AbiDecision(requested, f"set by {source}{agree}", version, evidence.signals)
+    assumed = decided.assumed if decided is not None else (_unverified_layout(version, requested),)
+    return AbiDecision(requested, f"set by {source}{agree}", version, evidence.signals, assumed)
 
 
 @dataclass(frozen=True)
@@ -347,6 +371,8 @@ class RuntimeLibrary:
     version: str | None
     functions: functions.RuntimeFunctions
     cdll: ctypes.CDLL = field(repr=False)
+    assumed: tuple[str, ...] = ()
+    """What the ABI choice takes for granted rather than verified (empty for a known build)."""
     backend: Backend = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -399,7 +425,9 @@ def load_library(path: str | os.PathLike[str] | None = None, abi: str | None = N
             bound = functions.bind(cdll, decision.abi)
         except AttributeError as exc:
             raise ABIError(f"{lib_path} lacks a required RKLLM symbol: {exc}") from exc
-        lib = RuntimeLibrary(lib_path, decision.abi, decision.reason, decision.version, bound, cdll)
+        lib = RuntimeLibrary(lib_path, decision.abi, decision.reason, decision.version, bound, cdll, decision.assumed)
         logger.info("RKLLM runtime %s: ABI %s (%s)", lib_path, decision.abi, decision.reason)
+        for assumption in decision.assumed:
+            logger.warning("RKLLM runtime %s: %s (unverified)", lib_path, assumption)
         _loaded[key] = lib
         return lib
