@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "ModelNotFoundError": "errors",
     "NativeError": "errors",
     "NoModelsFoundError": "errors",
+    "PreflightError": "errors",
     "RunError": "errors",
     "UnsupportedRuntimeError": "errors",
     # types
@@ -92,6 +93,7 @@ __all__ = [
     "NativeError",
     "NoModelsFoundError",
     "PerfStats",
+    "PreflightError",
     "PromptCacheStore",
     "RKLLMError",
     "RKLLMRuntime",
@@ -128,6 +130,7 @@ if TYPE_CHECKING:
         ModelNotFoundError,
         NativeError,
         NoModelsFoundError,
+        PreflightError,
         RKLLMError,
         RunError,
         UnsupportedRuntimeError,

@@ -24,6 +24,7 @@ __all__ = [
     "ModelNotFoundError",
     "NativeError",
     "NoModelsFoundError",
+    "PreflightError",
     "RKLLMError",
     "RunError",
     "UnsupportedRuntimeError",
@@ -77,6 +78,18 @@ class InitError(NativeError):
 
 class RunError(NativeError):
     """A generation failed: ``rkllm_run`` returned an error or the runtime reported ERROR."""
+
+
+class PreflightError(RKLLMError, RuntimeError):
+    """A check before ``rkllm_init`` found that loading the model would crash the runtime; nothing was loaded.
+
+    Attributes:
+        check: which check: ``"memory"`` or ``"npu driver"``.
+    """
+
+    def __init__(self, message: str, *, check: str) -> None:
+        super().__init__(message)
+        self.check = check
 
 
 class HandleClosedError(RKLLMError, RuntimeError):

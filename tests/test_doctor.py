@@ -8,15 +8,27 @@ from pathlib import Path
 
 import pytest
 
+from rkllm_core import preflight
 from rkllm_core.models.manager import ModelManager
 from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.native.library import RuntimeLibrary
 from rkllm_core.sim import SimulatorControl, make_model
 from rkllm_core.tools import doctor
 from rkllm_core.tools.doctor import check_layouts, format_report, run_doctor
+from tests.test_preflight import make_tree
 
 
-def test_all_steps_pass_on_the_simulator(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path) -> None:
+@pytest.fixture
+def board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake RK3576 board tree (vendor NPU driver, enough memory) for the pre-flight lines."""
+    root = make_tree(tmp_path / "board")
+    monkeypatch.setattr(preflight, "SYSTEM_ROOT", str(root))
+    return root
+
+
+def test_all_steps_pass_on_the_simulator(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, board: Path
+) -> None:
     sim.set("token_delay_ms", 0.2)
     make_model(model_dir, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")
     make_model(model_dir, "gemma-3-1b-it_w8a8.rkllm")
@@ -26,6 +38,9 @@ def test_all_steps_pass_on_the_simulator(sim_lib: RuntimeLibrary, sim: Simulator
         ("struct layouts", "PASS"),
         ("runtime library and ABI", "PASS"),
         ("models", "PASS"),
+        ("pre-flight: memory", "PASS"),
+        ("pre-flight: npu driver", "PASS"),
+        ("pre-flight: cpu", "PASS"),
         ("init", "PASS"),
         ("stream", "PASS"),
         ("abort mid-stream", "PASS"),
@@ -35,12 +50,27 @@ def test_all_steps_pass_on_the_simulator(sim_lib: RuntimeLibrary, sim: Simulator
     assert sim.counter("aborts") == 1 and sim.counter("prompt_cache_saves") == 1 and sim.counter("destroys") >= 2
 
 
-def test_one_model_skips_the_swap(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path) -> None:
+def test_one_model_skips_the_swap(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, board: Path
+) -> None:
     make_model(model_dir)
     with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
         results = {r.name: r for r in run_doctor(m)}
     assert results["swap between two models"].status == "SKIP"
-    assert "result: all 8 checks OK" in format_report(list(results.values()))
+    assert "result: all 11 checks OK" in format_report(list(results.values()))
+
+
+def test_pre_flight_problems_and_assumptions_are_reported(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_model(model_dir)
+    root = make_tree(tmp_path / "mainline", rknpu=None, rknpu_module=False, rocket=True, soc="rk3588")
+    monkeypatch.setattr(preflight, "SYSTEM_ROOT", str(root))
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+        results = {r.name: r for r in run_doctor(m)}
+    assert results["pre-flight: npu driver"].status == "FAIL" and "rocket" in results["pre-flight: npu driver"].detail
+    assert "not applied when loading" in results["pre-flight: npu driver"].detail  # the simulator
+    assert "verified: simulator marker" in results["runtime library and ABI"].detail
 
 
 def test_a_broken_model_fails_its_step(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path) -> None:
@@ -70,7 +100,7 @@ def test_cli_doctor_on_the_simulator(sim_paths: dict[str, Path]) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "result: all 8 checks OK" in proc.stdout and "SIMULATOR" in proc.stdout
+    assert "result: all 11 checks OK" in proc.stdout and "SIMULATOR" in proc.stdout
 
 
 def test_cli_doctor_without_library(tmp_path: Path) -> None:

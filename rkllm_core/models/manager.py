@@ -56,6 +56,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import preflight
 from .._sync import NESTED_GRACE_TURNS, Deadline, Waiter, describe_owner, held_items, hold, offload, unhold
 from ..board import detect_board_platform, platform_matches
 from ..errors import BusyError, ContextLengthError, InvalidParameterError, RKLLMError
@@ -218,6 +219,9 @@ class ModelManager:
         memory_budget_mb: most estimated memory in MB (``None`` for no limit).
         library: the runtime library or its path (default: lookup on first load).
         abi: force the runtime ABI.
+        preflight: check memory and the NPU driver before each load (:mod:`rkllm_core.preflight`),
+            unloading idle models first when that frees the memory a load needs; default: for a
+            real runtime, not the simulator.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class ModelManager:
         memory_budget_mb: float | None = None,
         library: RuntimeLibrary | str | os.PathLike[str] | None = None,
         abi: str | None = None,
+        preflight: bool | None = None,
     ) -> None:
         bad_count = isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1
         if max_loaded is not None and bad_count:
@@ -239,6 +244,7 @@ class ModelManager:
         self.memory_budget_mb = memory_budget_mb
         self._library_arg = library
         self._abi_arg = abi
+        self._preflight = preflight
         self._library: RuntimeLibrary | None = library if isinstance(library, RuntimeLibrary) else None
         self._library_lock = threading.Lock()
         self._mutex = threading.Lock()
@@ -523,7 +529,7 @@ class ModelManager:
         entry = payload
         t0 = time.perf_counter()
         try:
-            runtime = RKLLMRuntime(entry.info.path, params=entry.init, library=self.library)
+            runtime = RKLLMRuntime(entry.info.path, params=entry.init, library=self.library, preflight=self._preflight)
         except BaseException as exc:
             with self._mutex:
                 self._entries.pop(entry.key, None)
@@ -657,23 +663,44 @@ class ModelManager:
         return count_ok and mem_ok
 
     def _choose_victims(self, req: _Request) -> list[LoadedModel] | None:
-        """[] if the model fits now; the models to unload for it; None if only its own owner's could make room."""
+        """[] if the model fits now; the models to unload for it; None if only its own owner's could make room.
+
+        Beyond the budget, when pre-flight checks are on, idle models are also unloaded while the
+        system lacks the memory the load needs (if unloading them can cover it).
+        """
         entries = list(self._entries.values())
         need = self._estimate_mb(req.info)
         count, used = len(entries), sum(e.memory_mb for e in entries)
-        if self._fits(count, used, need):
+        short = self._memory_shortfall_mb(req.info)
+        if self._fits(count, used, need) and short <= 0:
             return []
         waiting = {r.owner for r in self._line if r.state == "waiting"}
         candidates = [e for e in entries if not e.loading and e not in req.chain]
         # Idle first, then those whose users are not stuck in this line, then least recently used.
         candidates.sort(key=lambda e: (e.leases > 0, bool(set(e.holders) & waiting), e.last_used))
-        victims = []
+        victims: list[LoadedModel] = []
         for e in candidates:
+            if self._fits(count, used, need):
+                break
             victims.append(e)
             count, used = count - 1, used - e.memory_mb
-            if self._fits(count, used, need):
-                return victims
-        return None
+        if not self._fits(count, used, need):
+            return None
+        idle = [e for e in candidates if e.leases == 0 and e not in victims]
+        if short > 0 and short <= sum(e.memory_mb for e in victims + idle):
+            for e in idle:  # free the system's memory too (else the pre-flight check refuses the load)
+                if short <= sum(v.memory_mb for v in victims):
+                    break
+                victims.append(e)
+        return victims
+
+    def _memory_shortfall_mb(self, info: ModelInfo) -> float:
+        """MB the system lacks to load ``info`` (0 when enough, unknown, or pre-flight checks are off)."""
+        on = self._preflight if self._preflight is not None else not self.library.is_simulator
+        if not on:
+            return 0.0
+        available = preflight.memory_available_mb(preflight.SYSTEM_ROOT)
+        return 0.0 if available is None else preflight.memory_needed_mb(info.file_size) - available
 
     def _check_self_deadlock(self, req: _Request) -> None:
         """A request that only its own leases could make room for is refused at once."""

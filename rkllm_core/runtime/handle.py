@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
+from .. import preflight as preflight_checks
 from .._sync import (
     NESTED_GRACE_TURNS,
     FifoLock,
@@ -568,9 +569,12 @@ class RKLLMRuntime:
         library: a :class:`~rkllm_core.native.library.RuntimeLibrary`, or a path to
             the runtime (default: ``RKLLM_LIB_PATH``, then the usual places).
         abi: force the ABI ("1.2" or "1.3"); default ``RKLLM_ABI`` or detection.
+        preflight: check memory and the NPU driver before ``rkllm_init`` (see
+            :mod:`rkllm_core.preflight`); default: for a real runtime, not the simulator.
 
     Raises:
         ModelFileError: the model file does not exist.
+        PreflightError: loading would crash the runtime (too little memory, the wrong NPU driver).
         InitError: ``rkllm_init`` failed.
         LibraryNotFoundError, ABIError: see :func:`~rkllm_core.native.library.load_library`.
 
@@ -587,6 +591,7 @@ class RKLLMRuntime:
         params: InitParams | None = None,
         library: RuntimeLibrary | str | os.PathLike[str] | None = None,
         abi: str | None = None,
+        preflight: bool | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.params = self._with_context_limit(params or InitParams())
@@ -601,6 +606,12 @@ class RKLLMRuntime:
         self.max_new_tokens = int(param.max_new_tokens)
         self.max_context_len = int(param.max_context_len)
         self._sampling_defaults = backend.sampling_defaults(param)
+        if preflight if preflight is not None else not self.library.is_simulator:
+            findings = preflight_checks.check(self.model_path, self.library.version)
+            for finding in findings:
+                if finding.status == "warning":
+                    logger.warning("%s: %s", finding.check, finding.detail)
+            preflight_checks.enforce(findings)
         rc, handle, keep = backend.init(param)
         if rc != 0 or not handle:
             raise InitError(

@@ -1,9 +1,10 @@
 """``rkllm doctor``: a short validation a user with a board runs once and pastes into an issue.
 
-Steps: struct layouts, library and ABI, init, stream, abort mid-stream, a swap
-between two models, prompt-cache save and load. Each step passes, fails (with
-the error) or is skipped (with the reason); on the simulator the same steps
-run against simulated models.
+Steps: struct layouts, library and ABI (what was verified and what is
+assumed), the pre-flight checks (memory, NPU driver, CPU), init, stream, abort
+mid-stream, a swap between two models, prompt-cache save and load. Each step
+passes, fails (with the error), warns, or is skipped (with the reason); on the
+simulator the same steps run against simulated models.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import preflight
 from ..models.manager import ModelManager
 from ..models.registry import ModelRegistry
 from ..native import functions, structs
@@ -40,7 +42,7 @@ class CheckResult:
     """One step of the validation."""
 
     name: str
-    status: str  # "PASS", "FAIL" or "SKIP"
+    status: str  # "PASS", "FAIL", "WARN" or "SKIP"
     detail: str = ""
     seconds: float = 0.0
 
@@ -89,7 +91,8 @@ def run_doctor(
         lib = manager.library
         state["lib"] = lib
         kind = "SIMULATOR " if lib.is_simulator else ""
-        return f"{kind}{lib.path} ABI {lib.abi} ({lib.abi_reason}), version {lib.version or 'unknown'}"
+        checked = "assumed: " + "; ".join(lib.assumed) if lib.assumed else "verified: " + lib.abi_reason
+        return f"{kind}{lib.path} ABI {lib.abi}, version {lib.version or 'unknown'}; {checked}"
 
     if not step("runtime library and ABI", library):
         return results
@@ -106,6 +109,12 @@ def run_doctor(
     if not step("models", pick):
         return results
     model = str(state["model"])
+    lib = manager.library
+    note = " (the simulator: not applied when loading)" if lib.is_simulator else ""
+    for finding in preflight.check(manager.resolve(model).path, lib.version):
+        status = {"ok": "PASS", "problem": "FAIL", "warning": "WARN", "unknown": "SKIP"}[finding.status]
+        detail = ("unknown: " if finding.status == "unknown" else "") + finding.detail + note
+        results.append(CheckResult(f"pre-flight: {finding.check}", status, detail))
 
     def init() -> str:
         t0 = time.perf_counter()
@@ -188,8 +197,12 @@ def format_report(results: Sequence[CheckResult], header: str = "") -> str:
     for r in results:
         lines.append(f"[{r.status}] {r.name} ({r.seconds:.2f} s): {r.detail}")
     failed = sum(r.status == "FAIL" for r in results)
+    warned = sum(r.status == "WARN" for r in results)
+    tail = f" ({warned} with a warning)" if warned else ""
     lines.append(
-        f"result: {failed} of {len(results)} checks FAILED" if failed else f"result: all {len(results)} checks OK"
+        f"result: {failed} of {len(results)} checks FAILED{tail}"
+        if failed
+        else f"result: all {len(results)} checks OK{tail}"
     )
     return "\n".join(lines)
 
