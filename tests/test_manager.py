@@ -283,7 +283,7 @@ def test_longrope_needs_runtime_1_2_2(make_manager: type[ModelManager], models: 
     old = dataclasses.replace(sim_lib, version="1.2.1")
     m = make_manager(library=old)
     with pytest.raises(InvalidParameterError, match="1.2.2"):
-        m.lease("qwen2.5-7b")
+        m.lease("qwen2.5-7b-1m")  # the 1M-context model is its own model
 
 
 def test_platform_mismatch_warns(make_manager: type[ModelManager]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ import pytest
 
 from rkllm_core.board import detect_board_platform, platform_matches, soc_series
 from rkllm_core.errors import InvalidParameterError, ModelFileError, ModelNotFoundError, NoModelsFoundError
-from rkllm_core.filenames import ModelFacts, friendly_name, parse_model_filename
+from rkllm_core.filenames import ModelFacts, _separating_values, _strip_suffix, friendly_name, parse_model_filename
 from rkllm_core.models import registry as registry_module
-from rkllm_core.models.registry import DEFAULT_CONTEXT_SIZE, ModelRegistry, default_model_dirs
+from rkllm_core.models.registry import DEFAULT_CONTEXT_SIZE, ModelInfo, ModelRegistry, default_model_dirs
 from rkllm_core.models.registry_file import ModelDefaults, load_registry_file
 
 LOCAL_DATA = Path(__file__).resolve().parent / "data" / "model-filenames.jsonl"
@@ -145,7 +146,7 @@ def test_parse_unrecognised_name_keeps_label() -> None:
         ("meta-llama_Llama-3.2-3B-rk3588.rkllm", "llama3.2-3b"),
         ("internlm2_5-1_8b-chat-rk3588-w8a8-opt-0-hybrid-ratio-1.0.rkllm", "internlm2.5-1.8b"),
         ("LLaMA-Mesh-rk3588-w8a8-opt-1-hybrid-ratio-1.0.rkllm", "llama-mesh"),
-        ("Phi-3.5-mini-instruct-rk3588-w8a8_g256-opt-1-hybrid-ratio-0.5.rkllm", "phi3.5"),
+        ("Phi-3.5-mini-instruct-rk3588-w8a8_g256-opt-1-hybrid-ratio-0.5.rkllm", "phi3.5-mini"),
         ("xiaoji_3576.rkllm", "xiaoji"),
         ("decoder.w4a16.rkllm", "decoder"),
     ],
@@ -267,7 +268,7 @@ def test_context_from_k_token(tmp_path: Path) -> None:
     make_model(tmp_path, "Qwen2.5-3B-abliterated-16k-rk3588.rkllm")
     make_model(tmp_path, "Qwen2.5-1.5B-Instruct-4K.rkllm")
     registry = ModelRegistry([tmp_path], platform=None)
-    assert registry.get("qwen2.5-3b").context_size == 16384
+    assert registry.get("qwen2.5-3b-abliterated").context_size == 16384
     assert registry.get("qwen2.5-1.5b").context_size == 4096
     assert registry.get("qwen2.5-1.5b").context_from_name is True
 
@@ -500,10 +501,11 @@ def test_collision_by_context(tmp_path: Path) -> None:
     ]
 
 
-def test_collision_by_variant(tmp_path: Path) -> None:
+def test_kind_words_keep_models_apart(tmp_path: Path) -> None:
+    # An embedding model is not a sibling of its base model: it has its own name.
     assert _names(tmp_path, ["Qwen3-Embedding-0.6B_w8a8.rkllm", "Qwen3-0.6B-w8a8.rkllm"]) == [
-        "qwen3-0.6b-embedding-w8a8",
-        "qwen3-0.6b-w8a8",
+        "qwen3-0.6b",
+        "qwen3-embedding-0.6b",
     ]
 
 
@@ -715,3 +717,124 @@ def test_threads_get_and_refresh(tmp_path: Path) -> None:
     assert len(seen) == 8 * 40
     assert set(seen) == {"qwen3-0.6b", "gemma3-270m", "gemma3-1b"}
     assert registry.get("qwen3-4b").context_size == 16384
+
+
+# --------------------------------------------------------------------------
+# Names over the whole corpus
+# --------------------------------------------------------------------------
+
+SEED_FILES = (
+    "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm",
+    "google_gemma-3-270m-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm",
+    "gemma-3-1b-it_w8a8.rkllm",
+)
+# Words that make a model a different model than its base; each must survive
+# into the friendly name (lower case) of every file that has it.
+DISTINGUISHING = (
+    "coder",
+    "math",
+    "embedding",
+    "reranker",
+    "vl",
+    "omni",
+    "distill",
+    "2507",
+    "0528",
+    "thinking",
+    "abliterated",
+    "rag",
+    "a3b",
+    "mesh",
+    "mini",
+    "128k",
+)
+
+
+def _corpus_files() -> list[str]:
+    return [rec["filename"] for rec in _load(LOCAL_DATA)] + list(SEED_FILES)
+
+
+def _registry_over(tmp_path: Path, files: Sequence[str]) -> ModelRegistry:
+    for filename in files:
+        make_model(tmp_path, filename)
+    return ModelRegistry([tmp_path], platform=None)
+
+
+def test_seed_files_alone_keep_their_names(tmp_path: Path) -> None:
+    assert sorted(m.name for m in _registry_over(tmp_path, SEED_FILES).models()) == [
+        "gemma3-1b",
+        "gemma3-270m",
+        "qwen3-0.6b",
+    ]
+
+
+def test_corpus_names_are_unique_keep_their_words_and_count_only_identical_files(tmp_path: Path) -> None:
+    files = [*_corpus_files(), "Qwen3-Reranker-0.6B-rk3588-w8a8.rkllm", "Qwen3-30B-A3B-Instruct-2507-w4a16.rkllm"]
+    infos = _registry_over(tmp_path, files).models()
+    assert len(infos) == len(set(files))
+    names = [m.name for m in infos]
+    assert len(set(names)) == len(names)
+    for info in infos:
+        words = set(_tokens(info.filename))
+        for word in DISTINGUISHING:
+            if word in words:
+                assert word in _tokens(info.name), (info.filename, info.name, word)
+    by_base: dict[str, list[ModelInfo]] = {}
+    for info in infos:
+        by_base.setdefault(friendly_name(info.facts), []).append(info)
+    for base, members in by_base.items():
+        for info in members:
+            if re.fullmatch(rf"{re.escape(base)}(-.+)?-\d+", info.name) and len(members) > 1:
+                twins = [m for m in members if _separating_values(m.facts) == _separating_values(info.facts)]
+                assert len(twins) > 1, f"{info.name}: a counter for a file that differs in a fact"
+
+
+def _tokens(text: str) -> list[str]:
+    """The words of a file or model name (a dot splits only where it is not between digits)."""
+    return [t for t in re.split(r"[-_\s]+|(?<!\d)\.|\.(?!\d)", _strip_suffix(text).lower()) if t]
+
+
+def test_names_do_not_depend_on_unrelated_files(tmp_path: Path) -> None:
+    files = _corpus_files()
+    full = {m.filename: m.name for m in _registry_over(tmp_path / "all", files).models()}
+    qwen3_06 = [f for f in files if friendly_name(parse_model_filename(f)) == "qwen3-0.6b"]
+    assert len(qwen3_06) >= 3
+    alone = {m.filename: m.name for m in _registry_over(tmp_path / "group", qwen3_06).models()}
+    assert alone == {f: full[f] for f in qwen3_06}
+
+
+def test_adding_a_sibling_keeps_names_that_still_tell_files_apart(tmp_path: Path) -> None:
+    first = ["Qwen3-1.7B-rk3588-w8a8-opt-0-hybrid-ratio-0.0.rkllm", "Qwen3-1.7B-rk3588-w4a16.rkllm"]
+    before = {m.filename: m.name for m in _registry_over(tmp_path, first).models()}
+    assert sorted(before.values()) == ["qwen3-1.7b-w4a16", "qwen3-1.7b-w8a8"]
+    make_model(tmp_path, "Qwen3-1.7B-rk3588-w8a8_g128-opt-0-hybrid-ratio-0.5.rkllm")
+    after = {m.filename: m.name for m in ModelRegistry([tmp_path], platform=None).models()}
+    assert {f: after[f] for f in first} == before
+    assert after["Qwen3-1.7B-rk3588-w8a8_g128-opt-0-hybrid-ratio-0.5.rkllm"] == "qwen3-1.7b-w8a8_g128"
+
+
+def test_suffixes_come_from_facts_not_counters(tmp_path: Path) -> None:
+    names = _names(
+        tmp_path,
+        [
+            "Qwen3-8B-rk3588-w8a8-opt-0-hybrid-ratio-0.0.rkllm",
+            "Qwen3-8B-rk3588-w8a8-opt-1-hybrid-ratio-0.5.rkllm",
+            "Qwen3-4B-1.2.0.rkllm",
+            "Qwen3-4B-rk3588-w8a8-rkllm1.1.4.rkllm",
+        ],
+    )
+    assert sorted(names) == ["qwen3-4b-plain", "qwen3-4b-w8a8", "qwen3-8b-opt0", "qwen3-8b-opt1"]
+    # Runtime version tags separate files that agree in everything else.
+    names = _names(tmp_path / "v", ["Qwen3-4B-w8a8-rk3588-1.2.0.rkllm", "Qwen3-4B-w8a8-rk3588-rkllm1.1.4.rkllm"])
+    assert sorted(names) == ["qwen3-4b-rkllm1.1.4", "qwen3-4b-rkllm1.2.0"]
+
+
+def test_identical_files_get_counters_and_the_warning_says_where_each_lives(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_model(tmp_path / "a", "Qwen3-4B-rk3588-w8a8.rkllm")
+    make_model(tmp_path / "b", "Qwen3-4B-w8a8-rk3588.rkllm")
+    with caplog.at_level("WARNING"):
+        infos = ModelRegistry([tmp_path / "a", tmp_path / "b"], platform=None).models()
+    assert [(m.name, m.path.parent.name) for m in infos] == [("qwen3-4b-1", "a"), ("qwen3-4b-2", "b")]
+    assert str(tmp_path / "a") in caplog.text and str(tmp_path / "b") in caplog.text
