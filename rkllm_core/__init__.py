@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "InvalidParameterError": "errors",
     "LibraryNotFoundError": "errors",
     "ModelFileError": "errors",
+    "ModelKindError": "errors",
     "ModelNotFoundError": "errors",
     "NativeError": "errors",
     "NoModelsFoundError": "errors",
@@ -54,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "load_library": "native.library",
     # registry and manager
     "ModelInfo": "models.registry",
+    "ModelKind": "filenames",
     "ModelRegistry": "models.registry",
     "ModelManager": "models.manager",
     "default_manager": "models.manager",
@@ -87,6 +89,8 @@ __all__ = [
     "LibraryNotFoundError",
     "ModelFileError",
     "ModelInfo",
+    "ModelKind",
+    "ModelKindError",
     "ModelManager",
     "ModelNotFoundError",
     "ModelRegistry",
@@ -127,6 +131,7 @@ if TYPE_CHECKING:
         InvalidParameterError,
         LibraryNotFoundError,
         ModelFileError,
+        ModelKindError,
         ModelNotFoundError,
         NativeError,
         NoModelsFoundError,
@@ -135,6 +140,7 @@ if TYPE_CHECKING:
         RunError,
         UnsupportedRuntimeError,
     )
+    from .filenames import ModelKind
     from .models.manager import Lease, ModelManager, default_manager, manager_for
     from .models.registry import ModelInfo, ModelRegistry
     from .native.library import RuntimeLibrary, find_library, load_library

@@ -21,6 +21,7 @@ __all__ = [
     "InvalidParameterError",
     "LibraryNotFoundError",
     "ModelFileError",
+    "ModelKindError",
     "ModelNotFoundError",
     "NativeError",
     "NoModelsFoundError",
@@ -135,6 +136,24 @@ class ContextLengthError(InvalidParameterError):
         super().__init__(message)
         self.requested = requested
         self.limit = limit
+
+
+class ModelKindError(InvalidParameterError):
+    """A model of the wrong kind for the class asked to use it (an embedding model for chat).
+
+    Nothing was loaded. The message names the classes that serve the model's kind.
+
+    Attributes:
+        model: the model's friendly name.
+        kind: the model's kind (``chat``, ``embedding``, ``reranker``, ``vision``).
+        accepted: the kinds the refusing class serves.
+    """
+
+    def __init__(self, message: str, *, model: str = "", kind: str = "", accepted: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.model = model
+        self.kind = kind
+        self.accepted: tuple[str, ...] = tuple(accepted)
 
 
 class ModelFileError(RKLLMError, ValueError):

@@ -37,10 +37,14 @@ def test_run_bench_report(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_
     sim.set("token_delay_ms", 1)
     sim.set("prefill_ms_per_token", 0.05)
     make_model(model_dir, QWEN, size_mb=50)
+    make_model(model_dir, "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm")
     with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
         report = run_bench(m, [], SMALL)
     assert report["simulated"] and report["title"].endswith("(simulated)") and not report["partial"]
     assert [(r["model"], r["prompt_tokens"]) for r in report["results"]] == [("qwen3-0.6b", 128), ("qwen3-0.6b", 300)]
+    assert {r["kind"] for r in report["results"]} == {"chat"}
+    assert [(s["model"], s["kind"]) for s in report["skipped"]] == [("qwen3-embedding-0.6b", "embedding")]
+    assert "Not benchmarked: qwen3-embedding-0.6b" in to_markdown(report)
     first = report["results"][0]
     assert len(first["runs"]) == 2
     med = first["median"]

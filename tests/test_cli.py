@@ -23,7 +23,7 @@ def test_models_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert tuple(row) == JSON_KEYS
     qwen = rows[1]
     assert qwen["context_size"] == 16384 and qwen["dtype"] == "w8a8" and qwen["platform"] == "rk3588"
-    assert qwen["size_mb"] == 10.0 and qwen["loaded"] is False
+    assert qwen["size_mb"] == 10.0 and qwen["loaded"] is False and qwen["kind"] == "chat"
     assert rows[0]["context_size"] == 4096
 
 
@@ -31,8 +31,8 @@ def test_models_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     make_model(tmp_path, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm")
     assert main(["models", "--model-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["NAME", "FILE", "CONTEXT", "DTYPE", "PLATFORM", "SIZE_MB", "LOADED"]
-    assert out[2].split()[0] == "qwen3-0.6b"
+    assert out[0].split() == ["NAME", "KIND", "FILE", "CONTEXT", "DTYPE", "PLATFORM", "SIZE_MB", "LOADED"]
+    assert out[2].split()[:2] == ["qwen3-0.6b", "chat"]
 
 
 def test_no_models_is_a_clear_message_not_a_traceback(tmp_path: Path) -> None:

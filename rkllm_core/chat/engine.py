@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._sync import Deadline
 from ..errors import InvalidParameterError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
+from ..models.registry import CHAT_KINDS
 from ..params import InitParams, PerfStats, StreamChunk
 from ..runtime import Session
 from .messages import ChatMessage, ToolCallRequest, append_instruction, validate_messages
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from .promptcache import PromptCacheStore
 
 logger = logging.getLogger(__name__)
+
+# What the engine serves: a request for an embedding or reranker model is refused before it loads.
+_CHAT = (CHAT_KINDS, "the chat classes (ChatRKLLM, RKLLM, ChatEngine)")
 
 __all__ = [
     "ChatDone",
@@ -210,12 +214,13 @@ class ChatEngine:
 
         Raises:
             InvalidParameterError: bad messages or options (nothing reaches the runtime).
+            ModelKindError: ``model`` is an embedding or reranker model (nothing is loaded).
             ModelNotFoundError, ContextLengthError, BusyError, RunError: see their docs.
         """
         opts = options or ChatOptions()
         msgs = _request_messages(messages, opts)
         deadline = Deadline(opts.timeout)
-        with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining()) as lease:
+        with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
             with lease.runtime.session(deadline.remaining()) as session:
                 plan = self._prepare(session, lease, msgs, opts)
                 tracker = _Tracker(opts)
@@ -243,7 +248,7 @@ class ChatEngine:
         opts = options or ChatOptions()
         msgs = _request_messages(messages, opts)
         deadline = Deadline(opts.timeout)
-        async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining()) as lease:
+        async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
             async with lease.runtime.session(deadline.remaining()) as session:
                 plan = await session.call(self._prepare, session, lease, msgs, opts)
                 tracker = _Tracker(opts)

@@ -51,7 +51,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Generator, Hashable
+from collections.abc import Generator, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +63,7 @@ from ..errors import BusyError, ContextLengthError, InvalidParameterError, RKLLM
 from ..native.library import RuntimeLibrary, load_library
 from ..params import InitParams, PerfStats, SamplingParams
 from ..runtime.handle import RKLLMRuntime
-from .registry import ModelInfo, ModelRegistry
+from .registry import ModelInfo, ModelRegistry, require_kind
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,18 @@ class _Request:
     """One request in the manager's line."""
 
     __slots__ = (
-        "action", "chain", "error", "info", "key", "lease", "loaded", "owner", "params", "seq", "state", "victims",
+        "action",
+        "chain",
+        "error",
+        "info",
+        "key",
+        "lease",
+        "loaded",
+        "owner",
+        "params",
+        "seq",
+        "state",
+        "victims",
         "waiter",
     )
 
@@ -193,13 +204,20 @@ class _Request:
 class _AsyncLease:
     """What :meth:`ModelManager.alease` returns: await it, or use it with ``async with``."""
 
-    def __init__(self, manager: ModelManager, name: str, init: InitParams | None, timeout: float | None) -> None:
-        self._args = (manager, name, init, timeout)
+    def __init__(
+        self,
+        manager: ModelManager,
+        name: str,
+        init: InitParams | None,
+        timeout: float | None,
+        kinds: tuple[Sequence[str], str] | None,
+    ) -> None:
+        self._args = (manager, name, init, timeout, kinds)
         self._lease: Lease | None = None
 
     def __await__(self) -> Generator[Any, None, Lease]:
-        manager, name, init, timeout = self._args
-        return manager._alease(name, init, timeout).__await__()
+        manager, name, init, timeout, kinds = self._args
+        return manager._alease(name, init, timeout, kinds).__await__()
 
     async def __aenter__(self) -> Lease:
         self._lease = await self
@@ -296,20 +314,30 @@ class ModelManager:
         max_new = init.max_new_tokens if init.max_new_tokens is not None else d.max_new_tokens
         return replace(init, max_context_len=requested, sampling=sampling, max_new_tokens=max_new)
 
-    def lease(self, name: str, init: InitParams | None = None, *, timeout: float | None = None) -> Lease:
+    def lease(
+        self,
+        name: str,
+        init: InitParams | None = None,
+        *,
+        timeout: float | None = None,
+        kinds: tuple[Sequence[str], str] | None = None,
+    ) -> Lease:
         """Return a lease on ``name``, loading it (and unloading idle models) when needed.
 
         Blocks the calling thread while waiting (see :meth:`alease` for tasks). On
         the 1.3 ABI pass only init-time settings in ``init`` (sampling is per run);
-        on 1.2 the sampling in ``init`` selects the instance.
+        on 1.2 the sampling in ``init`` selects the instance. ``kinds``, as
+        ``(accepted kinds, who asks)``, refuses a model of another kind before
+        anything is loaded (see :func:`~rkllm_core.models.registry.require_kind`).
 
         Raises:
             ModelNotFoundError: unknown name.
+            ModelKindError: the model's kind is not among ``kinds``.
             ContextLengthError: ``max_context_len`` above the model's limit.
             BusyError: no room within ``timeout``, or waiting would never end.
             InitError: the runtime refused the model.
         """
-        req = self._enter(name, init, None)
+        req = self._enter(name, init, None, kinds)
         deadline = Deadline(timeout)
         handed = False
         try:
@@ -326,22 +354,31 @@ class ModelManager:
         finally:
             self._leave(req, handed)
 
-    def alease(self, name: str, init: InitParams | None = None, *, timeout: float | None = None) -> _AsyncLease:
+    def alease(
+        self,
+        name: str,
+        init: InitParams | None = None,
+        *,
+        timeout: float | None = None,
+        kinds: tuple[Sequence[str], str] | None = None,
+    ) -> _AsyncLease:
         """Async :meth:`lease`: ``lease = await manager.alease(name)`` or ``async with manager.alease(name) as lease``.
 
         Waiting occupies no thread; cancelling the task leaves the line at once
         (a load already started finishes on the core's executor and the model
         stays loaded, idle). ``rkllm_init``/``rkllm_destroy`` never run on the loop.
         """
-        return _AsyncLease(self, name, init, timeout)
+        return _AsyncLease(self, name, init, timeout, kinds)
 
-    async def _alease(self, name: str, init: InitParams | None, timeout: float | None) -> Lease:
+    async def _alease(
+        self, name: str, init: InitParams | None, timeout: float | None, kinds: tuple[Sequence[str], str] | None
+    ) -> Lease:
         deadline = Deadline(timeout)
         if self._library is None:
             await offload(lambda: self.library)  # dlopen and fingerprinting are file I/O: keep them off the loop
         for turn in range(NESTED_GRACE_TURNS + 1):
             try:
-                req = self._enter(name, init, asyncio.get_running_loop())
+                req = self._enter(name, init, asyncio.get_running_loop(), kinds)
                 break
             except BusyError as exc:  # a dropped async stream of ours may be closing right now
                 if exc.reason != "deadlock" or turn == NESTED_GRACE_TURNS:
@@ -439,9 +476,17 @@ class ModelManager:
         self.close()
 
     # -- the line ----------------------------------------------------------------------------------
-    def _enter(self, name: str, init: InitParams | None, loop: asyncio.AbstractEventLoop | None) -> _Request:
+    def _enter(
+        self,
+        name: str,
+        init: InitParams | None,
+        loop: asyncio.AbstractEventLoop | None,
+        kinds: tuple[Sequence[str], str] | None = None,
+    ) -> _Request:
         """Validate a request and put it in line (the checks that need no waiting happen here)."""
         info = self.resolve(name)
+        if kinds is not None:
+            require_kind(info, *kinds)
         if init is not None and self.library.backend.per_run_sampling:
             # Sampling and max_new_tokens are per run on 1.3: one instance (initialised with the
             # registry's defaults) serves every request.
@@ -824,4 +869,3 @@ def manager_for(
             registry = ModelRegistry([Path(model_dir)]) if model_dir is not None else None
             manager = _managers[key] = ModelManager(registry, library=library_path)
         return manager
-

@@ -56,18 +56,29 @@ from ..board import detect_board_platform, platform_matches
 from ..errors import (
     InvalidParameterError,
     ModelFileError,
+    ModelKindError,
     ModelNotFoundError,
     NoModelsFoundError,
 )
-from ..filenames import _SUFFIX, ModelFacts, _disambiguate, _strip_suffix, friendly_name, parse_model_filename
+from ..filenames import (
+    _SUFFIX,
+    ModelFacts,
+    ModelKind,
+    _disambiguate,
+    _strip_suffix,
+    friendly_name,
+    parse_model_filename,
+)
 from .registry_file import REGISTRY_FILENAME, ModelDefaults, RegistryEntry, _read_registry_file
 
 __all__ = [
+    "CHAT_KINDS",
     "DEFAULT_CONTEXT_SIZE",
     "ENV_MODEL_DIR",
     "ModelInfo",
     "ModelRegistry",
     "default_model_dirs",
+    "require_kind",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +87,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_SIZE: Final = 4096
 #: Environment variable listing model directories (``os.pathsep``-separated).
 ENV_MODEL_DIR: Final = "RKLLM_MODEL_DIR"
+
+#: The kinds a chat class serves: chat models, and the language half of a
+#: vision-language model (text-only until an image encoder is attached).
+CHAT_KINDS: Final[tuple[ModelKind, ...]] = ("chat", "vision")
+# What serves each kind, for the message of a refusal.
+_SERVED_BY: Final[dict[str, str]] = {
+    "chat": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine",
+    "vision": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine (text only)",
+    "embedding": "an embeddings class (this version has none yet)",
+    "reranker": "a reranker class (this version has none yet)",
+}
 
 # A directory whose mtime is this close to the scan is re-scanned at the next
 # refresh: many file systems stamp mtimes with a coarse clock (a kernel tick;
@@ -117,6 +139,11 @@ class ModelInfo:
     defaults: ModelDefaults = ModelDefaults()
 
     @property
+    def kind(self) -> ModelKind:
+        """What the model is for: the registry file's ``kind``, else what the file name says."""
+        return self.defaults.kind or self.facts.kind
+
+    @property
     def dtype(self) -> str | None:
         """The quantisation from the file name (``w8a8``), if any."""
         return self.facts.dtype
@@ -135,6 +162,31 @@ class ModelInfo:
     def stem(self) -> str:
         """The file name without ``.rkllm``."""
         return _strip_suffix(self.filename)
+
+
+def require_kind(info: ModelInfo, accepted: Sequence[str], user: str) -> None:
+    """Refuse a model whose kind ``user`` does not serve, before anything is loaded.
+
+    Args:
+        info: the model.
+        accepted: the kinds ``user`` serves.
+        user: who asks, as the subject of a plural verb (``"the chat classes"``).
+
+    Raises:
+        ModelKindError: ``info.kind`` is not in ``accepted``; the message
+            names the classes that serve that kind.
+    """
+    if info.kind in accepted:
+        return
+    article = "an" if info.kind[0] in "aeiou" else "a"
+    raise ModelKindError(
+        f"{info.name!r} ({info.filename}) is {article} {info.kind} model; {user} only serve "
+        f"{' and '.join(accepted)} models. For {info.kind} models use {_SERVED_BY[info.kind]}. "
+        f'If the file name misleads, set kind = "..." for this model in {REGISTRY_FILENAME}.',
+        model=info.name,
+        kind=info.kind,
+        accepted=accepted,
+    )
 
 
 # --------------------------------------------------------------------------

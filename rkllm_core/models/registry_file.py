@@ -17,8 +17,11 @@ A model directory (not its subdirectories) may hold a registry file::
     max_new_tokens = 512             # -1: no limit
     max_context_len = 8192           # also the context size when the file name has none
     chat_template = { system = "...", prefix = "...", postfix = "..." }
+    kind = "embedding"               # chat, embedding, reranker or vision
 
-Every key is optional. Sampling values and the two limits must be what
+Every key is optional. ``kind`` overrides the kind the file name gives (see
+:data:`~rkllm_core.filenames.ModelKind`), for a model whose name does not
+say what it is for. Sampling values and the two limits must be what
 :class:`~rkllm_core.params.SamplingParams` and
 :class:`~rkllm_core.params.InitParams` accept (the same checks run), so a
 registry file can never hold a value the runtime would refuse.
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..errors import InvalidParameterError
+from ..filenames import MODEL_KINDS, ModelKind
 from ..params import InitParams, SamplingParams, check_text
 
 __all__ = [
@@ -79,6 +83,7 @@ class ModelDefaults:
         max_context_len: context length to initialise the model with.
         chat_template: ``(system, prefix, postfix)`` strings for
             ``rkllm_set_chat_template``.
+        kind: what the model is for, overriding its file name.
     """
 
     temperature: float | None = None
@@ -94,6 +99,7 @@ class ModelDefaults:
     system_prompt: str | None = None
     max_context_len: int | None = None
     chat_template: tuple[str, str, str] | None = None
+    kind: ModelKind | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The fields that are set.
@@ -150,7 +156,9 @@ _FLOAT_FIELDS: Final = frozenset(
     {"temperature", "top_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"}
 )
 _INIT_FIELDS: Final = ("max_new_tokens", "max_context_len")
-_ENTRY_KEYS: Final = frozenset(_SAMPLING_FIELDS) | set(_INIT_FIELDS) | {"aliases", "system_prompt", "chat_template"}
+_ENTRY_KEYS: Final = (
+    frozenset(_SAMPLING_FIELDS) | set(_INIT_FIELDS) | {"aliases", "system_prompt", "chat_template", "kind"}
+)
 _TEMPLATE_KEYS: Final = ("system", "prefix", "postfix")
 
 
@@ -190,6 +198,10 @@ def _parse_entry(key: str, table: object, source: Path) -> RegistryEntry:
         for part, text in zip(_TEMPLATE_KEYS, parts, strict=True):
             check_text(text, f"{where}: chat_template.{part}")
         changes["chat_template"] = parts
+    if "kind" in table:
+        if table["kind"] not in MODEL_KINDS:
+            raise InvalidParameterError(f"{where}: kind must be one of {', '.join(MODEL_KINDS)}, got {table['kind']!r}")
+        changes["kind"] = table["kind"]
     aliases: tuple[str, ...] = ()
     if "aliases" in table:
         value = table["aliases"]

@@ -41,7 +41,7 @@ from ..board import read_system_state
 from ..errors import NoModelsFoundError
 from ..filenames import friendly_name, parse_model_filename
 from ..models.manager import ModelManager
-from ..models.registry import ModelInfo
+from ..models.registry import CHAT_KINDS, ModelInfo
 from ..params import InitParams
 
 SCHEMA = 1
@@ -144,6 +144,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark ``models`` (all registered ones when empty) and return the report.
 
+    Each result carries the model's kind; embedding and reranker models are
+    listed under ``skipped`` (they have no text generation to time).
+
     ``KeyboardInterrupt`` stops early: the report so far is returned with ``partial: true``.
     """
     lib = manager.library
@@ -154,6 +157,12 @@ def run_bench(
             f"no .rkllm models found; searched: {', '.join(dirs)}; put model files there or set RKLLM_MODEL_DIR",
             searched=dirs,
         )
+    skipped = [
+        {"model": info.name, "kind": info.kind, "reason": f"{info.kind} models have no text-generation benchmark"}
+        for info in infos
+        if info.kind not in CHAT_KINDS
+    ]
+    infos = [info for info in infos if info.kind in CHAT_KINDS]
     table = official_table()
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -170,6 +179,7 @@ def run_bench(
         },
         "reference": {"source": table["source"], "runtime": table["runtime"]},
         "results": [],
+        "skipped": skipped,
     }
     system = report["system"]
     where = system.get("board") or system.get("soc") or system.get("machine")
@@ -206,6 +216,7 @@ def run_bench(
                 median = {k: statistics.median(r[k] for r in runs) for k in METRICS}
                 result: dict[str, Any] = {
                     "model": info.name,
+                    "kind": info.kind,
                     "filename": info.filename,
                     "dtype": info.dtype,
                     "platform": info.platform,
@@ -265,6 +276,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{m['prefill_tps']:.0f} ({m['prefill_tps_wall']:.0f}) | {r['context']} | {m['memory_mb']:.0f} | "
             f"{m['rss_mb']:.0f} | {r['load_s']:.2f} |"
         )
+    for skip in report.get("skipped", ()):
+        lines.append(f"\nNot benchmarked: {skip['model']} ({skip['reason']}).")
     lines += ["", f"Official numbers: {report['reference']['source']} (runtime {report['reference']['runtime']})."]
     return "\n".join(lines) + "\n"
 

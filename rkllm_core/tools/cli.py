@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``rkllm models [--json] [--model-dir DIR ...]``: the models found, with
-  their friendly names and the facts read from their file names.
+  their friendly names, kinds and the facts read from their file names.
 * ``rkllm info [--json]``: runtime library (path, ABI and why), versions,
   board, RAM, kernel, CPU/NPU/DDR clocks and governors, model directories.
 * ``rkllm chat MODEL``: interactive streaming chat (multi-turn through the
@@ -23,12 +23,13 @@ from collections.abc import Sequence
 from ..errors import RKLLMError
 from ..models.registry import ModelInfo, ModelRegistry
 
-JSON_KEYS = ("name", "filename", "path", "context_size", "dtype", "platform", "size_mb", "loaded")
+JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb", "loaded")
 
 
 def _model_row(info: ModelInfo, loaded: bool) -> dict[str, object]:
     return {
         "name": info.name,
+        "kind": info.kind,
         "filename": info.filename,
         "path": str(info.path),
         "context_size": info.context_size,
@@ -64,6 +65,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 1
     columns = [
         ("name", "NAME"),
+        ("kind", "KIND"),
         ("filename", "FILE"),
         ("context_size", "CONTEXT"),
         ("dtype", "DTYPE"),
