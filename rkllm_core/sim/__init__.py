@@ -138,13 +138,23 @@ def make_model(
     memory_mb: int | None = None,
     think: bool = True,
     max_context: int | None = None,
+    yes_token: int | None = None,
+    no_token: int | None = None,
 ) -> Path:
     """Write a model file the simulator accepts.
 
     The file is sparse when ``size_mb`` is given, so a "1 GB model" costs no
     disk. The context limit comes from ``ctxNNNN`` in the file name, else
     ``max_context``, else 4096 (like real converted models).
+
+    ``yes_token`` and ``no_token`` (both or neither; distinct ids below
+    151936) make the model a reranker: in logits mode the last position's
+    logits favour ``yes_token`` the more of the query's words (after the last
+    ``<Query>:``) the document (after the last ``<Document>:``) contains.
+    In hidden-state mode every model is a bag-of-words embedding model.
     """
+    if (yes_token is None) != (no_token is None):
+        raise ValueError("yes_token and no_token must be given together")
     path = Path(directory) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["RKLLMSIM 1"]
@@ -153,6 +163,9 @@ def make_model(
     if max_context is not None:
         lines.append(f"max_context={max_context}")
     lines.append(f"think={1 if think else 0}")
+    if yes_token is not None and no_token is not None:
+        lines.append(f"yes_token={int(yes_token)}")
+        lines.append(f"no_token={int(no_token)}")
     header = ("\n".join(lines) + "\n\n").encode()
     with open(path, "wb") as f:
         f.write(header)
@@ -230,4 +243,3 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"{exc}\n")
             return 1
     return 0
-

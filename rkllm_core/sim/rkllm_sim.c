@@ -14,9 +14,10 @@
  * Defining RKLLM_SIM_DECLARATIONS_ONLY before including this file yields only the ABI types and the
  * prototypes (the C test driver uses this).
  *
- * Model file: a first line "RKLLMSIM 1", then key=value lines (max_context, memory_mb, family, think)
- * up to an empty line; only the first 4 KiB are read. The context limit is ctx<N> in the file name,
- * else max_context, else 4096.
+ * Model file: a first line "RKLLMSIM 1", then key=value lines (max_context, memory_mb, family, think,
+ * yes_token, no_token) up to an empty line; only the first 4 KiB are read. The context limit is ctx<N>
+ * in the file name, else max_context, else 4096. yes_token=<id> and no_token=<id> (both, distinct, in
+ * [0, 151936)) make the model a reranker for RKLLM_INFER_GET_LOGITS (see below).
  * Replies (first match wins): "[[sim:error]]" -> ERROR after 2 tokens; a declared tool named in a user
  * prompt (or, when none is, a tool whose name has a word the prompt uses, e.g. "weather" for
  * get_weather, unless the prompt carries a <tool_response>) -> <tool_call> block(s); "JSON schema: {...}"
@@ -42,8 +43,29 @@
  *  - rkllm_clear_kv_cache() while the handle is running returns -1.
  *  - After an ERROR the KV cache follows keep_history like a normal run.
  *  - rkllm_sim_reset_counters() sets max_active_runs to the current active_runs (not 0).
- *  - Modes GET_LAST_HIDDEN_LAYER / GET_LOGITS: prefill, then one NORMAL callback carrying the buffer
- *    (hidden size 64 per input token, or the logits of one position over 151936 entries), then FINISH.
+ *  - Modes GET_LAST_HIDDEN_LAYER / GET_LOGITS: prefill (with the chat template, as for generation),
+ *    then one NORMAL callback carrying the buffer, then FINISH. The buffer is freed once the callback
+ *    returns; on 1.3 a callback returning 2 ("release the buffer early") just continues the run.
+ *
+ * Tokens: a special token "<|name|>" (name: 1-64 ASCII letters, digits, '_') is one token; otherwise
+ * a run of up to 4 ASCII alphanumerics (with an optional single leading space), else one UTF-8 code
+ * point. A token's id is a hash of its bytes. Words: maximal runs of ASCII letters/digits and bytes
+ * >= 0x80 outside special tokens, compared ASCII-case-folded.
+ *
+ * The simulated embedding model (GET_LAST_HIDDEN_LAYER): num_tokens rows (one per input token, this
+ * turn's prefill) of embd_size 256. Every unit has a pseudo-random +-1 vector derived from a hash
+ * (a word: its case-folded bytes; token input: the id). Row t is the L2-normalised sum of the vectors
+ * of the units within the first t+1 tokens: for text, every word that ends within them (counted as
+ * often as it occurs; a row with no complete word yet uses the vector of its token's id); for token
+ * input, ids 0..t. Embedding and image rows add nothing. So the last row is a bag-of-words embedding.
+ *
+ * The simulated reranker (GET_LOGITS on a model with yes_token/no_token): the logits of the last
+ * position (num_tokens 1, vocab_size 151936) are 0 except logit[yes] = 8 * overlap - 4 and
+ * logit[no] = -logit[yes], read from the KV cache's text the way a Qwen3-Reranker prompt is laid out:
+ * the query is the text after the last "<Query>:" up to the next "\n<Document>:" (or the end), the
+ * document the text after the last "<Document>:" up to the next "<|" (or the end), and overlap =
+ * |distinct query words that occur in the document| / |distinct query words| (0 without query words).
+ * Other models: logit 10 at the id of the reply's first 4 bytes, 0 elsewhere.
  */
 #ifndef RKLLM_SIM_DECLARATIONS_ONLY
 #define _XOPEN_SOURCE 700
@@ -424,7 +446,7 @@ SIM_SIZE(RKLLMInferParam, 32); SIM_OFF(RKLLMInferParam, keep_history, 24);
 #define SIM_HANDLE_BASE ((uintptr_t)0x10000)
 #define SIM_TRACE_CAP ((size_t)32 << 20)
 #define SIM_DEFAULT_SYSTEM "You are a helpful assistant."
-#define SIM_HIDDEN_SIZE 64
+#define SIM_HIDDEN_SIZE 256
 #define JSON_MAX_DEPTH 64
 
 /* ---------------------------------------------------------------- small utilities ---- */
@@ -659,10 +681,20 @@ static void json_escape(sbuf *b, const char *s) {
 }
 
 /* ------------------------------------------------------------------ tokenizer ---- */
-/* A token is a run of up to 4 ASCII alphanumerics (with an optional single leading space), or else
- * exactly one UTF-8 code point (an invalid byte counts as one token). */
+/* Length of the special token "<|name|>" at s (name: 1-64 ASCII letters, digits or '_'), else 0. */
+static size_t special_len(const char *s, size_t n) {
+    if (n < 5 || s[0] != '<' || s[1] != '|') return 0;
+    size_t i = 2;
+    while (i < n && i - 2 < 64 && (is_alnum_ascii((unsigned char)s[i]) || s[i] == '_')) i++;
+    return (i > 2 && i + 2 <= n && s[i] == '|' && s[i + 1] == '>') ? i + 2 : 0;
+}
+
+/* A token is a special token "<|name|>", or a run of up to 4 ASCII alphanumerics (with an optional
+ * single leading space), or else exactly one UTF-8 code point (an invalid byte counts as one token). */
 static size_t tok_next(const char *s, size_t n) {
     const unsigned char *u = (const unsigned char *)s;
+    size_t sp = special_len(s, n);
+    if (sp) return sp;
     size_t i = (u[0] == ' ' && n > 1 && is_alnum_ascii(u[1])) ? 1 : 0;
     if (is_alnum_ascii(u[i])) {
         size_t j = i;
@@ -703,6 +735,95 @@ static int32_t token_id_of(const char *s, size_t n) {
         h *= 16777619u;
     }
     return (int32_t)(h % SIM_VOCAB);
+}
+
+/* ---------------------------------------------------------------------- words ---- */
+/* A word is a maximal run of ASCII letters/digits and bytes >= 0x80 (so UTF-8 letters count) outside
+ * special tokens; words compare ASCII-case-folded. */
+typedef struct {
+    size_t start, len;
+} sim_span;
+
+static bool is_word_byte(unsigned char c) { return is_alnum_ascii(c) || c >= 0x80; }
+
+/* The words of s[0..n) in order; *out receives them (free it). Returns the count. */
+static size_t find_words(const char *s, size_t n, sim_span **out) {
+    size_t cap = 16, count = 0, i = 0;
+    *out = xmalloc(cap * sizeof **out);
+    while (i < n) {
+        size_t sp = special_len(s + i, n - i);
+        if (sp) {
+            i += sp;
+            continue;
+        }
+        if (!is_word_byte((unsigned char)s[i])) {
+            i++;
+            continue;
+        }
+        size_t j = i;
+        while (j < n && is_word_byte((unsigned char)s[j])) j++; /* '<' of a special token ends it */
+        if (count == cap) *out = xrealloc(*out, (cap *= 2) * sizeof **out);
+        (*out)[count].start = i;
+        (*out)[count++].len = j - i;
+        i = j;
+    }
+    return count;
+}
+
+/* FNV-1a 64 of the case-folded word: the key of its vector. */
+static uint64_t word_key(const char *s, size_t n) {
+    uint64_t h = 14695981039346656037ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)lower_ascii(s[i]);
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static uint64_t mix64(uint64_t x) { /* the splitmix64 finaliser */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* The key of a token id's vector (a different domain from word keys). */
+static uint64_t id_key(int32_t id) { return mix64((uint64_t)(uint32_t)id ^ 0x1d5eed0000000000ull); }
+
+/* Add the unit's pseudo-random +-1 vector (a function of its key) to acc[SIM_HIDDEN_SIZE]. */
+static void add_unit_vector(float *acc, uint64_t key) {
+    uint64_t bits = 0;
+    for (size_t k = 0; k < SIM_HIDDEN_SIZE; k++) {
+        if (k % 64 == 0) bits = mix64(key + (uint64_t)(k / 64 + 1) * 0x9e3779b97f4a7c15ull);
+        acc[k] += ((bits >> (k % 64)) & 1) ? 1.0f : -1.0f;
+    }
+}
+
+/* The square root of x >= 0 by Newton's method from above (the simulator does not link libm). */
+static double sqrt_pos(double x) {
+    if (!(x > 0)) return 0;
+    double r = x > 1 ? x : 1, next;
+    while ((next = 0.5 * (r + x / r)) < r) r = next;
+    return r;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The sorted keys of the words of s[0..n), duplicates removed; returns the count (*keys: free it). */
+static size_t distinct_word_keys(const char *s, size_t n, uint64_t **keys) {
+    sim_span *w;
+    size_t nw = find_words(s, n, &w), k = 0;
+    *keys = xmalloc((nw ? nw : 1) * sizeof **keys);
+    for (size_t i = 0; i < nw; i++) (*keys)[i] = word_key(s + w[i].start, w[i].len);
+    free(w);
+    qsort(*keys, nw, sizeof **keys, cmp_u64);
+    for (size_t i = 0; i < nw; i++)
+        if (k == 0 || (*keys)[k - 1] != (*keys)[i]) (*keys)[k++] = (*keys)[i];
+    return k;
 }
 
 /* ---------------------------------------------------------------- JSON parser ---- */
@@ -1397,6 +1518,7 @@ typedef struct sim_handle {
     long long model_size;
     int memory_mb; /* from the header, or -1 */
     bool think; /* family supports <think> */
+    int yes_token, no_token; /* a reranker's answer tokens, or -1 */
     /* init parameters */
     int max_context_len, max_new_tokens, n_keep, n_batch;
     LLMResultCallback cb;
@@ -1655,6 +1777,7 @@ static void append_turn(sbuf *b, const sim_handle *h, const char *role, const ch
 typedef struct {
     long long size;
     int header_ctx, memory_mb, think;
+    int yes_token, no_token; /* a reranker's answer tokens, or -1 */
 } model_info;
 
 static int read_model(const char *path, model_info *mi) {
@@ -1682,6 +1805,7 @@ static int read_model(const char *path, model_info *mi) {
     mi->header_ctx = -1;
     mi->memory_mb = -1;
     mi->think = 1;
+    mi->yes_token = mi->no_token = -1;
     char *line = strchr(buf, '\n');
     while (line && *++line && *line != '\n' && *line != '\r') {
         char *eol = strchr(line, '\n');
@@ -1695,8 +1819,19 @@ static int read_model(const char *path, model_info *mi) {
                 mi->memory_mb = atoi(v);
             else if (strncmp(line, "think=", 6) == 0)
                 mi->think = atoi(v) != 0;
+            else if (strncmp(line, "yes_token=", 10) == 0)
+                mi->yes_token = atoi(v);
+            else if (strncmp(line, "no_token=", 9) == 0)
+                mi->no_token = atoi(v);
         }
         line = eol;
+    }
+    bool reranker = mi->yes_token >= 0 || mi->no_token >= 0;
+    if (reranker && (mi->yes_token < 0 || mi->no_token < 0 || mi->yes_token >= (int)SIM_VOCAB ||
+                     mi->no_token >= (int)SIM_VOCAB || mi->yes_token == mi->no_token)) {
+        sim_log("invalid model file %s: yes_token and no_token must both be set, distinct and in [0, %u)", path,
+                SIM_VOCAB);
+        return -1;
     }
     return 0;
 }
@@ -1810,6 +1945,8 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     h->model_size = mi.size;
     h->memory_mb = mi.memory_mb;
     h->think = mi.think != 0;
+    h->yes_token = mi.yes_token;
+    h->no_token = mi.no_token;
     h->max_context_len = ctx;
     h->max_new_tokens = param->max_new_tokens;
     h->n_keep = param->n_keep;
@@ -1994,6 +2131,7 @@ typedef struct {
     char *reply_prompt; /* what rule 6 echoes */
     bool custom_thinks; /* custom template whose turn ends in a bare assistant header (no empty think block) */
     size_t extra_tokens; /* tokens without text: ids, embeddings, images, video frames */
+    int32_t *ids; /* token input: the ids (extra_tokens of them), else NULL */
     int mode, keep_history, max_new_tokens;
     char *lora;
     bool save_pcache;
@@ -2006,6 +2144,7 @@ typedef struct {
 } sim_job;
 
 static void job_free(sim_job *j) {
+    free(j->ids);
     free(j->role);
     free(j->prompt);
     free(j->reply_prompt);
@@ -2077,29 +2216,88 @@ static size_t tokens_within(const int *lens, size_t n, size_t bytes) {
     return k;
 }
 
-/* Hidden-state / logits modes: one NORMAL callback carrying the buffer. Returns the callback's value. */
+/* The simulated embedding model: rows[total * SIM_HIDDEN_SIZE] for the text tokens (lens[0..ntext) of
+ * text) followed by the job's other tokens (ids, embeddings, images); see the top comment. */
+static void hidden_rows(const sim_job *j, const char *text, const int *lens, size_t ntext, size_t total,
+                        float *rows) {
+    sim_span *words;
+    size_t nw = find_words(text, ntext ? strlen(text) : 0, &words), w = 0, units = 0, off = 0;
+    float acc[SIM_HIDDEN_SIZE] = {0};
+    for (size_t t = 0; t < total; t++) {
+        float *row = rows + t * SIM_HIDDEN_SIZE;
+        uint64_t own = id_key(0); /* the vector of this token's id, for a row without units yet */
+        if (t < ntext) {
+            own = id_key(token_id_of(text + off, (size_t)lens[t]));
+            off += (size_t)lens[t];
+            for (; w < nw && words[w].start + words[w].len <= off; w++, units++)
+                add_unit_vector(acc, word_key(text + words[w].start, words[w].len));
+        } else if (j->ids) {
+            own = id_key(j->ids[t - ntext]);
+            add_unit_vector(acc, own);
+            units++;
+        }
+        if (units)
+            memcpy(row, acc, sizeof acc);
+        else {
+            memset(row, 0, sizeof acc);
+            add_unit_vector(row, own);
+        }
+        double norm = 0;
+        for (size_t k = 0; k < SIM_HIDDEN_SIZE; k++) norm += (double)row[k] * row[k];
+        norm = sqrt_pos(norm);
+        if (norm > 0)
+            for (size_t k = 0; k < SIM_HIDDEN_SIZE; k++) row[k] = (float)(row[k] / norm);
+    }
+    free(words);
+}
+
+/* The last occurrence of needle in hay, or NULL. */
+static const char *find_last(const char *hay, const char *needle) {
+    const char *last = NULL;
+    for (const char *p = hay; (p = strstr(p, needle)); p++) last = p;
+    return last;
+}
+
+/* The simulated reranker: how many of the query's distinct words occur in the document (0..1), as a
+ * Qwen3-Reranker prompt lays them out in the context; see the top comment. */
+static double rerank_overlap(const char *ctx) {
+    const char *q = find_last(ctx, "<Query>:"), *d = find_last(ctx, "<Document>:");
+    if (!q) return 0;
+    q += strlen("<Query>:");
+    d = d ? d + strlen("<Document>:") : "";
+    const char *qe = strstr(q, "\n<Document>:"), *de = strstr(d, "<|");
+    uint64_t *qk, *dk;
+    size_t nq = distinct_word_keys(q, qe ? (size_t)(qe - q) : strlen(q), &qk);
+    size_t nd = distinct_word_keys(d, de ? (size_t)(de - d) : strlen(d), &dk), hits = 0;
+    for (size_t i = 0; nd && i < nq; i++) hits += bsearch(&qk[i], dk, nd, sizeof *dk, cmp_u64) != NULL;
+    free(qk);
+    free(dk);
+    return nq ? (double)hits / (double)nq : 0;
+}
+
+/* Hidden-state / logits modes: one NORMAL callback carrying the buffer, freed once it returns (a 1.3
+ * callback's 2, "release the buffer early", needs nothing more). Returns the callback's value.
+ * context: the KV cache's text after the prefill (the reranker reads it), or NULL. */
 static int emit_tensor(sim_job *j, const char *prefill, const int *lens, size_t ntext, size_t total,
-                       const char *reply) {
+                       const char *reply, const char *context, int yes_token, int no_token) {
     RKLLMResult r;
     memset(&r, 0, sizeof r);
     float *buf;
     if (j->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) {
         buf = xmalloc((total ? total : 1) * SIM_HIDDEN_SIZE * sizeof *buf);
-        size_t off = 0;
-        for (size_t t = 0; t < total; t++) {
-            uint32_t id = t < ntext ? (uint32_t)token_id_of(prefill + off, (size_t)lens[t]) : 0;
-            off += t < ntext ? (size_t)lens[t] : 0;
-            for (size_t k = 0; k < SIM_HIDDEN_SIZE; k++)
-                buf[t * SIM_HIDDEN_SIZE + k] =
-                    (float)((id * 2654435761u + (uint32_t)k * 40503u) % 2000u) / 1000.0f - 1.0f;
-        }
+        hidden_rows(j, prefill, lens, ntext, total, buf);
         r.last_hidden_layer.hidden_states = buf;
         r.last_hidden_layer.embd_size = SIM_HIDDEN_SIZE;
         r.last_hidden_layer.num_tokens = (int)total;
     } else {
         buf = xmalloc(SIM_VOCAB * sizeof *buf);
         memset(buf, 0, SIM_VOCAB * sizeof *buf);
-        buf[token_id_of(reply, strlen(reply) < 4 ? strlen(reply) : 4)] = 10.0f;
+        if (yes_token >= 0 && no_token >= 0) {
+            float yes = (float)(8.0 * rerank_overlap(context ? context : "") - 4.0);
+            buf[yes_token] = yes;
+            buf[no_token] = -yes;
+        } else
+            buf[token_id_of(reply, strlen(reply) < 4 ? strlen(reply) : 4)] = 10.0f;
         r.logits.logits = buf;
         r.logits.vocab_size = (int)SIM_VOCAB;
         r.logits.num_tokens = 1;
@@ -2132,6 +2330,8 @@ static void *run_worker(void *arg) {
     char *tools = xstrdup(h->tools_json);
     char *pcache = (was_empty && text_input) ? xstrdup(h->pcache_text) : NULL;
     bool custom = h->custom_template, think = h->think;
+    int yes_token = h->yes_token, no_token = h->no_token;
+    bool reranker = j->mode == RKLLM_INFER_GET_LOGITS && yes_token >= 0 && no_token >= 0;
     if (custom && h->postfix) {
         static const char hdr[] = "<|im_start|>assistant\n";
         size_t pl = strlen(h->postfix), hl = sizeof hdr - 1;
@@ -2157,6 +2357,7 @@ static void *run_worker(void *arg) {
     if (j->err_after >= 0 && (err_at < 0 || j->err_after < err_at)) err_at = j->err_after;
 
     bool aborted = false, paused = false, errored = false;
+    char *context = NULL; /* the KV cache's text after the prefill, when traced or read by a reranker */
     int emitted = 0;
     int64_t t_pre0 = now_ns(), t_pre1 = t_pre0, t_gen0 = t_pre0;
     if (total > max_ctx) {
@@ -2179,17 +2380,17 @@ static void *run_worker(void *arg) {
             G.counters[C_PREFILLED_TOKENS] += (long long)(total - hit);
             G.counters[C_PC_HIT_TOKENS] += (long long)hit;
             char *cache_text = j->save_pcache ? xstrdup(h->kv.text.p ? h->kv.text.p : "") : NULL;
-            char *context = G.set.trace >= 2 ? xstrdup(h->kv.text.p ? h->kv.text.p : "") : NULL;
+            bool traced = G.set.trace >= 2;
+            if (traced || reranker) context = xstrdup(h->kv.text.p ? h->kv.text.p : "");
             unlock();
-            if (context) trace_context(h->id, context);
-            free(context);
+            if (traced) trace_context(h->id, context);
             if (cache_text && save_prompt_cache(j->pcache_path, h->model_path, h->model_size, cache_text) == 0)
                 count_add(C_PC_SAVES, 1);
             free(cache_text);
         }
         /* 3. generation, one token (4 reply bytes) per callback */
         if (!aborted && j->mode != RKLLM_INFER_GENERATE && err_at < 0) {
-            paused = emit_tensor(j, pre.p ? pre.p : "", lens, ntext, total, reply) == 1;
+            paused = emit_tensor(j, pre.p ? pre.p : "", lens, ntext, total, reply, context, yes_token, no_token) == 1;
         } else if (!aborted) {
             size_t rlen = strlen(reply), pos = 0;
             sbuf pending = {0};
@@ -2262,6 +2463,7 @@ static void *run_worker(void *arg) {
 
     j->ret = errored ? -1 : 0;
     sb_free(&pre);
+    free(context);
     free(lens);
     free(tools);
     free(pcache);
@@ -2359,6 +2561,10 @@ static sim_job *job_from_input(const RKLLMInput *in, const RKLLMInferParam *ip, 
     case RKLLM_INPUT_TOKEN:
         if (!in->token_input.input_ids || in->token_input.n_tokens == 0) *why = "rkllm_run: empty token input";
         j->extra_tokens = in->token_input.n_tokens;
+        if (!*why) {
+            j->ids = xmalloc(j->extra_tokens * sizeof *j->ids);
+            memcpy(j->ids, in->token_input.input_ids, j->extra_tokens * sizeof *j->ids);
+        }
         snprintf(buf, sizeof buf, "<%zu tokens>", in->token_input.n_tokens);
         j->reply_prompt = xstrdup(buf);
         break;

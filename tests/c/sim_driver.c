@@ -104,7 +104,9 @@ typedef struct {
     char *text; /* NORMAL texts concatenated */
     size_t len;
     int normal, waiting, finish, error, waiting_null, waiting_empty, bad_utf8, finish_text_null;
-    int same_thread, pause_after, hidden_tokens, hidden_size;
+    int same_thread, pause_after, hidden_tokens, hidden_size, normal_ret;
+    float hidden_first[4]; /* element 0 of the first rows */
+    double hidden_norm_err; /* max |norm - 1| over the rows */
     pthread_t caller;
     RKLLMPerfStat perf;
 } rec_t;
@@ -140,8 +142,18 @@ static int on_result(RKLLMResult *res, void *userdata, LLMCallState state) {
     case RKLLM_RUN_NORMAL:
         r->normal++;
         if (res->last_hidden_layer.hidden_states) {
-            r->hidden_tokens = res->last_hidden_layer.num_tokens;
-            r->hidden_size = res->last_hidden_layer.embd_size;
+            const RKLLMResultLastHiddenLayer *hl = &res->last_hidden_layer;
+            r->hidden_tokens = hl->num_tokens;
+            r->hidden_size = hl->embd_size;
+            for (int t = 0; t < hl->num_tokens; t++) {
+                double sq = 0;
+                for (int k = 0; k < hl->embd_size; k++)
+                    sq += (double)hl->hidden_states[t * hl->embd_size + k] * hl->hidden_states[t * hl->embd_size + k];
+                double err = sq > 1 ? sq - 1 : 1 - sq;
+                if (err > r->hidden_norm_err) r->hidden_norm_err = err;
+                if (t < 4) r->hidden_first[t] = hl->hidden_states[t * hl->embd_size];
+            }
+            ret = r->normal_ret;
         }
         if (res->text) {
             size_t n = strlen(res->text);
@@ -413,8 +425,21 @@ static void test_stream(void) {
     RKLLMInferParam hp = infer(0);
     hp.mode = RKLLM_INFER_GET_LAST_HIDDEN_LAYER;
     rec_reset(&r);
-    check(api.run(h, &tin, &hp, &r) == 0 && r.hidden_tokens == 3 && r.hidden_size > 0 && r.finish == 1,
+    check(api.run(h, &tin, &hp, &r) == 0 && r.hidden_tokens == 3 && r.hidden_size == 256 && r.finish == 1,
           "hidden-layer mode: one buffer of n_tokens rows");
+    check(r.hidden_norm_err < 1e-4 && r.hidden_first[0] != r.hidden_first[1], "hidden rows: unit norm, per id");
+    check(r.perf.prefill_tokens == 3, "hidden-layer mode: FINISH with prefill = n_tokens");
+    float first = r.hidden_first[0];
+    ids[0] = 4;
+    rec_reset(&r);
+    r.normal_ret = 2; /* 1.3: "release the buffer early"; no meaning on 1.2: either way the run goes on */
+    check(api.run(h, &tin, &hp, &r) == 0 && r.normal == 1 && r.finish == 1 && r.hidden_first[0] != first,
+          "hidden-layer mode: callback returning 2 continues to FINISH; rows follow the ids");
+    check(api.set_chat_template(h, "", "", "") == 0, "empty chat template");
+    RKLLMInput sin = text_input("<|im_start|>hi<|im_end|>", "user", 0);
+    rec_reset(&r);
+    rc = api.run(h, &sin, &hp, &r);
+    check(rc == 0 && r.hidden_tokens == 3, "special tokens are one token each (%d rows)", r.hidden_tokens);
     api.destroy(h);
     rec_free(&r);
 }
