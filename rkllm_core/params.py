@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, NamedTuple
 
@@ -14,11 +15,23 @@ FinishReason = Literal["stop", "length", "abort"]
 __all__ = [
     "FinishReason",
     "check_text",
+    "estimate_tokens",
     "InitParams",
     "PerfStats",
     "SamplingParams",
     "StreamChunk",
+    "Tensor",
 ]
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count for ``text``: one token per 3 UTF-8 bytes.
+
+    Real tokenizers average about 4 bytes per token for English and about 3 for
+    Chinese, so the estimate errs on the side of trimming early rather than
+    overflowing the context.
+    """
+    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / 3)
 
 
 def _check_range(name: str, value: float | int | None, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -178,3 +191,27 @@ class StreamChunk(NamedTuple):
     def is_final(self) -> bool:
         """True for the last chunk of a run."""
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A matrix of float32 values the runtime returned (hidden states or logits), copied out of its buffer.
+
+    Attributes:
+        data: ``rows * cols`` values, row-major.
+        rows: the number of token positions.
+        cols: the width of a row (the hidden size, or the vocabulary size).
+        stats: the run's perf stats, when the runtime reported them.
+    """
+
+    data: array[float]
+    rows: int
+    cols: int
+    stats: PerfStats | None = None
+
+    def row(self, index: int) -> array[float]:
+        """Row ``index`` (negative counts from the end) as a new array."""
+        if not -self.rows <= index < self.rows:
+            raise IndexError(f"row {index} of a {self.rows}-row tensor")
+        start = (index % self.rows) * self.cols
+        return self.data[start : start + self.cols]

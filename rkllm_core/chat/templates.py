@@ -32,10 +32,10 @@ the side of refusing or trimming early rather than overflowing the context.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..params import estimate_tokens
 from .messages import ChatMessage
 
 __all__ = [
@@ -48,11 +48,6 @@ __all__ = [
 
 TOOL_RESPONSE_TAG = "tool_response"
 MESSAGE_OVERHEAD_TOKENS = 5
-
-
-def estimate_tokens(text: str) -> int:
-    """A conservative token count for ``text`` (see the module docstring)."""
-    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / 3)
 
 
 def _content_with_name(m: ChatMessage) -> str:

@@ -18,7 +18,15 @@ import threading
 import time
 from typing import Any
 
-from .structs import LLMCallState, LLMResultCallback, RKLLMPerfStat, RKLLMResult, field_offset
+from .structs import (
+    LLMCallState,
+    LLMResultCallback,
+    RKLLMPerfStat,
+    RKLLMResult,
+    RKLLMResultLastHiddenLayer,
+    RKLLMResultLogits,
+    field_offset,
+)
 
 NORMAL = int(LLMCallState.RKLLM_RUN_NORMAL)
 WAITING = int(LLMCallState.RKLLM_RUN_WAITING)
@@ -26,6 +34,12 @@ FINISH = int(LLMCallState.RKLLM_RUN_FINISH)
 ERROR = int(LLMCallState.RKLLM_RUN_ERROR)
 END = -1
 """Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
+TENSOR = -2
+"""A copy of the hidden states or logits of a NORMAL callback: ``(TENSOR, bytes, rows, cols)``."""
+HIDDEN = 1
+"""``RunChannel.tensor`` for a run in ``RKLLM_INFER_GET_LAST_HIDDEN_LAYER`` mode: every row is copied."""
+LOGITS = 2
+"""``RunChannel.tensor`` for a run in ``RKLLM_INFER_GET_LOGITS`` mode: the last row is copied."""
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +50,9 @@ _TEXT_OFFSET = field_offset(RKLLMResult, "text")
 _TOKEN_OFFSET = field_offset(RKLLMResult, "token_id")
 _PERF_OFFSET = field_offset(RKLLMResult, "perf")
 
+_HIDDEN_OFFSET = field_offset(RKLLMResult, "last_hidden_layer")
+_LOGITS_OFFSET = field_offset(RKLLMResult, "logits")
+
 _PERF_SIZE = ctypes.sizeof(RKLLMPerfStat)
 _string_at = ctypes.string_at
 
@@ -45,16 +62,19 @@ class RunChannel:
 
     Items are tuples: ``(NORMAL, bytes, token_id)``, ``(WAITING, token_id)``,
     ``(FINISH, RKLLMPerfStat copy)``, ``(ERROR,)`` and finally
-    ``(END, return_code, exception_or_None)``.
+    ``(END, return_code, exception_or_None)``; in a hidden-state or logits run
+    (``tensor`` set) a NORMAL callback carrying a buffer posts
+    ``(TENSOR, float32 bytes, rows, cols)`` instead.
 
     An async consumer registers a waker; the producer calls it only when the
     consumer is parked, so the common case costs one queue put.
     """
 
-    __slots__ = ("_fast", "_loop", "_parked", "_wake_event", "queue")
+    __slots__ = ("_fast", "_loop", "_parked", "_wake_event", "queue", "tensor")
 
-    def __init__(self) -> None:
+    def __init__(self, tensor: int = 0) -> None:
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.tensor = tensor
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
         self._parked = False
@@ -150,9 +170,13 @@ _channels_lock = threading.Lock()
 _ids = itertools.count(1)
 
 
-def open_channel() -> tuple[int, RunChannel]:
-    """Register a new channel; return its id (the run's ``userdata``) and the channel."""
-    channel = RunChannel()
+def open_channel(tensor: int = 0) -> tuple[int, RunChannel]:
+    """Register a new channel; return its id (the run's ``userdata``) and the channel.
+
+    Args:
+        tensor: :data:`HIDDEN` or :data:`LOGITS` for a run in one of those modes, else 0.
+    """
+    channel = RunChannel(tensor)
     with _channels_lock:
         run_id = next(_ids)
         _channels[run_id] = channel
@@ -181,7 +205,9 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
         channel = _channels.get(userdata or 0)
         if channel is None or not result:
             return 0
-        if state == NORMAL:
+        if state == NORMAL and channel.tensor:
+            _copy_tensor(channel, result)
+        elif state == NORMAL:
             head = _head_at(result)
             channel.queue.put((NORMAL, head.text or b"", head.token_id))
             if channel._parked:
@@ -198,6 +224,23 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
     except BaseException:  # never let an exception cross into native code
         _report_failure(userdata)
     return 0
+
+
+def _copy_tensor(channel: RunChannel, result: int) -> None:
+    """Copy the hidden states (all rows) or logits (the last row) out of the runtime's buffer."""
+    if channel.tensor == HIDDEN:
+        hidden = RKLLMResultLastHiddenLayer.from_address(result + _HIDDEN_OFFSET)
+        pointer, rows, cols = hidden.hidden_states, int(hidden.num_tokens), int(hidden.embd_size)
+        first = 0
+    else:
+        logits = RKLLMResultLogits.from_address(result + _LOGITS_OFFSET)
+        pointer, rows, cols = logits.logits, int(logits.num_tokens), int(logits.vocab_size)
+        first = rows - 1
+    if not pointer or rows <= 0 or cols <= 0:  # a NORMAL callback without a buffer (the demos skip these)
+        return
+    address = ctypes.cast(pointer, ctypes.c_void_p).value or 0
+    data = _string_at(address + first * cols * 4, (rows - first) * cols * 4)
+    channel.put((TENSOR, data, rows - first, cols))
 
 
 _last_failure_log = 0.0

@@ -61,11 +61,14 @@ from ..errors import (
     InvalidParameterError,
     ModelFileError,
     NativeError,
+    RunError,
 )
 from ..filenames import parse_model_filename
 from ..native.backend import Backend, RunRequest
+from ..native.callback import HIDDEN, LOGITS
 from ..native.library import RuntimeLibrary, load_library
-from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, check_text
+from ..native.structs import RKLLMInferMode
+from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, check_text
 from .run import ABORT_WAIT_S, Run, RunStream, astream_run, start_worker
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,19 @@ Role = Literal["user", "tool"]
 _T = TypeVar("_T")
 
 __all__ = ["Completion", "KVState", "RKLLMRuntime", "Role", "RunOptions", "RunStream", "Session"]
+
+
+InferMode = Literal["generate", "hidden", "logits"]
+"""What a run produces: text, the last hidden layer of every input token, or the last position's logits."""
+_MODES: dict[str, RKLLMInferMode] = {
+    "generate": RKLLMInferMode.RKLLM_INFER_GENERATE,
+    "hidden": RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
+    "logits": RKLLMInferMode.RKLLM_INFER_GET_LOGITS,
+}
+_TENSOR_OF: dict[RKLLMInferMode, int] = {
+    RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER: HIDDEN,
+    RKLLMInferMode.RKLLM_INFER_GET_LOGITS: LOGITS,
+}
 
 
 class RunOptions(TypedDict, total=False):
@@ -95,6 +111,8 @@ class RunOptions(TypedDict, total=False):
     """Write this run's prefill state to this file."""
     token_ids: Sequence[int] | None
     """Token input instead of a prompt."""
+    mode: InferMode
+    """``"generate"`` (text), or ``"hidden"`` / ``"logits"``: no text, the run returns a :class:`Tensor`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +463,7 @@ class Session:
             state.current = run
         self._moved(None)
         try:
-            start_worker(state, run, inp, infer)
+            start_worker(state, run, inp, infer, _TENSOR_OF.get(req.mode, 0))
         except BaseException:
             with state.mutex:
                 state.current = None
@@ -466,6 +484,41 @@ class Session:
     def generate(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> Completion:
         """Run to the end in this session and return the whole text."""
         return _collect(self.stream(prompt, **options))
+
+    def infer(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> Tensor:
+        """Run in ``mode="hidden"`` or ``mode="logits"`` and return what the runtime computed.
+
+        Hidden states come with one row per input token; logits with the last
+        position's row. The tensor's ``stats`` are the run's perf stats.
+
+        Raises:
+            InvalidParameterError: bad arguments, or ``mode`` missing / ``"generate"``.
+            RunError: the run failed or returned no buffer.
+        """
+        req = self._tensor_request(prompt, options)
+        stream = RunStream(lambda: self._start(req), self._state.abort_run)
+        with stream:
+            for _chunk in stream:
+                pass
+        return self._tensor_of(stream._run)
+
+    async def ainfer(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> Tensor:
+        """Async :meth:`infer`: waits without a thread; cancelling aborts the run."""
+        run = self._start(self._tensor_request(prompt, options))
+        async for _chunk in astream_run(run, self._state.abort_soon):
+            pass
+        return self._tensor_of(run)
+
+    def _tensor_request(self, prompt: str | None, options: RunOptions) -> RunRequest:
+        if options.get("mode", "generate") == "generate":
+            raise InvalidParameterError('infer() needs mode="hidden" or mode="logits"')
+        return self._rt._request(prompt, **options)
+
+    def _tensor_of(self, run: Run | None) -> Tensor:
+        tensor = run.tensor if run is not None else None
+        if tensor is None:
+            raise RunError(f"{self._state.name}: the runtime returned no hidden states or logits", function="rkllm_run")
+        return replace(tensor, stats=run.stats) if run is not None else tensor
 
     async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Await ``fn(*args)`` on the core's executor as part of this session.
@@ -708,6 +761,7 @@ class RKLLMRuntime:
         lora: str | None = None,
         save_prompt_cache: str | os.PathLike[str] | None = None,
         token_ids: Sequence[int] | None = None,
+        mode: InferMode = "generate",
     ) -> RunRequest:
         """Validate a run's arguments (nothing reaches the runtime when they are wrong)."""
         if self._state.closed:
@@ -720,6 +774,8 @@ class RKLLMRuntime:
             not token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
         ):
             raise InvalidParameterError("token_ids must be a non-empty sequence of ints")
+        if mode not in _MODES:
+            raise InvalidParameterError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
         if sampling is not None and sampling.is_empty():
             sampling = None
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
@@ -732,9 +788,7 @@ class RKLLMRuntime:
         full: SamplingParams | None = None
         if sampling is not None:
             merged = self.params.sampling.merged(sampling).as_dict()
-            full = SamplingParams(
-                **{k: v if v is not None else self._sampling_defaults[k] for k, v in merged.items()}
-            )
+            full = SamplingParams(**{k: v if v is not None else self._sampling_defaults[k] for k, v in merged.items()})
         return RunRequest(
             role=role.encode(),
             prompt=_c_text(prompt, "prompt") if prompt is not None else None,
@@ -745,6 +799,7 @@ class RKLLMRuntime:
             max_new_tokens=max_new_tokens,
             lora=_c_text(lora, "lora") if lora else None,
             save_prompt_cache=_c_path(save_prompt_cache, "save_prompt_cache") if save_prompt_cache else None,
+            mode=_MODES[mode],
         )
 
     def stream(
@@ -892,4 +947,3 @@ def _tools_json(tools: str | Sequence[dict[str, Any]]) -> str:
     if not isinstance(parsed, list):
         raise InvalidParameterError("tools must be a JSON array")
     return tools
-

@@ -15,14 +15,25 @@ import codecs
 import logging
 import queue
 import threading
+from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 from ..errors import RKLLMError, RunError
 from ..native.backend import Backend
-from ..native.callback import END, ERROR, FINISH, NORMAL, WAITING, RunChannel, close_channel, open_channel
-from ..params import FinishReason, PerfStats, StreamChunk
+from ..native.callback import (
+    END,
+    ERROR,
+    FINISH,
+    NORMAL,
+    TENSOR,
+    WAITING,
+    RunChannel,
+    close_channel,
+    open_channel,
+)
+from ..params import FinishReason, PerfStats, StreamChunk, Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +59,7 @@ class Run:
         self.deferred: RKLLMError | None = None  # a failure to raise once the chunks before it are out
         self.finish_reason: FinishReason | None = None
         self.channel: RunChannel | None = None
+        self.tensor: Tensor | None = None  # what a hidden-state or logits run returned
 
     def feed_many(self, items: list[tuple[Any, ...]]) -> list[StreamChunk]:
         """Turn a batch of channel items into chunks, the final one last if the run ended.
@@ -70,6 +82,11 @@ class Run:
                 continue
             if kind == WAITING:
                 n += 1
+                continue
+            if kind == TENSOR:
+                values = array("f")
+                values.frombytes(item[1])
+                self.tensor = Tensor(values, item[2], item[3])
                 continue
             if pending or n:
                 self._emit(out, pending, n, last_token)
@@ -138,9 +155,13 @@ class RunHost(Protocol):
         """Called by the worker once ``rkllm_run`` has returned."""
 
 
-def start_worker(state: RunHost, run: Run, inp: Any, infer: Any) -> None:
-    """Register the run's channel and start the thread that calls ``rkllm_run``."""
-    run_id, channel = open_channel()
+def start_worker(state: RunHost, run: Run, inp: Any, infer: Any, tensor: int = 0) -> None:
+    """Register the run's channel and start the thread that calls ``rkllm_run``.
+
+    ``tensor`` (see :func:`~rkllm_core.native.callback.open_channel`) makes the
+    callback copy hidden states or logits instead of text.
+    """
+    run_id, channel = open_channel(tensor)
     run.channel = channel
     worker = threading.Thread(
         target=_run_worker, args=(state, run, run_id, channel, inp, infer), name=f"rkllm-run-{run_id}", daemon=True
