@@ -68,6 +68,11 @@ _EXPORTS: dict[str, str] = {
     "ChatOptions": "chat.options",
     "ToolCallRequest": "chat.messages",
     "PromptCacheStore": "chat.promptcache",
+    # embeddings
+    "EmbeddingEngine": "embed.engine",
+    "EmbeddingResult": "embed.engine",
+    "RerankResult": "embed.engine",
+    "Tensor": "params",
 }
 
 __all__ = [
@@ -80,6 +85,8 @@ __all__ = [
     "ChatResponse",
     "Completion",
     "ContextLengthError",
+    "EmbeddingEngine",
+    "EmbeddingResult",
     "HandleClosedError",
     "InitError",
     "InitParams",
@@ -100,6 +107,7 @@ __all__ = [
     "PreflightError",
     "PromptCacheStore",
     "RKLLMError",
+    "RerankResult",
     "RKLLMRuntime",
     "RunError",
     "RunStream",
@@ -107,6 +115,7 @@ __all__ = [
     "RuntimeLibrary",
     "SamplingParams",
     "StreamChunk",
+    "Tensor",
     "ToolCallRequest",
     "UnsupportedRuntimeError",
     "default_manager",
@@ -121,6 +130,7 @@ if TYPE_CHECKING:
     from .chat.messages import ChatMessage, ToolCallRequest
     from .chat.options import ChatOptions
     from .chat.promptcache import PromptCacheStore
+    from .embed.engine import EmbeddingEngine, EmbeddingResult, RerankResult
     from .errors import (
         ABIError,
         BusyError,
@@ -144,7 +154,7 @@ if TYPE_CHECKING:
     from .models.manager import Lease, ModelManager, default_manager, manager_for
     from .models.registry import ModelInfo, ModelRegistry
     from .native.library import RuntimeLibrary, find_library, load_library
-    from .params import InitParams, PerfStats, SamplingParams, StreamChunk
+    from .params import InitParams, PerfStats, SamplingParams, StreamChunk, Tensor
     from .runtime import Completion, KVState, RKLLMRuntime, RunStream, Session
 
 

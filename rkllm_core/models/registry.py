@@ -95,8 +95,8 @@ CHAT_KINDS: Final[tuple[ModelKind, ...]] = ("chat", "vision")
 _SERVED_BY: Final[dict[str, str]] = {
     "chat": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine",
     "vision": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine (text only)",
-    "embedding": "an embeddings class (this version has none yet)",
-    "reranker": "a reranker class (this version has none yet)",
+    "embedding": "langchain_rkllm.RKLLMEmbeddings, llamaindex_rkllm.RKLLMEmbedding or rkllm_core.embed.EmbeddingEngine",
+    "reranker": "langchain_rkllm.RKLLMRerank, llamaindex_rkllm.RKLLMRerank or rkllm_core.embed.EmbeddingEngine.rerank",
 }
 
 # A directory whose mtime is this close to the scan is re-scanned at the next

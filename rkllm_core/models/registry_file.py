@@ -18,10 +18,15 @@ A model directory (not its subdirectories) may hold a registry file::
     max_context_len = 8192           # also the context size when the file name has none
     chat_template = { system = "...", prefix = "...", postfix = "..." }
     kind = "embedding"               # chat, embedding, reranker or vision
+    embedding = { pooling = "last", normalize = true, task = "...", suffix = "<|endoftext|>" }
+    reranker = { template = "...{instruction}...{query}...{document}...", instruction = "...",
+                 yes_token = "yes", no_token = "no", yes_id = 9693, no_id = 2152 }
 
 Every key is optional. ``kind`` overrides the kind the file name gives (see
 :data:`~rkllm_core.filenames.ModelKind`), for a model whose name does not
-say what it is for. Sampling values and the two limits must be what
+say what it is for. ``embedding`` and ``reranker`` override fields of the
+model family's recipe, or declare one for a family that has none (see
+:mod:`rkllm_core.embed.recipes`). Sampling values and the two limits must be what
 :class:`~rkllm_core.params.SamplingParams` and
 :class:`~rkllm_core.params.InitParams` accept (the same checks run), so a
 registry file can never hold a value the runtime would refuse.
@@ -84,6 +89,8 @@ class ModelDefaults:
         chat_template: ``(system, prefix, postfix)`` strings for
             ``rkllm_set_chat_template``.
         kind: what the model is for, overriding its file name.
+        embedding: overrides of the embedding recipe, as ``(field, value)`` pairs.
+        reranker: overrides of the reranking recipe, as ``(field, value)`` pairs.
     """
 
     temperature: float | None = None
@@ -100,6 +107,8 @@ class ModelDefaults:
     max_context_len: int | None = None
     chat_template: tuple[str, str, str] | None = None
     kind: ModelKind | None = None
+    embedding: tuple[tuple[str, Any], ...] | None = None
+    reranker: tuple[tuple[str, Any], ...] | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The fields that are set.
@@ -157,9 +166,45 @@ _FLOAT_FIELDS: Final = frozenset(
 )
 _INIT_FIELDS: Final = ("max_new_tokens", "max_context_len")
 _ENTRY_KEYS: Final = (
-    frozenset(_SAMPLING_FIELDS) | set(_INIT_FIELDS) | {"aliases", "system_prompt", "chat_template", "kind"}
+    frozenset(_SAMPLING_FIELDS)
+    | set(_INIT_FIELDS)
+    | {"aliases", "system_prompt", "chat_template", "kind", "embedding", "reranker"}
 )
 _TEMPLATE_KEYS: Final = ("system", "prefix", "postfix")
+# The recipe fields a registry file may set, with their types (see rkllm_core.embed.recipes).
+_RECIPE_FIELDS: Final[dict[str, dict[str, type]]] = {
+    "embedding": {"pooling": str, "normalize": bool, "query_template": str, "task": str, "suffix": str},
+    "reranker": {
+        "template": str,
+        "instruction": str,
+        "yes_token": str,
+        "no_token": str,
+        "yes_id": int,
+        "no_id": int,
+    },
+}
+
+
+def _parse_recipe(where: str, name: str, value: object) -> tuple[tuple[str, Any], ...]:
+    allowed = _RECIPE_FIELDS[name]
+    if not isinstance(value, dict) or not value:
+        raise InvalidParameterError(f"{where}: {name} must be a table of {', '.join(allowed)}, got {value!r}")
+    items: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        kind = allowed.get(key)
+        if kind is None:
+            raise InvalidParameterError(f"{where}: {name}.{key} is not a recipe field ({', '.join(allowed)})")
+        if not isinstance(item, kind) or (
+            isinstance(item, int) and (isinstance(item, bool) != (kind is bool) or item < 0)
+        ):
+            raise InvalidParameterError(f"{where}: {name}.{key} must be a {kind.__name__}, got {item!r}")
+        if isinstance(item, str):
+            check_text(item, f"{where}: {name}.{key}")
+        items.append((key, item))
+    pooling = dict(items).get("pooling")
+    if pooling is not None and pooling not in ("last", "mean"):
+        raise InvalidParameterError(f"{where}: embedding.pooling must be 'last' or 'mean', got {pooling!r}")
+    return tuple(items)
 
 
 def _parse_entry(key: str, table: object, source: Path) -> RegistryEntry:
@@ -202,6 +247,9 @@ def _parse_entry(key: str, table: object, source: Path) -> RegistryEntry:
         if table["kind"] not in MODEL_KINDS:
             raise InvalidParameterError(f"{where}: kind must be one of {', '.join(MODEL_KINDS)}, got {table['kind']!r}")
         changes["kind"] = table["kind"]
+    for name in _RECIPE_FIELDS:
+        if name in table:
+            changes[name] = _parse_recipe(where, name, table[name])
     aliases: tuple[str, ...] = ()
     if "aliases" in table:
         value = table["aliases"]

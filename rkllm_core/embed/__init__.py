@@ -1,0 +1,14 @@
+"""Embeddings and reranking on the NPU: :class:`EmbeddingEngine` and the per-family recipes."""
+
+from .engine import EmbeddingEngine, EmbeddingResult, RerankResult
+from .recipes import EmbeddingRecipe, RerankRecipe, embedding_recipe, rerank_recipe
+
+__all__ = [
+    "EmbeddingEngine",
+    "EmbeddingRecipe",
+    "EmbeddingResult",
+    "RerankRecipe",
+    "RerankResult",
+    "embedding_recipe",
+    "rerank_recipe",
+]
