@@ -38,13 +38,25 @@ def test_run_bench_report(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_
     sim.set("prefill_ms_per_token", 0.05)
     make_model(model_dir, QWEN, size_mb=50)
     make_model(model_dir, "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm")
+    make_model(model_dir, "Qwen3-Reranker-0.6B-rk3588-w8a8.rkllm", yes_token=9693, no_token=2152)
     with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
         report = run_bench(m, [], SMALL)
     assert report["simulated"] and report["title"].endswith("(simulated)") and not report["partial"]
     assert [(r["model"], r["prompt_tokens"]) for r in report["results"]] == [("qwen3-0.6b", 128), ("qwen3-0.6b", 300)]
     assert {r["kind"] for r in report["results"]} == {"chat"}
-    assert [(s["model"], s["kind"]) for s in report["skipped"]] == [("qwen3-embedding-0.6b", "embedding")]
-    assert "Not benchmarked: qwen3-embedding-0.6b" in to_markdown(report)
+    retrieval = [(r["model"], r["kind"], r["text_tokens"]) for r in report["retrieval"]]
+    assert retrieval == [
+        ("qwen3-embedding-0.6b", "embedding", 128),
+        ("qwen3-embedding-0.6b", "embedding", 300),
+        ("qwen3-reranker-0.6b", "reranker", 128),
+        ("qwen3-reranker-0.6b", "reranker", 300),
+    ]
+    for r in report["retrieval"]:
+        assert len(r["runs"]) == 2 and r["median"]["items_per_s"] > 0 and r["median"]["tokens_per_s"] > 0
+    # Longer texts take longer per item (the simulator paces prefill per token).
+    assert report["retrieval"][1]["median"]["ms_per_item"] > report["retrieval"][0]["median"]["ms_per_item"]
+    markdown = to_markdown(report)
+    assert "| qwen3-embedding-0.6b | embedding | 128 |" in markdown and "pairs" in markdown
     first = report["results"][0]
     assert len(first["runs"]) == 2
     med = first["median"]

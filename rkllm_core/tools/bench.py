@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..board import read_system_state
+from ..embed import EmbeddingEngine
 from ..errors import NoModelsFoundError
 from ..filenames import friendly_name, parse_model_filename
 from ..models.manager import ModelManager
@@ -99,6 +100,28 @@ def find_official(info: ModelInfo, table: dict[str, Any]) -> dict[str, Any] | No
     return None
 
 
+#: Texts (or query/document pairs) per embedding or reranking call in a benchmark run.
+RETRIEVAL_BATCH = 16
+RETRIEVAL_METRICS = ("items_per_s", "tokens_per_s", "ms_per_item")
+
+
+def _retrieval_run(engine: EmbeddingEngine, info: ModelInfo, tokens: int) -> dict[str, float]:
+    texts = [
+        " ".join(_FILLER[(i + j) % len(_FILLER)] for j in range(max(1, tokens - 4))) for i in range(RETRIEVAL_BATCH)
+    ]
+    t0 = time.perf_counter()
+    if info.kind == "embedding":
+        used = engine.embed(info.name, texts).input_tokens
+    else:
+        used = engine.rerank(info.name, "where do birds fly over the hills?", texts).input_tokens
+    wall = time.perf_counter() - t0
+    return {
+        "items_per_s": RETRIEVAL_BATCH / wall if wall > 0 else 0.0,
+        "tokens_per_s": used / wall if wall > 0 else 0.0,
+        "ms_per_item": wall * 1000 / RETRIEVAL_BATCH,
+    }
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -144,8 +167,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark ``models`` (all registered ones when empty) and return the report.
 
-    Each result carries the model's kind; embedding and reranker models are
-    listed under ``skipped`` (they have no text generation to time).
+    Chat and vision models are timed generating (``results``); embedding and
+    reranker models embedding :data:`RETRIEVAL_BATCH` texts, or scoring as many
+    (query, document) pairs, per call (``retrieval``: items/s and prefill tokens/s).
 
     ``KeyboardInterrupt`` stops early: the report so far is returned with ``partial: true``.
     """
@@ -157,11 +181,7 @@ def run_bench(
             f"no .rkllm models found; searched: {', '.join(dirs)}; put model files there or set RKLLM_MODEL_DIR",
             searched=dirs,
         )
-    skipped = [
-        {"model": info.name, "kind": info.kind, "reason": f"{info.kind} models have no text-generation benchmark"}
-        for info in infos
-        if info.kind not in CHAT_KINDS
-    ]
+    retrieval_infos = [info for info in infos if info.kind in ("embedding", "reranker")]
     infos = [info for info in infos if info.kind in CHAT_KINDS]
     table = official_table()
     report: dict[str, Any] = {
@@ -179,12 +199,12 @@ def run_bench(
         },
         "reference": {"source": table["source"], "runtime": table["runtime"]},
         "results": [],
-        "skipped": skipped,
+        "retrieval": [],
     }
     system = report["system"]
     where = system.get("board") or system.get("soc") or system.get("machine")
     report["title"] = f"RKLLM benchmark — {where}" + (" (simulated)" if lib.is_simulator else "")
-    total = len(infos) * len(config.prompt_tokens) * (config.repeat + config.warmup)
+    total = (len(infos) + len(retrieval_infos)) * len(config.prompt_tokens) * (config.repeat + config.warmup)
     done = 0
 
     def tick(label: str) -> None:
@@ -236,6 +256,31 @@ def run_bench(
                 report["results"].append(result)
                 if on_result is not None:
                     on_result(report)
+        engine = EmbeddingEngine(manager)
+        for info in retrieval_infos:
+            for tokens in config.prompt_tokens:
+                runs = []
+                for i in range(config.warmup + config.repeat):
+                    tick(f"{info.name} {tokens}-token texts run {i + 1}")
+                    run = _retrieval_run(engine, info, tokens)
+                    done += 1
+                    if i >= config.warmup:
+                        runs.append(run)
+                report["retrieval"].append(
+                    {
+                        "model": info.name,
+                        "kind": info.kind,
+                        "filename": info.filename,
+                        "dtype": info.dtype,
+                        "platform": info.platform,
+                        "text_tokens": tokens,
+                        "batch": RETRIEVAL_BATCH,
+                        "runs": runs,
+                        "median": {k: statistics.median(r[k] for r in runs) for k in RETRIEVAL_METRICS},
+                    }
+                )
+                if on_result is not None:
+                    on_result(report)
     except KeyboardInterrupt:
         report["partial"] = True
     if progress is not None:
@@ -276,8 +321,19 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{m['prefill_tps']:.0f} ({m['prefill_tps_wall']:.0f}) | {r['context']} | {m['memory_mb']:.0f} | "
             f"{m['rss_mb']:.0f} | {r['load_s']:.2f} |"
         )
-    for skip in report.get("skipped", ()):
-        lines.append(f"\nNot benchmarked: {skip['model']} ({skip['reason']}).")
+    if report.get("retrieval"):
+        lines += [
+            "",
+            f"| Model | Kind | Text (tokens) | Items/s (batch of {RETRIEVAL_BATCH}) | Prefill (tok/s) | ms/item |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in report["retrieval"]:
+            m = r["median"]
+            unit = "texts" if r["kind"] == "embedding" else "pairs"
+            lines.append(
+                f"| {r['model']} | {r['kind']} | {r['text_tokens']} | {m['items_per_s']:.1f} {unit} | "
+                f"{m['tokens_per_s']:.0f} | {m['ms_per_item']:.1f} |"
+            )
     lines += ["", f"Official numbers: {report['reference']['source']} (runtime {report['reference']['runtime']})."]
     return "\n".join(lines) + "\n"
 
