@@ -401,8 +401,10 @@ def test_reranker_logits(session: Callable[..., Session], model_dir: Path) -> No
         assert p_yes(templated.run(LOGITS, rerank_prompt(query, doc)).logits) == scores[name]
     assert scores["relevant"] > 0.5 > scores["unrelated"]
     assert scores["relevant"] > scores["partial"] > scores["unrelated"]
-    # overlap = shared distinct query words / distinct query words: 5/6 (all but "what"), then 0.
-    assert math.isclose(raw.run(LOGITS, rerank_prompt(query, relevant)).logits[YES], 8 * 5 / 6 - 4, rel_tol=1e-6)
+    # overlap = shared distinct query words / distinct query words, function words aside: 2/2
+    # ("capital", "france"), then 0; "partial" has one of the two.
+    assert math.isclose(raw.run(LOGITS, rerank_prompt(query, relevant)).logits[YES], 8 * 2 / 2 - 4, rel_tol=1e-6)
+    assert math.isclose(raw.run(LOGITS, rerank_prompt(query, partial)).logits[YES], 8 * 1 / 2 - 4, abs_tol=1e-6)
     assert raw.run(LOGITS, rerank_prompt(query, unrelated)).logits[YES] == -4.0
     assert raw.run(LOGITS, "no query here").logits[YES] == -4.0
     # The last <Query>/<Document> count, and the document ends at the next special token.

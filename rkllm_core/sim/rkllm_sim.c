@@ -50,7 +50,9 @@
  * Tokens: a special token "<|name|>" (name: 1-64 ASCII letters, digits, '_') is one token; otherwise
  * a run of up to 4 ASCII alphanumerics (with an optional single leading space), else one UTF-8 code
  * point. A token's id is a hash of its bytes. Words: maximal runs of ASCII letters/digits and bytes
- * >= 0x80 outside special tokens, compared ASCII-case-folded.
+ * >= 0x80 outside special tokens, compared ASCII-case-folded; about 35 English function words ("the",
+ * "is", "how", "many", ...) are not words to the embedding and reranker models (no weight, as in
+ * trained models).
  *
  * The simulated embedding model (GET_LAST_HIDDEN_LAYER): num_tokens rows (one per input token, this
  * turn's prefill) of embd_size 256. Every unit has a pseudo-random +-1 vector derived from a hash
@@ -747,6 +749,24 @@ typedef struct {
 static bool is_word_byte(unsigned char c) { return is_alnum_ascii(c) || c >= 0x80; }
 
 /* The words of s[0..n) in order; *out receives them (free it). Returns the count. */
+/* English function words carry little meaning: the simulated embedding and reranker models, like
+ * trained ones, give them no weight. */
+static bool is_function_word(const char *s, size_t n) {
+    static const char *const words[] = {"a",    "an",    "and",  "are", "as",   "at",   "be",    "by",   "can",
+                                        "do",   "does",  "for",  "from", "has", "have", "how",   "in",   "is",
+                                        "it",   "its",   "of",   "on",   "or",  "that", "the",   "this", "to",
+                                        "was",  "what",  "which", "who", "with", "many", "much", "there", "their"};
+    if (n > 5) return false;
+    for (size_t k = 0; k < sizeof words / sizeof *words; k++) {
+        size_t len = strlen(words[k]);
+        if (len != n) continue;
+        size_t i = 0;
+        while (i < n && lower_ascii(s[i]) == words[k][i]) i++;
+        if (i == n) return true;
+    }
+    return false;
+}
+
 static size_t find_words(const char *s, size_t n, sim_span **out) {
     size_t cap = 16, count = 0, i = 0;
     *out = xmalloc(cap * sizeof **out);
@@ -762,6 +782,10 @@ static size_t find_words(const char *s, size_t n, sim_span **out) {
         }
         size_t j = i;
         while (j < n && is_word_byte((unsigned char)s[j])) j++; /* '<' of a special token ends it */
+        if (is_function_word(s + i, j - i)) {
+            i = j;
+            continue;
+        }
         if (count == cap) *out = xrealloc(*out, (cap *= 2) * sizeof **out);
         (*out)[count].start = i;
         (*out)[count++].len = j - i;
