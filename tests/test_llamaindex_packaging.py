@@ -1,4 +1,5 @@
-"""The wheel ships ``llama_index.llms.rkllm`` without claiming the ``llama_index`` namespace."""
+"""The wheel ships ``llama_index.llms.rkllm``, ``llama_index.embeddings.rkllm`` and
+``llama_index.postprocessor.rkllm_rerank`` without claiming the ``llama_index`` namespaces."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# our modules under the llama_index namespace, and the class each one exports
+OURS = {
+    "llama_index.llms.rkllm": "RKLLM",
+    "llama_index.embeddings.rkllm": "RKLLMEmbedding",
+    "llama_index.postprocessor.rkllm_rerank": "RKLLMRerank",
+}
+NAMESPACES = ("llama_index", "llama_index/llms", "llama_index/embeddings", "llama_index/postprocessor")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +47,15 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_has_no_namespace_init_files(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "llama_index/llms/rkllm/__init__.py" in names
-    assert "llamaindex_rkllm/base.py" in names and "llamaindex_rkllm/py.typed" in names
-    assert "llama_index/__init__.py" not in names
-    assert "llama_index/llms/__init__.py" not in names
-    assert not [n for n in names if n.startswith("llama_index/") and not n.startswith("llama_index/llms/rkllm/")]
+    dirs = [module.replace(".", "/") for module in OURS]
+    for d in dirs:
+        assert f"{d}/__init__.py" in names and f"{d}/py.typed" in names
+    for module in ("base", "embeddings", "postprocessor"):
+        assert f"llamaindex_rkllm/{module}.py" in names
+    assert "llamaindex_rkllm/py.typed" in names
+    for namespace in NAMESPACES:
+        assert f"{namespace}/__init__.py" not in names
+    assert not [n for n in names if n.startswith("llama_index/") and not n.startswith(tuple(f"{d}/" for d in dirs))]
 
 
 def test_installed_wheel_shares_the_namespace_with_llama_index_core(wheel: Path, tmp_path: Path) -> None:
@@ -55,10 +67,11 @@ def test_installed_wheel_shares_the_namespace_with_llama_index_core(wheel: Path,
         capture_output=True,
         timeout=300,
     )
-    assert not (site / "llama_index" / "__init__.py").exists()
-    code = (
-        "import llama_index.core, llama_index.llms.rkllm as m, llamaindex_rkllm;"
-        "assert m.RKLLM is llamaindex_rkllm.RKLLM; print(m.__file__)"
+    for namespace in NAMESPACES:
+        assert not (site / namespace / "__init__.py").exists()
+    code = "import importlib, llama_index.core, llamaindex_rkllm\n" + "".join(
+        f"m = importlib.import_module({module!r})\nassert m.{cls} is llamaindex_rkllm.{cls}\nprint(m.__file__)\n"
+        for module, cls in OURS.items()
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -70,4 +83,4 @@ def test_installed_wheel_shares_the_namespace_with_llama_index_core(wheel: Path,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(site / "llama_index" / "llms" / "rkllm" / "__init__.py")
+    assert proc.stdout.split() == [str(site.joinpath(*module.split("."), "__init__.py")) for module in OURS]

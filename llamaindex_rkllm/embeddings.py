@@ -1,0 +1,251 @@
+"""``RKLLMEmbedding``: a LlamaIndex embedding model that runs on the Rockchip NPU, in-process.
+
+It is a thin adapter over :class:`rkllm_core.embed.EmbeddingEngine`:
+
+* documents are embedded as they are and queries with the model's query
+  instruction (Qwen3-Embedding: ``Instruct: {task}``, then ``Query:{text}`` on
+  the next line), as the model's published recipe writes them
+  (:mod:`rkllm_core.embed.recipes`);
+* a batch of texts (``embed_batch_size``, LlamaIndex's field) is one request to
+  the engine: one lease on the model and one session on its handle;
+* the async methods await the engine's async calls: nothing blocks the event
+  loop and no thread is occupied while waiting, and cancelling a task aborts the
+  text being run on the NPU.
+
+The model is leased from a :class:`rkllm_core.models.manager.ModelManager`, the
+same kind that serves :class:`~llamaindex_rkllm.RKLLM`: an embedding model, a
+reranker and a chat model can stay loaded side by side within its budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.errors import InvalidParameterError
+from rkllm_core.models.manager import ModelManager, manager_for
+from rkllm_core.params import check_text
+
+__all__ = ["RKLLMEmbedding"]
+
+
+class RKLLMEmbedding(BaseEmbedding):
+    """An embedding model on the Rockchip NPU (RKLLM runtime) as a LlamaIndex embedding model.
+
+    Constructing it loads nothing: the runtime library and the model are loaded
+    by the model manager on the first request. Only models of the ``embedding``
+    kind are served; any other is refused with
+    :class:`~rkllm_core.errors.ModelKindError` before anything is loaded.
+
+    Examples:
+        ```python
+        from llama_index.core import VectorStoreIndex
+        from llamaindex_rkllm import RKLLMEmbedding
+
+        embed_model = RKLLMEmbedding(model="qwen3-embedding-0.6b")
+        index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+        ```
+
+    Args:
+        model: the model (see the ``model`` field).
+        manager: a :class:`rkllm_core.models.manager.ModelManager` to take the model from
+            (budget, swapping); share one with :class:`~llamaindex_rkllm.RKLLM` and
+            :class:`~llamaindex_rkllm.RKLLMRerank` to keep their models within one budget.
+            Default: one manager per ``model_dir``/``library_path`` pair, or the
+            process-wide manager when neither is set.
+        **kwargs: the other fields (and LlamaIndex's: ``embed_batch_size``,
+            ``callback_manager``, ``num_workers``, ``embeddings_cache``).
+
+    Raises:
+        ValueError: a setting is invalid (pydantic's ``ValidationError`` is one).
+        TypeError: ``manager`` is not a ``ModelManager``.
+    """
+
+    model: str = Field(
+        description=(
+            "The embedding model: a friendly name such as 'qwen3-embedding-0.6b', an alias from "
+            "rkllm-models.toml, a .rkllm file name (with or without the suffix) or a path to a .rkllm file. "
+            "model_name (LlamaIndex's field) is set to it."
+        )
+    )
+    query_task: str | None = Field(
+        default=None,
+        description=(
+            "The task written into the model's query instruction (Qwen3-Embedding: 'Instruct: {task}\\nQuery:...'); "
+            "None keeps the recipe's (web search). Documents are embedded without an instruction."
+        ),
+    )
+    truncate: bool = Field(
+        default=True,
+        description=(
+            "Cut a text longer than the model's context (its beginning is kept, with a warning); "
+            "False raises ContextLengthError instead."
+        ),
+    )
+    timeout: float | None = Field(
+        default=None,
+        description=(
+            "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
+            "before raising BusyError (a TimeoutError); None waits as long as needed."
+        ),
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description=(
+            "Directory with .rkllm files. None: RKLLM_MODEL_DIR, ./models and ~/.local/share/rkllm/models. "
+            "Ignored when a manager is given."
+        ),
+    )
+    library_path: str | None = Field(
+        default=None,
+        description=(
+            "Path to librkllmrt.so. None: RKLLM_LIB_PATH, then the usual library locations. "
+            "Ignored when a manager is given."
+        ),
+    )
+
+    _manager: ModelManager | None = PrivateAttr(default=None)
+    _engine: EmbeddingEngine | None = PrivateAttr(default=None)
+
+    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
+        super().__init__(model=model, **kwargs)
+        self._manager = checked_manager(manager)
+
+    # -- validation -----------------------------------------------------------------------------
+    @field_validator("model_dir", "library_path", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return check_model(value)
+
+    @field_validator("query_task")
+    @classmethod
+    def _check_task(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, "query_task")
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: float | None) -> float | None:
+        return check_timeout(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name_is_the_model(cls, data: Any) -> Any:
+        # LlamaIndex reports model_name in its events and callbacks: it is the model actually used.
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            name = data.get("model_name")
+            if name is not None and name != data["model"]:
+                raise ValueError(f"model_name is the model's name; got {name!r} for model {data['model']!r}")
+            data = {**data, "model_name": data["model"]}
+        return data
+
+    @classmethod
+    def class_name(cls) -> str:
+        """Name used by LlamaIndex for serialisation and callbacks."""
+        return "RKLLMEmbedding"
+
+    # -- engine ---------------------------------------------------------------------------------
+    @property
+    def engine(self) -> EmbeddingEngine:
+        """The embedding engine this instance sends its requests through (on :attr:`manager`)."""
+        if self._engine is None:
+            self._engine = EmbeddingEngine(self._manager or manager_for(self.model_dir, self.library_path))
+        return self._engine
+
+    @property
+    def manager(self) -> ModelManager:
+        """The model manager requests go to."""
+        return self.engine.manager
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def _embed(self, texts: list[str], query: bool) -> list[Embedding]:
+        result = self.engine.embed(
+            self.model,
+            texts,
+            query=query,
+            task=self.query_task if query else None,
+            truncate=self.truncate,
+            timeout=self.timeout,
+        )
+        return result.vectors
+
+    async def _aembed(self, texts: list[str], query: bool) -> list[Embedding]:
+        result = await self.engine.aembed(
+            self.model,
+            texts,
+            query=query,
+            task=self.query_task if query else None,
+            truncate=self.truncate,
+            timeout=self.timeout,
+        )
+        return result.vectors
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        """Embed a query, written with the model's query instruction (``query_task``)."""
+        return self._embed([query], query=True)[0]
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        """Async :meth:`_get_query_embedding`: never blocks the event loop."""
+        return (await self._aembed([query], query=True))[0]
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        """Embed a document as it is."""
+        return self._embed([text], query=False)[0]
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        """Async :meth:`_get_text_embedding`."""
+        return (await self._aembed([text], query=False))[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        """Embed a batch of documents: one request, one lease on the model."""
+        return self._embed(list(texts), query=False)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        """Async :meth:`_get_text_embeddings`; cancelling aborts the text being run and skips the rest."""
+        return await self._aembed(list(texts), query=False)
+
+
+# ------------------------------------------------------------------------------------- shared checks
+
+
+def checked_manager(manager: Any) -> ModelManager | None:
+    """``manager`` if it is a ``ModelManager`` (or ``None``).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if manager is not None and not isinstance(manager, ModelManager):
+        raise TypeError(f"manager must be an rkllm_core ModelManager, not {type(manager).__name__}")
+    return manager
+
+
+def check_model(value: str) -> str:
+    """A model name: non-empty text.
+
+    Raises:
+        InvalidParameterError: empty, blank or not valid text.
+    """
+    check_text(value, "model")
+    if not value.strip():
+        raise InvalidParameterError("model must name a model, e.g. 'qwen3-embedding-0.6b'")
+    return value
+
+
+def check_timeout(value: float | None) -> float | None:
+    """A timeout in seconds: ``None`` or a number at least 0.
+
+    Raises:
+        InvalidParameterError: NaN or negative.
+    """
+    if value is not None and (math.isnan(value) or value < 0):
+        raise InvalidParameterError(f"timeout must be a number of seconds at least 0 (or None), got {value}")
+    return value

@@ -1,0 +1,246 @@
+"""``RKLLMRerank``: a LlamaIndex node postprocessor that reranks with a reranker model on the Rockchip NPU.
+
+It is a thin adapter over :meth:`rkllm_core.embed.EmbeddingEngine.rerank`: each
+node's content (``MetadataMode.EMBED``, as LlamaIndex's own rerankers read it)
+is judged against the query by the reranker (Qwen3-Reranker: P("yes") to "does
+the Document meet the requirements of the Query?"), and the ``top_n`` nodes come
+back best first with that probability, in [0, 1], as their score.
+
+The async path (:meth:`~llama_index.core.postprocessor.types.BaseNodePostprocessor.apostprocess_nodes`,
+used by ``aquery``/``achat``) awaits the engine's async call: it never blocks the
+event loop, and cancelling the task aborts the document being scored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.callbacks import CBEventType, EventPayload
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
+from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.models.manager import ModelManager, manager_for
+from rkllm_core.params import check_text
+
+from .embeddings import check_model, check_timeout, checked_manager
+
+__all__ = ["RKLLMRerank"]
+
+dispatcher = get_dispatcher(__name__)
+
+
+class RKLLMRerank(BaseNodePostprocessor):
+    """A reranker model on the Rockchip NPU (RKLLM runtime) as a LlamaIndex node postprocessor.
+
+    Constructing it loads nothing: the runtime library and the model are loaded
+    by the model manager on the first request. Only models of the ``reranker``
+    kind are served; any other is refused with
+    :class:`~rkllm_core.errors.ModelKindError` before anything is loaded.
+
+    Examples:
+        ```python
+        from llamaindex_rkllm import RKLLM, RKLLMRerank
+
+        query_engine = index.as_query_engine(
+            llm=RKLLM(model="qwen3-0.6b"),
+            similarity_top_k=10,
+            node_postprocessors=[RKLLMRerank(model="qwen3-reranker-0.6b", top_n=3)],
+        )
+        ```
+
+    Each node is one run of the model (the documents take turns on its handle), so
+    the cost grows with ``similarity_top_k``: retrieve a few more than ``top_n``,
+    not hundreds.
+
+    Args:
+        model: the model (see the ``model`` field).
+        manager: a :class:`rkllm_core.models.manager.ModelManager` to take the model from
+            (budget, swapping); share one with :class:`~llamaindex_rkllm.RKLLM` and
+            :class:`~llamaindex_rkllm.RKLLMEmbedding` to keep their models within one budget.
+            Default: one manager per ``model_dir``/``library_path`` pair, or the
+            process-wide manager when neither is set.
+        **kwargs: the other fields (and ``callback_manager``).
+
+    Raises:
+        ValueError: a setting is invalid (pydantic's ``ValidationError`` is one).
+        TypeError: ``manager`` is not a ``ModelManager``.
+    """
+
+    model: str = Field(
+        description=(
+            "The reranker model: a friendly name such as 'qwen3-reranker-0.6b', an alias from rkllm-models.toml, "
+            "a .rkllm file name (with or without the suffix) or a path to a .rkllm file."
+        )
+    )
+    top_n: int = Field(default=3, gt=0, description="How many nodes to return, the most relevant first.")
+    instruction: str | None = Field(
+        default=None,
+        description=(
+            "What relevance means, written into the reranker's prompt (Qwen3-Reranker: '<Instruct>: ...'); "
+            "None keeps the recipe's (web search)."
+        ),
+    )
+    truncate: bool = Field(
+        default=True,
+        description=(
+            "Cut a node's content that does not fit the model's context with the query (its beginning is kept, "
+            "with a warning); False raises ContextLengthError instead."
+        ),
+    )
+    timeout: float | None = Field(
+        default=None,
+        description=(
+            "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
+            "before raising BusyError (a TimeoutError); None waits as long as needed."
+        ),
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description=(
+            "Directory with .rkllm files. None: RKLLM_MODEL_DIR, ./models and ~/.local/share/rkllm/models. "
+            "Ignored when a manager is given."
+        ),
+    )
+    library_path: str | None = Field(
+        default=None,
+        description=(
+            "Path to librkllmrt.so. None: RKLLM_LIB_PATH, then the usual library locations. "
+            "Ignored when a manager is given."
+        ),
+    )
+
+    _manager: ModelManager | None = PrivateAttr(default=None)
+    _engine: EmbeddingEngine | None = PrivateAttr(default=None)
+
+    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
+        super().__init__(model=model, **kwargs)
+        self._manager = checked_manager(manager)
+
+    # -- validation -----------------------------------------------------------------------------
+    @field_validator("model_dir", "library_path", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return check_model(value)
+
+    @field_validator("instruction")
+    @classmethod
+    def _check_instruction(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, "instruction")
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: float | None) -> float | None:
+        return check_timeout(value)
+
+    @classmethod
+    def class_name(cls) -> str:
+        """Name used by LlamaIndex for serialisation and callbacks."""
+        return "RKLLMRerank"
+
+    # -- engine ---------------------------------------------------------------------------------
+    @property
+    def engine(self) -> EmbeddingEngine:
+        """The engine this instance sends its requests through (on :attr:`manager`)."""
+        if self._engine is None:
+            self._engine = EmbeddingEngine(self._manager or manager_for(self.model_dir, self.library_path))
+        return self._engine
+
+    @property
+    def manager(self) -> ModelManager:
+        """The model manager requests go to."""
+        return self.engine.manager
+
+    # -- postprocessing -------------------------------------------------------------------------
+    def _postprocess_nodes(
+        self,
+        nodes: list[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+    ) -> list[NodeWithScore]:
+        """Score every node for the query and return the ``top_n`` best, each with its new score.
+
+        The nodes passed in are left as they are; the ones returned are new
+        ``NodeWithScore`` objects around the same nodes.
+
+        Raises:
+            ValueError: no query (``query_bundle`` is ``None``).
+            ModelKindError: ``model`` is not a reranker (nothing is loaded).
+            ContextLengthError: a node does not fit and ``truncate`` is False.
+            BusyError, RunError: see their docs.
+        """
+        query = self._start(nodes, query_bundle)
+        if not nodes:
+            return self._end([])
+        with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, query)) as event:
+            result = self.engine.rerank(
+                self.model,
+                query,
+                _contents(nodes),
+                instruction=self.instruction,
+                truncate=self.truncate,
+                timeout=self.timeout,
+            )
+            ranked = self._top(nodes, result.scores)
+            event.on_end(payload={EventPayload.NODES: ranked})
+        return self._end(ranked)
+
+    async def _apostprocess_nodes(
+        self,
+        nodes: list[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+    ) -> list[NodeWithScore]:
+        """Async :meth:`_postprocess_nodes`: never blocks the event loop; cancelling aborts the scoring."""
+        query = self._start(nodes, query_bundle)
+        if not nodes:
+            return self._end([])
+        with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, query)) as event:
+            result = await self.engine.arerank(
+                self.model,
+                query,
+                _contents(nodes),
+                instruction=self.instruction,
+                truncate=self.truncate,
+                timeout=self.timeout,
+            )
+            ranked = self._top(nodes, result.scores)
+            event.on_end(payload={EventPayload.NODES: ranked})
+        return self._end(ranked)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _start(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None) -> str:
+        dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model))
+        if query_bundle is None:
+            raise ValueError("RKLLMRerank needs the query: pass query_bundle or query_str")
+        return query_bundle.query_str
+
+    @staticmethod
+    def _end(nodes: list[NodeWithScore]) -> list[NodeWithScore]:
+        dispatcher.event(ReRankEndEvent(nodes=nodes))
+        return nodes
+
+    def _payload(self, nodes: list[NodeWithScore], query: str) -> dict[str, Any]:
+        return {
+            EventPayload.NODES: nodes,
+            EventPayload.MODEL_NAME: self.model,
+            EventPayload.QUERY_STR: query,
+            EventPayload.TOP_K: self.top_n,
+        }
+
+    def _top(self, nodes: Sequence[NodeWithScore], scores: Sequence[float]) -> list[NodeWithScore]:
+        """The ``top_n`` nodes by score, best first (ties keep their retrieval order)."""
+        order = sorted(range(len(nodes)), key=lambda i: -scores[i])[: self.top_n]
+        return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in order]
+
+
+def _contents(nodes: Sequence[NodeWithScore]) -> list[str]:
+    return [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
