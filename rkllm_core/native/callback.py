@@ -105,7 +105,8 @@ class RunChannel:
                 pass
         t0 = time.perf_counter()
         item = q.get()
-        self._fast = time.perf_counter() - t0 < _FAST_GAP_S
+        # A tensor run posts a handful of items, not a token stream: nothing to coalesce.
+        self._fast = not self.tensor and time.perf_counter() - t0 < _FAST_GAP_S
         return item
 
     def put(self, item: tuple[Any, ...]) -> None:
