@@ -28,6 +28,10 @@ from rkllm_core.sim import build_simulator, default_cache_dir, make_model  # noq
 
 DEMO_MODEL = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
 SECOND_DEMO_MODEL = "google_gemma-3-270m-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
+EMBED_DEMO_MODEL = "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm"
+RERANK_DEMO_MODEL = "Qwen3-Reranker-0.6B-rk3588-w8a8.rkllm"
+# Qwen's ids of the tokens "yes" and "no": the simulated reranker answers with them, like the real one.
+_YES_NO = {"yes_token": 9693, "no_token": 2152}
 BANNER = "=" * 78
 
 
@@ -87,21 +91,58 @@ def setup() -> Setup:
             "no .rkllm models found: put some in ~/.local/share/rkllm/models or ./models, or set RKLLM_MODEL_DIR"
         )
     wanted = os.environ.get("RKLLM_MODEL")
-    name = wanted or next((m.name for m in models if m.name.startswith("qwen")), models[0].name)
+    chat = [m for m in models if m.kind in ("chat", "vision")] or models  # not an embedding model
+    name = wanted or next((m.name for m in chat if m.name.startswith("qwen")), chat[0].name)
     print(f"model: {name}{' (simulated)' if simulated else ''}")
     return Setup(name, simulated, lib_path)
 
 
 def another_model(env: Setup) -> str:
     """A second model for the examples that use two (on the simulator a demo one is created if needed)."""
-    names = [m.name for m in ModelRegistry().models() if m.name != env.model]
+    names = [m.name for m in ModelRegistry().models() if m.name != env.model and m.kind in ("chat", "vision")]
     if not names and env.simulated:
         demo_dir = default_cache_dir().parent / "demo-models-second"  # apart: the first may be found twice
         make_model(demo_dir, SECOND_DEMO_MODEL, size_mb=600, think=False)
         dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
         if str(demo_dir) not in dirs:
             os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*dirs, str(demo_dir)])
-        names = [m.name for m in ModelRegistry().models() if m.name != env.model]
+        names = [m.name for m in ModelRegistry().models() if m.name != env.model and m.kind in ("chat", "vision")]
     if not names:
         raise SystemExit("this example needs two .rkllm models; only one was found")
     return names[0]
+
+
+def rag_models(env: Setup) -> tuple[str, str]:
+    """The embedding and reranker models for the RAG examples (demo ones on the simulator, if needed).
+
+    On a board, put an embedding and a reranker ``.rkllm`` model (e.g. Qwen3-Embedding-0.6B and
+    Qwen3-Reranker-0.6B converted for your SoC) in the model directory, or name them with
+    ``RKLLM_EMBED_MODEL`` / ``RKLLM_RERANK_MODEL``.
+    """
+
+    def find(kind: str) -> str | None:
+        wanted = os.environ.get("RKLLM_EMBED_MODEL" if kind == "embedding" else "RKLLM_RERANK_MODEL")
+        if wanted:
+            return wanted
+        return next((m.name for m in ModelRegistry().models() if m.kind == kind), None)
+
+    embed, rerank = find("embedding"), find("reranker")
+    if (embed is None or rerank is None) and env.simulated:
+        demo_dir = default_cache_dir().parent / "demo-models-rag"
+        if embed is None:
+            make_model(demo_dir, EMBED_DEMO_MODEL, size_mb=640)
+        if rerank is None:
+            make_model(demo_dir, RERANK_DEMO_MODEL, size_mb=640, **_YES_NO)
+        dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
+        if str(demo_dir) not in dirs:
+            os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*dirs, str(demo_dir)])
+        embed, rerank = find("embedding"), find("reranker")
+    if embed is None or rerank is None:
+        missing = " and ".join(k for k, v in (("an embedding", embed), ("a reranker", rerank)) if v is None)
+        raise SystemExit(
+            f"this example needs {missing} model (.rkllm), e.g. Qwen3-Embedding-0.6B / Qwen3-Reranker-0.6B "
+            "converted for your board, in the model directory (or set RKLLM_EMBED_MODEL / RKLLM_RERANK_MODEL)"
+        )
+    print(f"embeddings: {embed}; reranker: {rerank}{' (simulated)' if env.simulated else ''}")
+    return embed, rerank
+

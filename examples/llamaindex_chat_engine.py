@@ -60,9 +60,9 @@ def chat(index: VectorStoreIndex, recorder: UsageRecorder, *, skip_condense: boo
 
 
 def main() -> int:
-    llm, _ = make_llm(max_new_tokens=256)
+    llm, _ = make_llm(rag=True, max_new_tokens=256)
     Settings.llm = llm
-    Settings.embed_model = embed_model()
+    Settings.embed_model = embed_model(llm)  # on the NPU too, on the LLM's manager
     recorder = UsageRecorder.install()
     documents = SimpleDirectoryReader(str(DATA_DIR), required_exts=[".txt"]).load_data()
     index = VectorStoreIndex.from_documents(documents)

@@ -7,17 +7,10 @@ Runs on the NPU with your model when ``librkllmrt.so`` is found, else on the sim
 says so loudly; simulated answers echo the prompt, so you can see the retrieved context
 that reached the model). See ``llamaindex_setup.py`` for the environment variables.
 
-Embeddings: by default a small keyword embedding (offline, no download) picks the
-documents. On a board, use a real embedding model from a local folder; it runs on the CPU
-while the LLM runs on the NPU::
-
-    pip install llama-index-embeddings-huggingface
-    export HF_HUB_OFFLINE=1
-    export RKLLM_EMBED_MODEL=/opt/models/bge-small-en-v1.5     # a folder copied to the board
-
-    # which amounts to:
-    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-    Settings.embed_model = HuggingFaceEmbedding(model_name="/opt/models/bge-small-en-v1.5", device="cpu")
+Embed → retrieve → rerank → answer, all on the NPU: ``RKLLMEmbedding`` indexes the files,
+the 4 nearest chunks are reranked by ``RKLLMRerank`` and the best 2 reach the LLM. The three
+models share one model manager that keeps them loaded together. On a board, put an embedding
+and a reranker ``.rkllm`` (e.g. Qwen3-Embedding-0.6B and Qwen3-Reranker-0.6B) beside the LLM.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
-from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, make_llm  # noqa: E402
+from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, make_llm, reranker  # noqa: E402
 
 from rkllm_core.errors import RKLLMError  # noqa: E402
 
@@ -40,16 +33,16 @@ QUESTIONS = [
 
 def main() -> int:
     questions = sys.argv[1:] or QUESTIONS
-    llm, simulated = make_llm(max_new_tokens=256)
+    llm, simulated = make_llm(rag=True, max_new_tokens=256)
     Settings.llm = llm
-    Settings.embed_model = embed_model()
-    Settings.chunk_size = 256
+    Settings.embed_model = embed_model(llm)
+    Settings.chunk_size = 96  # paragraph-sized chunks: the reranker picks the passages, not whole files
     recorder = UsageRecorder.install()
 
     documents = SimpleDirectoryReader(str(DATA_DIR), required_exts=[".txt"]).load_data()
     index = VectorStoreIndex.from_documents(documents)
     print(f"indexed {len(documents)} files from {DATA_DIR}")
-    query_engine = index.as_query_engine(similarity_top_k=2, streaming=True)
+    query_engine = index.as_query_engine(similarity_top_k=4, node_postprocessors=[reranker(llm, 2)], streaming=True)
 
     try:
         for question in questions:

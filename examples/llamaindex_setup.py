@@ -1,4 +1,4 @@
-"""Shared set-up for the LlamaIndex examples: the runtime (NPU or simulator), the model, an embedding.
+"""Shared set-up for the LlamaIndex examples: the runtime (NPU or simulator), the LLM, embeddings, reranker.
 
 On a board, the examples use ``librkllmrt.so`` and your ``.rkllm`` models (see the README).
 Without the runtime they say loudly that they run on the **simulator** (like
@@ -8,40 +8,47 @@ laptop. Simulated answers are deterministic echoes of the prompt, not real answe
 Environment:
     RKLLM_LIB_PATH     the runtime library (default: the usual locations, else the simulator)
     RKLLM_MODEL_DIR    where ``.rkllm`` files are (default: ./models, ~/.local/share/rkllm/models)
-    RKLLM_MODEL        which model to use (default: the first one found)
-    RKLLM_EMBED_MODEL  a local folder with a sentence-transformers model for embeddings
-                       (default: a small keyword embedding, offline, good enough for a demo)
+    RKLLM_MODEL        which model to use (default: the first chat model found)
+    RKLLM_EMBED_MODEL  the embedding model (default: the first .rkllm of kind embedding)
+    RKLLM_RERANK_MODEL the reranker (default: the first .rkllm of kind reranker)
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
 
-from llamaindex_rkllm import RKLLM
+from llamaindex_rkllm import RKLLM, RKLLMEmbedding, RKLLMRerank
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import setup  # noqa: E402  (runtime and model selection shared by the examples)
+from _setup import rag_models, setup  # noqa: E402  (runtime and model selection shared by the examples)
+
+_RAG: list[str] = []  # the embedding model and reranker make_llm(rag=True) found
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
-def make_llm(**settings: Any) -> tuple[RKLLM, bool]:
-    """Return an ``RKLLM`` for the model to use, and whether the runtime is the simulator."""
+def make_llm(*, rag: bool = False, **settings: Any) -> tuple[RKLLM, bool]:
+    """Return an ``RKLLM`` for the model to use, and whether the runtime is the simulator.
+
+    The LLM has a model manager of its own that keeps up to three models loaded; close it with
+    ``llm.manager.close()``. With ``rag=True`` the embedding model and reranker are found first
+    (demo ones are created on the simulator), for :func:`embed_model` and :func:`reranker`.
+    """
     env = setup()  # picks the runtime (loudly when simulated) and a model, as every example does
-    llm = RKLLM(model=env.model, library_path=env.library_path, model_dir=os.environ.get("RKLLM_MODEL_DIR"), **settings)
+    if rag:
+        _RAG[:] = rag_models(env)
+    manager = ModelManager(ModelRegistry(), library=env.library_path, max_loaded=3)
+    llm = RKLLM(model=env.model, manager=manager, **settings)
     info = llm.manager.resolve(env.model)
     print(f"model: {info.name} ({info.filename}, context {info.context_size})")
     return llm, env.simulated
@@ -49,64 +56,19 @@ def make_llm(**settings: Any) -> tuple[RKLLM, bool]:
 
 # ------------------------------------------------------------------------------------ embeddings
 
-_WORD = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*")
-_STOP = frozenset(
-    "a an and are as at be by can does for from has have how in is it its of on one or the this to was what "
-    "which with".split()
-)
+
+def embed_model(llm: RKLLM) -> RKLLMEmbedding:
+    """An embedding model on the NPU, on the LLM's manager (a demo one on the simulator, if needed)."""
+    if not _RAG:
+        raise RuntimeError("call make_llm(rag=True) first")
+    return RKLLMEmbedding(_RAG[0], manager=llm.manager)
 
 
-class KeywordEmbedding(BaseEmbedding):
-    """A tiny, offline bag-of-words embedding (hashed words, L2-normalised).
-
-    Good enough to retrieve the right file out of a handful in a demo, with no model to
-    download. Use a real embedding model for real work (see ``embed_model``).
-    """
-
-    dim: int = 256
-
-    @classmethod
-    def class_name(cls) -> str:
-        """Name used by LlamaIndex for serialisation."""
-        return "KeywordEmbedding"
-
-    def _vector(self, text: str) -> list[float]:
-        vec = [0.0] * self.dim
-        for word in _WORD.findall(text.lower()):
-            if word not in _STOP:
-                bucket = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
-                vec[bucket % self.dim] += 1.0
-        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-        return [v / norm for v in vec]
-
-    def _get_query_embedding(self, query: str) -> list[float]:
-        return self._vector(query)
-
-    async def _aget_query_embedding(self, query: str) -> list[float]:
-        return self._vector(query)
-
-    def _get_text_embedding(self, text: str) -> list[float]:
-        return self._vector(text)
-
-
-def embed_model() -> BaseEmbedding:
-    """The embedding model: a local sentence-transformers folder if configured, else ``KeywordEmbedding``.
-
-    On a board, a real embedding model runs on the CPU next to the LLM on the NPU::
-
-        pip install llama-index-embeddings-huggingface     # pulls sentence-transformers and torch (CPU)
-        # copy a model folder to the board once, e.g. BAAI/bge-small-en-v1.5 (130 MB), then:
-        export HF_HUB_OFFLINE=1                             # never try to download anything
-        export RKLLM_EMBED_MODEL=/opt/models/bge-small-en-v1.5
-    """
-    folder = os.environ.get("RKLLM_EMBED_MODEL")
-    if folder:
-        from llama_index.embeddings.huggingface import HuggingFaceEmbedding  # type: ignore[import-not-found]
-
-        print(f"embeddings: {folder} (sentence-transformers, CPU)")
-        return HuggingFaceEmbedding(model_name=folder, device="cpu")  # type: ignore[no-any-return]
-    print("embeddings: KeywordEmbedding (offline demo; set RKLLM_EMBED_MODEL for a real model)")
-    return KeywordEmbedding()
+def reranker(llm: RKLLM, top_n: int = 2) -> RKLLMRerank:
+    """A reranker on the NPU, on the LLM's manager (a demo one on the simulator, if needed)."""
+    if not _RAG:
+        raise RuntimeError("call make_llm(rag=True) first")
+    return RKLLMRerank(_RAG[1], manager=llm.manager, top_n=top_n)
 
 
 # ------------------------------------------------------------------------------------ usage

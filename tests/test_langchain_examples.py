@@ -128,3 +128,15 @@ def test_concurrency_over_two_models(example_env: dict[str, str]) -> None:
             assert f"[{model}] {q} -> Echo: {q} — ok." in out
     assert "(cancelled mid-stream)" in out and "still serving: Echo: Still there? — ok." in out
     assert "nested request refused at once (deadlock)" in out
+
+
+def test_rag_runs_embed_retrieve_rerank_answer_on_the_npu(example_env: dict[str, str]) -> None:
+    out = run_example("langchain_rag.py", example_env).stdout
+    assert "embeddings: qwen3-embedding-0.6b; reranker: qwen3-reranker-0.6b (simulated)" in out
+    lines = out.splitlines()
+    # The passage that shares the question's words is retrieved and ranked first.
+    first = lines[lines.index("> How many NPU cores does the RK3588 have?") + 2]
+    assert first.startswith("sources: rk3588.txt (")
+    second = lines[lines.index("> Which chip does the Orange Pi 5 use?") + 2]
+    assert second.startswith("sources: boards.txt (")
+    assert "abatch: 2 answers; loaded: ['qwen3-0.6b', 'qwen3-embedding-0.6b', 'qwen3-reranker-0.6b']" in out

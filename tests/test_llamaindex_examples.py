@@ -18,7 +18,7 @@ from rkllm_core.sim import make_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
-_OUR_VARS = ("RKLLM_LIB_PATH", "RKLLM_MODEL_DIR", "RKLLM_MODEL", "RKLLM_EMBED_MODEL", "RKLLM_ABI")
+_OUR_VARS = ("RKLLM_LIB_PATH", "RKLLM_MODEL_DIR", "RKLLM_MODEL", "RKLLM_EMBED_MODEL", "RKLLM_RERANK_MODEL", "RKLLM_ABI")
 
 
 @pytest.fixture
@@ -56,11 +56,12 @@ def test_rag_example(sim_env: dict[str, str], tmp_path: Path) -> None:
     proc = run_example("llamaindex_rag.py", sim_env, tmp_path)
     out = proc.stdout
     assert "RUNNING ON THE SIMULATOR" in proc.stderr
-    assert "indexed 3 files" in out and "embeddings: KeywordEmbedding" in out
+    assert "indexed 3 files" in out
+    assert "embeddings: qwen3-embedding-0.6b; reranker: qwen3-reranker-0.6b (simulated)" in out
     assert out.count("Echo: Context information is below.") == 2
     answers = out.split("\n> ")[1:]
     assert answers[0].startswith("How many NPU cores does the RK3588 have?")
-    assert "sources: rk3588.txt" in answers[0]  # the keyword embedding retrieved the right file first
+    assert "sources: rk3588.txt" in answers[0]  # embedded, retrieved and reranked on the (simulated) NPU
     assert "sources: boards.txt" in answers[1]
     assert "prompt tokens prefilled" in out
 
