@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
+from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.documents import Document
-from langchain_core.documents.compressor import BaseDocumentCompressor
-from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import InMemoryVectorStore
 from pydantic import ValidationError
 
@@ -53,37 +51,6 @@ QUERIES = {
     "bread": "buy fresh bread and pastries",
 }
 TEXTS = [d.page_content for d in DOCS]
-
-# ContextualCompressionRetriever lives in langchain-classic (or langchain < 1.0), neither of which this
-# project depends on; without them the tests use _CompressionRetriever below, the same pipeline.
-try:
-    from langchain_classic.retrievers import ContextualCompressionRetriever  # type: ignore[import-not-found]
-except ImportError:
-    try:
-        from langchain.retrievers import ContextualCompressionRetriever  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-        ContextualCompressionRetriever = None
-
-
-class _CompressionRetriever(BaseRetriever):
-    """ContextualCompressionRetriever's pipeline: the base retriever's documents through the compressor."""
-
-    base_compressor: BaseDocumentCompressor
-    base_retriever: BaseRetriever
-
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        docs = self.base_retriever.invoke(query, config={"callbacks": run_manager.get_child()})
-        if not docs:
-            return []
-        return list(self.base_compressor.compress_documents(docs, query, callbacks=run_manager.get_child()))
-
-    async def _aget_relevant_documents(
-        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
-    ) -> list[Document]:
-        docs = await self.base_retriever.ainvoke(query, config={"callbacks": run_manager.get_child()})
-        if not docs:
-            return []
-        return list(await self.base_compressor.acompress_documents(docs, query, callbacks=run_manager.get_child()))
 
 
 def dot(a: Sequence[float], b: Sequence[float]) -> float:
@@ -481,8 +448,9 @@ def test_rerank_in_a_contextual_compression_retriever(manager: ModelManager) -> 
     store = InMemoryVectorStore(embedding=RKLLMEmbeddings(model=EMBED, manager=manager))
     store.add_documents(DOCS)
     reranker = RKLLMRerank(model=RERANK, manager=manager, top_n=1)
-    retriever_class = ContextualCompressionRetriever or _CompressionRetriever
-    retriever = retriever_class(base_compressor=reranker, base_retriever=store.as_retriever(search_kwargs={"k": 3}))
+    retriever = ContextualCompressionRetriever(
+        base_compressor=reranker, base_retriever=store.as_retriever(search_kwargs={"k": 3})
+    )
     for doc_id, query in QUERIES.items():
         found = retriever.invoke(query)
         assert [d.id for d in found] == [doc_id], query
