@@ -8,6 +8,7 @@ notebook is executed with nbclient on the ``python3`` kernel.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -130,8 +131,13 @@ def test_concurrency_over_two_models(example_env: dict[str, str]) -> None:
     assert "nested request refused at once (deadlock)" in out
 
 
-def test_rag_runs_embed_retrieve_rerank_answer_on_the_npu(example_env: dict[str, str]) -> None:
-    out = run_example("langchain_rag.py", example_env).stdout
+@pytest.mark.parametrize("abi", ["1.2", "1.3"])
+def test_rag_runs_embed_retrieve_rerank_answer_on_the_npu(
+    example_env: dict[str, str], sim_paths: dict[str, Path], tmp_path: Path, abi: str
+) -> None:
+    report = tmp_path / "sim-report.json"
+    env = {**example_env, "RKLLM_LIB_PATH": str(sim_paths[abi]), "RKLLM_SIM_REPORT": str(report)}
+    out = run_example("langchain_rag.py", env).stdout
     assert "embeddings: qwen3-embedding-0.6b; reranker: qwen3-reranker-0.6b (simulated)" in out
     lines = out.splitlines()
     # The passage that shares the question's words is retrieved and ranked first.
@@ -140,3 +146,6 @@ def test_rag_runs_embed_retrieve_rerank_answer_on_the_npu(example_env: dict[str,
     second = lines[lines.index("> Which chip does the Orange Pi 5 use?") + 2]
     assert second.startswith("sources: boards.txt (")
     assert "abatch: 2 answers; loaded: ['qwen3-0.6b', 'qwen3-embedding-0.6b', 'qwen3-reranker-0.6b']" in out
+    counters = json.loads(report.read_text())  # written by the simulator as the process exited
+    assert counters["inits"] == 3 and counters["live_handles"] == 0  # no swaps, no leaked handle
+    assert counters["concurrent_run_violations"] == 0 and counters["destroy_while_running"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,8 +53,11 @@ def run_example(name: str, env: dict[str, str], cwd: Path, *args: str) -> subpro
     return proc
 
 
-def test_rag_example(sim_env: dict[str, str], tmp_path: Path) -> None:
-    proc = run_example("llamaindex_rag.py", sim_env, tmp_path)
+@pytest.mark.parametrize("abi", ["1.2", "1.3"])
+def test_rag_example(sim_env: dict[str, str], sim_paths: dict[str, Path], tmp_path: Path, abi: str) -> None:
+    report = tmp_path / "sim-report.json"
+    env = {**sim_env, "RKLLM_LIB_PATH": str(sim_paths[abi]), "RKLLM_SIM_REPORT": str(report)}
+    proc = run_example("llamaindex_rag.py", env, tmp_path)
     out = proc.stdout
     assert "RUNNING ON THE SIMULATOR" in proc.stderr
     assert "indexed 3 files" in out
@@ -64,6 +68,9 @@ def test_rag_example(sim_env: dict[str, str], tmp_path: Path) -> None:
     assert "sources: rk3588.txt" in answers[0]  # embedded, retrieved and reranked on the (simulated) NPU
     assert "sources: boards.txt" in answers[1]
     assert "prompt tokens prefilled" in out
+    counters = json.loads(report.read_text())  # written by the simulator as the process exited
+    assert counters["inits"] == 3 and counters["live_handles"] == 0  # three models, no swaps, no leak
+    assert counters["concurrent_run_violations"] == 0 and counters["destroy_while_running"] == 0
 
 
 def test_rag_example_with_own_question(sim_env: dict[str, str], tmp_path: Path) -> None:

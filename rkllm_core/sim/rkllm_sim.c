@@ -41,6 +41,8 @@
  *    extra counter "trace_dropped". With trace >= 2 every run also records a "prefilled" line: the KV
  *    cache's text once its input is prefilled, i.e. what the answer is conditioned on.
  *  - rkllm_clear_kv_cache() while the handle is running returns -1.
+ *  - With RKLLM_SIM_REPORT=<path> the counters are written to <path> as JSON when the library is
+ *    unloaded (at process exit).
  *  - After an ERROR the KV cache follows keep_history like a normal run.
  *  - rkllm_sim_reset_counters() sets max_active_runs to the current active_runs (not 0).
  *  - Modes GET_LAST_HIDDEN_LAYER / GET_LOGITS: prefill (with the chat template, as for generation),
@@ -2853,6 +2855,19 @@ SIM_API long long rkllm_sim_counter(const char *name) {
             return v;
         }
     return -1;
+}
+
+/* RKLLM_SIM_REPORT=<path>: when the library is unloaded (process exit), write every counter there as
+ * one JSON object, so a test can check a whole subprocess for leaked handles or overlapping runs. */
+__attribute__((destructor)) static void write_exit_report(void) {
+    const char *path = getenv("RKLLM_SIM_REPORT");
+    if (!path || !*path) return;
+    FILE *f = fopen(path, "w");
+    if (!f) return;
+    fputc('{', f);
+    for (int i = 0; i < C_COUNT; i++) fprintf(f, "%s\"%s\": %lld", i ? ", " : "", counter_names[i], G.counters[i]);
+    fputs("}\n", f);
+    fclose(f);
 }
 
 SIM_API void rkllm_sim_reset_counters(void) {
