@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
 from operator import itemgetter
@@ -23,7 +21,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils import from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rkllm_core.chat.engine import (
     ChatDone,
@@ -38,8 +36,8 @@ from rkllm_core.chat.messages import ChatMessage
 from rkllm_core.chat.options import SAMPLING_FIELDS, ChatOptions, normalise_tool_choice
 from rkllm_core.chat.templates import estimate_tokens
 from rkllm_core.errors import InvalidParameterError
-from rkllm_core.models.manager import ModelManager, manager_for
 
+from ._client import ModelClient
 from ._convert import UnsupportedContentError, to_core_messages
 
 __all__ = ["ChatRKLLM", "UnsupportedContentError"]
@@ -60,13 +58,11 @@ _CALL_OPTIONS = frozenset(
 _IGNORED_CALL_OPTIONS = frozenset(
     {"ls_structured_output_format", "structured_output_format", "stream", "parallel_tool_calls", "strict"}
 )
-# Cross-provider init arguments that do not apply to an in-process runtime (no service, no key, nothing to retry).
-_IGNORED_INIT_ARGS = frozenset({"max_retries", "api_key"})
 
 StructuredOutputMethod = Literal["function_calling", "json_schema", "json_mode"]
 
 
-class ChatRKLLM(BaseChatModel):
+class ChatRKLLM(ModelClient[ChatEngine], BaseChatModel):
     r"""Chat model on the Rockchip NPU (RK3588 / RK3576), in-process, through the RKLLM runtime.
 
     Models are ``.rkllm`` files found by friendly name (``qwen3-0.6b``); they are
@@ -298,46 +294,12 @@ class ChatRKLLM(BaseChatModel):
     streaming: bool = False
     """Stream tokens through ``invoke`` too (for callbacks); ``stream()`` always streams."""
 
-    timeout: float | None = None
-    """Seconds to wait for a busy model (other requests ahead in line) before ``BusyError``."""
-
-    model_dir: str | None = None
-    """Look for models in this directory only (a manager of its own, shared by every
-    instance with the same ``model_dir``/``library_path``). Default: the standard directories."""
-
-    library_path: str | None = None
-    """Path of ``librkllmrt.so`` or of the simulator (default: ``$RKLLM_LIB_PATH``, then the usual places)."""
-
-    manager: ModelManager | None = Field(default=None, exclude=True)
-    """The ``rkllm_core`` model manager to load models with (budget, swapping); instances
-    on one manager share its loaded models. Default: the process-wide manager (or the one
-    for ``model_dir``/``library_path``). Not serialised."""
-
-    _core_engine: ChatEngine | None = PrivateAttr(default=None)
+    engine_class = ChatEngine
 
     # -- validation ----------------------------------------------------------------------------------------------
-    @model_validator(mode="before")
-    @classmethod
-    def _warn_unknown_arguments(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            unknown = sorted(k for k in values if k not in known and k not in _IGNORED_INIT_ARGS)
-            if unknown:
-                warnings.warn(f"ChatRKLLM ignores unknown argument(s): {', '.join(unknown)}", UserWarning, stacklevel=2)
-        return values
-
-    @field_validator("model_dir", "library_path", mode="before")
-    @classmethod
-    def _fspath(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
     @model_validator(mode="after")
     def _check_settings(self) -> ChatRKLLM:
-        # Pure-Python checks only: nothing is loaded or read from disk here.
-        if self.manager is not None and (self.model_dir is not None or self.library_path is not None):
-            raise ValueError("pass either manager= or model_dir=/library_path=, not both (the manager has its own)")
-        if not self.model:
-            raise ValueError("model must be a non-empty model name")
+        # Pure-Python checks only (where models come from is checked by ModelClient).
         ChatOptions.from_settings(self._settings())
         return self
 
@@ -381,11 +343,6 @@ class ChatRKLLM(BaseChatModel):
         return estimate_tokens(text)
 
     # -- the engine ----------------------------------------------------------------------------------------------
-    def _engine(self) -> ChatEngine:
-        """The chat engine on this instance's manager (nothing is loaded until a request)."""
-        if self._core_engine is None:
-            self._core_engine = ChatEngine(self.manager or manager_for(self.model_dir, self.library_path))
-        return self._core_engine
 
     def _settings(self) -> dict[str, Any]:
         """This instance's settings, in the core's spelling."""

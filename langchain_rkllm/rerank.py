@@ -10,14 +10,16 @@ from langchain_core.documents.compressor import BaseDocumentCompressor
 from langchain_core.utils import from_env
 from pydantic import Field, field_validator
 
+from rkllm_core.embed import EmbeddingEngine
 from rkllm_core.errors import InvalidParameterError
 
-from .embeddings import _EngineClient, _optional_text
+from ._client import ModelClient
+from .embeddings import _optional_text
 
 __all__ = ["RKLLMRerank"]
 
 
-class RKLLMRerank(_EngineClient, BaseDocumentCompressor):
+class RKLLMRerank(ModelClient[EmbeddingEngine], BaseDocumentCompressor):
     """Reranking on the Rockchip NPU (RK3588 / RK3576), in-process, through the RKLLM runtime.
 
     Scores each retrieved document for the query with a reranker model
@@ -93,6 +95,8 @@ class RKLLMRerank(_EngineClient, BaseDocumentCompressor):
         within ``timeout``. ``RunError``: the model's yes/no token ids are outside
         its vocabulary (declare them in ``rkllm-models.toml``).
     """
+
+    engine_class = EmbeddingEngine
 
     model: str = Field(
         default_factory=from_env(

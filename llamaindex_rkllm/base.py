@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
 from dataclasses import asdict
@@ -60,7 +59,8 @@ from rkllm_core.chat.engine import (
 )
 from rkllm_core.chat.options import SAMPLING_FIELDS, SETTINGS, ChatOptions
 from rkllm_core.errors import InvalidParameterError, RKLLMError
-from rkllm_core.models.manager import ModelManager, manager_for
+
+from ._common import ModelClient
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -76,7 +76,7 @@ _Request = tuple[list[core.ChatMessage], ChatOptions]
 _IGNORED_KWARGS = frozenset({"formatted", "allow_parallel_tool_calls", "tool_required", "verbose"})
 
 
-class RKLLM(FunctionCallingLLM):
+class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
     """A model on the Rockchip NPU (RKLLM runtime) as a LlamaIndex LLM.
 
     Constructing it loads nothing: the runtime library and the model are loaded
@@ -152,13 +152,6 @@ class RKLLM(FunctionCallingLLM):
             "in the answer text."
         ),
     )
-    timeout: float | None = Field(
-        default=None,
-        description=(
-            "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
-            "before raising BusyError (a TimeoutError); None waits as long as needed."
-        ),
-    )
     context_window: int | None = Field(
         default=None,
         gt=0,
@@ -167,37 +160,12 @@ class RKLLM(FunctionCallingLLM):
             "rkllm-models.toml). A value above the model's context is capped to it."
         ),
     )
-    model_dir: str | None = Field(
-        default=None,
-        description=(
-            "Directory with .rkllm files. None: RKLLM_MODEL_DIR, ./models and ~/.local/share/rkllm/models. "
-            "Ignored when a manager is given."
-        ),
-    )
-    library_path: str | None = Field(
-        default=None,
-        description=(
-            "Path to librkllmrt.so. None: RKLLM_LIB_PATH, then the usual library locations. "
-            "Ignored when a manager is given."
-        ),
-    )
 
-    _manager: ModelManager | None = PrivateAttr(default=None)
-    _engine: ChatEngine | None = PrivateAttr(default=None)
     _warned: set[str] = PrivateAttr(default_factory=set)
 
-    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
-        super().__init__(model=model, **kwargs)
-        if manager is not None and not isinstance(manager, ModelManager):
-            raise TypeError(f"manager must be an rkllm_core ModelManager, not {type(manager).__name__}")
-        self._manager = manager
+    engine_class = ChatEngine
 
     # -- validation -----------------------------------------------------------------------------
-    @field_validator("model_dir", "library_path", mode="before")
-    @classmethod
-    def _path_to_str(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
@@ -216,19 +184,7 @@ class RKLLM(FunctionCallingLLM):
         """Name used by LlamaIndex for serialisation and callbacks."""
         return "RKLLM"
 
-    # -- engine and metadata --------------------------------------------------------------------
-    @property
-    def engine(self) -> ChatEngine:
-        """The chat engine this instance sends its requests through (on :attr:`manager`)."""
-        if self._engine is None:
-            self._engine = ChatEngine(self._manager or manager_for(self.model_dir, self.library_path))
-        return self._engine
-
-    @property
-    def manager(self) -> ModelManager:
-        """The model manager requests go to."""
-        return self.engine.manager
-
+    # -- metadata ---------------------------------------------------------------------------------
     @property
     def metadata(self) -> LLMMetadata:
         """What LlamaIndex needs to know to pack prompts: context window, output room, chat and tools."""

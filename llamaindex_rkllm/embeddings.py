@@ -19,22 +19,19 @@ reranker and a chat model can stay loaded side by side within its budget.
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
+from llama_index.core.bridge.pydantic import Field, field_validator, model_validator
 
 from rkllm_core.embed import EmbeddingEngine
-from rkllm_core.errors import InvalidParameterError
-from rkllm_core.models.manager import ModelManager, manager_for
-from rkllm_core.params import check_text
+
+from ._common import ModelClient, check_model, check_optional_text
 
 __all__ = ["RKLLMEmbedding"]
 
 
-class RKLLMEmbedding(BaseEmbedding):
+class RKLLMEmbedding(ModelClient[EmbeddingEngine], BaseEmbedding):
     """An embedding model on the Rockchip NPU (RKLLM runtime) as a LlamaIndex embedding model.
 
     Constructing it loads nothing: the runtime library and the model are loaded
@@ -87,41 +84,8 @@ class RKLLMEmbedding(BaseEmbedding):
             "False raises ContextLengthError instead."
         ),
     )
-    timeout: float | None = Field(
-        default=None,
-        description=(
-            "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
-            "before raising BusyError (a TimeoutError); None waits as long as needed."
-        ),
-    )
-    model_dir: str | None = Field(
-        default=None,
-        description=(
-            "Directory with .rkllm files. None: RKLLM_MODEL_DIR, ./models and ~/.local/share/rkllm/models. "
-            "Ignored when a manager is given."
-        ),
-    )
-    library_path: str | None = Field(
-        default=None,
-        description=(
-            "Path to librkllmrt.so. None: RKLLM_LIB_PATH, then the usual library locations. "
-            "Ignored when a manager is given."
-        ),
-    )
-
-    _manager: ModelManager | None = PrivateAttr(default=None)
-    _engine: EmbeddingEngine | None = PrivateAttr(default=None)
-
-    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
-        super().__init__(model=model, **kwargs)
-        self._manager = checked_manager(manager)
 
     # -- validation -----------------------------------------------------------------------------
-    @field_validator("model_dir", "library_path", mode="before")
-    @classmethod
-    def _path_to_str(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
@@ -130,12 +94,7 @@ class RKLLMEmbedding(BaseEmbedding):
     @field_validator("query_task")
     @classmethod
     def _check_task(cls, value: str | None) -> str | None:
-        return None if value is None else check_text(value, "query_task")
-
-    @field_validator("timeout")
-    @classmethod
-    def _check_timeout(cls, value: float | None) -> float | None:
-        return check_timeout(value)
+        return check_optional_text(value, "query_task")
 
     @model_validator(mode="before")
     @classmethod
@@ -153,18 +112,7 @@ class RKLLMEmbedding(BaseEmbedding):
         """Name used by LlamaIndex for serialisation and callbacks."""
         return "RKLLMEmbedding"
 
-    # -- engine ---------------------------------------------------------------------------------
-    @property
-    def engine(self) -> EmbeddingEngine:
-        """The embedding engine this instance sends its requests through (on :attr:`manager`)."""
-        if self._engine is None:
-            self._engine = EmbeddingEngine(self._manager or manager_for(self.model_dir, self.library_path))
-        return self._engine
-
-    @property
-    def manager(self) -> ModelManager:
-        """The model manager requests go to."""
-        return self.engine.manager
+    engine_class = EmbeddingEngine
 
     # -- embeddings -----------------------------------------------------------------------------
     def _embed(self, texts: list[str], query: bool) -> list[Embedding]:
@@ -215,37 +163,3 @@ class RKLLMEmbedding(BaseEmbedding):
 
 
 # ------------------------------------------------------------------------------------- shared checks
-
-
-def checked_manager(manager: Any) -> ModelManager | None:
-    """``manager`` if it is a ``ModelManager`` (or ``None``).
-
-    Raises:
-        TypeError: anything else.
-    """
-    if manager is not None and not isinstance(manager, ModelManager):
-        raise TypeError(f"manager must be an rkllm_core ModelManager, not {type(manager).__name__}")
-    return manager
-
-
-def check_model(value: str) -> str:
-    """A model name: non-empty text.
-
-    Raises:
-        InvalidParameterError: empty, blank or not valid text.
-    """
-    check_text(value, "model")
-    if not value.strip():
-        raise InvalidParameterError("model must name a model, e.g. 'qwen3-embedding-0.6b'")
-    return value
-
-
-def check_timeout(value: float | None) -> float | None:
-    """A timeout in seconds: ``None`` or a number at least 0.
-
-    Raises:
-        InvalidParameterError: NaN or negative.
-    """
-    if value is not None and (math.isnan(value) or value < 0):
-        raise InvalidParameterError(f"timeout must be a number of seconds at least 0 (or None), got {value}")
-    return value

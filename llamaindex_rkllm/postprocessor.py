@@ -13,11 +13,10 @@ event loop, and cancelling the task aborts the document being scored.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import Field, field_validator
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
@@ -25,17 +24,15 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from rkllm_core.embed import EmbeddingEngine
-from rkllm_core.models.manager import ModelManager, manager_for
-from rkllm_core.params import check_text
 
-from .embeddings import check_model, check_timeout, checked_manager
+from ._common import ModelClient, check_model, check_optional_text
 
 __all__ = ["RKLLMRerank"]
 
 dispatcher = get_dispatcher(__name__)
 
 
-class RKLLMRerank(BaseNodePostprocessor):
+class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
     """A reranker model on the Rockchip NPU (RKLLM runtime) as a LlamaIndex node postprocessor.
 
     Constructing it loads nothing: the runtime library and the model are loaded
@@ -93,41 +90,8 @@ class RKLLMRerank(BaseNodePostprocessor):
             "with a warning); False raises ContextLengthError instead."
         ),
     )
-    timeout: float | None = Field(
-        default=None,
-        description=(
-            "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
-            "before raising BusyError (a TimeoutError); None waits as long as needed."
-        ),
-    )
-    model_dir: str | None = Field(
-        default=None,
-        description=(
-            "Directory with .rkllm files. None: RKLLM_MODEL_DIR, ./models and ~/.local/share/rkllm/models. "
-            "Ignored when a manager is given."
-        ),
-    )
-    library_path: str | None = Field(
-        default=None,
-        description=(
-            "Path to librkllmrt.so. None: RKLLM_LIB_PATH, then the usual library locations. "
-            "Ignored when a manager is given."
-        ),
-    )
-
-    _manager: ModelManager | None = PrivateAttr(default=None)
-    _engine: EmbeddingEngine | None = PrivateAttr(default=None)
-
-    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
-        super().__init__(model=model, **kwargs)
-        self._manager = checked_manager(manager)
 
     # -- validation -----------------------------------------------------------------------------
-    @field_validator("model_dir", "library_path", mode="before")
-    @classmethod
-    def _path_to_str(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
@@ -136,30 +100,14 @@ class RKLLMRerank(BaseNodePostprocessor):
     @field_validator("instruction")
     @classmethod
     def _check_instruction(cls, value: str | None) -> str | None:
-        return None if value is None else check_text(value, "instruction")
-
-    @field_validator("timeout")
-    @classmethod
-    def _check_timeout(cls, value: float | None) -> float | None:
-        return check_timeout(value)
+        return check_optional_text(value, "instruction")
 
     @classmethod
     def class_name(cls) -> str:
         """Name used by LlamaIndex for serialisation and callbacks."""
         return "RKLLMRerank"
 
-    # -- engine ---------------------------------------------------------------------------------
-    @property
-    def engine(self) -> EmbeddingEngine:
-        """The engine this instance sends its requests through (on :attr:`manager`)."""
-        if self._engine is None:
-            self._engine = EmbeddingEngine(self._manager or manager_for(self.model_dir, self.library_path))
-        return self._engine
-
-    @property
-    def manager(self) -> ModelManager:
-        """The model manager requests go to."""
-        return self.engine.manager
+    engine_class = EmbeddingEngine
 
     # -- postprocessing -------------------------------------------------------------------------
     def _postprocess_nodes(

@@ -341,9 +341,7 @@ class EmbeddingEngine:
             ContextLengthError: a text does not fit and ``truncate`` is False.
             BusyError, RunError: see their docs.
         """
-        items = _check_texts(texts, "texts")
-        if task is not None:
-            check_text(task, "task")
+        items = _embed_args(texts, task)
         if not items:
             return EmbeddingResult([], model, 0, 0)
         deadline = Deadline(timeout)
@@ -366,9 +364,7 @@ class EmbeddingEngine:
         timeout: float | None = None,
     ) -> EmbeddingResult:
         """Async :meth:`embed`: never blocks the event loop; cancelling aborts the text being run."""
-        items = _check_texts(texts, "texts")
-        if task is not None:
-            check_text(task, "task")
+        items = _embed_args(texts, task)
         if not items:
             return EmbeddingResult([], model, 0, 0)
         deadline = Deadline(timeout)
@@ -399,10 +395,7 @@ class EmbeddingEngine:
             ContextLengthError: a document does not fit and ``truncate`` is False.
             BusyError, RunError: see their docs.
         """
-        docs = _check_texts(documents, "documents")
-        query = check_text(query, "query") if isinstance(query, str) else _not_a_string("query", query)
-        if instruction is not None:
-            check_text(instruction, "instruction")
+        query, docs = _rerank_args(query, documents, instruction)
         if not docs:
             return RerankResult([], model, 0, 0)
         deadline = Deadline(timeout)
@@ -425,10 +418,7 @@ class EmbeddingEngine:
         timeout: float | None = None,
     ) -> RerankResult:
         """Async :meth:`rerank`."""
-        docs = _check_texts(documents, "documents")
-        query = check_text(query, "query") if isinstance(query, str) else _not_a_string("query", query)
-        if instruction is not None:
-            check_text(instruction, "instruction")
+        query, docs = _rerank_args(query, documents, instruction)
         if not docs:
             return RerankResult([], model, 0, 0)
         deadline = Deadline(timeout)
@@ -515,5 +505,17 @@ class EmbeddingEngine:
         return RerankResult(scores, lease.info.name, _tokens(tensors, inputs), sum(i.cut for i in inputs))
 
 
-def _not_a_string(field: str, value: object) -> str:
-    raise InvalidParameterError(f"{field} must be a string, got {type(value).__name__}")
+def _embed_args(texts: Sequence[str], task: str | None) -> list[str]:
+    """The checked texts of an embedding request (raises ``InvalidParameterError``)."""
+    if task is not None:
+        check_text(task, "task")
+    return _check_texts(texts, "texts")
+
+
+def _rerank_args(query: str, documents: Sequence[str], instruction: str | None) -> tuple[str, list[str]]:
+    """The checked query and documents of a rerank request (raises ``InvalidParameterError``)."""
+    if not isinstance(query, str):
+        raise InvalidParameterError(f"query must be a string, got {type(query).__name__}")
+    if instruction is not None:
+        check_text(instruction, "instruction")
+    return check_text(query, "query"), _check_texts(documents, "documents")
