@@ -1,0 +1,345 @@
+"""OpenAI's wire format, both ways: request bodies to core types, core results to response bodies.
+
+Pure functions over dicts, with no HTTP in them, so they are tested on their own. A bad field raises
+:class:`WireError` naming it (``messages[2].content``), which the app turns into OpenAI's error
+object with status 400.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..chat.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta
+from ..chat.messages import ChatMessage, ToolCallRequest
+from ..chat.options import ChatOptions
+from ..errors import InvalidParameterError
+
+__all__ = [
+    "ChatRequest",
+    "WireError",
+    "chat_chunk",
+    "chat_completion",
+    "chat_request",
+    "embedding_request",
+    "embeddings_response",
+    "rerank_request",
+    "rerank_response",
+    "usage_of",
+]
+
+# Request fields that change nothing here, accepted so that clients which always send them work.
+_IGNORED = frozenset(
+    {"user", "n", "logprobs", "top_logprobs", "logit_bias", "seed", "store", "metadata", "service_tier"}
+)
+_SAMPLING = ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "repeat_penalty")
+_KNOWN = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "reasoning_effort",
+        *_SAMPLING,
+    }
+)
+
+
+class WireError(InvalidParameterError):
+    """A request body that does not follow the wire format.
+
+    Attributes:
+        param: the offending field, dotted (``messages[0].role``).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _require(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    if key not in body:
+        raise WireError(f"'{where}{key}' is required", f"{where}{key}")
+    value = body[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise WireError(f"'{where}{key}' has the wrong type ({type(value).__name__})", f"{where}{key}")
+    return value
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise WireError(
+                    f"'{where}[{i}]' must be a text part; this server takes text only, not {kind!r}", f"{where}[{i}]"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise WireError(f"'{where}' must be a string or a list of text parts", where)
+
+
+def _tool_calls_of(value: Any, where: str) -> tuple[ToolCallRequest, ...]:
+    if not isinstance(value, list):
+        raise WireError(f"'{where}' must be a list", where)
+    calls = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise WireError(f"'{at}' must be an object with a 'function'", at)
+        fn = call["function"]
+        name = _require(fn, "name", str, f"{at}.function.")
+        raw = fn.get("arguments", "{}")
+        try:
+            arguments = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as exc:
+            raise WireError(f"'{at}.function.arguments' is not JSON: {exc}", f"{at}.function.arguments") from exc
+        if not isinstance(arguments, dict):
+            raise WireError(f"'{at}.function.arguments' must encode a JSON object", f"{at}.function.arguments")
+        call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+        calls.append(ToolCallRequest(str(call_id), name, arguments))
+    return tuple(calls)
+
+
+def _messages(value: Any) -> list[ChatMessage]:
+    if not isinstance(value, list) or not value:
+        raise WireError("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(value):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise WireError(f"'{at}' must be an object", at)
+        role = _require(m, "role", str, f"{at}.")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant", "tool"):
+            raise WireError(
+                f"'{at}.role' must be system, developer, user, assistant or tool, not {role!r}", f"{at}.role"
+            )
+        content = _text_of(m.get("content"), f"{at}.content")
+        calls = (
+            _tool_calls_of(m["tool_calls"], f"{at}.tool_calls") if role == "assistant" and m.get("tool_calls") else ()
+        )
+        tool_call_id = m.get("tool_call_id") if role == "tool" else None
+        if role == "tool" and not isinstance(tool_call_id, str):
+            raise WireError(f"'{at}.tool_call_id' is required for a tool message", f"{at}.tool_call_id")
+        name = m.get("name") if isinstance(m.get("name"), str) else None
+        out.append(ChatMessage(role, content, name=name, tool_calls=calls, tool_call_id=tool_call_id))  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A ``/v1/chat/completions`` request, read."""
+
+    model: str
+    messages: list[ChatMessage]
+    options: ChatOptions
+    stream: bool
+    include_usage: bool
+    parallel_tool_calls: bool
+
+
+def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatRequest:
+    """Read a ``/v1/chat/completions`` body.
+
+    Raises:
+        WireError: a missing or malformed field (named), or one the runtime cannot honour.
+        InvalidParameterError: a value out of range (from :class:`ChatOptions`).
+    """
+    if not isinstance(body, dict):
+        raise WireError("the body must be a JSON object")
+    model = _require(body, "model", str)
+    messages = _messages(body.get("messages"))
+    for key in body:
+        if key not in _KNOWN and key not in _IGNORED:
+            raise WireError(f"unknown field '{key}'", key)
+    if body.get("n", 1) not in (1, None):
+        raise WireError("'n' must be 1: the runtime generates one answer per request", "n")
+    stream = bool(body.get("stream", False))
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise WireError("'stream_options' must be an object", "stream_options")
+    settings: dict[str, Any] = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
+    for key in ("max_tokens", "max_completion_tokens", "stop", "tools", "tool_choice", "response_format"):
+        if body.get(key) is not None:
+            settings[key] = body[key]
+    limit = settings.get("max_completion_tokens", settings.get("max_tokens"))
+    if limit is not None and max_tokens_limit is not None and isinstance(limit, int) and limit > max_tokens_limit:
+        raise WireError(f"max_tokens={limit} is above this server's limit of {max_tokens_limit}", "max_tokens")
+    if body.get("reasoning_effort") not in (None, "none", "minimal"):
+        settings["reasoning"] = True
+    return ChatRequest(
+        model,
+        messages,
+        ChatOptions.from_settings(settings),
+        stream,
+        bool(options.get("include_usage")),
+        body.get("parallel_tool_calls") is not False,
+    )
+
+
+def usage_of(done: ChatDone) -> dict[str, Any]:
+    """OpenAI's ``usage`` object, with the cached prompt tokens (KV cache or prompt cache)."""
+    u = done.usage
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _finish(done: ChatDone) -> str:
+    if done.message.tool_calls:
+        return "tool_calls"
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _tool_call_json(call: ToolCallRequest, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(dict(call.arguments), ensure_ascii=False)},
+    }
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def chat_completion(done: ChatDone, completion_id: str, created: int) -> dict[str, Any]:
+    """A ``chat.completion`` object for a finished request."""
+    message: dict[str, Any] = {"role": "assistant", "content": done.message.content or None}
+    if done.reasoning:
+        message["reasoning_content"] = done.reasoning
+    if done.message.tool_calls:
+        message["tool_calls"] = [_tool_call_json(c) for c in done.message.tool_calls]
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": done.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": _finish(done), "logprobs": None}],
+        "usage": usage_of(done),
+    }
+
+
+def chat_chunk(event: object, completion_id: str, created: int, model: str) -> dict[str, Any] | None:
+    """The ``chat.completion.chunk`` for one engine event (``None`` for events that add nothing)."""
+    delta: dict[str, Any]
+    finish: str | None = None
+    if isinstance(event, TextDelta):
+        delta = {"content": event.text}
+    elif isinstance(event, ReasoningDelta):
+        delta = {"reasoning_content": event.text}
+    elif isinstance(event, ToolCallDelta):
+        call: dict[str, Any] = {"index": event.index, "function": {"arguments": event.arguments_delta}}
+        if event.id is not None:
+            call.update(id=event.id, type="function")
+            call["function"]["name"] = event.name
+        delta = {"tool_calls": [call]}
+    elif isinstance(event, ChatDone):
+        delta, finish = {}, _finish(event)
+    elif isinstance(event, ToolCall | InvalidToolCall):
+        return None  # already streamed as ToolCallDeltas
+    else:  # pragma: no cover - the engine emits only the types above
+        return None
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def new_completion_id() -> tuple[str, int]:
+    """A fresh ``chatcmpl-…`` id and the creation time."""
+    return f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+
+# -- embeddings and rerank ---------------------------------------------------------------------------------
+
+
+def embedding_request(body: Any) -> tuple[str, list[str], str]:
+    """Read a ``/v1/embeddings`` body: ``(model, texts, encoding_format)``."""
+    if not isinstance(body, dict):
+        raise WireError("the body must be a JSON object")
+    model = _require(body, "model", str)
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise WireError("'input' must be a string or a non-empty list of strings (token arrays are not taken)", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise WireError("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    if body.get("dimensions") is not None:
+        raise WireError("'dimensions' is not supported: the model's vectors have a fixed size", "dimensions")
+    return model, texts, encoding
+
+
+def embeddings_response(vectors: Sequence[Sequence[float]], model: str, tokens: int, encoding: str) -> dict[str, Any]:
+    """OpenAI's embeddings list."""
+    import base64
+    from array import array
+
+    def encode(v: Sequence[float]) -> Any:
+        return base64.b64encode(array("f", v).tobytes()).decode() if encoding == "base64" else list(v)
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def rerank_request(body: Any) -> tuple[str, str, list[str], int | None, bool]:
+    """Read a ``/v1/rerank`` body (the Cohere/Jina shape): ``(model, query, documents, top_n, return_documents)``."""
+    if not isinstance(body, dict):
+        raise WireError("the body must be a JSON object")
+    model = _require(body, "model", str)
+    query = _require(body, "query", str)
+    docs = body.get("documents")
+    if not isinstance(docs, list) or not docs:
+        raise WireError("'documents' must be a non-empty list", "documents")
+    texts = []
+    for i, doc in enumerate(docs):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str):
+            raise WireError(f"'documents[{i}]' must be a string or an object with 'text'", f"documents[{i}]")
+        texts.append(text)
+    top_n = body.get("top_n")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise WireError("'top_n' must be a positive integer", "top_n")
+    return model, query, texts, top_n, bool(body.get("return_documents", True))
+
+
+def rerank_response(
+    scores: Sequence[float], documents: Sequence[str], model: str, tokens: int, top_n: int | None, with_docs: bool
+) -> dict[str, Any]:
+    """Results best first, each with its input ``index`` and ``relevance_score``."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: top_n or len(scores)]
+    results = []
+    for i in order:
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if with_docs:
+            item["document"] = {"text": documents[i]}
+        results.append(item)
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": model, "results": results, "usage": {"total_tokens": tokens}}

@@ -1,0 +1,358 @@
+"""rkllm serve: the OpenAI wire format, tested with the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from rkllm_core.embed.recipes import QWEN3_RERANKER  # noqa: E402
+from rkllm_core.models.manager import ModelManager  # noqa: E402
+from rkllm_core.models.registry import ModelRegistry  # noqa: E402
+from rkllm_core.native.library import RuntimeLibrary  # noqa: E402
+from rkllm_core.serve import ServerSettings, create_app  # noqa: E402
+from rkllm_core.sim import SimulatorControl, make_model  # noqa: E402
+
+QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
+GEMMA = "gemma-3-1b-it_w8a8.rkllm"
+EMBED = "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm"
+RERANK = "Qwen3-Reranker-0.6B-rk3588-w8a8.rkllm"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture
+def manager(model_dir: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl, tmp_path: Path) -> Iterator[ModelManager]:
+    make_model(model_dir, QWEN)
+    make_model(model_dir, GEMMA, think=False)
+    make_model(model_dir, EMBED)
+    make_model(model_dir, RERANK, yes_token=QWEN3_RERANKER.yes_id, no_token=QWEN3_RERANKER.no_id)
+    m = ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib, max_loaded=3)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def make_client(manager: ModelManager) -> Callable[..., httpx.AsyncClient]:
+    def factory(**settings: Any) -> httpx.AsyncClient:
+        app = create_app(manager, ServerSettings(board="board-a", **settings))
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+    return factory
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def openai_client(http: httpx.AsyncClient, key: str = "none") -> Any:
+    return openai.AsyncOpenAI(api_key=key, base_url="http://test/v1", http_client=http, max_retries=0)
+
+
+# -- the official client -------------------------------------------------------------------------------------
+
+
+def test_models_list_names_kinds_and_context(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> Any:
+        async with make_client() as http:
+            return await openai_client(http).models.list()
+
+    models = {m.id: m for m in run(main()).data}
+    assert set(models) == {"qwen3-0.6b", "gemma3-1b", "qwen3-embedding-0.6b", "qwen3-reranker-0.6b"}
+    assert models["qwen3-0.6b"].model_extra["kind"] == "chat"
+    assert models["qwen3-embedding-0.6b"].model_extra["kind"] == "embedding"
+    assert models["qwen3-0.6b"].model_extra["context_length"] == 4096
+
+
+def test_chat_completion_and_kv_reuse_across_requests(
+    make_client: Callable[..., httpx.AsyncClient], sim: SimulatorControl
+) -> None:
+    async def main() -> None:
+        async with make_client() as http:
+            client = openai_client(http)
+            history: list[dict[str, Any]] = [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hello"},
+            ]
+            raw = await client.chat.completions.with_raw_response.create(model="qwen3-0.6b", messages=history)
+            first = raw.parse()
+            assert raw.headers["x-rkllm-board"] == "board-a" and raw.headers["x-rkllm-kv-reused"] == "false"
+            assert first.choices[0].message.content == "Echo: hello — ok."
+            assert first.choices[0].finish_reason == "stop" and first.object == "chat.completion"
+            assert first.usage.prompt_tokens > first.usage.completion_tokens > 0
+            history += [{"role": "assistant", "content": first.choices[0].message.content}]
+            history += [{"role": "user", "content": "and then?"}]
+            prefilled = sim.counter("prefilled_tokens")
+            raw = await client.chat.completions.with_raw_response.create(model="qwen3-0.6b", messages=history)
+            second = raw.parse()
+            assert raw.headers["x-rkllm-kv-reused"] == "true"  # the client resent the history: only the turn is new
+            assert second.usage.prompt_tokens_details.cached_tokens > 0
+            assert sim.counter("prefilled_tokens") - prefilled < second.usage.prompt_tokens / 2
+
+    run(main())
+
+
+def test_streaming_with_usage_and_done(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client() as http:
+            stream = await openai_client(http).chat.completions.create(
+                model="qwen3-0.6b",
+                messages=[{"role": "user", "content": "count to 5"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "1 2 3 4 5"
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+    run(main())
+
+
+def test_sse_framing_on_the_wire(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> list[str]:
+        async with make_client() as http:
+            body = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                return [line async for line in response.aiter_lines()]
+
+    lines = run(main())
+    events = [line for line in lines if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[1][6:])["object"] == "chat.completion.chunk"
+
+
+def test_tools_and_tool_results(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client() as http:
+            client = openai_client(http)
+            messages: list[dict[str, Any]] = [
+                {"role": "user", "content": "What is the weather in Paris? use get_weather"}
+            ]
+            reply = await client.chat.completions.create(model="qwen3-0.6b", messages=messages, tools=[WEATHER])
+            choice = reply.choices[0]
+            assert choice.finish_reason == "tool_calls"
+            call = choice.message.tool_calls[0]
+            assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+            messages += [choice.message.model_dump(exclude_none=True)]
+            messages += [{"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+            final = await client.chat.completions.create(model="qwen3-0.6b", messages=messages, tools=[WEATHER])
+            assert "sunny, 21 C" in final.choices[0].message.content
+            streamed = await client.chat.completions.create(
+                model="qwen3-0.6b", messages=messages[:1], tools=[WEATHER], stream=True
+            )
+            deltas = [c.choices[0].delta for c in [c async for c in streamed] if c.choices]
+            calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+            assert calls[0].function.name == "get_weather"
+            assert json.loads("".join(tc.function.arguments or "" for tc in calls))["city"]
+
+    run(main())
+
+
+def test_embeddings_and_rerank(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    docs = ["The cat sat on the mat.", "Banks raised interest rates.", "NPU boards run models."]
+
+    async def main() -> None:
+        async with make_client() as http:
+            client = openai_client(http)
+            result = await client.embeddings.create(model="qwen3-embedding-0.6b", input=docs)
+            vectors = [d.embedding for d in result.data]
+            assert len(vectors) == 3 and len(vectors[0]) == 256 and result.usage.prompt_tokens > 0
+            one = await client.embeddings.create(model="qwen3-embedding-0.6b", input=docs[0])  # base64 by default
+            assert one.data[0].embedding == pytest.approx(vectors[0], abs=1e-6)
+            ranked = (
+                await http.post(
+                    "/v1/rerank",
+                    json={
+                        "model": "qwen3-reranker-0.6b",
+                        "query": "interest rates at banks",
+                        "documents": docs,
+                        "top_n": 2,
+                    },
+                )
+            ).json()
+            assert [r["index"] for r in ranked["results"]][0] == 1 and len(ranked["results"]) == 2
+            assert ranked["results"][0]["document"]["text"] == docs[1]
+
+    run(main())
+
+
+# -- errors, limits, auth ----------------------------------------------------------------------------------
+
+
+def test_errors_are_openai_error_objects_and_the_server_keeps_serving(
+    make_client: Callable[..., httpx.AsyncClient], manager: ModelManager
+) -> None:
+    async def main() -> None:
+        async with make_client(max_tokens=100) as http:
+            client = openai_client(http)
+            with pytest.raises(openai.NotFoundError) as nf:
+                await client.chat.completions.create(model="qwen9", messages=[{"role": "user", "content": "x"}])
+            assert nf.value.code == "model_not_found"
+            with pytest.raises(openai.BadRequestError) as kind:
+                await client.chat.completions.create(
+                    model="qwen3-embedding-0.6b", messages=[{"role": "user", "content": "x"}]
+                )
+            assert kind.value.code == "wrong_model_kind"
+            with pytest.raises(openai.BadRequestError) as kind:
+                await client.embeddings.create(model="qwen3-0.6b", input="x")
+            assert kind.value.code == "wrong_model_kind"
+            bad = await http.post("/v1/chat/completions", content=b"{not json")
+            assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+            bad = await http.post("/v1/chat/completions", json={"model": "qwen3-0.6b", "messages": [{"role": "robot"}]})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[0].role"
+            bad = await http.post(
+                "/v1/chat/completions",
+                json={"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000},
+            )
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+            image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+            bad = await http.post(
+                "/v1/chat/completions", json={"model": "qwen3-0.6b", "messages": [{"role": "user", "content": image}]}
+            )
+            assert bad.status_code == 400 and "text only" in bad.json()["error"]["message"]
+            big = await http.post(
+                "/v1/embeddings", content=b"x" * 5_000_000, headers={"content-type": "application/json"}
+            )
+            assert big.status_code == 413
+            ok = await client.chat.completions.create(
+                model="qwen3-0.6b", messages=[{"role": "user", "content": "fine"}]
+            )
+            assert ok.choices[0].message.content == "Echo: fine — ok."
+
+    run(main())
+    assert manager.waiting() == 0
+
+
+def test_api_key_is_required_except_for_health(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client(api_key="s3cret") as http:
+            assert (await http.get("/health")).status_code == 200
+            denied = await http.get("/v1/models")
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                await openai_client(http, "wrong").models.list()
+            assert (await openai_client(http, "s3cret").models.list()).data
+
+    run(main())
+
+
+def test_many_concurrent_streams_over_two_models(
+    make_client: Callable[..., httpx.AsyncClient], sim: SimulatorControl
+) -> None:
+    sim.set("token_delay_ms", 1)
+
+    async def one(client: Any, i: int) -> str:
+        model = "qwen3-0.6b" if i % 2 else "gemma3-1b"
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"question {i}"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main() -> list[str]:
+        async with make_client() as http:
+            client = openai_client(http)
+            return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(24))), 120)
+
+    answers = run(main())
+    assert answers == [f"Echo: question {i} — ok." for i in range(24)]
+
+
+# -- a real socket, the sync client ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(manager: ModelManager) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(manager), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/v1"
+    srv.should_exit = True
+    thread.join(20)
+
+
+def test_sync_client_over_a_socket(server: str) -> None:
+    client = openai.OpenAI(api_key="none", base_url=server, max_retries=0)
+    reply = client.chat.completions.create(model="qwen3-0.6b", messages=[{"role": "user", "content": "over tcp"}])
+    assert reply.choices[0].message.content == "Echo: over tcp — ok."
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="qwen3-0.6b", messages=[{"role": "user", "content": "streamed"}], stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(pieces) == "Echo: streamed — ok."
+    assert len(client.embeddings.create(model="qwen3-embedding-0.6b", input=["a", "b"]).data) == 2
+
+
+def test_a_client_that_goes_away_aborts_its_generation(
+    server: str, sim: SimulatorControl, manager: ModelManager
+) -> None:
+    sim.set("token_delay_ms", 20)
+    body = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "count to 500"}], "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{server}/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if '"content": "1' in line:
+                break  # the client hangs up after the first number
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (sim.counter("aborts") and sim.counter("active_runs") == 0):
+        time.sleep(0.02)
+    assert sim.counter("aborts") >= 1 and sim.counter("active_runs") == 0
+    assert sim.counter("generated_tokens") < 200  # 500 numbers are about 500 tokens
+    reply = openai.OpenAI(api_key="none", base_url=server, max_retries=0).chat.completions.create(
+        model="qwen3-0.6b", messages=[{"role": "user", "content": "still here"}]
+    )
+    assert reply.choices[0].message.content == "Echo: still here — ok."
+    assert manager.waiting() == 0
+
+
+def test_response_format_json_schema(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    }
+
+    async def main() -> Any:
+        async with make_client() as http:
+            return await openai_client(http).chat.completions.create(
+                model="qwen3-0.6b",
+                messages=[{"role": "user", "content": "Plan a trip to 'Lyon'."}],
+                response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": schema}},
+                stop=["\n\n"],
+                max_completion_tokens=200,
+                temperature=0.2,
+            )
+
+    reply = run(main())
+    data = json.loads(reply.choices[0].message.content)
+    assert set(data) == {"city", "days"} and isinstance(data["days"], int)
