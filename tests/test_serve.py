@@ -356,3 +356,31 @@ def test_response_format_json_schema(make_client: Callable[..., httpx.AsyncClien
     reply = run(main())
     data = json.loads(reply.choices[0].message.content)
     assert set(data) == {"city", "days"} and isinstance(data["days"], int)
+
+
+def test_metrics_in_prometheus_text(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> str:
+        async with make_client() as http:
+            client = openai_client(http)
+            for model in ("qwen3-0.6b", "gemma3-1b", "qwen3-0.6b"):
+                await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+            await client.embeddings.create(model="qwen3-embedding-0.6b", input=["a b c"])
+            await http.post(
+                "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+            )
+            response = await http.get("/metrics")
+            assert response.headers["content-type"].startswith("text/plain")
+            return response.text
+
+    text = run(main())
+
+    def value(line_start: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+    assert value('rkllm_requests_total{code="200",endpoint="/v1/chat/completions"}') == 3
+    assert value('rkllm_requests_total{code="404",endpoint="/v1/chat/completions"}') == 1
+    assert value('rkllm_tokens_total{kind="completion",model="qwen3-0.6b"}') > 0
+    assert value('rkllm_tokens_total{kind="embedded",model="qwen3-embedding-0.6b"}') > 0
+    assert value('rkllm_time_to_first_token_seconds_count{model="gemma3-1b"}') == 1
+    assert value("rkllm_model_loads_total") == 3 and value("rkllm_queue_depth") == 0
+    assert 'rkllm_loaded_models{model="qwen3-embedding-0.6b"} 1.0' in text

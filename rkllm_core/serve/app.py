@@ -13,14 +13,15 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..chat.engine import ChatDone, ChatEngine, ToolCallDelta
+from ..chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCallDelta
 from ..embed import EmbeddingEngine
 from ..errors import (
     BusyError,
@@ -32,6 +33,7 @@ from ..errors import (
 )
 from ..models.manager import ModelManager
 from . import wire
+from .metrics import ServerMetrics
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -97,6 +99,7 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
     chat = ChatEngine(manager)
     embed = EmbeddingEngine(manager)
     app = FastAPI(title="rkllm serve", version="1", docs_url=None, redoc_url=None)
+    metrics = ServerMetrics(manager)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -116,6 +119,7 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             return _error(413, f"the request body is larger than {cfg.max_body_bytes} bytes", "invalid_request_error")
         response: Response = await call_next(request)
         response.headers["X-RKLLM-Board"] = board
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
     async def body_of(request: Request) -> Any:
@@ -134,6 +138,12 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "board": board, "loaded": sorted(e.info.name for e in manager.loaded())}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> Any:
@@ -168,7 +178,7 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             return _error_for(exc)
         options = req.options if req.options.timeout is not None else _with_timeout(req.options, cfg.queue_timeout)
         completion_id, created = wire.new_completion_id()
-        events = chat.astream(req.model, req.messages, options)
+        events = _timed(chat.astream(req.model, req.messages, options), metrics)
         if not req.stream:
             try:
                 done = await _last(events)
@@ -198,6 +208,7 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             result = await embed.aembed(model, texts, timeout=cfg.queue_timeout)
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
+        metrics.record_tokens(result.model, "embedded", result.input_tokens)
         return JSONResponse(wire.embeddings_response(result.vectors, result.model, result.input_tokens, encoding))
 
     @app.post("/v1/rerank")
@@ -208,6 +219,7 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             result = await embed.arerank(model, query, docs, timeout=cfg.queue_timeout)
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
+        metrics.record_tokens(result.model, "reranked", result.input_tokens)
         return JSONResponse(
             wire.rerank_response(result.scores, docs, result.model, result.input_tokens, top_n, with_docs)
         )
@@ -221,14 +233,29 @@ def _with_timeout(options: Any, timeout: float) -> Any:
     return replace(options, timeout=timeout)
 
 
-async def _last(events: AsyncIterator[object]) -> ChatDone:
+async def _timed(events: AsyncGenerator[Any, None], metrics: ServerMetrics) -> AsyncGenerator[object, None]:
+    """The engine's events, recording time to first token and, at the end, usage and speed."""
+    start = time.monotonic()
+    ttft: float | None = None
+    try:
+        async for event in events:
+            if ttft is None and isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
+                ttft = time.monotonic() - start
+            if isinstance(event, ChatDone):
+                metrics.record_chat(event, ttft)
+            yield event
+    finally:
+        await events.aclose()
+
+
+async def _last(events: AsyncGenerator[object, None]) -> ChatDone:
     done = None
     try:
         async for event in events:
             if isinstance(event, ChatDone):
                 done = event
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     assert done is not None
     return done
 
@@ -240,7 +267,7 @@ def _first_call_only(done: ChatDone) -> ChatDone:
 
 
 async def _sse(
-    first: object, events: AsyncIterator[object], req: wire.ChatRequest, completion_id: str, created: int
+    first: object, events: AsyncGenerator[object, None], req: wire.ChatRequest, completion_id: str, created: int
 ) -> AsyncIterator[bytes]:
     """The stream as SSE: a role chunk, one chunk per event, usage if asked, ``[DONE]``.
 
@@ -298,4 +325,4 @@ async def _sse(
                 yield frame({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
                 return
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
