@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -258,7 +260,7 @@ def test_api_key_is_required_except_for_health(make_client: Callable[..., httpx.
     run(main())
 
 
-def test_many_concurrent_streams_over_two_models(
+def test_64_concurrent_streams_over_two_models(
     make_client: Callable[..., httpx.AsyncClient], sim: SimulatorControl
 ) -> None:
     sim.set("token_delay_ms", 1)
@@ -273,10 +275,10 @@ def test_many_concurrent_streams_over_two_models(
     async def main() -> list[str]:
         async with make_client() as http:
             client = openai_client(http)
-            return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(24))), 120)
+            return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), 120)
 
     answers = run(main())
-    assert answers == [f"Echo: question {i} — ok." for i in range(24)]
+    assert answers == [f"Echo: question {i} — ok." for i in range(64)]
 
 
 # -- a real socket, the sync client ----------------------------------------------------------------------
@@ -384,3 +386,57 @@ def test_metrics_in_prometheus_text(make_client: Callable[..., httpx.AsyncClient
     assert value('rkllm_time_to_first_token_seconds_count{model="gemma3-1b"}') == 1
     assert value("rkllm_model_loads_total") == 3 and value("rkllm_queue_depth") == 0
     assert 'rkllm_loaded_models{model="qwen3-embedding-0.6b"} 1.0' in text
+
+
+# -- the frameworks' own OpenAI clients, pointed at the server -----------------------------------------------
+
+
+def test_langchain_chat_openai_and_openai_embeddings(server: str) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(model="qwen3-0.6b", base_url=server, api_key="none", max_retries=0)
+    assert chat.invoke("hello from langchain").content == "Echo: hello from langchain — ok."
+    assert "".join(str(c.content) for c in chat.stream("streamed")) == "Echo: streamed — ok."
+    answers = asyncio.run(chat.abatch(["one", "two", "three"]))
+    assert [a.content for a in answers] == [f"Echo: {w} — ok." for w in ("one", "two", "three")]
+    # check_embedding_ctx_length=False: send the texts, not tiktoken ids (this is not an OpenAI model).
+    embeddings = langchain_openai.OpenAIEmbeddings(
+        model="qwen3-embedding-0.6b", base_url=server, api_key="none", check_embedding_ctx_length=False, max_retries=0
+    )
+    vectors = embeddings.embed_documents(["the cat sat on the mat", "a cat on a mat", "interest rates rose"])
+    query = embeddings.embed_query("where did the cat sit")
+    assert len(vectors) == 3 and len(query) == 256
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
+
+
+def test_llamaindex_openai_like(server: str) -> None:
+    openai_like = pytest.importorskip("llama_index.llms.openai_like")
+    from llama_index.core.llms import ChatMessage as LIMessage
+
+    llm = openai_like.OpenAILike(
+        model="qwen3-0.6b", api_base=server, api_key="none", is_chat_model=True, context_window=4096, max_retries=0
+    )
+    assert llm.chat([LIMessage(role="user", content="from llamaindex")]).message.content == (
+        "Echo: from llamaindex — ok."
+    )
+    assert "".join(r.delta or "" for r in llm.stream_complete("streaming")) == "Echo: streaming — ok."
+    assert asyncio.run(llm.acomplete("async")).text == "Echo: async — ok."
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
+def test_the_readme_curl_examples_work(server: str) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serve: an OpenAI-compatible server", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("curl")]
+    assert len(commands) >= 3
+    port = server.rsplit(":", 1)[1].split("/")[0]
+    for command in commands:
+        command = command.split("  #", 1)[0].replace("localhost:8080", f"127.0.0.1:{port}")
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True).stdout
+        body = json.loads(out)
+        assert "error" not in body, (command, body)
+        assert body.get("object") in ("list", "chat.completion"), body
