@@ -440,3 +440,27 @@ def test_the_readme_curl_examples_work(server: str) -> None:
         body = json.loads(out)
         assert "error" not in body, (command, body)
         assert body.get("object") in ("list", "chat.completion"), body
+
+
+def test_model_names_never_open_files_from_the_request(
+    make_client: Callable[..., httpx.AsyncClient], model_dir: Path, tmp_path: Path, sim: SimulatorControl
+) -> None:
+    outside = make_model(tmp_path / "elsewhere", "Qwen3-1.7B-rk3588-w8a8.rkllm")  # a valid model, not registered
+
+    async def main() -> None:
+        async with make_client() as http:
+            for name in (str(outside), "../elsewhere/Qwen3-1.7B-rk3588-w8a8.rkllm", str(model_dir / QWEN), "~/x.rkllm"):
+                for path, body in (
+                    ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "x"}]}),
+                    ("/v1/embeddings", {"model": name, "input": "x"}),
+                    ("/v1/rerank", {"model": name, "query": "q", "documents": ["d"]}),
+                ):
+                    r = await http.post(path, json=body)
+                    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (name, path)
+            ok = await http.post(
+                "/v1/chat/completions", json={"model": QWEN, "messages": [{"role": "user", "content": "x"}]}
+            )
+            assert ok.status_code == 200  # a registered file's name (no path) is a name like any other
+
+    run(main())
+    assert sim.counter("inits") == 1

@@ -17,7 +17,7 @@ from typing import Any
 from ..chat.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta
 from ..chat.messages import ChatMessage, ToolCallRequest
 from ..chat.options import ChatOptions
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, ModelNotFoundError
 
 __all__ = [
     "ChatRequest",
@@ -56,6 +56,10 @@ _KNOWN = frozenset(
 )
 
 
+class ModelPathError(ModelNotFoundError):
+    """A ``model`` that is a path: refused like an unknown model (the server never opens request paths)."""
+
+
 class WireError(InvalidParameterError):
     """A request body that does not follow the wire format.
 
@@ -75,6 +79,14 @@ def _require(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], w
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise WireError(f"'{where}{key}' has the wrong type ({type(value).__name__})", f"{where}{key}")
     return value
+
+
+def _model_name(body: Mapping[str, Any]) -> str:
+    """The ``model`` field: a name the registry knows, never a path (requests must not pick files)."""
+    name: str = _require(body, "model", str)
+    if "/" in name or "\\" in name or name.startswith(("~", ".")) or "\0" in name:
+        raise ModelPathError(f"'model' must be a model name from /v1/models, not a path: {name!r}")
+    return name
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -165,7 +177,7 @@ def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatReque
     """
     if not isinstance(body, dict):
         raise WireError("the body must be a JSON object")
-    model = _require(body, "model", str)
+    model = _model_name(body)
     messages = _messages(body.get("messages"))
     for key in body:
         if key not in _KNOWN and key not in _IGNORED:
@@ -281,7 +293,7 @@ def embedding_request(body: Any) -> tuple[str, list[str], str]:
     """Read a ``/v1/embeddings`` body: ``(model, texts, encoding_format)``."""
     if not isinstance(body, dict):
         raise WireError("the body must be a JSON object")
-    model = _require(body, "model", str)
+    model = _model_name(body)
     value = body.get("input")
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -314,7 +326,7 @@ def rerank_request(body: Any) -> tuple[str, str, list[str], int | None, bool]:
     """Read a ``/v1/rerank`` body (the Cohere/Jina shape): ``(model, query, documents, top_n, return_documents)``."""
     if not isinstance(body, dict):
         raise WireError("the body must be a JSON object")
-    model = _require(body, "model", str)
+    model = _model_name(body)
     query = _require(body, "query", str)
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:
