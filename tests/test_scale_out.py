@@ -50,8 +50,8 @@ def wait_for(url: str, proc: subprocess.Popen[str] | None = None, timeout: float
     raise TimeoutError(url)
 
 
-@pytest.fixture
-def boards(sim_paths: dict[str, Path], tmp_path: Path) -> Iterator[dict[str, tuple[int, subprocess.Popen[str]]]]:
+@pytest.fixture(params=["1.2", "1.3"], ids=["abi12", "abi13"])
+def boards(request: pytest.FixtureRequest, sim_paths: dict[str, Path], tmp_path: Path) -> Iterator[dict[str, tuple[int, subprocess.Popen[str]]]]:
     procs: dict[str, tuple[int, subprocess.Popen[str]]] = {}
     for name in ("board-a", "board-b"):
         models = tmp_path / name / "models"
@@ -59,7 +59,7 @@ def boards(sim_paths: dict[str, Path], tmp_path: Path) -> Iterator[dict[str, tup
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_")}
         env.update(
-            RKLLM_LIB_PATH=str(sim_paths["1.3"]),
+            RKLLM_LIB_PATH=str(sim_paths[request.param]),
             RKLLM_PROMPT_CACHE_DIR=str(tmp_path / name / "pcache"),
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         )
@@ -128,6 +128,7 @@ def test_a_conversation_sticks_to_its_board_and_survives_losing_it(
     history = [{"role": "system", "content": "Answer briefly."}]
     headers = {"X-Session-ID": "conversation-42"}
     seen = []
+    cached: list[int] = []
     with httpx.Client(base_url=balancer, timeout=60) as client:
 
         def turn(text: str) -> httpx.Response:
@@ -136,12 +137,14 @@ def test_a_conversation_sticks_to_its_board_and_survives_losing_it(
             assert r.status_code == 200, r.text
             history.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
             seen.append((r.headers["x-rkllm-board"], r.headers["x-rkllm-kv-reused"]))
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
             return r
 
         for i in range(3):
             turn(f"question {i}")
         home = seen[0][0]
         assert seen == [(home, "false"), (home, "true"), (home, "true")]  # affinity: the KV cache is reused
+        assert cached[0] == 0 and cached[1] > 0 and cached[2] > cached[1]  # only each new turn was prefilled
 
         def boards_for(keys: range) -> set[str]:
             used = set()

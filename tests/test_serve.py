@@ -464,3 +464,25 @@ def test_model_names_never_open_files_from_the_request(
 
     run(main())
     assert sim.counter("inits") == 1
+
+
+def test_each_model_has_a_bounded_line(make_client: Callable[..., httpx.AsyncClient], sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 30)
+    body = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "count to 20"}], "stream": True}
+
+    async def main() -> None:
+        async with make_client(max_waiting=2) as http:
+            running = [asyncio.create_task(http.post("/v1/chat/completions", json=body)) for _ in range(2)]
+            await asyncio.sleep(0.3)  # both are in flight: one generating, one waiting for the NPU
+            refused = await http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+            other = await http.post(
+                "/v1/chat/completions", json={"model": "gemma3-1b", "messages": [{"role": "user", "content": "hi"}]}
+            )
+            assert other.status_code == 200  # another model's line is its own
+            assert [r.status_code for r in await asyncio.gather(*running)] == [200, 200]
+            again = await http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"].startswith("1 2 3")
+
+    run(main())

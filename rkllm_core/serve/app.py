@@ -14,12 +14,13 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCallDelta
 from ..embed import EmbeddingEngine
@@ -50,7 +51,8 @@ class ServerSettings:
         max_body_bytes: larger request bodies get 413.
         max_messages: more messages in one request get 400.
         max_tokens: a larger ``max_tokens`` / ``max_completion_tokens`` gets 400.
-        max_waiting: requests already in the model manager's line beyond which a new one gets 429.
+        max_waiting: requests one model may have in flight (running or waiting for the NPU) before a
+            new one for it gets 429 with ``Retry-After``.
         queue_timeout: seconds a request may wait for its model before 429.
     """
 
@@ -131,9 +133,24 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise wire.WireError(f"the body is not valid JSON: {exc}") from exc
 
-    def check_line() -> None:
-        if manager.waiting() >= cfg.max_waiting:
-            raise BusyError(f"{manager.waiting()} requests are waiting for a model; try again shortly", reason="busy")
+    inflight: dict[str, int] = {}
+
+    def enter_line(model: str) -> Callable[[], None]:
+        """Take a place in ``model``'s bounded line; returns the (idempotent) release."""
+        name = manager.resolve(model).name
+        count = inflight.get(name, 0)
+        if count >= cfg.max_waiting:
+            raise BusyError(f"{count} requests for {name} are already in line; try again shortly", reason="busy")
+        inflight[name] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                inflight[name] -= 1
+
+        return release
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -173,17 +190,19 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             req = wire.chat_request(await body_of(request), max_tokens_limit=cfg.max_tokens)
             if len(req.messages) > cfg.max_messages:
                 raise wire.WireError(f"more than {cfg.max_messages} messages", "messages")
-            check_line()
+            release = enter_line(req.model)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error object
             return _error_for(exc)
         options = req.options if req.options.timeout is not None else _with_timeout(req.options, cfg.queue_timeout)
         completion_id, created = wire.new_completion_id()
-        events = _timed(chat.astream(req.model, req.messages, options), metrics)
+        events = _timed(chat.astream(req.model, req.messages, options), metrics, release)
         if not req.stream:
             try:
                 done = await _last(events)
             except Exception as exc:  # noqa: BLE001
                 return _error_for(exc)
+            finally:
+                release()
             if not req.parallel_tool_calls and len(done.message.tool_calls) > 1:
                 done = _first_call_only(done)
             headers = {"X-RKLLM-KV-Reused": "true" if done.kv_reused else "false"}
@@ -193,19 +212,24 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             first = await events.__anext__()
         except Exception as exc:  # noqa: BLE001
             await events.aclose()
+            release()
             return _error_for(exc)
         return StreamingResponse(
             _sse(first, events, req, completion_id, created),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
+            background=BackgroundTask(release),  # also when the stream never started
         )
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         try:
             model, texts, encoding = wire.embedding_request(await body_of(request))
-            check_line()
-            result = await embed.aembed(model, texts, timeout=cfg.queue_timeout)
+            release = enter_line(model)
+            try:
+                result = await embed.aembed(model, texts, timeout=cfg.queue_timeout)
+            finally:
+                release()
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
         metrics.record_tokens(result.model, "embedded", result.input_tokens)
@@ -215,8 +239,11 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
     async def rerank(request: Request) -> Response:
         try:
             model, query, docs, top_n, with_docs = wire.rerank_request(await body_of(request))
-            check_line()
-            result = await embed.arerank(model, query, docs, timeout=cfg.queue_timeout)
+            release = enter_line(model)
+            try:
+                result = await embed.arerank(model, query, docs, timeout=cfg.queue_timeout)
+            finally:
+                release()
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
         metrics.record_tokens(result.model, "reranked", result.input_tokens)
@@ -233,8 +260,10 @@ def _with_timeout(options: Any, timeout: float) -> Any:
     return replace(options, timeout=timeout)
 
 
-async def _timed(events: AsyncGenerator[Any, None], metrics: ServerMetrics) -> AsyncGenerator[object, None]:
-    """The engine's events, recording time to first token and, at the end, usage and speed."""
+async def _timed(
+    events: AsyncGenerator[Any, None], metrics: ServerMetrics, release: Callable[[], None]
+) -> AsyncGenerator[object, None]:
+    """The engine's events, recording time to first token and usage; gives the line place back at the end."""
     start = time.monotonic()
     ttft: float | None = None
     try:
@@ -245,6 +274,7 @@ async def _timed(events: AsyncGenerator[Any, None], metrics: ServerMetrics) -> A
                 metrics.record_chat(event, ttft)
             yield event
     finally:
+        release()
         await events.aclose()
 
 
