@@ -51,7 +51,9 @@ def wait_for(url: str, proc: subprocess.Popen[str] | None = None, timeout: float
 
 
 @pytest.fixture(params=["1.2", "1.3"], ids=["abi12", "abi13"])
-def boards(request: pytest.FixtureRequest, sim_paths: dict[str, Path], tmp_path: Path) -> Iterator[dict[str, tuple[int, subprocess.Popen[str]]]]:
+def boards(
+    request: pytest.FixtureRequest, sim_paths: dict[str, Path], tmp_path: Path
+) -> Iterator[dict[str, tuple[int, subprocess.Popen[str]]]]:
     procs: dict[str, tuple[int, subprocess.Popen[str]]] = {}
     for name in ("board-a", "board-b"):
         models = tmp_path / name / "models"

@@ -486,3 +486,15 @@ def test_each_model_has_a_bounded_line(make_client: Callable[..., httpx.AsyncCli
             assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"].startswith("1 2 3")
 
     run(main())
+
+
+def test_unknown_paths_do_not_grow_the_metrics(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> str:
+        async with make_client() as http:
+            for i in range(20):
+                assert (await http.get(f"/no/such/path/{i}")).status_code == 404
+            return (await http.get("/metrics")).text
+
+    text = run(main())
+    assert 'rkllm_requests_total{code="404",endpoint="unmatched"} 20.0' in text
+    assert "/no/such/path" not in text

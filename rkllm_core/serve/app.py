@@ -121,7 +121,8 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
             return _error(413, f"the request body is larger than {cfg.max_body_bytes} bytes", "invalid_request_error")
         response: Response = await call_next(request)
         response.headers["X-RKLLM-Board"] = board
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        route = request.scope.get("route")  # a route's own path, so clients cannot invent label values
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     async def body_of(request: Request) -> Any:
