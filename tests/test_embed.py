@@ -266,3 +266,17 @@ def test_recipes_come_from_the_table_and_the_registry_file(models: Path) -> None
     assert any("pooling must be 'last' or 'mean'" in str(e) for e in registry.errors)
     with pytest.raises(InvalidParameterError, match="no embedding recipe"):
         embedding_recipe(registry.get("bge-small-embed"))
+
+
+def test_a_family_without_a_recipe_is_refused_before_loading(
+    models: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl
+) -> None:
+    make_model(models / "other", "bge-small-embed-w8a8.rkllm")
+    make_model(models / "other", "acme-rerank-1b-w8a8.rkllm")
+    with ModelManager(ModelRegistry([models / "other"], platform=None), library=sim_lib) as m:
+        engine = EmbeddingEngine(m)
+        with pytest.raises(InvalidParameterError, match="no embedding recipe"):
+            engine.embed("bge-small-embed", ["x"])
+        with pytest.raises(InvalidParameterError, match="no reranking recipe"):
+            asyncio.run(engine.arerank("acme-rerank-1b", "q", ["d"]))
+        assert m.loaded() == [] and sim.counter("inits") == 0

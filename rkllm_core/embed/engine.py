@@ -37,7 +37,7 @@ from typing import Any
 from .._sync import Deadline
 from ..errors import ContextLengthError, InvalidParameterError, RunError
 from ..models.manager import Lease, ModelManager, default_manager
-from ..models.registry import ModelInfo
+from ..models.registry import ModelInfo, require_kind
 from ..params import Tensor, check_text, estimate_tokens
 from ..runtime import Session
 from .recipes import EmbeddingRecipe, RerankRecipe, embedding_recipe, rerank_recipe
@@ -345,8 +345,8 @@ class EmbeddingEngine:
         if not items:
             return EmbeddingResult([], model, 0, 0)
         deadline = Deadline(timeout)
-        with self.manager.lease(model, timeout=deadline.remaining(), kinds=_EMBED) as lease:
-            recipe = embedding_recipe(lease.info)
+        recipe = embedding_recipe(self._checked(model, _EMBED))  # refused before anything loads
+        with self.manager.lease(model, timeout=deadline.remaining()) as lease:
             with lease.runtime.session(deadline.remaining()) as session:
                 inputs = self._embed_setup(session, lease, recipe, items, query, task, truncate)
                 tensors = [self._run(session, item, "hidden") for item in inputs]
@@ -368,8 +368,8 @@ class EmbeddingEngine:
         if not items:
             return EmbeddingResult([], model, 0, 0)
         deadline = Deadline(timeout)
-        async with self.manager.alease(model, timeout=deadline.remaining(), kinds=_EMBED) as lease:
-            recipe = embedding_recipe(lease.info)
+        recipe = embedding_recipe(self._checked(model, _EMBED))  # refused before anything loads
+        async with self.manager.alease(model, timeout=deadline.remaining()) as lease:
             async with lease.runtime.session(deadline.remaining()) as session:
                 inputs = await session.call(self._embed_setup, session, lease, recipe, items, query, task, truncate)
                 tensors = [await self._arun(session, item, "hidden") for item in inputs]
@@ -399,8 +399,8 @@ class EmbeddingEngine:
         if not docs:
             return RerankResult([], model, 0, 0)
         deadline = Deadline(timeout)
-        with self.manager.lease(model, timeout=deadline.remaining(), kinds=_RERANK) as lease:
-            recipe = rerank_recipe(lease.info)
+        recipe = rerank_recipe(self._checked(model, _RERANK))  # refused before anything loads
+        with self.manager.lease(model, timeout=deadline.remaining()) as lease:
             with lease.runtime.session(deadline.remaining()) as session:
                 inputs, ids = self._rerank_setup(session, lease, recipe, query, docs, instruction, truncate)
                 tensors = [self._run(session, item, "logits") for item in inputs]
@@ -422,8 +422,8 @@ class EmbeddingEngine:
         if not docs:
             return RerankResult([], model, 0, 0)
         deadline = Deadline(timeout)
-        async with self.manager.alease(model, timeout=deadline.remaining(), kinds=_RERANK) as lease:
-            recipe = rerank_recipe(lease.info)
+        recipe = rerank_recipe(self._checked(model, _RERANK))  # refused before anything loads
+        async with self.manager.alease(model, timeout=deadline.remaining()) as lease:
             async with lease.runtime.session(deadline.remaining()) as session:
                 inputs, ids = await session.call(
                     self._rerank_setup, session, lease, recipe, query, docs, instruction, truncate
@@ -433,6 +433,12 @@ class EmbeddingEngine:
         return self._rerank_result(lease, inputs, tensors, ids)
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _checked(self, model: str, kinds: tuple[tuple[str, ...], str]) -> ModelInfo:
+        """``model``'s registry entry, refused unless of one of ``kinds`` (nothing is loaded)."""
+        info = self.manager.resolve(model)
+        require_kind(info, *kinds)
+        return info
+
     @staticmethod
     def _plain_template(session: Session) -> None:
         if session.chat_setup != _EMPTY_TEMPLATE:
