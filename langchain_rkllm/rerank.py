@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import Document
@@ -152,26 +153,12 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseDocumentCompressor):
             ContextLengthError: a document does not fit the context and ``truncate`` is False.
             BusyError: the model was not free within ``timeout``.
         """
-        result = self._engine().rerank(
-            self.model,
-            query,
-            _contents(documents),
-            instruction=self.instruction,
-            truncate=self.truncate,
-            timeout=self.timeout,
-        )
+        result = self._engine().rerank(self.model, query, _contents(documents), **self._options())
         return self._select(result.scores)
 
     async def arerank(self, documents: Sequence[str | Document], query: str) -> list[tuple[int, float]]:
         """Async :meth:`rerank`: never blocks the event loop; cancelling aborts the document being scored."""
-        result = await self._engine().arerank(
-            self.model,
-            query,
-            _contents(documents),
-            instruction=self.instruction,
-            truncate=self.truncate,
-            timeout=self.timeout,
-        )
+        result = await self._engine().arerank(self.model, query, _contents(documents), **self._options())
         return self._select(result.scores)
 
     # -- the compressor interface --------------------------------------------------------------------------------
@@ -202,6 +189,9 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseDocumentCompressor):
         """Async :meth:`compress_documents`: never blocks the event loop; cancelling aborts the scoring."""
         docs = list(documents)
         return [_scored(docs[i], score) for i, score in await self.arerank(docs, query)]
+
+    def _options(self) -> dict[str, Any]:
+        return {"instruction": self.instruction, "truncate": self.truncate, "timeout": self.timeout}
 
     def _select(self, scores: Sequence[float]) -> list[tuple[int, float]]:
         ranked = sorted(enumerate(scores), key=lambda pair: pair[1], reverse=True)  # stable: ties keep input order

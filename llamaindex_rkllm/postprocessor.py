@@ -130,14 +130,7 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
         if not nodes:
             return self._end([])
         with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, query)) as event:
-            result = self.engine.rerank(
-                self.model,
-                query,
-                _contents(nodes),
-                instruction=self.instruction,
-                truncate=self.truncate,
-                timeout=self.timeout,
-            )
+            result = self.engine.rerank(self.model, query, _contents(nodes), **self._options())
             ranked = self._top(nodes, result.scores)
             event.on_end(payload={EventPayload.NODES: ranked})
         return self._end(ranked)
@@ -152,14 +145,7 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
         if not nodes:
             return self._end([])
         with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, query)) as event:
-            result = await self.engine.arerank(
-                self.model,
-                query,
-                _contents(nodes),
-                instruction=self.instruction,
-                truncate=self.truncate,
-                timeout=self.timeout,
-            )
+            result = await self.engine.arerank(self.model, query, _contents(nodes), **self._options())
             ranked = self._top(nodes, result.scores)
             event.on_end(payload={EventPayload.NODES: ranked})
         return self._end(ranked)
@@ -175,6 +161,9 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
     def _end(nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         dispatcher.event(ReRankEndEvent(nodes=nodes))
         return nodes
+
+    def _options(self) -> dict[str, Any]:
+        return {"instruction": self.instruction, "truncate": self.truncate, "timeout": self.timeout}
 
     def _payload(self, nodes: list[NodeWithScore], query: str) -> dict[str, Any]:
         return {
