@@ -18,6 +18,7 @@ __all__ = [
     "estimate_tokens",
     "InitParams",
     "PerfStats",
+    "SAMPLING_FIELDS",
     "SamplingParams",
     "StreamChunk",
     "Tensor",
@@ -114,6 +115,10 @@ class SamplingParams:
     def as_dict(self) -> dict[str, Any]:
         """Return the settings as a dict (``None`` for unset values)."""
         return asdict(self)
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+"""The sampling settings' names, in declaration order: the one source every other table derives from."""
 
 
 @dataclass(frozen=True, slots=True)
