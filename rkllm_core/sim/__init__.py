@@ -61,6 +61,8 @@ COUNTERS = (
     "invalid_handle_calls",
     "concurrent_run_violations",
     "destroy_while_running",
+    "resident_handles",
+    "max_resident_handles",
 )
 
 _CFLAGS = ("-std=c11", "-O2", "-shared", "-fPIC", "-pthread")
@@ -213,7 +215,7 @@ class SimulatorControl:
         return {name: self.counter(name) for name in COUNTERS}
 
     def reset(self) -> None:
-        """Reset the counters (not ``live_handles``/``active_runs``)."""
+        """Reset the counters (not ``live_handles``/``active_runs``/``resident_handles``; the maxima to the current)."""
         self._lib.rkllm_sim_reset_counters()
 
     def set(self, key: str, value: float) -> None:

@@ -45,6 +45,9 @@
  *    unloaded (at process exit).
  *  - After an ERROR the KV cache follows keep_history like a normal run.
  *  - rkllm_sim_reset_counters() sets max_active_runs to the current active_runs (not 0).
+ *  - "resident_handles" counts the models in memory: from the start of an rkllm_init (a real one
+ *    allocates while it loads) to the end of its rkllm_destroy, or of the init that failed;
+ *    "max_resident_handles" is its peak (reset to the current value, like max_active_runs).
  *  - Modes GET_LAST_HIDDEN_LAYER / GET_LOGITS: prefill (with the chat template, as for generation),
  *    then one NORMAL callback carrying the buffer, then FINISH. The buffer is freed once the callback
  *    returns; on 1.3 a callback returning 2 ("release the buffer early") just continues the run.
@@ -1489,7 +1492,7 @@ enum {
     C_PREFILLED_TOKENS, C_GENERATED_TOKENS, C_CALLBACKS, C_ABORTS, C_PAUSES, C_ERRORS, C_KV_CLEARS,
     C_PC_SAVES, C_PC_LOADS, C_PC_RELEASES, C_PC_HIT_TOKENS, C_LORA_LOADS, C_TEMPLATE_SETS, C_TOOLS_SETS,
     C_CONTEXT_SHIFTS, C_BUSY_NS, C_INVALID_HANDLE_CALLS, C_CONCURRENT_RUN_VIOLATIONS,
-    C_DESTROY_WHILE_RUNNING, C_TRACE_DROPPED, C_COUNT
+    C_DESTROY_WHILE_RUNNING, C_TRACE_DROPPED, C_RESIDENT_HANDLES, C_MAX_RESIDENT_HANDLES, C_COUNT
 };
 
 static const char *const counter_names[C_COUNT] = {
@@ -1497,7 +1500,8 @@ static const char *const counter_names[C_COUNT] = {
     "prefilled_tokens", "generated_tokens", "callbacks", "aborts", "pauses", "errors", "kv_clears",
     "prompt_cache_saves", "prompt_cache_loads", "prompt_cache_releases", "prompt_cache_hit_tokens",
     "lora_loads", "template_sets", "tools_sets", "context_shifts", "busy_ns", "invalid_handle_calls",
-    "concurrent_run_violations", "destroy_while_running", "trace_dropped",
+    "concurrent_run_violations", "destroy_while_running", "trace_dropped", "resident_handles",
+    "max_resident_handles",
 };
 
 typedef struct {
@@ -1582,6 +1586,14 @@ static void unlock(void) { pthread_mutex_unlock(&G.lock); }
 static void count_add(int c, long long v) {
     lock();
     G.counters[c] += v;
+    unlock();
+}
+
+static void resident_add(long long v) {
+    lock();
+    G.counters[C_RESIDENT_HANDLES] += v;
+    if (G.counters[C_RESIDENT_HANDLES] > G.counters[C_MAX_RESIDENT_HANDLES])
+        G.counters[C_MAX_RESIDENT_HANDLES] = G.counters[C_RESIDENT_HANDLES];
     unlock();
 }
 
@@ -1951,9 +1963,13 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
         fail = "rkllm_init: handle, param and param->model_path must not be NULL";
     else if (!cb)
         fail = "rkllm_init: the result callback must not be NULL";
-    if (!fail) sleep_ms(delay);
+    if (!fail) {
+        resident_add(1);
+        sleep_ms(delay);
+    }
     if (fail || read_model(param->model_path, &mi) != 0) {
         if (fail) sim_log("%s", fail);
+        else resident_add(-1);
         count_add(C_INIT_FAILURES, 1);
         return -1;
     }
@@ -2027,6 +2043,7 @@ SIM_API int rkllm_destroy(LLMHandle handle) {
     G.counters[C_DESTROYS]++;
     G.counters[C_LIVE_HANDLES]--;
     unlock();
+    resident_add(-1);
     return 0;
 }
 
@@ -2873,8 +2890,9 @@ __attribute__((destructor)) static void write_exit_report(void) {
 SIM_API void rkllm_sim_reset_counters(void) {
     lock();
     for (int i = 0; i < C_COUNT; i++)
-        if (i != C_LIVE_HANDLES && i != C_ACTIVE_RUNS) G.counters[i] = 0;
+        if (i != C_LIVE_HANDLES && i != C_ACTIVE_RUNS && i != C_RESIDENT_HANDLES) G.counters[i] = 0;
     G.counters[C_MAX_ACTIVE_RUNS] = G.counters[C_ACTIVE_RUNS];
+    G.counters[C_MAX_RESIDENT_HANDLES] = G.counters[C_RESIDENT_HANDLES];
     unlock();
 }
 
