@@ -20,11 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import aclosing, closing
 from dataclasses import asdict
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from llama_index.core.base.llms.generic_utils import (
+    achat_to_completion_decorator,
+    astream_chat_to_completion_decorator,
+    chat_to_completion_decorator,
+    stream_chat_to_completion_decorator,
+)
 from llama_index.core.base.llms.types import (
     CachePoint,
     ChatMessage,
@@ -251,33 +258,61 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
             overrides["tools"] = _tool_dicts(overrides["tools"])
         return ChatOptions.from_settings(self._settings(), overrides)
 
-    # -- event streams ----------------------------------------------------------------------------
-    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
-        """Translate and validate a request up front, so bad input fails at the call, not mid-stream."""
+    # -- requests -------------------------------------------------------------------------------
+    def _request(self, system: str | None, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> _Request:
+        """Translate and validate a request up front, so bad input fails at the call, not mid-stream.
+
+        ``system``, when set, is sent as a system message before ``messages``.
+        """
+        if system:
+            messages = [ChatMessage(role=MessageRole.SYSTEM, content=system), *messages]
         return core.validate_messages(to_core_messages(messages)), self._options(kwargs)
 
-    def _events(self, request: _Request) -> Iterator[ChatEvent]:
+    def _completion_system(self, formatted: bool) -> str | None:
+        """The system prompt a completion is sent with: ``system_prompt``, unless the prompt is ``formatted``."""
+        return None if formatted else self.system_prompt
+
+    # -- chat: written once; the completion methods derive from these four --------------------
+    # ``system`` is positional-only, so no keyword argument of a call can collide with it.
+    def _chat(self, system: str | None, messages: Sequence[ChatMessage], /, **kwargs: Any) -> ChatResponse:
+        request = self._request(system, messages, kwargs)
         with closing(self.engine.stream(self.model, *request)) as events:
-            yield from events
+            return _chat_response(collect(events))
 
-    async def _aevents(self, request: _Request) -> AsyncIterator[ChatEvent]:
-        async with aclosing(self.engine.astream(self.model, *request)) as events:
-            async for event in events:
-                yield event
+    def _stream_chat(self, system: str | None, messages: Sequence[ChatMessage], /, **kwargs: Any) -> ChatResponseGen:
+        request = self._request(system, messages, kwargs)  # validated now, not at the first next()
 
-    def _completion_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
-        messages = []
-        if self.system_prompt and not formatted:
-            messages.append(ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
-        messages.append(ChatMessage(role=MessageRole.USER, content=prompt))
-        return messages
+        def gen() -> ChatResponseGen:
+            acc = _Accumulator()
+            with closing(self.engine.stream(self.model, *request)) as events:
+                for event in events:
+                    if (response := acc.feed(event)) is not None:
+                        yield response
 
-    # -- chat -----------------------------------------------------------------------------------
+        return gen()
+
+    async def _achat(self, system: str | None, messages: Sequence[ChatMessage], /, **kwargs: Any) -> ChatResponse:
+        request = self._request(system, messages, kwargs)
+        return _chat_response(await acollect(self.engine.astream(self.model, *request)))
+
+    async def _astream_chat(
+        self, system: str | None, messages: Sequence[ChatMessage], /, **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        request = self._request(system, messages, kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            acc = _Accumulator()
+            async with aclosing(self.engine.astream(self.model, *request)) as events:
+                async for event in events:
+                    if (response := acc.feed(event)) is not None:
+                        yield response
+
+        return gen()
+
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer a conversation (the last message must be from the user or a tool)."""
-        done = collect(self._events(self._request(messages, kwargs)))
-        return _chat_response(done)
+        return self._chat(None, messages, **kwargs)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -287,82 +322,46 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
         (usage, finish reason, stats) and the tool calls. Closing the generator early
         aborts the generation on the NPU.
         """
-        request = self._request(messages, kwargs)
-
-        def gen() -> ChatResponseGen:
-            acc = _Accumulator()
-            with closing(self._events(request)) as events:
-                for event in events:
-                    response = acc.feed(event)
-                    if response is not None:
-                        yield response
-
-        return gen()
+        return self._stream_chat(None, messages, **kwargs)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Async :meth:`chat`: never blocks the event loop; cancelling the task aborts the generation."""
-        done = await acollect(self._aevents(self._request(messages, kwargs)))
-        return _chat_response(done)
+        return await self._achat(None, messages, **kwargs)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat`; cancelling the consumer or closing the generator aborts the generation."""
-        request = self._request(messages, kwargs)
+        return await self._astream_chat(None, messages, **kwargs)
 
-        async def gen() -> ChatResponseAsyncGen:
-            acc = _Accumulator()
-            async with aclosing(self._aevents(request)) as events:
-                async for event in events:
-                    response = acc.feed(event)
-                    if response is not None:
-                        yield response
-
-        return gen()
-
-    # -- completion -------------------------------------------------------------------------------
+    # -- completion: LlamaIndex's converters over the chat methods --------------------------------
+    # The prompt becomes one user message, after ``system_prompt`` unless ``formatted``; the chat
+    # response becomes a completion: the answer as ``text``, and in ``additional_kwargs`` the token
+    # counts, ``reasoning_content`` (thinking models) and OpenAI-style ``tool_calls``. The private
+    # chat methods are converted, not the public ones, so a completion reports completion events only.
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        """Answer one prompt (sent as a user message, after ``system_prompt`` when set)."""
-        done = collect(self._events(self._request(self._completion_messages(prompt, formatted), kwargs)))
-        return _completion_response(done)
+        """Answer one prompt (sent as a user message, after ``system_prompt`` when set and not ``formatted``)."""
+        chat = partial(self._chat, self._completion_system(formatted))
+        return chat_to_completion_decorator(chat)(prompt, **kwargs)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         """Stream the answer to one prompt (``delta`` and ``text`` so far; see :meth:`stream_chat`)."""
-        request = self._request(self._completion_messages(prompt, formatted), kwargs)
-
-        def gen() -> CompletionResponseGen:
-            acc = _Accumulator()
-            with closing(self._events(request)) as events:
-                for event in events:
-                    response = acc.feed_completion(event)
-                    if response is not None:
-                        yield response
-
-        return gen()
+        stream_chat = partial(self._stream_chat, self._completion_system(formatted))
+        return stream_chat_to_completion_decorator(stream_chat)(prompt, **kwargs)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Async :meth:`complete`."""
-        request = self._request(self._completion_messages(prompt, formatted), kwargs)
-        done = await acollect(self._aevents(request))
-        return _completion_response(done)
+        achat = partial(self._achat, self._completion_system(formatted))
+        return await achat_to_completion_decorator(achat)(prompt, **kwargs)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         """Async :meth:`stream_complete`."""
-        request = self._request(self._completion_messages(prompt, formatted), kwargs)
-
-        async def gen() -> CompletionResponseAsyncGen:
-            acc = _Accumulator()
-            async with aclosing(self._aevents(request)) as events:
-                async for event in events:
-                    response = acc.feed_completion(event)
-                    if response is not None:
-                        yield response
-
-        return gen()
+        astream_chat = partial(self._astream_chat, self._completion_system(formatted))
+        return await astream_chat_to_completion_decorator(astream_chat)(prompt, **kwargs)
 
     # -- tools ------------------------------------------------------------------------------------
     def _prepare_chat_with_tools(
@@ -597,21 +596,16 @@ def _assistant_message(text: str, reasoning: str, calls: Sequence[core.ToolCallR
 
 
 def _chat_response(done: ChatDone, delta: str | None = None) -> ChatResponse:
+    """The final response: the whole message, ``raw`` and, in ``additional_kwargs``, usage and reasoning."""
     message = _assistant_message(done.message.content, done.reasoning, done.message.tool_calls)
-    return ChatResponse(message=message, raw=_raw(done), delta=delta, additional_kwargs=_usage_kwargs(done))
-
-
-def _completion_response(done: ChatDone, delta: str | None = None) -> CompletionResponse:
     extra: dict[str, Any] = _usage_kwargs(done)
     if done.reasoning:
         extra["reasoning_content"] = done.reasoning
-    if done.message.tool_calls:
-        extra["tool_calls"] = [_openai_tool_call(c) for c in done.message.tool_calls]
-    return CompletionResponse(text=done.message.content, raw=_raw(done), delta=delta, additional_kwargs=extra)
+    return ChatResponse(message=message, raw=_raw(done), delta=delta, additional_kwargs=extra)
 
 
 class _Accumulator:
-    """Turns engine events into streamed responses carrying the text so far."""
+    """Turns engine events into streamed responses carrying the message so far."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -619,34 +613,20 @@ class _Accumulator:
         self.calls: list[core.ToolCallRequest] = []
 
     def feed(self, event: ChatEvent) -> ChatResponse | None:
+        """The response for one event (``None`` for an event reported only in the final response)."""
+        delta = thinking_delta = ""
         if isinstance(event, ChatDone):
             return _chat_response(event, delta="")
-        update = self._update(event)
-        if update is None:
-            return None
-        delta, thinking_delta = update
+        if isinstance(event, TextDelta):
+            self.text += event.text
+            delta = event.text
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning += event.text
+            thinking_delta = event.text
+        elif isinstance(event, ToolCall):
+            self.calls.append(core.ToolCallRequest(event.id, event.name, event.arguments))
+        else:
+            return None  # ToolCallDelta / InvalidToolCall: reported in the final response
         message = _assistant_message(self.text, self.reasoning, self.calls)
         extra = {"thinking_delta": thinking_delta} if thinking_delta else {}
         return ChatResponse(message=message, delta=delta, additional_kwargs=extra)
-
-    def feed_completion(self, event: ChatEvent) -> CompletionResponse | None:
-        if isinstance(event, ChatDone):
-            return _completion_response(event, delta="")
-        update = self._update(event)
-        if update is None or isinstance(event, ToolCall):
-            return None
-        delta, thinking_delta = update
-        extra = {"thinking_delta": thinking_delta} if thinking_delta else {}
-        return CompletionResponse(text=self.text, delta=delta, additional_kwargs=extra)
-
-    def _update(self, event: ChatEvent) -> tuple[str, str] | None:
-        if isinstance(event, TextDelta):
-            self.text += event.text
-            return event.text, ""
-        if isinstance(event, ReasoningDelta):
-            self.reasoning += event.text
-            return "", event.text
-        if isinstance(event, ToolCall):
-            self.calls.append(core.ToolCallRequest(event.id, event.name, event.arguments))
-            return "", ""
-        return None  # ToolCallDelta / InvalidToolCall: reported in the final response

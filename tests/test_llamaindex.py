@@ -12,6 +12,7 @@ import asyncio
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ pytest.importorskip("llama_index.core")
 
 from llama_index.core.base.llms.types import (  # noqa: E402
     ChatMessage,
+    CompletionResponse,
     ImageBlock,
     MessageRole,
     TextBlock,
@@ -27,6 +29,9 @@ from llama_index.core.base.llms.types import (  # noqa: E402
 )
 from llama_index.core.bridge.pydantic import BaseModel, ValidationError  # noqa: E402
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler  # noqa: E402
+from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
+from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
 from llama_index.core.llms.llm import ToolSelection  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
@@ -308,6 +313,92 @@ def test_token_counting_handler_reads_the_runtime_usage(llm: RKLLM, sim: Simulat
     u = usage_of(chunks[-1].raw)
     assert counter.prompt_llm_token_count == u["prompt_tokens"]
     assert counter.completion_llm_token_count == u["completion_tokens"]
+
+
+# ----------------------------------------------------------------------------- completions are chat
+
+
+async def _completion(llm: RKLLM, method: str, prompt: str, **kwargs: Any) -> CompletionResponse:
+    """The final response of one of the four completion methods."""
+    if method == "complete":
+        return llm.complete(prompt, **kwargs)
+    if method == "acomplete":
+        return await llm.acomplete(prompt, **kwargs)
+    if method == "stream_complete":
+        return list(llm.stream_complete(prompt, **kwargs))[-1]
+    return [c async for c in await llm.astream_complete(prompt, **kwargs)][-1]
+
+
+COMPLETION_METHODS = ["complete", "acomplete", "stream_complete", "astream_complete"]
+
+
+@pytest.mark.parametrize("method", COMPLETION_METHODS)
+async def test_every_completion_sends_the_system_prompt_unless_formatted(
+    manager: ModelManager, sim: SimulatorControl, method: str
+) -> None:
+    sim.set("trace", 1)
+    llm = RKLLM("qwen3-0.6b", manager=manager, system_prompt="You are terse and precise.")
+
+    def system_slot() -> str:
+        return [t for t in sim.trace() if t["fn"] == "rkllm_set_chat_template"][-1]["system_prompt"]
+
+    assert (await _completion(llm, method, "hello")).text == echo("hello")
+    assert "You are terse and precise." in system_slot()
+    assert (await _completion(llm, method, "hello again", formatted=True)).text == echo("hello again")
+    assert "terse" not in system_slot()
+
+
+@pytest.mark.parametrize("method", COMPLETION_METHODS)
+async def test_a_completion_is_reported_as_one_completion_event(llm: RKLLM, method: str) -> None:
+    seen: list[str] = []
+
+    class Recorder(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            if type(event).__name__.startswith("LLM") and not type(event).__name__.endswith("InProgressEvent"):
+                seen.append(type(event).__name__)
+
+    counter = TokenCountingHandler()
+    llm.callback_manager = CallbackManager([counter])
+    root = get_dispatcher()
+    recorder = Recorder()
+    root.add_event_handler(recorder)
+    try:
+        r = await _completion(llm, method, "hello")
+    finally:
+        root.event_handlers.remove(recorder)
+    assert seen == ["LLMCompletionStartEvent", "LLMCompletionEndEvent"]  # no chat events nested inside
+    assert len(counter.llm_token_counts) == 1
+    assert counter.completion_llm_token_count == usage_of(r.raw)["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("method", COMPLETION_METHODS)
+async def test_a_completion_carries_what_the_chat_answer_carries(manager: ModelManager, method: str) -> None:
+    thinker = RKLLM("qwen3-0.6b", manager=manager, thinking=True)
+    chat = thinker.chat([user("so?")])
+    r = await _completion(thinker, method, "so?")
+    assert r.text == chat.message.content == echo("so?")
+    assert r.additional_kwargs["reasoning_content"] == chat.additional_kwargs["reasoning_content"]
+    assert r.additional_kwargs["reasoning_content"].startswith("The user wrote")
+    assert r.additional_kwargs["completion_tokens"] == usage_of(r.raw)["completion_tokens"] > 0
+    assert r.raw["finish_reason"] == "stop"
+
+    plain = RKLLM("qwen3-0.6b", manager=manager)
+    r = await _completion(plain, method, "Please call get_weather('Paris').", tools=[WEATHER])
+    (call,) = r.additional_kwargs["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert "reasoning_content" not in r.additional_kwargs
+
+
+def test_streamed_completion_chunks_carry_the_text_and_the_reasoning_so_far(manager: ModelManager) -> None:
+    thinker = RKLLM("qwen3-0.6b", manager=manager, thinking=True)
+    chunks = list(thinker.stream_complete("why not?"))
+    text = reasoning = ""
+    for c in chunks:
+        text += c.delta or ""
+        reasoning += c.additional_kwargs.get("thinking_delta", "")
+        assert c.text == text
+    assert text == echo("why not?") and chunks[-1].delta == ""
+    assert reasoning.startswith("The user wrote") and chunks[-1].additional_kwargs["reasoning_content"] == reasoning
 
 
 # ----------------------------------------------------------------------------- thinking
