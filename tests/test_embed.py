@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from rkllm_core.chat.engine import ChatEngine
 from rkllm_core.chat.messages import ChatMessage
 from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.embed import engine as engine_module
 from rkllm_core.embed.engine import tokenizer_path
 from rkllm_core.embed.recipes import QWEN3_EMBEDDING, QWEN3_RERANKER, embedding_recipe, rerank_recipe
 from rkllm_core.errors import ContextLengthError, InvalidParameterError, ModelKindError
@@ -280,3 +282,42 @@ def test_a_family_without_a_recipe_is_refused_before_loading(
         with pytest.raises(InvalidParameterError, match="no reranking recipe"):
             asyncio.run(engine.arerank("acme-rerank-1b", "q", ["d"]))
         assert m.loaded() == [] and sim.counter("inits") == 0
+
+
+def test_unknown_options_are_refused_like_unknown_keywords(make_manager: Callable[..., ModelManager]) -> None:
+    m = make_manager()
+    engine = EmbeddingEngine(m)
+    with pytest.raises(TypeError, match="qeury"):
+        engine.embed("qwen3-embedding-0.6b", ["x"], qeury=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="instructions"):
+        asyncio.run(engine.arerank("qwen3-reranker-0.6b", "q", ["d"], instructions="x"))  # type: ignore[call-arg]
+    assert m.loaded() == []
+
+
+def test_async_setup_runs_off_the_loop_and_a_failure_lets_go_of_everything(
+    make_manager: Callable[..., ModelManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = make_manager(dirs=("small", "rerank"))
+    engine = EmbeddingEngine(m)
+    threads: list[int] = []
+    read_tokenizer = engine_module._tokenizer_for
+
+    def recording(info: object) -> object:
+        threads.append(threading.get_ident())
+        return read_tokenizer(info)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_tokenizer_for", recording)
+
+    async def main() -> None:
+        await engine.aembed("qwen3-embedding-0.6b", DOCS)
+        with pytest.raises(ContextLengthError):
+            await engine.aembed("qwen3-embedding-0.6b", ["word " * 400], truncate=False)
+        assert [e.leases for e in m.loaded()] == [0]
+        assert (await engine.arerank("qwen3-reranker-0.6b", "cat", DOCS)).scores
+
+    asyncio.run(main())
+    assert len(threads) == 3 and threading.get_ident() not in threads
+    assert all(e.leases == 0 for e in m.loaded()) and m.waiting() == 0
+    with pytest.raises(ContextLengthError):
+        engine.embed("qwen3-embedding-0.6b", ["word " * 400], truncate=False)
+    assert engine.embed("qwen3-embedding-0.6b", DOCS).vectors  # the failed call left the handle free

@@ -29,20 +29,23 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from .._sync import Deadline
 from ..errors import ContextLengthError, InvalidParameterError, RunError
 from ..models.manager import Lease, ModelManager, default_manager
 from ..models.registry import ModelInfo, require_kind
 from ..params import Tensor, check_text, estimate_tokens
-from ..runtime import Session
+from ..runtime import RKLLMRuntime, RunOptions, Session
+from ..runtime.handle import InferMode
 from .recipes import EmbeddingRecipe, RerankRecipe, embedding_recipe, rerank_recipe
 
-__all__ = ["EmbeddingEngine", "EmbeddingResult", "RerankResult"]
+__all__ = ["EmbedOptions", "EmbeddingEngine", "EmbeddingResult", "RerankOptions", "RerankResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ _RERANK = (("reranker",), "the rerankers (RKLLMRerank, EmbeddingEngine.rerank)")
 _EMPTY_TEMPLATE = ("template", "", "", "")
 # Positions kept free of input: the runtime's own bookkeeping at the end of a prefill.
 _CONTEXT_MARGIN = 4
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +294,133 @@ def _warn_cut(count: int, total: int, what: str, model: str, limit: int) -> None
         logger.warning("%d of %d %s were cut to the %d-token context of %s", count, total, what, limit, model)
 
 
+# -- one sequence, two drivers -------------------------------------------------------------------------------
+#
+# Every call is one *flow*: a plain generator that yields the steps it waits for (a lease, the handle, a short
+# call, one run) and receives what each produced. Only the steps know how to wait, blocking on a thread or
+# awaiting in a task; :func:`_drive` and :func:`_adrive` are the only code that differs between ``embed`` and
+# ``aembed``. Closing the flow (an error or a cancelled task) runs its ``finally`` blocks, which let go of the
+# handle and the lease.
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """Something a flow waits for, in both colours.
+
+    Attributes:
+        blocking: performs the step on the calling thread.
+        awaiting: performs the step without blocking the event loop.
+    """
+
+    blocking: Callable[[], Any]
+    awaiting: Callable[[], Awaitable[Any]]
+
+
+_Flow = Generator[_Step, Any, _R]
+
+
+def _take_model(manager: ModelManager, model: str, timeout: float | None) -> _Step:
+    """A lease on ``model``: a place in the manager's line, left at once by a cancelled task."""
+    return _Step(partial(manager.lease, model, timeout=timeout), partial(manager.alease, model, timeout=timeout))
+
+
+def _take_handle(runtime: RKLLMRuntime, timeout: float | None) -> _Step:
+    """A session on the leased model's handle (an active one)."""
+    session = runtime.session(timeout)
+    return _Step(session.acquire, session.acquire_async)
+
+
+def _off_loop(session: Session, fn: Callable[..., Any], *args: Any) -> _Step:
+    """A short call that reads files or touches the handle: on the core's executor for a task."""
+    return _Step(partial(fn, *args), partial(session.call, fn, *args))
+
+
+def _infer(session: Session, item: _Input, mode: InferMode) -> _Step:
+    """One input run with nothing kept in the KV cache; a cancelled task aborts it."""
+    run: RunOptions = {"token_ids": item.token_ids, "mode": mode, "keep_history": False}
+    return _Step(partial(session.infer, item.prompt, **run), partial(session.ainfer, item.prompt, **run))
+
+
+class _Walk(Generic[_R]):
+    """A driver's view of a flow: iterate for the steps, set :attr:`reply` to what each one produced."""
+
+    def __init__(self, flow: _Flow[_R]) -> None:
+        self._flow = flow
+        self.reply: Any = None
+        self.result: _R
+
+    def __iter__(self) -> Iterator[_Step]:
+        while True:
+            try:
+                step = self._flow.send(self.reply)
+            except StopIteration as end:
+                self.result = end.value
+                return
+            yield step
+
+
+def _drive(flow: _Flow[_R]) -> _R:
+    """Perform ``flow``'s steps on the calling thread."""
+    walk = _Walk(flow)
+    with closing(flow):
+        for step in walk:
+            walk.reply = step.blocking()
+    return walk.result
+
+
+async def _adrive(flow: _Flow[_R]) -> _R:
+    """Perform ``flow``'s steps in the calling task, never blocking the event loop."""
+    walk = _Walk(flow)
+    with closing(flow):
+        for step in walk:
+            walk.reply = await step.awaiting()
+    return walk.result
+
+
+# What a request contributes once the model and its context are known: the inputs to run, and how a run's
+# tensor becomes the request's value (a vector, a score).
+_Prepare = Callable[[Any, int, str], tuple[list[_Input], Callable[[Tensor], Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    model: str
+    values: list[Any]
+    input_tokens: int
+    truncated: int
+
+
 # -- the engine ----------------------------------------------------------------------------------------------
+
+
+class EmbedOptions(TypedDict, total=False):
+    """The options of :meth:`EmbeddingEngine.embed` and :meth:`~EmbeddingEngine.aembed`.
+
+    Attributes:
+        query: write each text as a query (the recipe's instruction, if it has one); default False.
+        task: the query instruction's task (default: the recipe's).
+        truncate: cut texts longer than the context (with a warning) instead of raising; default True.
+        timeout: seconds to wait for the model and its handle (default: no limit).
+    """
+
+    query: bool
+    task: str | None
+    truncate: bool
+    timeout: float | None
+
+
+class RerankOptions(TypedDict, total=False):
+    """The options of :meth:`EmbeddingEngine.rerank` and :meth:`~EmbeddingEngine.arerank`.
+
+    Attributes:
+        instruction: the recipe's instruction replaced (default: the recipe's).
+        truncate: cut documents longer than the context (with a warning) instead of raising; default True.
+        timeout: seconds to wait for the model and its handle (default: no limit).
+    """
+
+    instruction: str | None
+    truncate: bool
+    timeout: float | None
 
 
 class EmbeddingEngine:
@@ -315,25 +445,13 @@ class EmbeddingEngine:
         return self._manager
 
     # -- embeddings -------------------------------------------------------------------------------------------
-    def embed(
-        self,
-        model: str,
-        texts: Sequence[str],
-        *,
-        query: bool = False,
-        task: str | None = None,
-        truncate: bool = True,
-        timeout: float | None = None,
-    ) -> EmbeddingResult:
+    def embed(self, model: str, texts: Sequence[str], **options: Unpack[EmbedOptions]) -> EmbeddingResult:
         """Embed ``texts`` (documents, or queries with ``query=True``) with ``model``.
 
         Args:
             model: an embedding model's name.
             texts: the texts.
-            query: write each text as a query (the recipe's instruction, if it has one).
-            task: the query instruction's task (default: the recipe's).
-            truncate: cut texts longer than the context (with a warning) instead of raising.
-            timeout: seconds to wait for the model and its handle.
+            **options: ``query``, ``task``, ``truncate``, ``timeout`` (see :class:`EmbedOptions`).
 
         Raises:
             ModelKindError: ``model`` is not an embedding model (nothing is loaded).
@@ -341,19 +459,40 @@ class EmbeddingEngine:
             ContextLengthError: a text does not fit and ``truncate`` is False.
             BusyError, RunError: see their docs.
         """
-        items = _embed_args(texts, task)
-        if not items:
-            return EmbeddingResult([], model, 0, 0)
-        deadline = Deadline(timeout)
-        recipe = embedding_recipe(self._checked(model, _EMBED))  # refused before anything loads
-        with self.manager.lease(model, timeout=deadline.remaining()) as lease:
-            with lease.runtime.session(deadline.remaining()) as session:
-                inputs = self._embed_setup(session, lease, recipe, items, query, task, truncate)
-                tensors = [self._run(session, item, "hidden") for item in inputs]
-            lease.record_stats(tensors[-1].stats)
-        return self._embed_result(lease, recipe, inputs, tensors)
+        return _drive(self._embedding(model, texts, **options))
 
-    async def aembed(
+    async def aembed(self, model: str, texts: Sequence[str], **options: Unpack[EmbedOptions]) -> EmbeddingResult:
+        """Async :meth:`embed`: never blocks the event loop; cancelling aborts the text being run."""
+        return await _adrive(self._embedding(model, texts, **options))
+
+    # -- reranking --------------------------------------------------------------------------------------------
+    def rerank(
+        self, model: str, query: str, documents: Sequence[str], **options: Unpack[RerankOptions]
+    ) -> RerankResult:
+        """Score each of ``documents`` for ``query`` with a reranker model (P(relevant), input order).
+
+        Args:
+            model: a reranker model's name.
+            query: the query.
+            documents: the documents.
+            **options: ``instruction``, ``truncate``, ``timeout`` (see :class:`RerankOptions`).
+
+        Raises:
+            ModelKindError: ``model`` is not a reranker (nothing is loaded).
+            InvalidParameterError: bad text; no recipe for the family.
+            ContextLengthError: a document does not fit and ``truncate`` is False.
+            BusyError, RunError: see their docs.
+        """
+        return _drive(self._reranking(model, query, documents, **options))
+
+    async def arerank(
+        self, model: str, query: str, documents: Sequence[str], **options: Unpack[RerankOptions]
+    ) -> RerankResult:
+        """Async :meth:`rerank`: never blocks the event loop; cancelling aborts the document being run."""
+        return await _adrive(self._reranking(model, query, documents, **options))
+
+    # -- the flows --------------------------------------------------------------------------------------------
+    def _embedding(
         self,
         model: str,
         texts: Sequence[str],
@@ -362,22 +501,21 @@ class EmbeddingEngine:
         task: str | None = None,
         truncate: bool = True,
         timeout: float | None = None,
-    ) -> EmbeddingResult:
-        """Async :meth:`embed`: never blocks the event loop; cancelling aborts the text being run."""
+    ) -> _Flow[EmbeddingResult]:
         items = _embed_args(texts, task)
         if not items:
             return EmbeddingResult([], model, 0, 0)
         deadline = Deadline(timeout)
         recipe = embedding_recipe(self._checked(model, _EMBED))  # refused before anything loads
-        async with self.manager.alease(model, timeout=deadline.remaining()) as lease:
-            async with lease.runtime.session(deadline.remaining()) as session:
-                inputs = await session.call(self._embed_setup, session, lease, recipe, items, query, task, truncate)
-                tensors = [await self._arun(session, item, "hidden") for item in inputs]
-            lease.record_stats(tensors[-1].stats)
-        return self._embed_result(lease, recipe, inputs, tensors)
 
-    # -- reranking --------------------------------------------------------------------------------------------
-    def rerank(
+        def prepare(tokenizer: Any, limit: int, name: str) -> tuple[list[_Input], Callable[[Tensor], list[float]]]:
+            inputs = _embedding_inputs(recipe, items, query, task, limit, tokenizer, truncate, name)
+            return inputs, lambda tensor: _pool(tensor, recipe)
+
+        out = yield from self._flow(model, deadline, "hidden", "texts", prepare)
+        return EmbeddingResult(out.values, out.model, out.input_tokens, out.truncated)
+
+    def _reranking(
         self,
         model: str,
         query: str,
@@ -386,51 +524,39 @@ class EmbeddingEngine:
         instruction: str | None = None,
         truncate: bool = True,
         timeout: float | None = None,
-    ) -> RerankResult:
-        """Score each of ``documents`` for ``query`` with a reranker model (P(relevant), input order).
-
-        Raises:
-            ModelKindError: ``model`` is not a reranker (nothing is loaded).
-            InvalidParameterError: bad text; no recipe for the family.
-            ContextLengthError: a document does not fit and ``truncate`` is False.
-            BusyError, RunError: see their docs.
-        """
+    ) -> _Flow[RerankResult]:
         query, docs = _rerank_args(query, documents, instruction)
         if not docs:
             return RerankResult([], model, 0, 0)
         deadline = Deadline(timeout)
         recipe = rerank_recipe(self._checked(model, _RERANK))  # refused before anything loads
-        with self.manager.lease(model, timeout=deadline.remaining()) as lease:
-            with lease.runtime.session(deadline.remaining()) as session:
-                inputs, ids = self._rerank_setup(session, lease, recipe, query, docs, instruction, truncate)
-                tensors = [self._run(session, item, "logits") for item in inputs]
-            lease.record_stats(tensors[-1].stats)
-        return self._rerank_result(lease, inputs, tensors, ids)
 
-    async def arerank(
-        self,
-        model: str,
-        query: str,
-        documents: Sequence[str],
-        *,
-        instruction: str | None = None,
-        truncate: bool = True,
-        timeout: float | None = None,
-    ) -> RerankResult:
-        """Async :meth:`rerank`."""
-        query, docs = _rerank_args(query, documents, instruction)
-        if not docs:
-            return RerankResult([], model, 0, 0)
-        deadline = Deadline(timeout)
-        recipe = rerank_recipe(self._checked(model, _RERANK))  # refused before anything loads
-        async with self.manager.alease(model, timeout=deadline.remaining()) as lease:
-            async with lease.runtime.session(deadline.remaining()) as session:
-                inputs, ids = await session.call(
-                    self._rerank_setup, session, lease, recipe, query, docs, instruction, truncate
-                )
-                tensors = [await self._arun(session, item, "logits") for item in inputs]
+        def prepare(tokenizer: Any, limit: int, name: str) -> tuple[list[_Input], Callable[[Tensor], float]]:
+            inputs = _rerank_inputs(recipe, query, docs, instruction, limit, tokenizer, truncate, name)
+            yes = _token_id(tokenizer, recipe.yes_token, recipe.yes_id)
+            no = _token_id(tokenizer, recipe.no_token, recipe.no_id)
+            return inputs, lambda tensor: _p_yes(tensor, yes, no, name)
+
+        out = yield from self._flow(model, deadline, "logits", "documents", prepare)
+        return RerankResult(out.values, out.model, out.input_tokens, out.truncated)
+
+    def _flow(self, model: str, deadline: Deadline, mode: InferMode, what: str, prepare: _Prepare) -> _Flow[_Outcome]:
+        """Lease → session → prepare → one run per input → let go: the sequence behind every call."""
+        lease: Lease = yield _take_model(self.manager, model, deadline.remaining())
+        try:
+            session: Session = yield _take_handle(lease.runtime, deadline.remaining())
+            try:
+                inputs, value_of = yield _off_loop(session, self._setup, session, lease, prepare, what)
+                tensors: list[Tensor] = []
+                for item in inputs:
+                    tensors.append((yield _infer(session, item, mode)))
+            finally:
+                session.release()
             lease.record_stats(tensors[-1].stats)
-        return self._rerank_result(lease, inputs, tensors, ids)
+        finally:
+            lease.release()
+        values = [value_of(tensor) for tensor in tensors]
+        return _Outcome(lease.info.name, values, _tokens(tensors, inputs), sum(i.cut for i in inputs))
 
     # -- internals ------------------------------------------------------------------------------------------
     def _checked(self, model: str, kinds: tuple[tuple[str, ...], str]) -> ModelInfo:
@@ -440,75 +566,17 @@ class EmbeddingEngine:
         return info
 
     @staticmethod
-    def _plain_template(session: Session) -> None:
+    def _setup(
+        session: Session, lease: Lease, prepare: _Prepare, what: str
+    ) -> tuple[list[_Input], Callable[[Tensor], Any]]:
+        """The inputs within the model's context, and the runtime's template out of their way."""
+        tokenizer = _tokenizer_for(lease.info)
+        limit = max(1, lease.runtime.max_context_len - _CONTEXT_MARGIN)
+        inputs, value_of = prepare(tokenizer, limit, lease.info.name)
+        _warn_cut(sum(i.cut for i in inputs), len(inputs), what, lease.info.name, limit)
         if session.chat_setup != _EMPTY_TEMPLATE:
             session.set_chat_template("", "", "")
-
-    @staticmethod
-    def _limit(lease: Lease) -> int:
-        return max(1, lease.runtime.max_context_len - _CONTEXT_MARGIN)
-
-    def _embed_setup(
-        self,
-        session: Session,
-        lease: Lease,
-        recipe: EmbeddingRecipe,
-        texts: list[str],
-        query: bool,
-        task: str | None,
-        truncate: bool,
-    ) -> list[_Input]:
-        tokenizer = _tokenizer_for(lease.info)
-        limit = self._limit(lease)
-        inputs = _embedding_inputs(recipe, texts, query, task, limit, tokenizer, truncate, lease.info.name)
-        _warn_cut(sum(i.cut for i in inputs), len(inputs), "texts", lease.info.name, limit)
-        self._plain_template(session)
-        return inputs
-
-    def _rerank_setup(
-        self,
-        session: Session,
-        lease: Lease,
-        recipe: RerankRecipe,
-        query: str,
-        docs: list[str],
-        instruction: str | None,
-        truncate: bool,
-    ) -> tuple[list[_Input], tuple[int, int]]:
-        tokenizer = _tokenizer_for(lease.info)
-        limit = self._limit(lease)
-        inputs = _rerank_inputs(recipe, query, docs, instruction, limit, tokenizer, truncate, lease.info.name)
-        _warn_cut(sum(i.cut for i in inputs), len(inputs), "documents", lease.info.name, limit)
-        ids = (
-            _token_id(tokenizer, recipe.yes_token, recipe.yes_id),
-            _token_id(tokenizer, recipe.no_token, recipe.no_id),
-        )
-        self._plain_template(session)
-        return inputs, ids
-
-    @staticmethod
-    def _run(session: Session, item: _Input, mode: str) -> Tensor:
-        if item.token_ids is not None:
-            return session.infer(token_ids=item.token_ids, mode=mode, keep_history=False)  # type: ignore[arg-type]
-        return session.infer(item.prompt, mode=mode, keep_history=False)  # type: ignore[arg-type]
-
-    @staticmethod
-    async def _arun(session: Session, item: _Input, mode: str) -> Tensor:
-        if item.token_ids is not None:
-            return await session.ainfer(token_ids=item.token_ids, mode=mode, keep_history=False)  # type: ignore[arg-type]
-        return await session.ainfer(item.prompt, mode=mode, keep_history=False)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _embed_result(
-        lease: Lease, recipe: EmbeddingRecipe, inputs: list[_Input], tensors: list[Tensor]
-    ) -> EmbeddingResult:
-        vectors = [_pool(t, recipe) for t in tensors]
-        return EmbeddingResult(vectors, lease.info.name, _tokens(tensors, inputs), sum(i.cut for i in inputs))
-
-    @staticmethod
-    def _rerank_result(lease: Lease, inputs: list[_Input], tensors: list[Tensor], ids: tuple[int, int]) -> RerankResult:
-        scores = [_p_yes(t, ids[0], ids[1], lease.info.name) for t in tensors]
-        return RerankResult(scores, lease.info.name, _tokens(tensors, inputs), sum(i.cut for i in inputs))
+        return inputs, value_of
 
 
 def _embed_args(texts: Sequence[str], task: str | None) -> list[str]:
