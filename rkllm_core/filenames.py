@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
@@ -337,6 +337,125 @@ def _kind_of(family: str | None, kinds: Sequence[str], tokens: Sequence[str]) ->
     return "chat"
 
 
+@dataclass(slots=True)
+class _Settings:
+    """What the words after a model's name say, read one word at a time.
+
+    The size and the conversion settings (quantisation, platform, optimisation
+    level, hybrid ratio, NPU cores, context, runtime version), and the tunings,
+    kinds and tags (see :attr:`ModelFacts.tags`) that stand among them.
+    """
+
+    size: str | None = None
+    ctx: int | None = None
+    explicit_ctx: bool = False  # a ctx word (``ctx4096``) wins over bare numbers and ``16k``
+    dtype: str | None = None
+    opt: int | None = None
+    hybrid: float | None = None
+    npu: int | None = None
+    platform: str | None = None
+    runtime: str | None = None
+    kinds: list[str] = field(default_factory=list)
+    tunings: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+    def read(self, rest: Sequence[str]) -> None:
+        """Take in the words after the name, in order."""
+        index = 0
+        while index < len(rest):
+            token, ahead = rest[index], rest[index + 1 :]
+            used = self._setting(token, ahead)
+            if used is None:
+                self._word(token)
+            index += 1 + (used or 0)
+
+    def _setting(self, token: str, ahead: Sequence[str]) -> int | None:
+        """Read ``token`` as the size or a conversion setting.
+
+        Returns:
+            How many of the words ``ahead`` it used (``opt 0``, ``w4a16 g128``), or None
+            when ``token`` is neither.
+        """
+        following = ahead[0] if ahead else ""
+        if self.size is None and _SIZE_RE.match(token):
+            self.size = token
+        elif PLATFORM_RE.match(token):
+            self.platform = self.platform or token
+        elif token in _BARE_SOCS:
+            self.platform = self.platform or f"rk{token}"
+        elif _DTYPE_RE.match(token):
+            grouped = bool(_GROUP_RE.match(following))
+            self.dtype = self.dtype or (f"{token}_{following}" if grouped else token)
+            return int(grouped)
+        elif match := (_OPT_RE.match(token) or _SHORT_OPT_RE.match(token)):
+            self.opt = int(match.group(1))
+        elif token == "opt" and _INT_RE.match(following):
+            self.opt = int(following)
+            return 1
+        elif match := _HYBRID_RE.match(token):
+            self.hybrid = float(match.group(1))
+        elif token == "hybrid":
+            return self._hybrid_ratio(ahead)
+        elif match := _NPU_RE.match(token):
+            self.npu = int(match.group(1))
+        elif token == "npu" and _INT_RE.match(following):
+            self.npu = int(following)
+            return 1
+        else:
+            return self._context_or_runtime(token, following)
+        return 0
+
+    def _hybrid_ratio(self, ahead: Sequence[str]) -> int:
+        """The ratio after a ``hybrid`` word (``hybrid 0.5``, ``hybrid ratio 0.5``); returns the words used."""
+        used = 1 if ahead[:1] == ["ratio"] else 0
+        if used < len(ahead) and _NUMBER_RE.match(ahead[used]):
+            self.hybrid = float(ahead[used])
+            used += 1
+        return used
+
+    def _context_or_runtime(self, token: str, following: str) -> int | None:
+        """Read ``token`` as a context length or a runtime version (see :meth:`_setting`)."""
+        if match := _CTX_RE.match(token):
+            self.ctx, self.explicit_ctx = _ctx_value(match.group(1), bool(match.group(2))), True
+        elif token == "ctx" and (_INT_RE.match(following) or _KTOKEN_RE.match(following)):
+            self.ctx, self.explicit_ctx = _ctx_value(following.rstrip("k"), following.endswith("k")), True
+            return 1
+        elif (match := _KTOKEN_RE.match(token)) and not self.explicit_ctx:
+            self.ctx = _ctx_value(match.group(1), True)
+        elif _VERSION_RE.match(token):
+            self.runtime = self.runtime or _runtime_of(token)
+        else:
+            return None
+        return 0
+
+    def _word(self, token: str) -> None:
+        """Read ``token`` as a tuning, a kind, a bare context length or a tag; anything else says nothing."""
+        if token in _TUNING_WORDS:
+            self.tunings.append(token)
+            if token not in _GENERIC_TUNINGS:
+                self.tags.append(token)
+        elif token in _KIND_WORDS or token == "decoder":
+            self.kinds.append(token)
+            self.tags.append(token)
+        elif _INT_RE.match(token) and int(token) >= 1024 and int(token) % 1024 == 0:
+            if not self.explicit_ctx:  # "Qwen3-8B-4096": a bare context length
+                self.ctx = int(token)
+        elif _is_tag(token):
+            self.tags.append(token)
+        # Anything else (other numbers such as "122", "llm", "hf", orgs) says nothing.
+
+
+def _is_tag(token: str) -> bool:
+    """Whether a word after the name tells the model from its base model (see :attr:`ModelFacts.tags`)."""
+    return bool(
+        _DATE_TAG_RE.match(token)
+        or _MODEL_VERSION_RE.match(token)
+        or _SIZE_RE.match(token)  # a second size: "Qwen2.5-7B-Instruct-1M"
+        or _ACTIVE_SIZE_RE.match(token)
+        or (token.isalpha() and token not in _NOISE_WORDS and token not in _KNOWN_ORGS and not _ends_name(token))
+    )
+
+
 def parse_model_filename(filename: str) -> ModelFacts:
     """Read the facts a ``.rkllm`` file name carries.
 
@@ -354,117 +473,34 @@ def parse_model_filename(filename: str) -> ModelFacts:
     Returns:
         The facts; a fact the name does not carry is None.
     """
-    stem = _strip_suffix(filename)
-    tokens = _tokenise(_strip_org(stem))
-
-    cut = len(tokens)
-    for index, token in enumerate(tokens):
-        if _ends_name(token):
-            cut = index
-            break
-    name_words, rest = tokens[:cut], tokens[cut:]
-
-    size: str | None = None
-    ctx: int | None = None
-    words = list(name_words)
+    tokens = _tokenise(_strip_org(_strip_suffix(filename)))
+    cut = next((index for index, token in enumerate(tokens) if _ends_name(token)), len(tokens))
+    words, settings = tokens[:cut], _Settings()
     if words and (kilo := _KTOKEN_RE.match(words[-1])):
         # "qwen3-16k-w8a8": a context token right before the metadata. One
         # followed by more name words is the model's own ("Phi-3-mini-128k-instruct").
-        ctx = _ctx_value(kilo.group(1), True)
+        settings.ctx = _ctx_value(kilo.group(1), True)
         words.pop()
-
-    dtype: str | None = None
-    opt: int | None = None
-    hybrid: float | None = None
-    npu: int | None = None
-    platform: str | None = None
-    runtime: str | None = None
-    explicit_ctx = False
-    extra_kinds: list[str] = []
-    extra_tunings: list[str] = []
-    extra_tags: list[str] = []
-    index = 0
-    while index < len(rest):
-        token = rest[index]
-        following = rest[index + 1] if index + 1 < len(rest) else ""
-        index += 1
-        if size is None and _SIZE_RE.match(token):
-            size = token
-        elif PLATFORM_RE.match(token):
-            platform = platform or token
-        elif token in _BARE_SOCS:
-            platform = platform or f"rk{token}"
-        elif _DTYPE_RE.match(token):
-            if _GROUP_RE.match(following):
-                token = f"{token}_{following}"
-                index += 1
-            dtype = dtype or token
-        elif match := (_OPT_RE.match(token) or _SHORT_OPT_RE.match(token)):
-            opt = int(match.group(1))
-        elif token == "opt" and _INT_RE.match(following):
-            opt = int(following)
-            index += 1
-        elif match := _HYBRID_RE.match(token):
-            hybrid = float(match.group(1))
-        elif token == "hybrid":
-            if following == "ratio":
-                index += 1
-                following = rest[index] if index < len(rest) else ""
-            if _NUMBER_RE.match(following):
-                hybrid = float(following)
-                index += 1
-        elif match := _NPU_RE.match(token):
-            npu = int(match.group(1))
-        elif token == "npu" and _INT_RE.match(following):
-            npu = int(following)
-            index += 1
-        elif match := _CTX_RE.match(token):
-            ctx, explicit_ctx = _ctx_value(match.group(1), bool(match.group(2))), True
-        elif token == "ctx" and (_INT_RE.match(following) or _KTOKEN_RE.match(following)):
-            ctx, explicit_ctx = _ctx_value(following.rstrip("k"), following.endswith("k")), True
-            index += 1
-        elif (match := _KTOKEN_RE.match(token)) and not explicit_ctx:
-            ctx = _ctx_value(match.group(1), True)
-        elif _VERSION_RE.match(token):
-            runtime = runtime or _runtime_of(token)
-        elif token in _TUNING_WORDS:
-            extra_tunings.append(token)
-            if token not in _GENERIC_TUNINGS:
-                extra_tags.append(token)
-        elif token in _KIND_WORDS or token == "decoder":
-            extra_kinds.append(token)
-            extra_tags.append(token)
-        elif _INT_RE.match(token) and int(token) >= 1024 and int(token) % 1024 == 0:
-            if not explicit_ctx:  # "Qwen3-8B-4096": a bare context length
-                ctx = int(token)
-        elif (
-            _DATE_TAG_RE.match(token)
-            or _MODEL_VERSION_RE.match(token)
-            or _SIZE_RE.match(token)  # a second size: "Qwen2.5-7B-Instruct-1M"
-            or _ACTIVE_SIZE_RE.match(token)
-            or (token.isalpha() and token not in _NOISE_WORDS and token not in _KNOWN_ORGS and not _ends_name(token))
-        ):
-            extra_tags.append(token)
-        # Anything else (other numbers such as "122", "llm", "hf", orgs) says nothing.
-
+    settings.read(tokens[cut:])
+    size = settings.size
     family, kinds, tunings, tags = _family_of(words, size is not None)
-    ordered_kinds = [kind for kind in _KIND_ORDER if kind in kinds or kind in extra_kinds]
-    all_tunings = list(dict.fromkeys(tunings + extra_tunings))
+    ordered_kinds = [kind for kind in _KIND_ORDER if kind in kinds or kind in settings.kinds]
+    all_tunings = list(dict.fromkeys(tunings + settings.tunings))
     variant = "-".join(ordered_kinds + all_tunings) or None
     label = "-".join(words) or "-".join(t for t in tokens if t != size) or "model"
     return ModelFacts(
         family=family,
         size=size,
         variant=variant,
-        dtype=dtype,
-        opt=opt,
-        hybrid=hybrid,
-        npu_cores=npu,
-        ctx=ctx,
-        platform=platform,
+        dtype=settings.dtype,
+        opt=settings.opt,
+        hybrid=settings.hybrid,
+        npu_cores=settings.npu,
+        ctx=settings.ctx,
+        platform=settings.platform,
         label=label,
-        runtime=runtime,
-        tags=tuple(dict.fromkeys(tags + extra_tags)),
+        runtime=settings.runtime,
+        tags=tuple(dict.fromkeys(tags + settings.tags)),
         kind=_kind_of(family, ordered_kinds, tokens),
     )
 
