@@ -73,6 +73,15 @@ def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
         kernel=f"{platform.system()} {platform.release()}",
         python=platform.python_version(),
     )
+    _read_identity(base, s)
+    _read_npu_driver(base, s)
+    _read_cpufreq(base, s)
+    _read_devfreq(base, s)
+    return s
+
+
+def _read_identity(base: Path, s: SystemState) -> None:
+    """The board's name, its SoC and its RAM, from the device tree and ``/proc/meminfo``."""
     model = _read(base / "proc/device-tree/model", s, "board")
     s.board = model or None
     compatible = _read(base / "proc/device-tree/compatible", s, "soc")
@@ -85,6 +94,10 @@ def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
             if line.startswith("MemTotal:"):
                 s.ram_mb = int(line.split()[1]) // 1024
                 break
+
+
+def _read_npu_driver(base: Path, s: SystemState) -> None:
+    """The NPU driver's version, from the first of :data:`NPU_VERSION_PATHS` that can be read."""
     for rel in NPU_VERSION_PATHS:
         p = base / rel.lstrip("/")
         try:
@@ -93,6 +106,10 @@ def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
             break
         except OSError as exc:
             s.unreadable["npu_driver"] = f"{p}: {exc.strerror or exc} (debugfs may need root)"
+
+
+def _read_cpufreq(base: Path, s: SystemState) -> None:
+    """Each CPU's frequency governor and current frequency."""
     cpu_dir = base / "sys/devices/system/cpu"
     try:
         cpus = sorted(
@@ -110,6 +127,10 @@ def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
             s.cpu_freqs_mhz[cpu.name] = int(freq.read_text().strip()) // 1000
         except (OSError, ValueError) as exc:
             s.unreadable.setdefault("cpufreq", f"{cpu / 'cpufreq'}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def _read_devfreq(base: Path, s: SystemState) -> None:
+    """The devfreq devices (NPU, DDR, GPU): governor and frequencies in MHz."""
     devfreq_dir = base / "sys/class/devfreq"
     try:
         devices = sorted(devfreq_dir.iterdir())
@@ -131,7 +152,6 @@ def read_system_state(root: str | os.PathLike[str] = "/") -> SystemState:
         s.unreadable.setdefault("npu_devfreq", "no NPU devfreq device under /sys/class/devfreq")
     if not any(e.get("kind") == "dmc" for e in s.devfreq.values()):
         s.unreadable.setdefault("dmc_devfreq", "no DDR (dmc) devfreq device under /sys/class/devfreq")
-    return s
 
 
 # --------------------------------------------------------------------------
