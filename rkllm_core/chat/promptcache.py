@@ -506,14 +506,8 @@ class PromptCacheStore:
         if not self._mkdir():
             self.discard(staged)
             return None
-        try:
-            st = os.lstat(staged)
-            problem = "is not a regular file" if not stat.S_ISREG(st.st_mode) else "is empty" if not st.st_size else ""
-            if st.st_size > self.max_bytes:
-                problem = f"has {st.st_size} bytes, more than max_bytes {self.max_bytes}"
-        except OSError as exc:
-            problem = f"cannot be examined ({exc.strerror or exc})"
-        if problem:
+        st, problem = self._examine_staged(staged)
+        if st is None or problem:
             self._warn("staged", "not committing prompt cache entry %s: %s %s", digest[:12], staged, problem)
             self.discard(staged)
             return None
@@ -523,9 +517,34 @@ class PromptCacheStore:
             return data
         if isinstance(state, str):
             self._drop_invalid(digest, state)
-        meta, meta_tmp = self._meta(digest), self._tmp(digest, ".json.tmp")
         doc = {"format": FORMAT_VERSION, "digest": digest, "model": key.model, "fields": dict(key.fields)}
         doc.update(size=st.st_size, created=time.time(), extra=_jsonable(extra))
+        if not self._write_entry(digest, staged, st, doc):
+            return None
+        self._touch(data)  # LRU: used now, not when the runtime wrote it
+        logger.info("committed prompt cache entry %s (%d bytes)", digest[:12], st.st_size)
+        self.evict()
+        if not os.path.lexists(data):
+            logger.warning("prompt cache entry %s was evicted right after its commit", digest[:12])
+            return None
+        return data
+
+    def _examine_staged(self, staged: Path) -> tuple[os.stat_result | None, str]:
+        """The staged file's ``lstat``, and what makes it unfit for an entry (``""`` when nothing does)."""
+        try:
+            st = os.lstat(staged)
+        except OSError as exc:
+            return None, f"cannot be examined ({exc.strerror or exc})"
+        if st.st_size > self.max_bytes:
+            return st, f"has {st.st_size} bytes, more than max_bytes {self.max_bytes}"
+        return st, "is not a regular file" if not stat.S_ISREG(st.st_mode) else "is empty" if not st.st_size else ""
+
+    def _write_entry(self, digest: str, staged: Path, st: os.stat_result, doc: dict[str, Any]) -> bool:
+        """Put a staged file in place as ``digest``'s entry, sidecar first; False (logged, files removed) on failure.
+
+        The file is copied first when it is on another file system, and fsynced before it has its final name.
+        """
+        meta, meta_tmp = self._meta(digest), self._tmp(digest, ".json.tmp")
         cleanup = [meta_tmp]
         try:
             if os.stat(self.directory).st_dev != st.st_dev:  # os.replace cannot cross file systems
@@ -541,19 +560,13 @@ class PromptCacheStore:
                 json.dump(doc, fh, indent=2, sort_keys=True, ensure_ascii=True)
             _replace(meta_tmp, meta)
             cleanup.append(meta)
-            _replace(staged, data)
+            _replace(staged, self._data(digest))
         except OSError as exc:
             self._warn("write", "cannot commit prompt cache entry %s in %s: %s", digest[:12], self.directory, exc)
             for path in (staged, *cleanup):
                 self.discard(path)
-            return None
-        self._touch(data)  # LRU: used now, not when the runtime wrote it
-        logger.info("committed prompt cache entry %s (%d bytes)", digest[:12], st.st_size)
-        self.evict()
-        if not os.path.lexists(data):
-            logger.warning("prompt cache entry %s was evicted right after its commit", digest[:12])
-            return None
-        return data
+            return False
+        return True
 
     def invalidate(self, key: CacheKey, reason: str) -> None:
         """Remove the key's entry, e.g. after the runtime failed to load it, logging ``reason`` as a warning."""
