@@ -8,7 +8,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.utils import from_env
 from pydantic import Field, field_validator
 
-from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.embed import EmbeddingEngine, EmbedOptions
 from rkllm_core.errors import InvalidParameterError
 from rkllm_core.params import check_text
 
@@ -189,10 +189,10 @@ class RKLLMEmbeddings(ModelClient[EmbeddingEngine], Embeddings):
             ContextLengthError: a text does not fit the context and ``truncate`` is False.
             BusyError: the model was not free within ``timeout``.
         """
-        engine = self._engine()
+        engine, options = self._engine(), self._options(query=False)
         vectors: list[list[float]] = []
         for batch in _batches(_check_texts(texts), self.batch_size):
-            vectors.extend(engine.embed(self.model, batch, truncate=self.truncate, timeout=self.timeout).vectors)
+            vectors.extend(engine.embed(self.model, batch, **options).vectors)
         return vectors
 
     def embed_query(self, text: str) -> list[float]:
@@ -204,15 +204,7 @@ class RKLLMEmbeddings(ModelClient[EmbeddingEngine], Embeddings):
             ModelKindError, InvalidParameterError, ContextLengthError, BusyError: as for
                 :meth:`embed_documents`.
         """
-        result = self._engine().embed(
-            self.model,
-            [_check_text(text)],
-            query=True,
-            task=self.query_task,
-            truncate=self.truncate,
-            timeout=self.timeout,
-        )
-        return result.vectors[0]
+        return self._engine().embed(self.model, [_check_text(text)], **self._options(query=True)).vectors[0]
 
     # -- async ---------------------------------------------------------------------------------------------------
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
@@ -221,24 +213,20 @@ class RKLLMEmbeddings(ModelClient[EmbeddingEngine], Embeddings):
         Cancelling the task aborts the text being run on the NPU; the batches
         already embedded are discarded and the model is free for the next request.
         """
-        engine = self._engine()
+        engine, options = self._engine(), self._options(query=False)
         vectors: list[list[float]] = []
         for batch in _batches(_check_texts(texts), self.batch_size):
-            result = await engine.aembed(self.model, batch, truncate=self.truncate, timeout=self.timeout)
-            vectors.extend(result.vectors)
+            vectors.extend((await engine.aembed(self.model, batch, **options)).vectors)
         return vectors
 
     async def aembed_query(self, text: str) -> list[float]:
         """Async :meth:`embed_query`: never blocks the event loop; cancelling aborts the run."""
-        result = await self._engine().aembed(
-            self.model,
-            [_check_text(text)],
-            query=True,
-            task=self.query_task,
-            truncate=self.truncate,
-            timeout=self.timeout,
-        )
-        return result.vectors[0]
+        return (await self._engine().aembed(self.model, [_check_text(text)], **self._options(query=True))).vectors[0]
+
+    def _options(self, query: bool) -> EmbedOptions:
+        """The engine's options for documents, or for queries (with the query instruction of ``query_task``)."""
+        task = self.query_task if query else None
+        return EmbedOptions(query=query, task=task, truncate=self.truncate, timeout=self.timeout)
 
 
 def _check_text(text: object) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import Document
@@ -11,7 +10,7 @@ from langchain_core.documents.compressor import BaseDocumentCompressor
 from langchain_core.utils import from_env
 from pydantic import Field, field_validator
 
-from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.embed import EmbeddingEngine, RerankOptions
 from rkllm_core.errors import InvalidParameterError
 
 from ._client import ModelClient
@@ -190,8 +189,8 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseDocumentCompressor):
         docs = list(documents)
         return [_scored(docs[i], score) for i, score in await self.arerank(docs, query)]
 
-    def _options(self) -> dict[str, Any]:
-        return {"instruction": self.instruction, "truncate": self.truncate, "timeout": self.timeout}
+    def _options(self) -> RerankOptions:
+        return RerankOptions(instruction=self.instruction, truncate=self.truncate, timeout=self.timeout)
 
     def _select(self, scores: Sequence[float]) -> list[tuple[int, float]]:
         ranked = sorted(enumerate(scores), key=lambda pair: pair[1], reverse=True)  # stable: ties keep input order

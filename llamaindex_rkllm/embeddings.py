@@ -24,7 +24,7 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, field_validator, model_validator
 
-from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.embed import EmbeddingEngine, EmbedOptions
 
 from ._common import ModelClient, check_model, check_optional_text
 
@@ -115,27 +115,16 @@ class RKLLMEmbedding(ModelClient[EmbeddingEngine], BaseEmbedding):
     engine_class = EmbeddingEngine
 
     # -- embeddings -----------------------------------------------------------------------------
+    def _options(self, query: bool) -> EmbedOptions:
+        """The engine's options for documents, or for queries (with the query instruction)."""
+        task = self.query_task if query else None
+        return EmbedOptions(query=query, task=task, truncate=self.truncate, timeout=self.timeout)
+
     def _embed(self, texts: list[str], query: bool) -> list[Embedding]:
-        result = self.engine.embed(
-            self.model,
-            texts,
-            query=query,
-            task=self.query_task if query else None,
-            truncate=self.truncate,
-            timeout=self.timeout,
-        )
-        return result.vectors
+        return self.engine.embed(self.model, texts, **self._options(query)).vectors
 
     async def _aembed(self, texts: list[str], query: bool) -> list[Embedding]:
-        result = await self.engine.aembed(
-            self.model,
-            texts,
-            query=query,
-            task=self.query_task if query else None,
-            truncate=self.truncate,
-            timeout=self.timeout,
-        )
-        return result.vectors
+        return (await self.engine.aembed(self.model, texts, **self._options(query))).vectors
 
     def _get_query_embedding(self, query: str) -> Embedding:
         """Embed a query, written with the model's query instruction (``query_task``)."""

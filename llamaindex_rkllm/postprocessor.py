@@ -13,7 +13,8 @@ event loop, and cancelling the task aborts the document being scored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from llama_index.core.bridge.pydantic import Field, field_validator
@@ -23,7 +24,7 @@ from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRan
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from rkllm_core.embed import EmbeddingEngine
+from rkllm_core.embed import EmbeddingEngine, RerankOptions
 
 from ._common import ModelClient, check_model, check_optional_text
 
@@ -110,6 +111,8 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
     engine_class = EmbeddingEngine
 
     # -- postprocessing -------------------------------------------------------------------------
+    # The sequence (events, the empty case, choosing the top nodes) is written once, in
+    # ``_reranking``; the two methods differ only in the one call to the engine.
     def _postprocess_nodes(
         self,
         nodes: list[NodeWithScore],
@@ -126,14 +129,10 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
             ContextLengthError: a node does not fit and ``truncate`` is False.
             BusyError, RunError: see their docs.
         """
-        query = self._start(nodes, query_bundle)
-        if not nodes:
-            return self._end([])
-        with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, query)) as event:
-            result = self.engine.rerank(self.model, query, _contents(nodes), **self._options())
-            ranked = self._top(nodes, result.scores)
-            event.on_end(payload={EventPayload.NODES: ranked})
-        return self._end(ranked)
+        with self._reranking(nodes, query_bundle) as job:
+            if job.contents:
+                job.rank(self.engine.rerank(self.model, job.query, job.contents, **self._options()).scores)
+        return job.ranked
 
     async def _apostprocess_nodes(
         self,
@@ -141,29 +140,35 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
         query_bundle: QueryBundle | None = None,
     ) -> list[NodeWithScore]:
         """Async :meth:`_postprocess_nodes`: never blocks the event loop; cancelling aborts the scoring."""
-        query = self._start(nodes, query_bundle)
-        if not nodes:
-            return self._end([])
-        with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, query)) as event:
-            result = await self.engine.arerank(self.model, query, _contents(nodes), **self._options())
-            ranked = self._top(nodes, result.scores)
-            event.on_end(payload={EventPayload.NODES: ranked})
-        return self._end(ranked)
+        with self._reranking(nodes, query_bundle) as job:
+            if job.contents:
+                job.rank((await self.engine.arerank(self.model, job.query, job.contents, **self._options())).scores)
+        return job.ranked
 
     # -- helpers --------------------------------------------------------------------------------
-    def _start(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None) -> str:
+    @contextmanager
+    def _reranking(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None) -> Iterator[_Job]:
+        """One reranking, around the call to the engine: LlamaIndex's events, start to end.
+
+        An error raised in the ``with`` block ends the ``RERANKING`` callback event with it.
+
+        Raises:
+            ValueError: no query (``query_bundle`` is ``None``), after ``ReRankStartEvent``.
+        """
         dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model))
         if query_bundle is None:
             raise ValueError("RKLLMRerank needs the query: pass query_bundle or query_str")
-        return query_bundle.query_str
+        job = _Job(query_bundle.query_str, nodes, self.top_n)
+        if nodes:
+            with self.callback_manager.event(CBEventType.RERANKING, payload=self._payload(nodes, job.query)) as event:
+                yield job
+                event.on_end(payload={EventPayload.NODES: job.ranked})
+        else:
+            yield job  # nothing to score: no callback event, no model
+        dispatcher.event(ReRankEndEvent(nodes=job.ranked))
 
-    @staticmethod
-    def _end(nodes: list[NodeWithScore]) -> list[NodeWithScore]:
-        dispatcher.event(ReRankEndEvent(nodes=nodes))
-        return nodes
-
-    def _options(self) -> dict[str, Any]:
-        return {"instruction": self.instruction, "truncate": self.truncate, "timeout": self.timeout}
+    def _options(self) -> RerankOptions:
+        return RerankOptions(instruction=self.instruction, truncate=self.truncate, timeout=self.timeout)
 
     def _payload(self, nodes: list[NodeWithScore], query: str) -> dict[str, Any]:
         return {
@@ -173,11 +178,18 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
             EventPayload.TOP_K: self.top_n,
         }
 
-    def _top(self, nodes: Sequence[NodeWithScore], scores: Sequence[float]) -> list[NodeWithScore]:
-        """The ``top_n`` nodes by score, best first (ties keep their retrieval order)."""
-        order = sorted(range(len(nodes)), key=lambda i: -scores[i])[: self.top_n]
-        return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in order]
 
+class _Job:
+    """One reranking's data: the query, the nodes' contents, and the ``top_n`` nodes once scored."""
 
-def _contents(nodes: Sequence[NodeWithScore]) -> list[str]:
-    return [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
+    def __init__(self, query: str, nodes: Sequence[NodeWithScore], top_n: int) -> None:
+        self.query = query
+        self.nodes = nodes
+        self.top_n = top_n
+        self.contents = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
+        self.ranked: list[NodeWithScore] = []
+
+    def rank(self, scores: Sequence[float]) -> None:
+        """Keep the ``top_n`` nodes by score, best first (ties keep their retrieval order)."""
+        order = sorted(range(len(self.nodes)), key=lambda i: -scores[i])[: self.top_n]
+        self.ranked = [NodeWithScore(node=self.nodes[i].node, score=scores[i]) for i in order]

@@ -22,7 +22,7 @@ pytest.importorskip("llama_index.core")
 import pytest_socket  # noqa: E402
 from llama_index.core import Document, VectorStoreIndex  # noqa: E402
 from llama_index.core.bridge.pydantic import ValidationError  # noqa: E402
-from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler  # noqa: E402
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload, LlamaDebugHandler  # noqa: E402
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
@@ -409,6 +409,45 @@ async def test_async_rerank_matches_sync(manager: ModelManager, monkeypatch: pyt
     assert out[0].node.node_id == "n4"  # the penguin text
     with pytest.raises(ValueError, match="query"):
         await rerank.apostprocess_nodes(given)
+
+
+@pytest.mark.parametrize("colour", ["sync", "async"])
+async def test_rerank_events_for_no_nodes_and_for_a_failure(
+    manager: ModelManager, sim: SimulatorControl, colour: str
+) -> None:
+    debug = LlamaDebugHandler()
+    seen: list[str] = []
+
+    class Collect(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            if isinstance(event, ReRankStartEvent | ReRankEndEvent):
+                seen.append(type(event).__name__)
+
+    async def run(rerank: RKLLMRerank, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
+        if colour == "sync":
+            return rerank.postprocess_nodes(nodes, query_str="q")
+        return await rerank.apostprocess_nodes(nodes, query_str="q")
+
+    root = get_dispatcher()
+    handler = Collect()
+    root.add_event_handler(handler)
+    try:
+        rerank = RKLLMRerank(model=RERANK_NAME, manager=manager, callback_manager=CallbackManager([debug]))
+        assert await run(rerank, []) == []
+        assert seen == ["ReRankStartEvent", "ReRankEndEvent"]
+        assert debug.get_event_pairs(CBEventType.RERANKING) == [] and sim.counter("inits") == 0  # nothing to score
+
+        seen.clear()
+        strict = RKLLMRerank(
+            model=RERANK_NAME, manager=manager, truncate=False, callback_manager=CallbackManager([debug])
+        )
+        with pytest.raises(ContextLengthError) as caught:
+            await run(strict, nodes_for(["word " * 20_000]))
+    finally:
+        root.event_handlers.remove(handler)
+    assert seen == ["ReRankStartEvent"]  # a failed reranking has no end event
+    (pair,) = debug.get_event_pairs(CBEventType.RERANKING)
+    assert pair[1].payload == {EventPayload.EXCEPTION: caught.value}  # the callback event ends with the error
 
 
 # ------------------------------------------------------------------------------ the whole pipeline
