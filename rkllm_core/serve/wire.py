@@ -18,6 +18,8 @@ from ..chat.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, 
 from ..chat.messages import ChatMessage, ToolCallRequest
 from ..chat.options import ChatOptions
 from ..errors import InvalidParameterError, ModelNotFoundError
+from ..models.registry import ModelInfo
+from ..params import SAMPLING_FIELDS
 
 __all__ = [
     "ChatRequest",
@@ -27,8 +29,11 @@ __all__ = [
     "chat_request",
     "embedding_request",
     "embeddings_response",
+    "models_list",
     "rerank_request",
     "rerank_response",
+    "role_chunk",
+    "usage_chunk",
     "usage_of",
 ]
 
@@ -36,7 +41,7 @@ __all__ = [
 _IGNORED = frozenset(
     {"user", "n", "logprobs", "top_logprobs", "logit_bias", "seed", "store", "metadata", "service_tier"}
 )
-_SAMPLING = ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "repeat_penalty")
+_SAMPLING = SAMPLING_FIELDS  # OpenAI's names plus the runtime's own (top_k, repeat_penalty, mirostat*)
 _KNOWN = frozenset(
     {
         "model",
@@ -281,9 +286,53 @@ def chat_chunk(event: object, completion_id: str, created: int, model: str) -> d
     }
 
 
+def role_chunk(completion_id: str, created: int, model: str) -> dict[str, Any]:
+    """A stream's first chunk: the assistant's role, with empty content."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+    }
+
+
+def usage_chunk(done: ChatDone, completion_id: str, created: int) -> dict[str, Any]:
+    """The chunk after the last one when ``stream_options.include_usage`` is set: no choices, the usage."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": done.model,
+        "choices": [],
+        "usage": usage_of(done),
+    }
+
+
 def new_completion_id() -> tuple[str, int]:
     """A fresh ``chatcmpl-…`` id and the creation time."""
     return f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+
+def models_list(infos: Sequence[ModelInfo], loaded: set[str] | frozenset[str]) -> dict[str, Any]:
+    """The ``/v1/models`` list: OpenAI's fields, plus kind, context length, whether loaded, and the file."""
+    data = [
+        {
+            "id": info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "rkllm",
+            "kind": info.kind,
+            "context_length": info.context_size,
+            "loaded": info.name in loaded,
+            "file": info.filename,
+        }
+        for info in infos
+    ]
+    return {"object": "list", "data": data}
 
 
 # -- embeddings and rerank ---------------------------------------------------------------------------------
