@@ -498,3 +498,32 @@ def test_unknown_paths_do_not_grow_the_metrics(make_client: Callable[..., httpx.
     text = run(main())
     assert 'rkllm_requests_total{code="404",endpoint="unmatched"} 20.0' in text
     assert "/no/such/path" not in text
+
+
+def test_unknown_endpoints_under_v1_are_openai_error_objects(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client() as http:
+            with pytest.raises(openai.NotFoundError) as nf:
+                await openai_client(http).completions.create(model="qwen3-0.6b", prompt="x")  # not served here
+            assert nf.value.body["type"] == "invalid_request_error"
+            assert "POST /v1/completions" in nf.value.body["message"]
+            wrong = await http.get("/v1/chat/completions")
+            assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+            assert wrong.json()["error"]["message"] == "method not allowed: GET /v1/chat/completions"
+
+    run(main())
+
+
+def test_without_the_key_every_path_but_health_is_401(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client(api_key="s3cret") as http:
+            for path in ("/metrics", "/v1/no-such-endpoint", "/no/such/path"):
+                denied = await http.get(path)
+                assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key", path
+            key = {"authorization": "Bearer s3cret"}
+            assert (await http.get("/metrics", headers=key)).status_code == 200
+            assert (await http.get("/v1/no-such-endpoint", headers=key)).status_code == 404
+            big = await http.post("/v1/embeddings", content=b"x" * 5_000_000, headers={"authorization": "Bearer no"})
+            assert big.status_code == 401  # the key is checked before the body
+
+    run(main())

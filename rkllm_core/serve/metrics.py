@@ -63,6 +63,10 @@ class ServerMetrics:
         )
         self.registry.register(_ManagerCollector(manager))
 
+    def record_request(self, endpoint: str, status: int) -> None:
+        """Count one answered HTTP request (``endpoint``: the matched route's path, or ``unmatched``)."""
+        self.requests.labels(endpoint, str(status)).inc()
+
     def record_chat(self, done: ChatDone, ttft: float | None) -> None:
         """Count one finished chat request."""
         u = done.usage

@@ -1,0 +1,164 @@
+"""OpenAI's endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/rerank``.
+
+One ``APIRouter`` over the shared dependencies of :mod:`.deps` (the API key, the JSON body, the
+server's state and its admission line) and the pure translations of :mod:`.wire`. Every failure is
+answered with OpenAI's error object by :func:`error_response`. Streams are Server-Sent Events
+ending with ``data: [DONE]``; a client that disconnects aborts its generation on the NPU (the
+response generator is closed, which closes the engine's stream).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from ..chat.engine import ChatDone, ToolCallDelta
+from ..errors import RKLLMError
+from . import wire
+from .admission import Place
+from .deps import JsonBody, State, metered, problem_of, protocol_route, require_api_key
+
+__all__ = ["PREFIX", "error_response", "router"]
+
+PREFIX = "/v1"
+"""Where this protocol's routes live (unknown paths under it get OpenAI's error object too)."""
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _error_object(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """OpenAI's error object, with the status and headers :func:`~.deps.problem_of` gives ``exc``."""
+    p = problem_of(exc)
+    body = _error_object(p.message, p.kind, p.param, p.code)
+    return JSONResponse(body, status_code=p.status, headers=dict(p.headers) or None)
+
+
+router = APIRouter(route_class=protocol_route(error_response), dependencies=[Depends(require_api_key)])
+
+
+@router.get(PREFIX + "/models")
+async def list_models(state: State) -> Response:
+    """Every model the registry lists, with kind, context length and whether it is loaded."""
+    infos = state.manager.registry.models()
+    loaded = frozenset(e.info.name for e in state.manager.loaded())
+    return JSONResponse(wire.models_list(infos, loaded))
+
+
+@router.post(PREFIX + "/chat/completions")
+async def chat_completions(body: JsonBody, state: State) -> Response:
+    """A chat completion, whole (``X-RKLLM-KV-Reused`` says whether the KV cache was reused) or streamed."""
+    cfg = state.settings
+    req = wire.chat_request(body, max_tokens_limit=cfg.max_tokens)
+    if len(req.messages) > cfg.max_messages:
+        raise wire.WireError(f"more than {cfg.max_messages} messages", "messages")
+    place = state.admit(req.model)
+    options = req.options if req.options.timeout is not None else replace(req.options, timeout=cfg.queue_timeout)
+    events = metered(state.chat.astream(req.model, req.messages, options), state.metrics, place.release)
+    completion_id, created = wire.new_completion_id()
+    if req.stream:
+        return await _streamed(events, place, req, completion_id, created)
+    try:
+        done = await _last(events)
+    finally:
+        place.release()
+    if not req.parallel_tool_calls and len(done.message.tool_calls) > 1:
+        done = replace(done, message=replace(done.message, tool_calls=done.message.tool_calls[:1]))
+    headers = {"X-RKLLM-KV-Reused": "true" if done.kv_reused else "false"}
+    return JSONResponse(wire.chat_completion(done, completion_id, created), headers=headers)
+
+
+@router.post(PREFIX + "/embeddings")
+async def embeddings(body: JsonBody, state: State) -> Response:
+    """Embeddings of one text or a list, as floats or base64."""
+    model, texts, encoding = wire.embedding_request(body)
+    with state.admit(model):
+        result = await state.embed.aembed(model, texts, timeout=state.settings.queue_timeout)
+    state.metrics.record_tokens(result.model, "embedded", result.input_tokens)
+    return JSONResponse(wire.embeddings_response(result.vectors, result.model, result.input_tokens, encoding))
+
+
+@router.post(PREFIX + "/rerank")
+async def rerank(body: JsonBody, state: State) -> Response:
+    """Documents ranked by relevance to a query (the Cohere/Jina shape)."""
+    model, query, docs, top_n, with_docs = wire.rerank_request(body)
+    with state.admit(model):
+        result = await state.embed.arerank(model, query, docs, timeout=state.settings.queue_timeout)
+    state.metrics.record_tokens(result.model, "reranked", result.input_tokens)
+    return JSONResponse(wire.rerank_response(result.scores, docs, result.model, result.input_tokens, top_n, with_docs))
+
+
+async def _last(events: AsyncGenerator[object, None]) -> ChatDone:
+    done = None
+    try:
+        async for event in events:
+            if isinstance(event, ChatDone):
+                done = event
+    finally:
+        await events.aclose()
+    assert done is not None
+    return done
+
+
+async def _streamed(
+    events: AsyncGenerator[object, None], place: Place, req: wire.ChatRequest, completion_id: str, created: int
+) -> StreamingResponse:
+    """The SSE response, once the first event is in: a bad model name is then a 4xx, not a broken stream."""
+    try:
+        first = await events.__anext__()
+    except BaseException:
+        await events.aclose()
+        place.release()
+        raise
+    return StreamingResponse(
+        _sse(first, events, req, completion_id, created),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(place.release),  # also when the stream never started
+    )
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _sse(
+    first: object, events: AsyncGenerator[object, None], req: wire.ChatRequest, completion_id: str, created: int
+) -> AsyncIterator[bytes]:
+    """The stream as SSE: a role chunk, one chunk per event, usage if asked, ``[DONE]``.
+
+    Closing this generator (the client went away) closes the engine's stream, which aborts the run.
+    """
+    event = first
+    try:
+        yield _frame(wire.role_chunk(completion_id, created, req.model))
+        while not isinstance(event, ChatDone):
+            skipped = isinstance(event, ToolCallDelta) and event.index > 0 and not req.parallel_tool_calls
+            chunk = None if skipped else wire.chat_chunk(event, completion_id, created, req.model)
+            if chunk is not None:
+                yield _frame(chunk)
+            try:
+                event = await events.__anext__()
+            except StopAsyncIteration:
+                yield _DONE
+                return
+            except RKLLMError as exc:  # after the headers: report in-band, as OpenAI does
+                yield _frame(_error_object(str(exc), "server_error"))
+                return
+        last = wire.chat_chunk(event, completion_id, created, event.model)
+        if last is not None:
+            yield _frame(last)
+        if req.include_usage:
+            yield _frame(wire.usage_chunk(event, completion_id, created))
+        yield _DONE
+    finally:
+        await events.aclose()
