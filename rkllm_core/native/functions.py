@@ -30,7 +30,7 @@ class RuntimeFunctions:
     """The exported functions of one loaded runtime, with prototypes attached.
 
     Each attribute is the ctypes function itself; the C prototype is in the
-    comment of :func:`bind` next to its ``argtypes``.
+    comment of :func:`_prototypes` above its entry.
     """
 
     abi: str
@@ -64,60 +64,65 @@ def bind(lib: ctypes.CDLL, abi: str) -> RuntimeFunctions:
     Raises:
         AttributeError: a required symbol is missing from ``lib``.
     """
-    m = _MODULES[abi]
+    bound: dict[str, Any] = {}
+    for name, (restype, *argtypes) in _prototypes(_MODULES[abi]).items():
+        if name in _OPTIONAL_SYMBOLS and not hasattr(lib, name):
+            bound[name] = None
+            continue
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+        bound[name] = fn
+    return RuntimeFunctions(abi=abi, **bound)
+
+
+# Symbols bound when the library exports them (``None`` otherwise).
+_OPTIONAL_SYMBOLS = frozenset({"rkllm_set_cross_attn_params"})
+
+
+def _prototypes(m: ModuleType) -> dict[str, tuple[Any, ...]]:
+    """The C prototypes of the ABI whose types ``m`` holds: name -> (restype, *argtypes)."""
     P_Param = POINTER(m.RKLLMParam)
     P_Input = POINTER(m.RKLLMInput)
     P_Infer = POINTER(m.RKLLMInferParam)
     P_int = POINTER(c_int)
-
-    def proto(name: str, restype: Any, *argtypes: Any) -> Any:
-        fn = getattr(lib, name)
-        fn.restype = restype
-        fn.argtypes = list(argtypes)
-        return fn
-
-    cross_attn = None
-    if hasattr(lib, "rkllm_set_cross_attn_params"):
-        # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
-        cross_attn = proto("rkllm_set_cross_attn_params", c_int, LLMHandle, POINTER(RKLLMCrossAttnParam))
-
-    return RuntimeFunctions(
-        abi=abi,
+    return {
         # RKLLMParam rkllm_createDefaultParam();
-        rkllm_createDefaultParam=proto("rkllm_createDefaultParam", m.RKLLMParam),
+        "rkllm_createDefaultParam": (m.RKLLMParam,),
         # 1.2: int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
         # 1.3: int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
-        rkllm_init=proto("rkllm_init", c_int, POINTER(LLMHandle), P_Param, m.INIT_CALLBACK_ARGTYPE),
+        "rkllm_init": (c_int, POINTER(LLMHandle), P_Param, m.INIT_CALLBACK_ARGTYPE),
         # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
-        rkllm_load_lora=proto("rkllm_load_lora", c_int, LLMHandle, POINTER(RKLLMLoraAdapter)),
+        "rkllm_load_lora": (c_int, LLMHandle, POINTER(RKLLMLoraAdapter)),
         # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
-        rkllm_load_prompt_cache=proto("rkllm_load_prompt_cache", c_int, LLMHandle, c_char_p),
+        "rkllm_load_prompt_cache": (c_int, LLMHandle, c_char_p),
         # int rkllm_release_prompt_cache(LLMHandle handle);
-        rkllm_release_prompt_cache=proto("rkllm_release_prompt_cache", c_int, LLMHandle),
+        "rkllm_release_prompt_cache": (c_int, LLMHandle),
         # int rkllm_destroy(LLMHandle handle);
-        rkllm_destroy=proto("rkllm_destroy", c_int, LLMHandle),
+        "rkllm_destroy": (c_int, LLMHandle),
         # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input,
         #               RKLLMInferParam* rkllm_infer_params, void* userdata);
-        rkllm_run=proto("rkllm_run", c_int, LLMHandle, P_Input, P_Infer, c_void_p),
+        "rkllm_run": (c_int, LLMHandle, P_Input, P_Infer, c_void_p),
         # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input,
         #                     RKLLMInferParam* rkllm_infer_params, void* userdata);
-        rkllm_run_async=proto("rkllm_run_async", c_int, LLMHandle, P_Input, P_Infer, c_void_p),
+        "rkllm_run_async": (c_int, LLMHandle, P_Input, P_Infer, c_void_p),
         # int rkllm_abort(LLMHandle handle);
-        rkllm_abort=proto("rkllm_abort", c_int, LLMHandle),
+        "rkllm_abort": (c_int, LLMHandle),
         # int rkllm_is_running(LLMHandle handle);
-        rkllm_is_running=proto("rkllm_is_running", c_int, LLMHandle),
+        "rkllm_is_running": (c_int, LLMHandle),
         # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
-        rkllm_clear_kv_cache=proto("rkllm_clear_kv_cache", c_int, LLMHandle, c_int, P_int, P_int),
+        "rkllm_clear_kv_cache": (c_int, LLMHandle, c_int, P_int, P_int),
         # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
-        rkllm_get_kv_cache_size=proto("rkllm_get_kv_cache_size", c_int, LLMHandle, P_int),
+        "rkllm_get_kv_cache_size": (c_int, LLMHandle, P_int),
         # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt,
         #                             const char* prompt_prefix, const char* prompt_postfix);
-        rkllm_set_chat_template=proto("rkllm_set_chat_template", c_int, LLMHandle, c_char_p, c_char_p, c_char_p),
+        "rkllm_set_chat_template": (c_int, LLMHandle, c_char_p, c_char_p, c_char_p),
         # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt,
         #                              const char* tools, const char* tool_response_str);
-        rkllm_set_function_tools=proto("rkllm_set_function_tools", c_int, LLMHandle, c_char_p, c_char_p, c_char_p),
-        rkllm_set_cross_attn_params=cross_attn,
-    )
+        "rkllm_set_function_tools": (c_int, LLMHandle, c_char_p, c_char_p, c_char_p),
+        # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
+        "rkllm_set_cross_attn_params": (c_int, LLMHandle, POINTER(RKLLMCrossAttnParam)),
+    }
 
 
 # Symbols every supported runtime exports; `rkllm_set_function_tools` and
