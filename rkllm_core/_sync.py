@@ -32,11 +32,12 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 __all__ = [
     "Deadline",
     "FifoLock",
+    "Reservation",
     "Waiter",
     "current_owner",
     "hold",
@@ -226,6 +227,12 @@ class FifoLock:
     thread or task that acquired it) for deadlock checks, but any thread may
     release it: a run started by one caller is released by the worker thread
     that ends it.
+
+    A place in line can be booked before its owner asks (:meth:`reserve`): the
+    model manager books the handle's turn when it grants a lease, so requests
+    use a model in the order the manager served them, whichever thread wakes
+    first. The booking is claimed by the next :meth:`acquire` of the call chain
+    that holds it (see :func:`hold`).
     """
 
     def __init__(self) -> None:
@@ -244,7 +251,7 @@ class FifoLock:
         return self._owner
 
     def waiting(self) -> int:
-        """How many callers are in line."""
+        """How many callers (and bookings) are in line."""
         return len(self._waiters)
 
     def try_acquire(self, owner: Hashable | None = None) -> bool:
@@ -255,45 +262,81 @@ class FifoLock:
             self._locked, self._owner = True, owner if owner is not None else current_owner()
             return True
 
+    def reserve(self, owner: Hashable, release: Callable[[], None] | None = None) -> Reservation:
+        """Book the next place in line for ``owner`` (granted at once when the lock is free).
+
+        Args:
+            owner: who the place is for.
+            release: what lets go of the lock if the booking is cancelled after it
+                was granted (default :meth:`release`).
+        """
+        entry = _LockWaiter(owner, None)
+        with self._mutex:
+            if not self._locked and not self._waiters:
+                self._locked, self._owner, entry.granted = True, owner, True
+            else:
+                self._waiters.append(entry)
+        return Reservation(self, entry, release or self.release)
+
     def acquire(self, timeout: float | None = None, owner: Hashable | None = None) -> bool:
         """Wait in line for the lock; False if ``timeout`` seconds passed first."""
-        waiter = self._enqueue(owner, None)
-        if waiter is None:
+        entry = self._enqueue(owner, None)
+        if entry is None:
             return True
-        if waiter.waiter.wait(timeout):
+        assert entry.waiter is not None
+        if entry.waiter.wait(timeout):
             return True
-        return self._leave(waiter)
+        return self._leave(entry)
 
     async def acquire_async(self, timeout: float | None = None, owner: Hashable | None = None) -> bool:
         """Like :meth:`acquire`, awaiting without occupying a thread; cancellation leaves the line at once."""
-        waiter = self._enqueue(owner, asyncio.get_running_loop())
-        if waiter is None:
+        entry = self._enqueue(owner, asyncio.get_running_loop())
+        if entry is None:
             return True
+        assert entry.waiter is not None
         try:
-            if await waiter.waiter.wait_async(timeout):
+            if await entry.waiter.wait_async(timeout):
                 return True
         except BaseException:
-            if self._leave(waiter):  # handed the lock just as we were cancelled: pass it on
+            if self._leave(entry):  # handed the lock just as we were cancelled: pass it on
                 self.release()
             raise
-        return self._leave(waiter)
+        return self._leave(entry)
 
     def _enqueue(self, owner: Hashable | None, loop: asyncio.AbstractEventLoop | None) -> _LockWaiter | None:
+        """Join the line (or take a booking the caller's chain holds); None if the lock is ours now."""
         me = owner if owner is not None else current_owner()
+        booking = next((x for x in held_items() if isinstance(x, Reservation) and x.lock is self), None)
         with self._mutex:
+            if booking is not None and booking.claim():
+                entry = booking.entry
+                entry.owner = me
+                if entry.granted:
+                    self._owner = me
+                    return None
+                entry.waiter = Waiter(me, loop)
+                return entry
             if not self._locked and not self._waiters:
                 self._locked, self._owner = True, me
                 return None
-            waiter = _LockWaiter(Waiter(me, loop))
-            self._waiters.append(waiter)
-            return waiter
+            entry = _LockWaiter(me, Waiter(me, loop))
+            self._waiters.append(entry)
+            return entry
 
-    def _leave(self, waiter: _LockWaiter) -> bool:
+    def _leave(self, entry: _LockWaiter) -> bool:
         """Leave the line after a timeout or cancel; True if the lock was granted in the meantime."""
         with self._mutex:
-            if waiter.granted:
+            if entry.granted:
                 return True
-            self._waiters.remove(waiter)
+            self._waiters.remove(entry)
+            return False
+
+    def _cancel(self, entry: _LockWaiter) -> bool:
+        """Drop a booking nobody claimed; True if it held the lock (the caller must let go of it)."""
+        with self._mutex:
+            if entry.granted:
+                return True
+            self._waiters.remove(entry)
             return False
 
     def release(self) -> None:
@@ -302,20 +345,59 @@ class FifoLock:
             if not self._locked:
                 raise RuntimeError("release of an unlocked FifoLock")
             while self._waiters:
-                waiter = self._waiters.popleft()
-                waiter.granted = True
-                self._owner = waiter.waiter.owner
-                if waiter.waiter.wake():
+                entry = self._waiters.popleft()
+                entry.granted = True
+                self._owner = entry.owner
+                if entry.waiter is None or entry.waiter.wake():  # a booking holds the lock until claimed
                     return
             self._locked, self._owner = False, None
 
 
 class _LockWaiter:
-    __slots__ = ("granted", "waiter")
+    __slots__ = ("granted", "owner", "waiter")
 
-    def __init__(self, waiter: Waiter) -> None:
-        self.waiter = waiter
+    def __init__(self, owner: Hashable, waiter: Waiter | None) -> None:
+        self.owner = owner
+        self.waiter = waiter  # None while a booking is not claimed
         self.granted = False
+
+
+class Reservation:
+    """A place in a :class:`FifoLock`'s line booked for an owner (see :meth:`FifoLock.reserve`).
+
+    Record it with :func:`hold` in the call chain that will use the lock: that
+    chain's next acquire takes the booked place. :meth:`cancel` gives the place up
+    (idempotent); a claimed booking is an ordinary acquisition from then on.
+    """
+
+    __slots__ = ("_release", "_state", "entry", "lock")
+
+    def __init__(self, lock: FifoLock, entry: _LockWaiter, release: Callable[[], None]) -> None:
+        self.lock = lock
+        self.entry = entry
+        self._release = release
+        self._state: Literal["booked", "claimed", "cancelled"] = "booked"
+
+    @property
+    def holding(self) -> bool:
+        """True while the booking waits to be claimed."""
+        return self._state == "booked"
+
+    def claim(self) -> bool:
+        """Take the booking (called by the lock, under its mutex); False if it is no longer booked."""
+        if self._state != "booked":
+            return False
+        self._state = "claimed"
+        return True
+
+    def cancel(self) -> None:
+        """Give the place up; if it had been granted, let go of the lock."""
+        with self.lock._mutex:
+            if self._state != "booked":
+                return
+            self._state = "cancelled"
+        if self.lock._cancel(self.entry):
+            self._release()
 
 
 _executor: ThreadPoolExecutor | None = None

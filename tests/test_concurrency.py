@@ -80,12 +80,13 @@ def make_manager(models: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl) -
 def describe(manager: ModelManager) -> str:
     """The manager's line and entries, for a failure message."""
     with manager._mutex:
-        lines = [f"acting: {manager._acting and manager._acting.info.name}"]
-        for e in manager._entries.values():
+        line = manager._policy
+        lines = [f"acting: {line.acting and line.acting.info.name}; dying: {[e.info.name for e in line.dying]}"]
+        for e in line.entries.values():
             lines.append(f"entry {e.info.name}: loading={e.loading} leases={e.leases} holders={dict(e.holders)}")
-        for r in manager._line:
+        for r in line.line:
             victims = [v.info.name for v in r.victims or ()]
-            lines.append(f"req {r.info.name} {r.state} owner={r.owner!r} lease={r.lease is not None} victims={victims}")
+            lines.append(f"req {r.info.name} {r.state} owner={r.owner!r} granted={r.granted is not None} victims={victims}")
     import sys
     import traceback
 

@@ -362,7 +362,7 @@ def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> lis
 
 
 def _init_for(opts: ChatOptions) -> InitParams | None:
-    """On 1.2 sampling and ``max_new_tokens`` pick the instance (fixed at init); on 1.3 the manager ignores them."""
+    """The request's sampling and limit as init settings; the manager keeps what selects an instance."""
     if opts.sampling is None and opts.max_new_tokens is None:
         return None
     return InitParams(sampling=opts.sampling or InitParams().sampling, max_new_tokens=opts.max_new_tokens)
@@ -372,11 +372,8 @@ def _run_kwargs(session: Session, plan: Plan, opts: ChatOptions) -> dict[str, An
     kwargs: dict[str, Any] = {"role": plan.role, "keep_history": True}
     if plan.native:
         kwargs["enable_thinking"] = plan.enable_thinking  # the built-in template's own switch
-    if session.runtime.per_run_sampling:
-        if opts.sampling is not None:
-            kwargs["sampling"] = opts.sampling
-        if opts.max_new_tokens is not None:
-            kwargs["max_new_tokens"] = opts.max_new_tokens
+    backend = session.runtime.library.backend
+    kwargs.update(backend.place_generation(None, opts.sampling, opts.max_new_tokens).run)
     if plan.cache_save is not None:
         kwargs["save_prompt_cache"] = plan.cache_save
     return kwargs

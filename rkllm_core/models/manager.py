@@ -50,19 +50,19 @@ import threading
 import time
 import warnings
 import weakref
-from collections import Counter
 from collections.abc import Generator, Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .. import preflight
-from .._sync import NESTED_GRACE_TURNS, Deadline, Waiter, describe_owner, held_items, hold, offload, unhold
+from .._sync import NESTED_GRACE_TURNS, Deadline, Reservation, Waiter, held_items, hold, offload, unhold
 from ..board import detect_board_platform, platform_matches
 from ..errors import BusyError, ContextLengthError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
-from ..params import InitParams, PerfStats, SamplingParams
+from ..params import InitParams, PerfStats
 from ..runtime.handle import RKLLMRuntime
+from .line import Action, LinePolicy, LoadedModel, Request
 from .registry import ModelInfo, ModelRegistry, require_kind
 
 logger = logging.getLogger(__name__)
@@ -72,47 +72,22 @@ __all__ = ["Lease", "LoadedModel", "ModelManager", "default_manager", "manager_f
 LONGROPE_MIN_CONTEXT = 16384
 """Models with a context above this use LongRoPE, which needs runtime >= 1.2.2."""
 
-_Key = tuple[str, InitParams]
-
-
-@dataclass(eq=False)
-class LoadedModel:
-    """Book-keeping for one loaded instance (read-only for callers)."""
-
-    info: ModelInfo
-    init: InitParams
-    runtime: RKLLMRuntime | None = None
-    loading: bool = True
-    leases: int = 0
-    holders: Counter[Hashable] = field(default_factory=Counter)  # owner (thread or task) -> leases
-    last_used: float = 0.0
-    load_order: int = 0
-    load_time_s: float = 0.0
-    estimated_mb: float = 0.0
-    measured_mb: float | None = None
-    runs: int = 0
-
-    @property
-    def memory_mb(self) -> float:
-        """Measured memory when known, else the estimate."""
-        return self.measured_mb if self.measured_mb is not None else self.estimated_mb
-
-    @property
-    def key(self) -> _Key:
-        """(friendly name, init settings): what identifies the instance."""
-        return self.info.name, self.init
-
-
 class Lease:
     """Permission to use a loaded model; the model stays loaded until released.
 
     A context manager (``with``/``async with``) that releases itself. It belongs to
-    the thread or task that asked for it, but may be released from anywhere.
+    the thread or task that asked for it, but may be released from anywhere. It
+    books the handle's next turn for its holder, so requests the manager served in
+    arrival order also run in that order; the booking goes with the first session
+    the holder's call chain opens on :attr:`runtime`, and is given up on release.
     """
 
-    def __init__(self, manager: ModelManager, entry: LoadedModel, owner: Hashable) -> None:
+    def __init__(
+        self, manager: ModelManager, entry: LoadedModel, owner: Hashable, booking: Reservation | None = None
+    ) -> None:
         self._manager = manager
         self._entry = entry
+        self._booking = booking
         self._released = False
         self.owner = owner
         assert entry.runtime is not None
@@ -142,11 +117,21 @@ class Lease:
         """Report a run's perf stats (used to measure the model's memory)."""
         self._manager._record(self._entry, stats)
 
+    def _held(self) -> Lease:
+        """Record the lease (and its booking of the handle) in the caller's chain."""
+        hold(self)
+        if self._booking is not None:
+            hold(self._booking)
+        return self
+
     def release(self) -> None:
         """Give the model back (idempotent, any thread; never blocks on native code)."""
         if not self._released:
             self._released = True
             unhold(self)
+            if self._booking is not None:
+                unhold(self._booking)
+                self._booking.cancel()
             self._manager._release(self._entry, self.owner)
 
     def __enter__(self) -> Lease:
@@ -162,43 +147,7 @@ class Lease:
         self.release()
 
 
-_Action = tuple[Literal["load"], LoadedModel] | tuple[Literal["unload"], list[LoadedModel]]
-
-
-class _Request:
-    """One request in the manager's line."""
-
-    __slots__ = (
-        "action",
-        "chain",
-        "error",
-        "info",
-        "key",
-        "lease",
-        "loaded",
-        "owner",
-        "params",
-        "seq",
-        "state",
-        "victims",
-        "waiter",
-    )
-
-    def __init__(self, info: ModelInfo, params: InitParams, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.info = info
-        self.params = params
-        self.key: _Key = (info.name, params)
-        self.waiter = Waiter(loop=loop)
-        self.owner = self.waiter.owner
-        self.state: Literal["waiting", "acting", "done", "left"] = "waiting"
-        self.lease: Lease | None = None
-        self.error: BaseException | None = None
-        self.action: _Action | None = None
-        self.victims: list[LoadedModel] | None = None
-        self.loaded = False  # this request loaded its model (its lease is not a cache hit)
-        # Models the caller's own chain holds (this task or thread, and the tasks it is waiting for).
-        self.chain = {x._entry for x in held_items() if isinstance(x, Lease)}
-        self.seq = 0  # arrival order
+_Step = tuple[Literal["act"], Action] | tuple[Literal["wait"], float | None]
 
 
 class _AsyncLease:
@@ -258,25 +207,28 @@ class ModelManager:
         if memory_budget_mb is not None and memory_budget_mb <= 0:
             raise InvalidParameterError("memory_budget_mb must be positive (or None for no limit)")
         self.registry = registry if registry is not None else ModelRegistry()
-        self.max_loaded = max_loaded
-        self.memory_budget_mb = memory_budget_mb
         self._library_arg = library
         self._abi_arg = abi
         self._preflight = preflight
         self._library: RuntimeLibrary | None = library if isinstance(library, RuntimeLibrary) else None
         self._library_lock = threading.Lock()
         self._mutex = threading.Lock()
-        self._entries: dict[_Key, LoadedModel] = {}
-        self._line: list[_Request] = []
-        self._acting: _Request | None = None  # the request currently loading or unloading
-        self._unloading: dict[LoadedModel, int] = {}  # unload() waits for their leases: none for later arrivals
-        self._arrivals = 0
+        self._policy = LinePolicy(max_loaded, memory_budget_mb, self._memory_shortfall_mb)
+        self._granted: dict[Request, Lease] = {}  # leases granted, not yet taken by their requests
         self._watchers: list[Waiter] = []  # unload() callers waiting for leases to end
-        self._load_counter = 0
-        self._closed = False
         self.stats = {"loads": 0, "unloads": 0, "load_failures": 0, "hits": 0}
         self._board_platform: str | None | bool = False  # False: not read yet
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    @property
+    def max_loaded(self) -> int | None:
+        """Most instances in memory at once (``None``: no limit)."""
+        return self._policy.max_loaded
+
+    @property
+    def memory_budget_mb(self) -> float | None:
+        """Most estimated memory in MB (``None``: no limit)."""
+        return self._policy.memory_budget_mb
 
     # -- library ---------------------------------------------------------------------------------
     @property
@@ -338,21 +290,20 @@ class ModelManager:
             InitError: the runtime refused the model.
         """
         req = self._enter(name, init, None, kinds)
-        deadline = Deadline(timeout)
-        handed = False
+        flow = self._lease_flow(req, timeout)
         try:
+            step = next(flow)
             while True:
-                lease, action = self._step(req)
-                if lease is not None:
-                    handed = True
-                    hold(lease)
-                    return lease
-                if action is not None:
-                    self._act(req, action)
-                elif not req.waiter.wait(deadline.remaining()):
-                    self._timed_out(req, timeout)
+                if step[0] == "act":
+                    self._act(req, step[1])
+                    step = flow.send(True)
+                else:
+                    step = flow.send(req.waiter.wait(step[1]))
+        except StopIteration as done:
+            lease: Lease = done.value
+            return lease
         finally:
-            self._leave(req, handed)
+            flow.close()
 
     def alease(
         self,
@@ -373,7 +324,6 @@ class ModelManager:
     async def _alease(
         self, name: str, init: InitParams | None, timeout: float | None, kinds: tuple[Sequence[str], str] | None
     ) -> Lease:
-        deadline = Deadline(timeout)
         if self._library is None:
             await offload(lambda: self.library)  # dlopen and fingerprinting are file I/O: keep them off the loop
         for turn in range(NESTED_GRACE_TURNS + 1):
@@ -384,17 +334,40 @@ class ModelManager:
                 if exc.reason != "deadlock" or turn == NESTED_GRACE_TURNS:
                     raise
                 await asyncio.sleep(0)
+        flow = self._lease_flow(req, timeout)
+        try:
+            step = next(flow)
+            while True:
+                if step[0] == "act":
+                    await offload(self._act, req, step[1])
+                    step = flow.send(True)
+                else:
+                    step = flow.send(await req.waiter.wait_async(step[1]))
+        except StopIteration as done:
+            lease: Lease = done.value
+            return lease
+        finally:
+            flow.close()
+
+    def _lease_flow(self, req: Request, timeout: float | None) -> Generator[_Step, bool, Lease]:
+        """The steps of one request, written once: yields what to do, receives whether a wait was woken.
+
+        The sync and async drivers (:meth:`lease`, :meth:`_alease`) only do the steps:
+        an ``("act", action)`` load or unload, or a ``("wait", seconds)``. Closing the
+        generator (a cancel, a timeout, an error) leaves the line.
+        """
+        deadline = Deadline(timeout)
         handed = False
         try:
             while True:
                 lease, action = self._step(req)
                 if lease is not None:
                     handed = True
-                    hold(lease)
-                    return lease
+                    held: Lease = lease._held()
+                    return held
                 if action is not None:
-                    await offload(self._act, req, action)
-                elif not await req.waiter.wait_async(deadline.remaining()):
+                    yield ("act", action)
+                elif not (yield ("wait", deadline.remaining())):
                     self._timed_out(req, timeout)
         finally:
             self._leave(req, handed)
@@ -402,18 +375,18 @@ class ModelManager:
     def loaded(self) -> list[LoadedModel]:
         """Snapshot of loaded (or loading) instances, oldest load first."""
         with self._mutex:
-            return sorted(self._entries.values(), key=lambda e: e.load_order)
+            return sorted(self._policy.entries.values(), key=lambda e: e.load_order)
 
     def is_loaded(self, name: str) -> bool:
         """True if some instance of ``name`` is loaded."""
         info = self.resolve(name)
         with self._mutex:
-            return any(k[0] == info.name and not e.loading for k, e in self._entries.items())
+            return any(k[0] == info.name and not e.loading for k, e in self._policy.entries.items())
 
     def waiting(self) -> int:
         """How many requests are in line (waiting, loading or unloading)."""
         with self._mutex:
-            return len(self._line)
+            return len(self._policy.line)
 
     def unload(self, name: str, *, timeout: float | None = None) -> int:
         """Unload every instance of ``name`` once its leases end (no new ones are granted). Returns the count.
@@ -431,14 +404,12 @@ class ModelManager:
             while True:
                 with self._mutex:
                     waiter.reset()
-                    entries = [e for k, e in self._entries.items() if k[0] == info.name]
+                    entries = [e for k, e in self._policy.entries.items() if k[0] == info.name]
                     idle = [e for e in entries if e.leases == 0 and not e.loading]
-                    for e in idle:
-                        del self._entries[e.key]
+                    self._policy.retire(idle)
                     busy = {e for e in entries if e.leases or e.loading}
                     mine |= busy
-                    for e in busy:
-                        self._unloading.setdefault(e, self._arrivals)
+                    self._policy.mark_unloading(busy)
                 if not entries:
                     return count
                 self._close_entries(idle)
@@ -450,19 +421,15 @@ class ModelManager:
         finally:
             with self._mutex:
                 self._watchers.remove(waiter)
-                for e in mine:
-                    self._unloading.pop(e, None)
+                self._policy.unmark_unloading(mine)
                 self._pump()
 
     def close(self) -> None:
         """Close every loaded handle, newest first (waits, bounded, for running generations)."""
         with self._mutex:
-            self._closed = True
-            entries = sorted(self._entries.values(), key=lambda e: e.load_order, reverse=True)
-            self._entries.clear()
-            self._unloading.clear()
-            for req in self._line:
-                if req.state == "waiting":
+            entries = self._policy.close()
+            for req in self._policy.line:
+                if req.pending:
                     req.error = RKLLMError("the model manager was closed")
                     req.waiter.wake()
         for e in entries:
@@ -475,88 +442,65 @@ class ModelManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the line ----------------------------------------------------------------------------------
+    # -- the line (the policy decides, under the mutex; the I/O happens here, outside it) -------------
     def _enter(
         self,
         name: str,
         init: InitParams | None,
         loop: asyncio.AbstractEventLoop | None,
         kinds: tuple[Sequence[str], str] | None = None,
-    ) -> _Request:
+    ) -> Request:
         """Validate a request and put it in line (the checks that need no waiting happen here)."""
         info = self.resolve(name)
         if kinds is not None:
             require_kind(info, *kinds)
-        if init is not None and self.library.backend.per_run_sampling:
-            # Sampling and max_new_tokens are per run on 1.3: one instance (initialised with the
-            # registry's defaults) serves every request.
-            init = replace(init, sampling=SamplingParams(), max_new_tokens=None)
-        params = self.init_params_for(info, init)
+        params = self.init_params_for(info, self.library.backend.place_generation(init).instance)
         self._check_runtime_supports(info)
-        req = _Request(info, params, loop)
+        chain = {x._entry for x in held_items() if isinstance(x, Lease)}
+        req = Request(info, params, Waiter(loop=loop), chain)
         with self._mutex:
-            if self._closed:
+            if self._policy.closed:
                 raise RKLLMError("the model manager is closed")
-            self._check_self_deadlock(req)
-            self._arrivals += 1
-            req.seq = self._arrivals
-            self._line.append(req)
+            self._policy.arrive(req)
             self._pump()
         return req
 
-    def _step(self, req: _Request) -> tuple[Lease | None, _Action | None]:
+    def _step(self, req: Request) -> tuple[Lease | None, Action | None]:
         """What to do next: take the lease, do the assigned load/unload, or wait (both None)."""
         with self._mutex:
             req.waiter.reset()
             if req.error is not None:
                 error, req.error = req.error, None
                 raise error
-            if req.lease is not None:
-                return req.lease, None
-            if req.action is not None:
-                action, req.action = req.action, None
-                return None, action
-            return None, None
+            lease = self._granted.pop(req, None)
+            if lease is not None:
+                return lease, None
+            return None, self._policy.take_action(req)
 
-    def _timed_out(self, req: _Request, timeout: float | None) -> None:
+    def _timed_out(self, req: Request, timeout: float | None) -> None:
         with self._mutex:
-            if req.lease is not None or req.action is not None or req.error is not None:
+            if req in self._granted or req.action is not None or req.error is not None:
                 return  # granted in the meantime: the next step takes it
-            what = "every loaded model is in use" if self._entries else "other requests are ahead in line"
+            what = "every loaded model is in use" if self._policy.entries else "other requests are ahead in line"
             raise BusyError(
-                f"no room for {req.info.name} within {timeout} s: {what} ({self._describe_loaded()})",
+                f"no room for {req.info.name} within {timeout} s: {what} ({self._policy.describe()})",
                 waited=timeout,
             )
 
-    def _leave(self, req: _Request, handed: bool) -> None:
+    def _leave(self, req: Request, handed: bool) -> None:
         """The request is over (served, failed, timed out or cancelled): leave the line.
 
         A lease granted just as the caller gave up is released again; a load or
         unload in progress finishes on its own thread and publishes its result.
         """
         with self._mutex:
-            if req in self._line:
-                self._line.remove(req)
-            if req.state != "done":
-                req.state = "left"
-            orphan = req.lease if not handed else None
-            if req.action is not None:  # assigned a load/unload it will never do: undo the assignment
-                kind, payload = req.action
-                if kind == "load":
-                    assert isinstance(payload, LoadedModel)
-                    self._entries.pop(payload.key, None)
-                else:
-                    assert isinstance(payload, list)
-                    for victim in payload:
-                        self._entries[victim.key] = victim
-                req.action = None
-                if self._acting is req:
-                    self._acting = None
+            self._policy.leave(req)
+            orphan = self._granted.pop(req, None) if not handed else None
             self._pump()
         if orphan is not None:
             orphan.release()
 
-    def _act(self, req: _Request, action: _Action) -> None:
+    def _act(self, req: Request, action: Action) -> None:
         """Do a load or an unload the line assigned to ``req`` (outside the lock), then publish."""
         kind, payload = action
         if kind == "unload":
@@ -565,179 +509,83 @@ class ModelManager:
                 self._close_entries(payload)
             finally:
                 with self._mutex:
-                    self._acting = None
-                    if req.state == "acting":
-                        req.state = "waiting"
+                    self._policy.unloaded(req)
                     self._pump()
             return
         assert isinstance(payload, LoadedModel)
-        entry = payload
+        self._load(req, payload)
+
+    def _load(self, req: Request, entry: LoadedModel) -> None:
         t0 = time.perf_counter()
         try:
             runtime = RKLLMRuntime(entry.info.path, params=entry.init, library=self.library, preflight=self._preflight)
         except BaseException as exc:
             with self._mutex:
-                self._entries.pop(entry.key, None)
                 self.stats["load_failures"] += 1
-                self._acting = None
-                for other in self._line:  # everyone waiting for this instance gets the same answer
-                    if other.key == entry.key and other.state in ("waiting", "acting") and other.error is None:
-                        other.error = exc
-                        other.state = "waiting"
-                        other.waiter.wake()
+                failed = self._policy.load_failed(entry, exc)
                 self._pump()
+            for waiter in failed:
+                waiter.wake()
             return
         with self._mutex:
-            entry.runtime = runtime
-            entry.loading = False
-            entry.load_time_s = time.perf_counter() - t0
-            entry.last_used = time.monotonic()
             self.stats["loads"] += 1
-            self._acting = None
-            req.loaded = True
-            if req.state == "acting":
-                req.state = "waiting"
-            if self._closed:
-                self._entries.pop(entry.key, None)
+            self._policy.loaded(req, entry, runtime, time.perf_counter() - t0)
             logger.info("loaded %s in %.2f s", entry.info.name, entry.load_time_s)
+            closed = self._policy.closed
+            if closed:
+                self._policy.retire([entry])
             self._pump()
-        if self._closed:
+        if closed:
             runtime.close()
 
     def _close_entries(self, entries: list[LoadedModel]) -> None:
+        """Destroy retired instances; each stays counted against the budget until its handle is gone."""
         for entry in entries:
-            if entry.runtime is not None:
-                try:
-                    entry.runtime.close()
-                except Exception:  # pragma: no cover - close never raises for an idle handle
-                    logger.exception("closing %s failed", entry.info.name)
+            if entry.runtime is None:
+                continue
+            with self._mutex:
+                self._watch_destroy(entry)
+            try:
+                entry.runtime.close()
+            except Exception:  # pragma: no cover - close never raises for an idle handle
+                logger.exception("closing %s failed", entry.info.name)
             with self._mutex:
                 self.stats["unloads"] += 1
             logger.info("unloaded %s", entry.info.name)
 
-    def _pump(self) -> None:
-        """Serve the line (called with the lock held after every change). Never calls native code.
+    def _watch_destroy(self, entry: LoadedModel) -> None:
+        """Free ``entry``'s room in the budget once its handle is destroyed (called with the lock held)."""
+        assert entry.runtime is not None
 
-        1. Forget handles their users closed. 2. In arrival order, requests for loaded
-        models get leases; the earliest request whose model is not loaded (the head)
-        plans its load or swap when its turn comes, marking the models it must unload
-        as draining, after which later requests for those models wait. 3. A swap whose
-        every blocker is itself stuck in the line is refused.
+        def destroyed() -> None:
+            with self._mutex:
+                self._policy.destroyed(entry)
+                self._pump()
+
+        if entry.runtime.when_destroyed(destroyed):
+            self._policy.destroyed(entry)
+
+    def _pump(self) -> None:
+        """Let the policy serve the line, then do what it decided (called with the lock held).
+
+        Handles closed by their users are retired first (their room is free once destroyed).
+        Each lease books its handle's next turn as it is granted, so the requests the line
+        serves together use the model in arrival order.
         """
-        for key, loaded in list(self._entries.items()):
-            if loaded.runtime is not None and loaded.runtime.closed:  # closed by its user: forget it
-                del self._entries[key]
-                logger.info("%s was closed by its user; it will be reloaded when asked for", loaded.info.name)
-        for gone in [e for e in self._unloading if self._entries.get(e.key) is not e]:
-            del self._unloading[gone]
-        draining: set[LoadedModel] = set()  # chosen by the head to make room
-        woken: list[Waiter] = []
-        waiting = [r for r in self._line if r.state == "waiting" and r.lease is None and r.error is None]
-        head = None
-        if self._acting is None:
-            head = next((r for r in waiting if r.key not in self._entries), None)
-        draining_for_head = False
-        before_head = True
-        for req in waiting:
-            if req is head:
-                before_head = False
-                if self._plan_room(head):
-                    woken.append(head.waiter)
-                else:
-                    draining_for_head = True
-                    draining.update(head.victims or ())
-                continue
-            entry = self._entries.get(req.key)
-            if entry is None or entry.loading:
-                continue
-            if entry not in req.chain:  # a chain that holds the model already never waits for it
-                if req.seq > self._unloading.get(entry, req.seq) or (entry in draining and not before_head):
-                    continue  # waits behind the unload, or the swap that chose this model
-            self._grant(req, entry)
-            woken.append(req.waiter)
-        if head is not None and draining_for_head and head.victims:
-            blockers = {owner for v in head.victims for owner in v.holders}
-            stuck = {r.owner for r in self._line if r is not head and r.state == "waiting" and r.lease is None}
-            if blockers and blockers <= stuck:
-                head.victims = None
-                head.error = BusyError(
-                    f"{head.info.name} needs the room of models whose every user is itself waiting in line for a "
-                    "model: waiting would never end (raise max_loaded/memory_budget_mb, or release leases "
-                    "before asking for another model)",
-                    reason="deadlock",
-                )
-                woken.append(head.waiter)
-        for w in woken:
+        for entry in self._policy.closed_by_user():
+            logger.info("%s was closed by its user; it will be reloaded when asked for", entry.info.name)
+            self._watch_destroy(entry)
+        decision = self._policy.pump()
+        for req in decision.grants:
+            granted = req.granted
+            assert granted is not None and granted.runtime is not None
+            if not req.loaded:
+                self.stats["hits"] += 1
+            self._granted[req] = Lease(self, granted, req.owner, granted.runtime.reserve(req.owner))
+        for w in decision.wake:
             w.wake()
         for w in self._watchers:
             w.wake()
-
-    def _plan_room(self, req: _Request) -> bool:
-        """Decide for the head of the load line; True if it was given something to do now."""
-        victims = req.victims
-        if victims is None or any(self._entries.get(v.key) is not v for v in victims):
-            victims = self._choose_victims(req)
-            req.victims = victims
-        if victims is None:
-            req.error = BusyError(self._deadlock_message(req), reason="deadlock")
-            return True
-        if not victims:
-            self._load_counter += 1
-            entry = LoadedModel(
-                info=req.info, init=req.params, load_order=self._load_counter, estimated_mb=self._estimate_mb(req.info)
-            )
-            self._entries[req.key] = entry
-            self._start_acting(req, ("load", entry))
-            return True
-        if all(v.leases == 0 for v in victims):
-            for v in victims:
-                del self._entries[v.key]
-            req.victims = None
-            self._start_acting(req, ("unload", victims))
-            return True
-        return False
-
-    def _start_acting(self, req: _Request, action: _Action) -> None:
-        self._acting = req
-        req.state = "acting"
-        req.action = action
-
-    def _fits(self, count: int, used_mb: float, need_mb: float) -> bool:
-        count_ok = self.max_loaded is None or count + 1 <= self.max_loaded
-        mem_ok = self.memory_budget_mb is None or count == 0 or used_mb + need_mb <= self.memory_budget_mb
-        return count_ok and mem_ok
-
-    def _choose_victims(self, req: _Request) -> list[LoadedModel] | None:
-        """[] if the model fits now; the models to unload for it; None if only its own owner's could make room.
-
-        Beyond the budget, when pre-flight checks are on, idle models are also unloaded while the
-        system lacks the memory the load needs (if unloading them can cover it).
-        """
-        entries = list(self._entries.values())
-        need = self._estimate_mb(req.info)
-        count, used = len(entries), sum(e.memory_mb for e in entries)
-        short = self._memory_shortfall_mb(req.info)
-        if self._fits(count, used, need) and short <= 0:
-            return []
-        waiting = {r.owner for r in self._line if r.state == "waiting"}
-        candidates = [e for e in entries if not e.loading and e not in req.chain]
-        # Idle first, then those whose users are not stuck in this line, then least recently used.
-        candidates.sort(key=lambda e: (e.leases > 0, bool(set(e.holders) & waiting), e.last_used))
-        victims: list[LoadedModel] = []
-        for e in candidates:
-            if self._fits(count, used, need):
-                break
-            victims.append(e)
-            count, used = count - 1, used - e.memory_mb
-        if not self._fits(count, used, need):
-            return None
-        idle = [e for e in candidates if e.leases == 0 and e not in victims]
-        if short > 0 and short <= sum(e.memory_mb for e in victims + idle):
-            for e in idle:  # free the system's memory too (else the pre-flight check refuses the load)
-                if short <= sum(v.memory_mb for v in victims):
-                    break
-                victims.append(e)
-        return victims
 
     def _memory_shortfall_mb(self, info: ModelInfo) -> float:
         """MB the system lacks to load ``info`` (0 when enough, unknown, or pre-flight checks are off)."""
@@ -747,54 +595,16 @@ class ModelManager:
         available = preflight.memory_available_mb(preflight.SYSTEM_ROOT)
         return 0.0 if available is None else preflight.memory_needed_mb(info.file_size) - available
 
-    def _check_self_deadlock(self, req: _Request) -> None:
-        """A request that only its own leases could make room for is refused at once."""
-        mine = [e for e in self._entries.values() if e in req.chain]
-        if not mine or req.key in self._entries:
-            return
-        if not self._fits(len(mine), sum(e.memory_mb for e in mine), self._estimate_mb(req.info)):
-            raise BusyError(self._deadlock_message(req), reason="deadlock")
-
-    def _deadlock_message(self, req: _Request) -> str:
-        mine = ", ".join(e.info.name for e in self._entries.values() if e in req.chain) or "nothing"
-        return (
-            f"{describe_owner(req.owner)} holds {mine} and asks for {req.info.name}, which needs that room: "
-            "it would wait for itself. Finish (or close the stream of) the first request before asking for "
-            "another model, or raise max_loaded/memory_budget_mb"
-        )
-
-    def _grant(self, req: _Request, entry: LoadedModel) -> None:
-        entry.leases += 1
-        entry.holders[req.owner] += 1
-        entry.last_used = time.monotonic()
-        if not req.loaded:
-            self.stats["hits"] += 1
-        req.lease = Lease(self, entry, req.owner)
-        req.state = "done"
-
     def _release(self, entry: LoadedModel, owner: Hashable) -> None:
         with self._mutex:
-            entry.leases -= 1
-            entry.holders[owner] -= 1
-            if entry.holders[owner] <= 0:
-                del entry.holders[owner]
-            entry.last_used = time.monotonic()
+            self._policy.release(entry, owner)
             self._pump()
 
     def _record(self, entry: LoadedModel, stats: PerfStats | None) -> None:
         with self._mutex:
             entry.runs += 1
-            if stats is not None and stats.memory_usage_mb > 0 and len(self._entries) == 1:
+            if stats is not None and stats.memory_usage_mb > 0 and len(self._policy.entries) == 1:
                 entry.measured_mb = float(stats.memory_usage_mb)
-
-    def _estimate_mb(self, info: ModelInfo) -> float:
-        for (name, _), e in self._entries.items():
-            if name == info.name and e.measured_mb is not None:
-                return e.measured_mb
-        return info.file_size / (1024 * 1024)
-
-    def _describe_loaded(self) -> str:
-        return ", ".join(f"{e.info.name} ({e.leases} in use)" for e in self._entries.values()) or "none loaded"
 
     def _check_runtime_supports(self, info: ModelInfo) -> None:
         lib = self.library

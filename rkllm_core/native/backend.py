@@ -10,7 +10,7 @@ must stay alive while the runtime may read them.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import InvalidParameterError
@@ -27,7 +27,7 @@ from .structs import (
     RKLLMPromptCacheParam,
 )
 
-__all__ = ["Backend", "RunRequest", "backend_for"]
+__all__ = ["Backend", "GenerationSettings", "RunRequest", "backend_for"]
 
 _EXTEND_FIELDS = ("enabled_cpus_num", "enabled_cpus_mask", "n_batch", "embed_flash", "base_domain_id")
 
@@ -50,6 +50,26 @@ class RunRequest:
     mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationSettings:
+    """Where a request's sampling and ``max_new_tokens`` go (see :meth:`Backend.place_generation`).
+
+    Attributes:
+        instance: the init settings that select the instance (what a model manager keys
+            instances by), or ``None`` for the model's defaults.
+        run: the keyword arguments of the run (``sampling``, ``max_new_tokens``) that are set.
+    """
+
+    instance: InitParams | None
+    run: dict[str, Any]
+
+
+_PER_RUN_ONLY = (
+    "per-run sampling and max_new_tokens need the 1.3 runtime; on 1.2 they are fixed at init "
+    "(pass them in InitParams, or let the model manager re-initialise)"
+)
+
+
 class Backend:
     """Builds the ABI's structs; subclasses exist per ABI.
 
@@ -65,6 +85,47 @@ class Backend:
 
     def __init__(self, functions: RuntimeFunctions) -> None:
         self.functions = functions
+
+    # -- sampling: per run or per instance --------------------------------------------------------------
+    def place_generation(
+        self,
+        init: InitParams | None = None,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+    ) -> GenerationSettings:
+        """Decide where sampling and ``max_new_tokens`` go: the one place that rule lives.
+
+        On 1.3 they are per run, so one instance (with the model's defaults) serves every
+        request; on 1.2 they are fixed at ``rkllm_init``, so they select the instance.
+        ``sampling``/``max_new_tokens`` take precedence over those in ``init``.
+
+        Args:
+            init: init settings asked for (may carry sampling and ``max_new_tokens``).
+            sampling: a request's sampling.
+            max_new_tokens: a request's generation limit.
+        """
+        base = init or InitParams()
+        merged = base.sampling.merged(sampling)
+        limit = max_new_tokens if max_new_tokens is not None else base.max_new_tokens
+        if self.per_run_sampling:
+            run: dict[str, Any] = {}
+            if not merged.is_empty():
+                run["sampling"] = merged
+            if limit is not None:
+                run["max_new_tokens"] = limit
+            instance = replace(base, sampling=SamplingParams(), max_new_tokens=None)
+            return GenerationSettings(None if instance == InitParams() else instance, run)
+        instance = replace(base, sampling=merged, max_new_tokens=limit)
+        return GenerationSettings(None if instance == InitParams() else instance, {})
+
+    def check_run_settings(self, sampling: SamplingParams | None, max_new_tokens: int | None) -> None:
+        """Refuse per-run sampling or ``max_new_tokens`` where the runtime has none (1.2).
+
+        Raises:
+            InvalidParameterError: set on a 1.2 runtime.
+        """
+        if not self.per_run_sampling and (sampling is not None or max_new_tokens is not None):
+            raise InvalidParameterError(_PER_RUN_ONLY)
 
     # -- init ----------------------------------------------------------------------------------------
     def default_param(self) -> Any:
@@ -192,11 +253,7 @@ class Backend:
         return inp, infer, tuple(keep)
 
     def _per_run(self, infer: Any, req: RunRequest, keep: list[Any]) -> None:
-        if req.sampling is not None or req.max_new_tokens is not None:
-            raise InvalidParameterError(
-                "per-run sampling and max_new_tokens need the 1.3 runtime; on 1.2 they are fixed at init "
-                "(pass them in InitParams, or let the model manager re-initialise)"
-            )
+        self.check_run_settings(req.sampling, req.max_new_tokens)
 
 
 class _Backend12(Backend):

@@ -45,6 +45,7 @@ from .. import preflight as preflight_checks
 from .._sync import (
     NESTED_GRACE_TURNS,
     FifoLock,
+    Reservation,
     current_owner,
     describe_owner,
     held_items,
@@ -165,6 +166,7 @@ class _HandleState:
         self.kv = KVState()
         self.chat_setup: tuple[str, str, str, str] | None = None  # last template / tools installed
         self.prompt_cache: str | None = None  # the loaded prompt cache file
+        self.on_destroyed: list[Callable[[], None]] = []  # called once the native handle is gone
 
     # -- runs and jobs ----------------------------------------------------------------------------
     def abort_run(self, run: Run) -> bool:
@@ -238,8 +240,23 @@ class _HandleState:
             if rc != 0:
                 logger.warning("rkllm_destroy returned %d for %s", rc, self.name)
         finally:
-            self.destroyed_event.set()
+            with self.mutex:
+                self.destroyed_event.set()
+                callbacks, self.on_destroyed = self.on_destroyed, []
             logger.info("closed %s", self.name)
+            for fn in callbacks:
+                try:
+                    fn()
+                except Exception:  # pragma: no cover - a listener's bug must not break the destroy
+                    logger.exception("a listener of %s's destroy failed", self.name)
+
+    def when_destroyed(self, fn: Callable[[], None]) -> bool:
+        """Call ``fn`` once the native handle is destroyed; True (and no call) if it already is."""
+        with self.mutex:
+            if self.destroyed_event.is_set():
+                return True
+            self.on_destroyed.append(fn)
+            return False
 
     # -- close ----------------------------------------------------------------------------------------
     def close(self, wait: float | None) -> bool:
@@ -740,6 +757,30 @@ class RKLLMRuntime:
         """Abort the current run, if any. Returns True if a run was aborted. Does not wait."""
         return self._state.abort_current()
 
+    @property
+    def destroyed(self) -> bool:
+        """True once the native handle is destroyed (its memory is free)."""
+        return self._state.destroyed_event.is_set()
+
+    def when_destroyed(self, fn: Callable[[], None]) -> bool:
+        """Call ``fn`` (from whichever thread destroys the handle) once it is destroyed.
+
+        Returns True, without calling ``fn``, if the handle is destroyed already.
+        """
+        return self._state.when_destroyed(fn)
+
+    def reserve(self, owner: Hashable) -> Reservation | None:
+        """Book the handle's next turn for ``owner`` (``None`` once closed).
+
+        The model manager books it when it grants a lease, so the requests it serves
+        use the handle in the order it served them. The booking is claimed by the
+        next session of the call chain that holds it (:func:`~rkllm_core._sync.hold`),
+        and must be cancelled if it is never used.
+        """
+        if self._state.closed:
+            return None
+        return self._state.lock.reserve(owner, release=self._state.unlock)
+
     def session(self, timeout: float | None = None) -> Session:
         """Exclusive use of this handle: ``with rt.session() as s`` or ``async with rt.session() as s``.
 
@@ -780,11 +821,7 @@ class RKLLMRuntime:
             sampling = None
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
             raise InvalidParameterError("max_new_tokens must be an int")
-        if not self.per_run_sampling and (sampling is not None or max_new_tokens is not None):
-            raise InvalidParameterError(
-                "per-run sampling and max_new_tokens need the 1.3 runtime; on 1.2 they are fixed at init "
-                "(pass them in InitParams, or let the model manager re-initialise)"
-            )
+        self.library.backend.check_run_settings(sampling, max_new_tokens)
         full: SamplingParams | None = None
         if sampling is not None:
             merged = self.params.sampling.merged(sampling).as_dict()

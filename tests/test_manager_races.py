@@ -1,0 +1,184 @@
+"""Promises of the model manager that only races break, each in a loop.
+
+Every loop runs ``RKLLM_RACE_LOOPS`` rounds (default 20): a race that breaks a
+promise in 1 run of 6 is caught with probability 1 - (5/6)**20 > 0.97, and
+``RKLLM_RACE_LOOPS=200`` makes a long hunt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native.library import RuntimeLibrary
+from rkllm_core.sim import SimulatorControl, make_model
+
+LOOPS = int(os.environ.get("RKLLM_RACE_LOOPS", "20"))
+A, B = "qwen3-0.6b", "gemma3-270m"
+
+
+@pytest.fixture
+def manager(model_dir: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl) -> Iterator[ModelManager]:
+    make_model(model_dir, "Qwen3-0.6B-w8a8-rk3588.rkllm", size_mb=1)
+    make_model(model_dir, "gemma-3-270m-it_w8a8.rkllm", size_mb=1)
+    m = ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib, max_loaded=1)
+    yield m
+    m.close()
+
+
+def _until(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    """Wait for a state change another thread makes (bounded only against a hang, never a margin)."""
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, f"never happened: {what}"
+        time.sleep(0.001)
+
+
+def _load(m: ModelManager, name: str) -> None:
+    with m.lease(name) as lease:
+        lease.runtime.generate("warm")
+
+
+def test_the_request_that_triggers_a_swap_is_served_first(manager: ModelManager, sim: SimulatorControl) -> None:
+    """Three threads ask for a model that must be swapped in: they use it in arrival order."""
+    sim.set("init_delay_ms", 20)
+    for _ in range(LOOPS):
+        _load(manager, A)
+        order: list[str] = []
+        errors: list[BaseException] = []
+
+        def ask(who: str) -> None:
+            try:
+                with manager.lease(B, timeout=60) as lease, lease.runtime.session(timeout=60) as s:
+                    order.append(who)
+                    s.generate(who)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = []
+        for i, who in enumerate("ABC"):
+            t = threading.Thread(target=ask, args=(who,))
+            t.start()
+            threads.append(t)
+            _until(lambda n=i + 1: manager.waiting() + len(order) >= n, f"{who} in line")
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert order == ["A", "B", "C"]
+
+
+async def test_the_task_that_triggers_a_swap_is_served_first(manager: ModelManager, sim: SimulatorControl) -> None:
+    """The same with tasks, whose load runs on the core's executor."""
+    sim.set("init_delay_ms", 20)
+    for _ in range(LOOPS):
+        await asyncio.to_thread(_load, manager, A)
+        order: list[str] = []
+
+        async def ask(who: str) -> None:
+            async with manager.alease(B, timeout=60) as lease, lease.runtime.session(timeout=60) as s:
+                order.append(who)
+                async for _ in s.astream(who):
+                    pass
+
+        tasks = []
+        for i, who in enumerate("ABC"):
+            tasks.append(asyncio.create_task(ask(who)))
+            while manager.waiting() + len(order) < i + 1:
+                await asyncio.sleep(0.001)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert order == ["A", "B", "C"]
+
+
+def test_unload_racing_a_load_never_holds_two_models(manager: ModelManager, sim: SimulatorControl) -> None:
+    """With max_loaded=1, unload(A) in one thread while another asks for B: never two models in memory."""
+    sim.set("destroy_delay_ms", 5)
+    sim.reset()
+    for _ in range(LOOPS):
+        _load(manager, A)
+        barrier = threading.Barrier(2)
+
+        def unload() -> None:
+            barrier.wait()
+            manager.unload(A, timeout=60)
+
+        def ask() -> None:
+            barrier.wait()
+            _load(manager, B)
+
+        threads = [threading.Thread(target=unload), threading.Thread(target=ask)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        manager.unload(B, timeout=60)
+        assert sim.counter("max_resident_handles") <= 1
+
+
+def test_a_load_waits_until_an_unloaded_model_is_destroyed(manager: ModelManager, sim: SimulatorControl) -> None:
+    """B is asked for while A's handle is being destroyed: B's init starts only after A's memory is free."""
+    sim.set("destroy_delay_ms", 10)
+    for _ in range(LOOPS):
+        _load(manager, A)
+        sim.reset()
+        unloader = threading.Thread(target=manager.unload, args=(A,), kwargs={"timeout": 60})
+        unloader.start()
+        _until(lambda: not manager.loaded(), "A taken out of service")
+        _load(manager, B)
+        unloader.join(60)
+        manager.unload(B, timeout=60)
+        assert sim.counter("max_resident_handles") <= 1
+
+
+def test_a_handle_its_user_closed_mid_run_keeps_its_room_until_destroyed(
+    manager: ModelManager, sim: SimulatorControl
+) -> None:
+    """A user closes A's handle during a run (the destroy waits for the run): B loads only after it."""
+    sim.set("token_delay_ms", 1)
+    for _ in range(LOOPS):
+        sim.reset()
+        with manager.lease(A) as lease:
+            stream = lease.runtime.stream("a long answer " * 8)
+            next(iter(stream))
+            lease.runtime.close(timeout=0)  # aborts the run; the handle is destroyed once it returns
+            asker = threading.Thread(target=_load, args=(manager, B))
+            asker.start()
+            stream.close()
+        asker.join(60)
+        assert not asker.is_alive()
+        manager.unload(B, timeout=60)
+        assert sim.counter("max_resident_handles") <= 1
+
+
+async def test_cancelled_and_failed_requests_never_break_the_budget(
+    manager: ModelManager, sim: SimulatorControl, model_dir: Path
+) -> None:
+    """Tasks for two models, some cancelled mid-load, one model that fails to load: at most one in memory."""
+    (model_dir / "broken-1b-w8a8.rkllm").write_bytes(b"not a model")
+    manager.registry.refresh()
+    sim.set("init_delay_ms", 3)
+    sim.set("destroy_delay_ms", 3)
+    sim.reset()
+
+    async def use(name: str) -> None:
+        async with manager.alease(name, timeout=60) as lease:
+            async for _ in lease.runtime.astream("hi"):
+                pass
+
+    for i in range(LOOPS):
+        names = [A, B, "broken-1b", B, A, B]
+        tasks = [asyncio.create_task(use(n)) for n in names]
+        await asyncio.sleep(0.004 * (i % 3))
+        tasks[i % len(tasks)].cancel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        assert all(r is None or isinstance(r, asyncio.CancelledError | Exception) for r in results)
+        assert manager.waiting() == 0
+    assert sim.counter("max_resident_handles") <= 1
+    assert sim.counter("init_failures") >= 1
