@@ -116,3 +116,10 @@ def test_import_loads_no_library_and_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""}, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(("version", "model", "module"), CASES, ids=[f"{v}-{m}" for v, m, _ in CASES])
+def test_the_header_sizes_doctor_checks_are_the_header_facts(version: str, model: str, module: Any) -> None:
+    facts = json.loads((DATA / f"layout-{version}-{model}.json").read_text())
+    table = common.HEADER_SIZES[version[:3]][8 if model == "lp64" else 4]
+    assert table and {name: facts[name]["size"] for name in table} == table

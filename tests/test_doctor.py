@@ -11,9 +11,9 @@ import pytest
 from rkllm_core import preflight
 from rkllm_core.models.manager import ModelManager
 from rkllm_core.models.registry import ModelRegistry
+from rkllm_core.native import structs
 from rkllm_core.native.library import RuntimeLibrary
 from rkllm_core.sim import SimulatorControl, make_model
-from rkllm_core.tools import doctor
 from rkllm_core.tools.doctor import check_layouts, format_report, run_doctor
 from tests.test_preflight import make_tree
 
@@ -50,9 +50,7 @@ def test_all_steps_pass_on_the_simulator(
     assert sim.counter("aborts") == 1 and sim.counter("prompt_cache_saves") == 1 and sim.counter("destroys") >= 2
 
 
-def test_one_model_skips_the_swap(
-    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, board: Path
-) -> None:
+def test_one_model_skips_the_swap(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, board: Path) -> None:
     make_model(model_dir)
     with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
         results = {r.name: r for r in run_doctor(m)}
@@ -84,10 +82,10 @@ def test_a_broken_model_fails_its_step(sim_lib: RuntimeLibrary, sim: SimulatorCo
 
 def test_layout_mismatch_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "structs match" in check_layouts()
-    patched = {abi: {w: dict(v) for w, v in by.items()} for abi, by in doctor.EXPECTED_SIZES.items()}
+    patched = {abi: {w: dict(v) for w, v in by.items()} for abi, by in structs.HEADER_SIZES.items()}
     patched["1.3"][8]["RKLLMParam"] = 999
     patched["1.3"][4]["RKLLMParam"] = 999
-    monkeypatch.setattr(doctor, "EXPECTED_SIZES", patched)
+    monkeypatch.setattr(structs, "HEADER_SIZES", patched)
     with pytest.raises(AssertionError, match="RKLLMParam"):
         check_layouts()
 

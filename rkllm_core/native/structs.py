@@ -199,7 +199,22 @@ class RKLLMResult(Structure):
 # cheaper per token than materialising a POINTER(RKLLMResult) object.
 LLMResultCallback = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_enum)
 
+# sizeof() of the structs as Rockchip's headers declare them (runtime 1.2.3 and 1.3.0), by ABI and pointer width
+# in bytes (8: 64-bit ARM, 4: 32-bit ARM). The ctypes mirrors (here, in abi12 and in abi13) must give the same
+# sizes on the machine they run on: `rkllm doctor` checks them there, the tests against the full header facts.
+HEADER_SIZES: dict[str, dict[int, dict[str, int]]] = {
+    "1.2": {
+        8: {"RKLLMParam": 208, "RKLLMInput": 64, "RKLLMInferParam": 32, "RKLLMResult": 72, "RKLLMExtendParam": 120},
+        4: {"RKLLMParam": 188, "RKLLMInput": 36, "RKLLMInferParam": 16, "RKLLMResult": 52, "RKLLMExtendParam": 120},
+    },
+    "1.3": {
+        8: {"RKLLMParam": 184, "RKLLMInput": 160, "RKLLMInferParam": 40, "RKLLMResult": 72, "RKLLMCallback": 48},
+        4: {"RKLLMParam": 176, "RKLLMInput": 84, "RKLLMInferParam": 24, "RKLLMResult": 52, "RKLLMCallback": 24},
+    },
+}
+
 __all__ = [
+    "HEADER_SIZES",
     "LLMCallState",
     "LLMHandle",
     "LLMResultCallback",

@@ -24,17 +24,8 @@ from ..native import functions, structs
 
 __all__ = ["CheckResult", "EXPECTED_SIZES", "run_doctor"]
 
-# sizeof() from Rockchip's headers (runtime 1.2.3 and 1.3.0), for 64-bit and 32-bit ARM.
-EXPECTED_SIZES: dict[str, dict[int, dict[str, int]]] = {
-    "1.2": {
-        8: {"RKLLMParam": 208, "RKLLMInput": 64, "RKLLMInferParam": 32, "RKLLMResult": 72, "RKLLMExtendParam": 120},
-        4: {"RKLLMParam": 188, "RKLLMInput": 36, "RKLLMInferParam": 16, "RKLLMResult": 52, "RKLLMExtendParam": 120},
-    },
-    "1.3": {
-        8: {"RKLLMParam": 184, "RKLLMInput": 160, "RKLLMInferParam": 40, "RKLLMResult": 72, "RKLLMCallback": 48},
-        4: {"RKLLMParam": 176, "RKLLMInput": 84, "RKLLMInferParam": 24, "RKLLMResult": 52, "RKLLMCallback": 24},
-    },
-}
+# The header sizes the ctypes mirrors are checked against (kept in the native layer; re-exported).
+EXPECTED_SIZES = structs.HEADER_SIZES
 
 
 @dataclass
@@ -51,7 +42,7 @@ def check_layouts() -> str:
     """Compare the ctypes mirrors with the header sizes for this pointer width; raise on a mismatch."""
     width = ctypes.sizeof(ctypes.c_void_p)
     problems = []
-    for abi, by_width in EXPECTED_SIZES.items():
+    for abi, by_width in structs.HEADER_SIZES.items():
         module = functions.abi_module(abi)
         for struct, size in by_width[width].items():
             cls = getattr(module, struct, None) or getattr(structs, struct)
@@ -59,7 +50,7 @@ def check_layouts() -> str:
                 problems.append(f"ABI {abi} {struct}: {ctypes.sizeof(cls)} bytes, header says {size}")
     if problems:
         raise AssertionError("; ".join(problems))
-    return f"{sum(len(v[width]) for v in EXPECTED_SIZES.values())} structs match ({width * 8}-bit)"
+    return f"{sum(len(v[width]) for v in structs.HEADER_SIZES.values())} structs match ({width * 8}-bit)"
 
 
 def run_doctor(
