@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
 from operator import itemgetter
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -394,9 +394,7 @@ class ChatRKLLM(ModelClient[ChatEngine], BaseChatModel):
     ) -> AsyncGenerator[tuple[ChatGenerationChunk, ChatDone | None], None]:
         model, core, options = self._request(messages, stop, kwargs)
         mapper = _ChunkMapper()
-        # ChatEngine.astream is an async generator (annotated as an AsyncIterator).
-        stream = cast(AsyncGenerator[ChatEvent, None], self._engine().astream(model, core, options))
-        async with aclosing(stream) as events:  # cancelling aborts the run
+        async with aclosing(self._engine().astream(model, core, options)) as events:  # cancelling aborts the run
             async for event in events:
                 chunk = mapper.chunk(event)
                 if chunk is None:
