@@ -127,9 +127,15 @@ class Planner:
         turns = [m for m in msgs if m.role != "system"]
         last_assistant = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
         history, inputs = turns[: last_assistant + 1], turns[last_assistant + 1 :]
-        template = template_for_family(info.facts.family) if info.defaults.chat_template is None else None
+        custom = info.defaults.chat_template
+        template = template_for_family(info.facts.family) if custom is None else None
+        if tools_json:
+            custom = None  # tools take the runtime's function-calling set-up, which brings its own template
+        elif custom is not None and "{system}" not in custom[0] and not info.defaults.system_prompt:
+            system = "\n\n".join(m.content for m in msgs if m.role == "system")  # the template's own, or the request's
         thinking = bool(opts.enable_thinking)
-        setup_key = (template.name if template else "native", system, tools_json, thinking if template else None)
+        kind = template.name if template else ("custom", *custom) if custom else "native"
+        setup_key = (kind, system, tools_json, thinking if template else None)
         reserve = opts.max_new_tokens or DEFAULT_OUTPUT_RESERVE
         prompt, role = _render_inputs(template, inputs, opts)
         input_tokens = estimate_tokens(prompt) + MESSAGE_OVERHEAD_TOKENS * len(inputs)
@@ -147,7 +153,7 @@ class Planner:
         # Rebuild: drop the oldest turns until the rendered conversation fits.
         dropped = 0
         while True:
-            setup = _setup_for(template, system, tools_json, thinking, history)
+            setup = _setup_for(template, system, tools_json, thinking, history, custom)
             needed = estimate_tokens("".join(setup[1:])) + input_tokens + reserve
             if needed <= limit or not history:
                 break
@@ -195,16 +201,30 @@ class Planner:
 
 
 def _setup_for(
-    template: ChatMLTemplate | None, system: str, tools_json: str, thinking: bool, history: Sequence[ChatMessage]
+    template: ChatMLTemplate | None,
+    system: str,
+    tools_json: str,
+    thinking: bool,
+    history: Sequence[ChatMessage],
+    custom: tuple[str, str, str] | None = None,
 ) -> Setup:
-    """The template call that starts the conversation: earlier turns go into the system slot."""
+    """The template call that starts the conversation: earlier turns go into the system slot.
+
+    ``custom`` is a model's own ``(system, prefix, postfix)`` from the registry file:
+    ``{system}`` in its system text stands for the conversation's system prompt (and
+    earlier turns); without it they follow the template's system text.
+    """
     if template is not None:
         tools_list = (
             [json.dumps(t, ensure_ascii=False, sort_keys=True) for t in json.loads(tools_json)] if tools_json else []
         )
         slot = template.system_block(system, tools_list) + template.render_turns(history)
         return ("template", slot, template.prefix(), template.postfix(thinking))
-    slot = system + ("\n\n" + render_transcript(history) if history else "")
+    slot = "\n\n".join(part for part in (system, render_transcript(history) if history else "") if part)
+    if custom is not None:
+        head, prefix, postfix = custom
+        text = head.replace("{system}", slot) if "{system}" in head else head + slot
+        return ("template", text, prefix, postfix)
     return ("tools", slot, tools_json or "[]", "tool_response")
 
 
