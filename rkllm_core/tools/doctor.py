@@ -60,10 +60,31 @@ def run_doctor(
     work_dir: str | Path | None = None,
 ) -> list[CheckResult]:
     """Run every step and return the results (never raises for a failing step)."""
-    results: list[CheckResult] = []
-    state: dict[str, object] = {}
+    checkup = _Checkup(manager, models, work_dir)
+    checkup.step("struct layouts", check_layouts)
+    if checkup.step("runtime library and ABI", checkup.library) and checkup.step("models", checkup.pick):
+        checkup.preflight()
+        if checkup.step("init", checkup.init):
+            checkup.step("stream", checkup.stream)
+            checkup.step("abort mid-stream", checkup.abort)
+            checkup.step("swap between two models", checkup.swap)
+            checkup.step("prompt cache save and load", checkup.prompt_cache)
+    return checkup.results
 
-    def step(name: str, fn: Callable[[], str]) -> bool:
+
+class _Checkup:
+    """The steps of one doctor run on one manager; each returns its detail line or raises."""
+
+    def __init__(self, manager: ModelManager, models: Sequence[str], work_dir: str | Path | None) -> None:
+        self.manager = manager
+        self.requested = list(models)
+        self.work_dir = work_dir
+        self.results: list[CheckResult] = []
+        self.names: list[str] = []
+        self.model = ""
+
+    def step(self, name: str, fn: Callable[[], str]) -> bool:
+        """Run one step and record its result; False when it failed."""
         t0 = time.perf_counter()
         try:
             detail = fn()
@@ -73,51 +94,40 @@ def run_doctor(
             if not str(exc):
                 detail += " " + traceback.format_exc(limit=2).splitlines()[-2].strip()
             status = "FAIL"
-        results.append(CheckResult(name, status, detail, time.perf_counter() - t0))
+        self.results.append(CheckResult(name, status, detail, time.perf_counter() - t0))
         return status != "FAIL"
 
-    step("struct layouts", check_layouts)
-
-    def library() -> str:
-        lib = manager.library
-        state["lib"] = lib
+    def library(self) -> str:
+        lib = self.manager.library
         kind = "SIMULATOR " if lib.is_simulator else ""
         checked = "assumed: " + "; ".join(lib.assumed) if lib.assumed else "verified: " + lib.abi_reason
         return f"{kind}{lib.path} ABI {lib.abi}, version {lib.version or 'unknown'}; {checked}"
 
-    if not step("runtime library and ABI", library):
-        return results
-
-    names = list(models) or [m.name for m in manager.registry.models()]
-
-    def pick() -> str:
-        if not names:
-            dirs = ", ".join(str(d) for d in manager.registry.model_dirs)
+    def pick(self) -> str:
+        self.names = self.requested or [m.name for m in self.manager.registry.models()]
+        if not self.names:
+            dirs = ", ".join(str(d) for d in self.manager.registry.model_dirs)
             raise LookupError(f"no models found (searched {dirs}); pass a model or set RKLLM_MODEL_DIR")
-        state["model"] = manager.resolve(names[0]).name
-        return f"using {state['model']}" + (f", second model {names[1]}" if len(names) > 1 else "")
+        self.model = self.manager.resolve(self.names[0]).name
+        return f"using {self.model}" + (f", second model {self.names[1]}" if len(self.names) > 1 else "")
 
-    if not step("models", pick):
-        return results
-    model = str(state["model"])
-    lib = manager.library
-    note = " (the simulator: not applied when loading)" if lib.is_simulator else ""
-    for finding in preflight.check(manager.resolve(model).path, lib.version):
-        status = {"ok": "PASS", "problem": "FAIL", "warning": "WARN", "unknown": "SKIP"}[finding.status]
-        detail = ("unknown: " if finding.status == "unknown" else "") + finding.detail + note
-        results.append(CheckResult(f"pre-flight: {finding.check}", status, detail))
+    def preflight(self) -> None:
+        """One result per pre-flight finding (memory, NPU driver, CPU) for the first model."""
+        lib = self.manager.library
+        note = " (the simulator: not applied when loading)" if lib.is_simulator else ""
+        for finding in preflight.check(self.manager.resolve(self.model).path, lib.version):
+            status = {"ok": "PASS", "problem": "FAIL", "warning": "WARN", "unknown": "SKIP"}[finding.status]
+            detail = ("unknown: " if finding.status == "unknown" else "") + finding.detail + note
+            self.results.append(CheckResult(f"pre-flight: {finding.check}", status, detail))
 
-    def init() -> str:
+    def init(self) -> str:
         t0 = time.perf_counter()
-        with manager.lease(model) as lease:
+        with self.manager.lease(self.model) as lease:
             took = time.perf_counter() - t0
             return f"{lease.info.filename} loaded in {took:.2f} s (context {lease.runtime.max_context_len})"
 
-    if not step("init", init):
-        return results
-
-    def stream() -> str:
-        with manager.lease(model) as lease:
+    def stream(self) -> str:
+        with self.manager.lease(self.model) as lease:
             s = lease.runtime.stream("Say hello in one short sentence.")
             chunks = list(s)
         text = "".join(c.text for c in chunks).strip()
@@ -127,10 +137,8 @@ def run_doctor(
         rate = f", {stats.decode_tokens_per_s:.1f} tok/s" if stats else ", no perf stats"
         return f"{len(chunks) - 1} chunks, finish {chunks[-1].finish_reason}{rate}: {text[:60]!r}"
 
-    step("stream", stream)
-
-    def abort() -> str:
-        with manager.lease(model) as lease:
+    def abort(self) -> str:
+        with self.manager.lease(self.model) as lease:
             rt = lease.runtime
             s = rt.stream("Count from 1 to 10000, numbers separated by spaces. count to 10000")
             got = 0
@@ -147,27 +155,23 @@ def run_doctor(
                 raise AssertionError("no text after the abort")
         return f"aborted after {got} chunks; the next run answered"
 
-    step("abort mid-stream", abort)
-
-    def swap() -> str:
-        if len(names) < 2:
+    def swap(self) -> str:
+        if len(self.names) < 2:
             return "skipped: only one model available (pass two models to test a swap)"
-        other = manager.resolve(names[1]).name
-        with manager.lease(other) as lease:
+        model, other = self.model, self.manager.resolve(self.names[1]).name
+        with self.manager.lease(other) as lease:
             lease.runtime.generate("Hi.")
-        with manager.lease(model) as lease:
+        with self.manager.lease(model) as lease:
             lease.runtime.generate("Hi.")
-        loaded = [e.info.name for e in manager.loaded()]
-        if manager.max_loaded == 1 and loaded != [model]:
+        loaded = [e.info.name for e in self.manager.loaded()]
+        if self.manager.max_loaded == 1 and loaded != [model]:
             raise AssertionError(f"expected only {model} loaded after the swap, found {loaded}")
         return f"{model} → {other} → {model}; loaded now: {', '.join(loaded)}"
 
-    step("swap between two models", swap)
-
-    def prompt_cache() -> str:
-        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+    def prompt_cache(self) -> str:
+        with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             path = Path(tmp) / "system.cache"
-            with manager.lease(model) as lease:
+            with self.manager.lease(self.model) as lease:
                 rt = lease.runtime
                 rt.set_function_tools("You are a careful assistant. " * 20, "[]")
                 rt.generate("Hi.", save_prompt_cache=path)
@@ -177,9 +181,6 @@ def run_doctor(
                 rt.generate("Hello again.")
                 rt.release_prompt_cache()
             return f"saved {path.stat().st_size} bytes, loaded and released"
-
-    step("prompt cache save and load", prompt_cache)
-    return results
 
 
 def format_report(results: Sequence[CheckResult], header: str = "") -> str:
