@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
@@ -173,7 +174,38 @@ def run_bench(
 
     ``KeyboardInterrupt`` stops early: the report so far is returned with ``partial: true``.
     """
-    lib = manager.library
+    chat_infos, retrieval_infos = _models_to_bench(manager, models)
+    table = official_table()
+    report = _new_report(manager, config, table)
+    runs_in_all = (len(chat_infos) + len(retrieval_infos)) * len(config.prompt_tokens) * (config.repeat + config.warmup)
+    bar = _Progress(progress, runs_in_all)
+    try:
+        for info in chat_infos:
+            load_s = _load_alone(manager, info, config.new_tokens)
+            official = find_official(info, table)
+            for tokens in config.prompt_tokens:
+                run = partial(_one_run, manager, info.name, make_prompt(tokens), config.new_tokens)
+                runs = bar.repeat(config, f"{info.name} prompt {tokens}", run)
+                report["results"].append(_chat_result(info, tokens, load_s, runs, official))
+                if on_result is not None:
+                    on_result(report)
+        engine = EmbeddingEngine(manager)
+        for info in retrieval_infos:
+            for tokens in config.prompt_tokens:
+                runs = bar.repeat(
+                    config, f"{info.name} {tokens}-token texts", partial(_retrieval_run, engine, info, tokens)
+                )
+                report["retrieval"].append(_retrieval_result(info, tokens, runs))
+                if on_result is not None:
+                    on_result(report)
+    except KeyboardInterrupt:
+        report["partial"] = True
+    bar.end()
+    return report
+
+
+def _models_to_bench(manager: ModelManager, models: Sequence[str]) -> tuple[list[ModelInfo], list[ModelInfo]]:
+    """The chat (and vision) models and the embedding and reranker models among ``models`` (default: all)."""
     infos = [manager.resolve(m) for m in models] if models else manager.registry.models()
     if not infos:
         dirs = [str(d) for d in manager.registry.model_dirs]
@@ -181,16 +213,22 @@ def run_bench(
             f"no .rkllm models found; searched: {', '.join(dirs)}; put model files there or set RKLLM_MODEL_DIR",
             searched=dirs,
         )
-    retrieval_infos = [info for info in infos if info.kind in ("embedding", "reranker")]
-    infos = [info for info in infos if info.kind in CHAT_KINDS]
-    table = official_table()
-    report: dict[str, Any] = {
+    retrieval = [info for info in infos if info.kind in ("embedding", "reranker")]
+    return [info for info in infos if info.kind in CHAT_KINDS], retrieval
+
+
+def _new_report(manager: ModelManager, config: BenchConfig, table: dict[str, Any]) -> dict[str, Any]:
+    """A report with its header filled in (library, system, config, reference) and no results yet."""
+    lib = manager.library
+    system = read_system_state().as_dict()
+    where = system.get("board") or system.get("soc") or system.get("machine")
+    return {
         "schema": SCHEMA,
         "simulated": lib.is_simulator,
         "partial": False,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "library": {"path": str(lib.path), "abi": lib.abi, "abi_reason": lib.abi_reason, "version": lib.version},
-        "system": read_system_state().as_dict(),
+        "system": system,
         "config": {
             "prompt_tokens": list(config.prompt_tokens),
             "new_tokens": config.new_tokens,
@@ -200,92 +238,95 @@ def run_bench(
         "reference": {"source": table["source"], "runtime": table["runtime"]},
         "results": [],
         "retrieval": [],
+        "title": f"RKLLM benchmark — {where}" + (" (simulated)" if lib.is_simulator else ""),
     }
-    system = report["system"]
-    where = system.get("board") or system.get("soc") or system.get("machine")
-    report["title"] = f"RKLLM benchmark — {where}" + (" (simulated)" if lib.is_simulator else "")
-    total = (len(infos) + len(retrieval_infos)) * len(config.prompt_tokens) * (config.repeat + config.warmup)
-    done = 0
 
-    def tick(label: str) -> None:
-        if progress is not None:
+
+class _Progress:
+    """A one-line progress bar on ``out`` (nothing when ``out`` is None), counting runs."""
+
+    def __init__(self, out: TextIO | None, total: int) -> None:
+        self._out = out
+        self._total = total
+        self._done = 0
+
+    def repeat(self, config: BenchConfig, label: str, run: Callable[[], dict[str, float]]) -> list[dict[str, float]]:
+        """Run ``run`` ``config.warmup + config.repeat`` times; the measurements after the warm-up."""
+        runs = []
+        for i in range(config.warmup + config.repeat):
+            self._show(f"{label} run {i + 1}")
+            measured = run()
+            self._done += 1
+            if i >= config.warmup:
+                runs.append(measured)
+        return runs
+
+    def _show(self, label: str) -> None:
+        if self._out is not None:
             width = 30
-            filled = int(width * done / max(total, 1))
-            progress.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
-            progress.flush()
+            filled = int(width * self._done / max(self._total, 1))
+            self._out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self._done}/{self._total} {label:<40}")
+            self._out.flush()
 
-    try:
-        for info in infos:
-            for name, entry in ((e.info.name, e) for e in manager.loaded()):
-                if name != info.name and entry.leases == 0:
-                    manager.unload(name)
-            t0 = time.perf_counter()
-            with manager.lease(info.name, InitParams(max_new_tokens=config.new_tokens)):
-                pass
-            load_s = time.perf_counter() - t0
-            official = find_official(info, table)
-            for tokens in config.prompt_tokens:
-                prompt = make_prompt(tokens)
-                runs = []
-                for i in range(config.warmup + config.repeat):
-                    tick(f"{info.name} prompt {tokens} run {i + 1}")
-                    run = _one_run(manager, info.name, prompt, config.new_tokens)
-                    done += 1
-                    if i >= config.warmup:
-                        runs.append(run)
-                median = {k: statistics.median(r[k] for r in runs) for k in METRICS}
-                result: dict[str, Any] = {
-                    "model": info.name,
-                    "kind": info.kind,
-                    "filename": info.filename,
-                    "dtype": info.dtype,
-                    "platform": info.platform,
-                    "context": info.context_size,
-                    "load_s": load_s,
-                    "prompt_tokens": tokens,
-                    "runs": runs,
-                    "median": median,
-                    "min": {k: min(r[k] for r in runs) for k in METRICS},
-                    "max": {k: max(r[k] for r in runs) for k in METRICS},
-                    "official": None,
-                    "vs_official": None,
-                }
-                if official is not None and tokens == official["prompt_tokens"]:
-                    result["official"] = {k: official[k] for k in ("tokens_per_s", "ttft_ms", "memory_mb")}
-                    result["vs_official"] = median["decode_tps"] / official["tokens_per_s"]
-                report["results"].append(result)
-                if on_result is not None:
-                    on_result(report)
-        engine = EmbeddingEngine(manager)
-        for info in retrieval_infos:
-            for tokens in config.prompt_tokens:
-                runs = []
-                for i in range(config.warmup + config.repeat):
-                    tick(f"{info.name} {tokens}-token texts run {i + 1}")
-                    run = _retrieval_run(engine, info, tokens)
-                    done += 1
-                    if i >= config.warmup:
-                        runs.append(run)
-                report["retrieval"].append(
-                    {
-                        "model": info.name,
-                        "kind": info.kind,
-                        "filename": info.filename,
-                        "dtype": info.dtype,
-                        "platform": info.platform,
-                        "text_tokens": tokens,
-                        "batch": RETRIEVAL_BATCH,
-                        "runs": runs,
-                        "median": {k: statistics.median(r[k] for r in runs) for k in RETRIEVAL_METRICS},
-                    }
-                )
-                if on_result is not None:
-                    on_result(report)
-    except KeyboardInterrupt:
-        report["partial"] = True
-    if progress is not None:
-        progress.write("\n")
-    return report
+    def end(self) -> None:
+        """End the bar's line."""
+        if self._out is not None:
+            self._out.write("\n")
+
+
+def _load_alone(manager: ModelManager, info: ModelInfo, new_tokens: int) -> float:
+    """Unload the other idle models, then load ``info``; the seconds the load took."""
+    for name, entry in ((e.info.name, e) for e in manager.loaded()):
+        if name != info.name and entry.leases == 0:
+            manager.unload(name)
+    t0 = time.perf_counter()
+    with manager.lease(info.name, InitParams(max_new_tokens=new_tokens)):
+        pass
+    return time.perf_counter() - t0
+
+
+def _chat_result(
+    info: ModelInfo, tokens: int, load_s: float, runs: list[dict[str, float]], official: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One ``results`` row: a chat model at one prompt length, compared with the published table."""
+    median = {k: statistics.median(r[k] for r in runs) for k in METRICS}
+    result: dict[str, Any] = {
+        **_model_fields(info),
+        "context": info.context_size,
+        "load_s": load_s,
+        "prompt_tokens": tokens,
+        "runs": runs,
+        "median": median,
+        "min": {k: min(r[k] for r in runs) for k in METRICS},
+        "max": {k: max(r[k] for r in runs) for k in METRICS},
+        "official": None,
+        "vs_official": None,
+    }
+    if official is not None and tokens == official["prompt_tokens"]:
+        result["official"] = {k: official[k] for k in ("tokens_per_s", "ttft_ms", "memory_mb")}
+        result["vs_official"] = median["decode_tps"] / official["tokens_per_s"]
+    return result
+
+
+def _retrieval_result(info: ModelInfo, tokens: int, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One ``retrieval`` row: an embedding or reranker model at one text length."""
+    return {
+        **_model_fields(info),
+        "text_tokens": tokens,
+        "batch": RETRIEVAL_BATCH,
+        "runs": runs,
+        "median": {k: statistics.median(r[k] for r in runs) for k in RETRIEVAL_METRICS},
+    }
+
+
+def _model_fields(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "model": info.name,
+        "kind": info.kind,
+        "filename": info.filename,
+        "dtype": info.dtype,
+        "platform": info.platform,
+    }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
