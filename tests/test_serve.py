@@ -527,3 +527,26 @@ def test_without_the_key_every_path_but_health_is_401(make_client: Callable[...,
             assert big.status_code == 401  # the key is checked before the body
 
     run(main())
+
+
+def test_the_runtime_sampling_settings_reach_the_runtime(
+    make_client: Callable[..., httpx.AsyncClient], sim: SimulatorControl
+) -> None:
+    def values(node: Any, key: str) -> Iterator[Any]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from ([v] if k == key else values(v, key))
+        elif isinstance(node, list):
+            for item in node:
+                yield from values(item, key)
+
+    sim.set("trace", 1)
+    body = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "hi"}], "mirostat": 2, "top_k": 7}
+
+    async def main() -> httpx.Response:
+        async with make_client() as http:
+            return await http.post("/v1/chat/completions", json=body)
+
+    assert run(main()).status_code == 200
+    calls = [t for t in sim.trace() if t["fn"] in ("rkllm_init", "rkllm_run")]
+    assert 2 in list(values(calls, "mirostat")) and 7 in list(values(calls, "top_k"))  # per run on 1.3, per init on 1.2

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..errors import InvalidParameterError
+from ..params import SAMPLING_FIELDS as _RUNTIME_SAMPLING
 from ..params import SamplingParams, check_text
 from .parse import StopSequenceFilter
 
@@ -47,7 +48,7 @@ _ALIASES: Final = {
     "thinking": "enable_thinking",
     "reasoning": "enable_thinking",
 }
-SETTINGS: Final = frozenset({*SAMPLING_FIELDS, *_MAX_TOKENS_NAMES, *_THINKING_NAMES, *_OTHER_NAMES})
+SETTINGS: Final = frozenset({*_RUNTIME_SAMPLING, *_MAX_TOKENS_NAMES, *_THINKING_NAMES, *_OTHER_NAMES})
 """Every key :meth:`ChatOptions.from_settings` understands."""
 
 
@@ -111,7 +112,8 @@ class ChatOptions:
         """Options from settings spelled the way LangChain, LlamaIndex or OpenAI spell them.
 
         Keys (``None`` values are ignored): the sampling names in
-        :data:`SAMPLING_FIELDS`; ``max_new_tokens`` / ``max_tokens`` /
+        :data:`SAMPLING_FIELDS` and the runtime's ``mirostat``, ``mirostat_tau`` and
+        ``mirostat_eta`` (every :class:`SamplingParams` field); ``max_new_tokens`` / ``max_tokens`` /
         ``max_completion_tokens``; ``stop`` (a string or a list); ``enable_thinking`` /
         ``thinking`` / ``reasoning``; ``tools`` (OpenAI-style dicts); ``tool_choice`` in
         any form :func:`normalise_tool_choice` takes; ``response_format``; ``timeout``.
@@ -126,7 +128,7 @@ class ChatOptions:
         """
         values = _canonical(settings)
         values.update(_canonical(overrides or {}))
-        sampling = SamplingParams(**{k: values[k] for k in SAMPLING_FIELDS if k in values})
+        sampling = SamplingParams(**{k: values[k] for k in _RUNTIME_SAMPLING if k in values})
         max_new = values.get("max_new_tokens")
         thinking = values.get("enable_thinking", False)
         stop = values.get("stop", ())
