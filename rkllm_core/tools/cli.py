@@ -19,10 +19,15 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import RKLLMError
 from ..models.registry import ModelInfo, ModelRegistry
+
+if TYPE_CHECKING:
+    from ..chat.engine import ChatEngine, ChatEvent
+    from ..chat.messages import ChatMessage
 
 JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb", "loaded")
 
@@ -165,18 +170,12 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive streaming chat; Ctrl-C stops the current answer, Ctrl-D or /exit quits."""
-    from ..chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCall
-    from ..chat.messages import ChatMessage
-    from ..chat.options import ChatOptions
+    from ..chat.engine import ChatEngine
     from ..models.manager import manager_for
 
     engine = ChatEngine(manager_for(args.model_dir, args.lib))
     info = engine.manager.resolve(args.model)  # unknown names fail here, before anything loads
-    color = sys.stdout.isatty() and not args.no_color
-    dim, reset = (DIM, RESET) if color else ("", "")
-    system: str | None = args.system
-    thinking = bool(args.think)
-    history: list[ChatMessage] = []
+    chat = _Chat(engine, info.name, args.system, bool(args.think), sys.stdout.isatty() and not args.no_color)
     print(f"chatting with {info.name} ({info.filename}); /reset, /system TEXT, /think on|off, /exit")
     while True:
         try:
@@ -188,57 +187,85 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print()
             continue
         text = line.strip()
-        if not text:
-            continue
         if text in ("/exit", "/quit"):
             return 0
+        if text and not chat.command(text):
+            chat.answer(text)
+
+
+class _Chat:
+    """The conversation of ``rkllm chat``: its commands, and each answer streamed to the terminal."""
+
+    def __init__(self, engine: ChatEngine, model: str, system: str | None, thinking: bool, color: bool) -> None:
+        self.engine = engine
+        self.model = model
+        self.system = system
+        self.thinking = thinking
+        self.history: list[ChatMessage] = []
+        self.dim, self.reset = (DIM, RESET) if color else ("", "")
+
+    def command(self, text: str) -> bool:
+        """Carry out ``/reset``, ``/system TEXT`` or ``/think on|off``; False when ``text`` is none of them."""
         if text == "/reset":
-            history = []
+            self.history = []
             print("(conversation cleared)")
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system") :].strip() or None
-            history = []
-            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
-            continue
-        if text.startswith("/think"):
-            thinking = text.endswith("on")
-            print(f"(thinking {'on' if thinking else 'off'})")
-            continue
-        history.append(ChatMessage("user", text))
-        messages = ([ChatMessage("system", system)] if system else []) + history
-        stream = engine.stream(info.name, messages, ChatOptions(enable_thinking=thinking))
-        in_reasoning = False
+        elif text.startswith("/system"):
+            self.system = text[len("/system") :].strip() or None
+            self.history = []
+            print(f"(system prompt {'set' if self.system else 'cleared'}; conversation cleared)")
+        elif text.startswith("/think"):
+            self.thinking = text.endswith("on")
+            print(f"(thinking {'on' if self.thinking else 'off'})")
+        else:
+            return False
+        return True
+
+    def answer(self, text: str) -> None:
+        """Stream the answer to ``text``; Ctrl-C stops it (and aborts the run), an error is reported."""
+        from ..chat.messages import ChatMessage
+        from ..chat.options import ChatOptions
+
+        self.history.append(ChatMessage("user", text))
+        messages = ([ChatMessage("system", self.system)] if self.system else []) + self.history
+        stream = self.engine.stream(self.model, messages, ChatOptions(enable_thinking=self.thinking))
         try:
-            for event in stream:
-                if isinstance(event, ReasoningDelta):
-                    if not in_reasoning:
-                        print(dim, end="")
-                        in_reasoning = True
-                    print(event.text, end="", flush=True)
-                    continue
-                if in_reasoning:
-                    print(reset + "\n", end="")
-                    in_reasoning = False
-                if isinstance(event, TextDelta):
-                    print(event.text, end="", flush=True)
-                elif isinstance(event, ToolCall):
-                    print(f"[tool call {event.name}({json.dumps(event.arguments)})]", end="", flush=True)
-                elif isinstance(event, ChatDone):
-                    history.append(event.message)
-                    u = event.usage
-                    rate = event.stats.decode_tokens_per_s if event.stats else 0.0
-                    print(
-                        f"\n{dim}[{u.output_tokens} tokens at {rate:.1f} tok/s; prefilled {u.prefilled_tokens} "
-                        f"of {u.input_tokens} context tokens; {event.finish_reason}]{reset}"
-                    )
+            self._show(stream)
         except KeyboardInterrupt:
             stream.close()  # aborts the generation on the NPU; the program goes on
-            history.pop()
-            print(f"{reset}\n(stopped)")
+            self.history.pop()
+            print(f"{self.reset}\n(stopped)")
         except RKLLMError as exc:
-            history.pop()
-            print(f"{reset}\nerror: {exc}", file=sys.stderr)
+            self.history.pop()
+            print(f"{self.reset}\nerror: {exc}", file=sys.stderr)
+
+    def _show(self, events: Iterable[ChatEvent]) -> None:
+        """Print the events of one answer: reasoning dimmed, tool calls in brackets, usage at the end."""
+        from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCall
+
+        dim, reset = self.dim, self.reset
+        in_reasoning = False
+        for event in events:
+            if isinstance(event, ReasoningDelta):
+                if not in_reasoning:
+                    print(dim, end="")
+                    in_reasoning = True
+                print(event.text, end="", flush=True)
+                continue
+            if in_reasoning:
+                print(reset + "\n", end="")
+                in_reasoning = False
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, ToolCall):
+                print(f"[tool call {event.name}({json.dumps(event.arguments)})]", end="", flush=True)
+            elif isinstance(event, ChatDone):
+                self.history.append(event.message)
+                u = event.usage
+                rate = event.stats.decode_tokens_per_s if event.stats else 0.0
+                print(
+                    f"\n{dim}[{u.output_tokens} tokens at {rate:.1f} tok/s; prefilled {u.prefilled_tokens} "
+                    f"of {u.input_tokens} context tokens; {event.finish_reason}]{reset}"
+                )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
