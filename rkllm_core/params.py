@@ -7,7 +7,7 @@ from array import array
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, NamedTuple
 
-from .errors import InvalidParameterError
+from .errors import ContextLengthError, InvalidParameterError
 
 FinishReason = Literal["stop", "length", "abort"]
 """Why a run ended: the model stopped, hit ``max_new_tokens``, or was aborted."""
@@ -15,6 +15,7 @@ FinishReason = Literal["stop", "length", "abort"]
 __all__ = [
     "FinishReason",
     "check_text",
+    "context_len",
     "estimate_tokens",
     "InitParams",
     "PerfStats",
@@ -119,6 +120,30 @@ class SamplingParams:
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 """The sampling settings' names, in declaration order: the one source every other table derives from."""
+
+
+def context_len(requested: int | None, limit: int | None, model: str, source: str) -> int | None:
+    """The context to initialise ``model`` with: ``requested``, else ``limit``; refused above ``limit``.
+
+    The one check of a context size against a model's limit (the model manager's and
+    a direct :class:`~rkllm_core.runtime.RKLLMRuntime`'s), made before ``rkllm_init``.
+
+    Args:
+        requested: the ``max_context_len`` asked for (``None``: the model's limit).
+        limit: the model's limit (``None``: unknown, nothing to check).
+        model: the model's name, for the message.
+        source: where the limit comes from, for the message (e.g. "from its file name").
+
+    Raises:
+        ContextLengthError: ``requested`` is above ``limit``.
+    """
+    if requested is None or limit is None or requested <= limit:
+        return requested if requested is not None else limit
+    raise ContextLengthError(
+        f"max_context_len={requested} is above the {limit}-token limit of {model} ({source}); use at most {limit}",
+        requested=requested,
+        limit=limit,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,9 +58,9 @@ from typing import Any, Literal
 from .. import preflight
 from .._sync import NESTED_GRACE_TURNS, Deadline, Reservation, Waiter, held_items, hold, offload, unhold
 from ..board import detect_board_platform, platform_matches
-from ..errors import BusyError, ContextLengthError, InvalidParameterError, RKLLMError
+from ..errors import BusyError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
-from ..params import InitParams, PerfStats
+from ..params import InitParams, PerfStats, context_len
 from ..runtime.handle import RKLLMRuntime
 from .line import Action, LinePolicy, LoadedModel, Request
 from .registry import ModelInfo, ModelRegistry, require_kind
@@ -249,18 +249,9 @@ class ModelManager:
     def init_params_for(self, info: ModelInfo, init: InitParams | None = None) -> InitParams:
         """Complete ``init`` with the model's context size and registry defaults, checking limits."""
         init = init or InitParams()
-        limit = info.context_size
-        requested = init.max_context_len
-        if requested is None:
-            requested = info.defaults.max_context_len or limit
-        if requested > limit:
-            raise ContextLengthError(
-                f"max_context_len={requested} is above the limit of {info.name} ({limit} tokens, "
-                f"{'from its file name' if info.context_from_name else 'default/registry'}); "
-                f"use at most {limit}",
-                requested=requested,
-                limit=limit,
-            )
+        source = "from its file name" if info.context_from_name else "its default or registry value"
+        asked = init.max_context_len if init.max_context_len is not None else info.defaults.max_context_len
+        requested = context_len(asked, info.context_size, info.name, source)
         d = info.defaults
         sampling = d.sampling.merged(init.sampling)
         max_new = init.max_new_tokens if init.max_new_tokens is not None else d.max_new_tokens
