@@ -6,8 +6,16 @@ import math
 
 import pytest
 
+from rkllm_core import params
 from rkllm_core.chat.messages import ChatMessage, append_instruction
-from rkllm_core.chat.options import SETTINGS, ChatOptions, json_instruction, normalise_tool_choice, normalise_tools
+from rkllm_core.chat.options import (
+    SAMPLING_FIELDS,
+    SETTINGS,
+    ChatOptions,
+    json_instruction,
+    normalise_tool_choice,
+    normalise_tools,
+)
 from rkllm_core.errors import InvalidParameterError
 from rkllm_core.params import SamplingParams
 
@@ -91,3 +99,12 @@ def test_json_instruction_and_where_it_goes() -> None:
     assert append_instruction(msgs, "X") == [ChatMessage("user", "Tell me a joke.\n\nX", name="bob")]
     after_tool = [ChatMessage("user", "q"), ChatMessage("assistant", ""), ChatMessage("tool", "r")]
     assert append_instruction(after_tool, "X")[-1] == ChatMessage("user", "X")
+
+
+def test_every_sampling_setting_is_understood_and_the_adapters_names_are_among_them() -> None:
+    values = {"temperature": 0.5, "top_p": 0.9, "top_k": 3, "repeat_penalty": 1.1, "frequency_penalty": 0.2}
+    values |= {"presence_penalty": 0.3, "mirostat": 2, "mirostat_tau": 4.0, "mirostat_eta": 0.2}
+    assert set(values) == set(params.SAMPLING_FIELDS) <= SETTINGS
+    assert ChatOptions.from_settings(values).sampling == SamplingParams(**values)
+    assert set(SAMPLING_FIELDS) < set(params.SAMPLING_FIELDS)
+    assert not any(name.startswith("mirostat") for name in SAMPLING_FIELDS)  # no adapter has such fields

@@ -35,8 +35,14 @@ __all__ = [
 ToolChoice = str | None
 """``None``/``"auto"``, ``"none"``, ``"required"``, or a tool name (see :func:`normalise_tool_choice`)."""
 
-SAMPLING_FIELDS: Final = ("temperature", "top_p", "top_k", "repeat_penalty", "frequency_penalty", "presence_penalty")
-"""Sampling settings every adapter exposes under these names."""
+_MIROSTAT_FIELDS: Final = ("mirostat", "mirostat_tau", "mirostat_eta")
+SAMPLING_FIELDS: Final = tuple(name for name in _RUNTIME_SAMPLING if name not in _MIROSTAT_FIELDS)
+"""Sampling settings every adapter exposes as its own fields, under these names.
+
+Every :data:`rkllm_core.params.SAMPLING_FIELDS` but the runtime's mirostat settings, which
+:meth:`ChatOptions.from_settings` still understands (and the server takes); the adapters read
+one attribute per name here.
+"""
 
 _MAX_TOKENS_NAMES: Final = ("max_new_tokens", "max_tokens", "max_completion_tokens")
 _THINKING_NAMES: Final = ("enable_thinking", "thinking", "reasoning")
@@ -106,9 +112,7 @@ class ChatOptions:
             json_instruction(self.response_format)
 
     @classmethod
-    def from_settings(
-        cls, settings: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
-    ) -> ChatOptions:
+    def from_settings(cls, settings: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ChatOptions:
         """Options from settings spelled the way LangChain, LlamaIndex or OpenAI spell them.
 
         Keys (``None`` values are ignored): the sampling names in
