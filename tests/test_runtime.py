@@ -29,7 +29,7 @@ from rkllm_core.errors import (
 )
 from rkllm_core.native.library import RuntimeLibrary
 from rkllm_core.params import InitParams, SamplingParams
-from rkllm_core.runtime import RKLLMRuntime
+from rkllm_core.runtime import ChatTemplate, RKLLMRuntime
 from rkllm_core.sim import SimulatorControl, make_model
 
 Factory = Callable[..., RKLLMRuntime]
@@ -504,7 +504,7 @@ def test_a_session_is_exclusive_and_the_kv_state_lives_on_the_handle(runtime: RK
     with runtime.session() as s:
         s.mark_kv("B")
         s.set_chat_template("sys", "<u>", "</u>")
-        assert s.kv.tag is None and s.chat_setup == ("template", "sys", "<u>", "</u>")
+        assert s.kv.tag is None and s.chat_setup == ChatTemplate("sys", "<u>", "</u>")
         s.mark_kv("C")
         s.clear_kv_cache()
         assert s.kv.tag is None and s.kv.tokens == 0

@@ -293,11 +293,7 @@ class ChatEngine:
         if session.kv.tokens != 0 or session.kv.tag is not None:
             session.clear_kv_cache()
         if session.chat_setup != plan.setup:
-            kind, system, second, third = plan.setup
-            if kind == "template":
-                session.set_chat_template(system, second, third)
-            else:
-                session.set_function_tools(system, second, third)
+            plan.setup.install(session)
         wanted = str(plan.cache_load) if plan.cache_load is not None else None
         if session.prompt_cache is not None and session.prompt_cache != wanted:
             session.release_prompt_cache()

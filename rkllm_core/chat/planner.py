@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import ContextLengthError
 from ..models.registry import ModelInfo
 from ..params import check_text
-from ..runtime import KVState
+from ..runtime import ChatSetup, ChatTemplate, FunctionTools, KVState
 from .messages import ChatMessage
 from .options import ChatOptions, normalise_tools
 from .templates import MESSAGE_OVERHEAD_TOKENS, ChatMLTemplate, estimate_tokens, render_transcript, template_for_family
@@ -49,7 +49,6 @@ PROMPT_CACHE_MIN_TOKENS = 64
 """System prompts estimated shorter than this are not worth a cache file."""
 
 Fingerprint = tuple[Any, ...]
-Setup = tuple[str, str, str, str]
 
 
 def kv_tag(setup_key: tuple[Any, ...], fingerprints: Sequence[Fingerprint]) -> Hashable:
@@ -67,9 +66,8 @@ class Plan:
     enable_thinking: bool
     native: bool
     """The runtime's built-in template is in use (thinking is then its ``enable_thinking`` switch)."""
-    setup: Setup | None
-    """To install on a rebuild: ``("template", system, prefix, postfix)`` or
-    ``("tools", system, tools_json, response_tag)``; ``None`` when reusing."""
+    setup: ChatSetup | None
+    """What to install on a rebuild (a chat template or function tools); ``None`` when reusing."""
     setup_key: tuple[Any, ...]
     kv_after: tuple[Fingerprint, ...]
     kv_before: int = 0
@@ -154,13 +152,13 @@ class Planner:
         dropped = 0
         while True:
             setup = _setup_for(template, system, tools_json, thinking, history, custom)
-            needed = estimate_tokens("".join(setup[1:])) + input_tokens + reserve
+            needed = estimate_tokens("".join(setup.parts)) + input_tokens + reserve
             if needed <= limit or not history:
                 break
             cut = next((i for i in range(1, len(history)) if history[i].role == "user"), len(history))
             history = history[cut:]
             dropped += cut
-        for part, what in zip(setup[1:], ("system prompt", "template prefix", "template postfix"), strict=True):
+        for part, what in zip(setup.parts, ("system prompt", "template prefix", "template postfix"), strict=True):
             check_text(part, f"the rendered {what}")  # before anything touches the handle
         if needed > limit:
             raise ContextLengthError(
@@ -183,11 +181,11 @@ class Planner:
             (*(m.fingerprint() for m in history), *(m.fingerprint() for m in inputs)),
             dropped_turns=dropped,
         )
-        if self.store is not None and not history and estimate_tokens(setup[1]) >= self.prompt_cache_min_tokens:
+        if self.store is not None and not history and estimate_tokens(setup.system) >= self.prompt_cache_min_tokens:
             # The prompt cache is an optimisation: any trouble with it (logged by the store) is a miss.
             key = self.store.try_key(
                 info.path,
-                setup="\x1f".join(setup),
+                setup=setup.cache_text,
                 abi=runtime_id[0],
                 runtime=runtime_id[1],
                 thinking=str(thinking),
@@ -207,7 +205,7 @@ def _setup_for(
     thinking: bool,
     history: Sequence[ChatMessage],
     custom: tuple[str, str, str] | None = None,
-) -> Setup:
+) -> ChatSetup:
     """The template call that starts the conversation: earlier turns go into the system slot.
 
     ``custom`` is a model's own ``(system, prefix, postfix)`` from the registry file:
@@ -219,13 +217,13 @@ def _setup_for(
             [json.dumps(t, ensure_ascii=False, sort_keys=True) for t in json.loads(tools_json)] if tools_json else []
         )
         slot = template.system_block(system, tools_list) + template.render_turns(history)
-        return ("template", slot, template.prefix(), template.postfix(thinking))
+        return ChatTemplate(slot, template.prefix(), template.postfix(thinking))
     slot = "\n\n".join(part for part in (system, render_transcript(history) if history else "") if part)
     if custom is not None:
         head, prefix, postfix = custom
         text = head.replace("{system}", slot) if "{system}" in head else head + slot
-        return ("template", text, prefix, postfix)
-    return ("tools", slot, tools_json or "[]", "tool_response")
+        return ChatTemplate(text, prefix, postfix)
+    return FunctionTools(slot, tools_json or "[]", "tool_response")
 
 
 def _render_inputs(

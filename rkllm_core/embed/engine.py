@@ -41,7 +41,7 @@ from ..errors import ContextLengthError, InvalidParameterError, RunError
 from ..models.manager import Lease, ModelManager, default_manager
 from ..models.registry import ModelInfo, require_kind
 from ..params import Tensor, check_text, estimate_tokens
-from ..runtime import RKLLMRuntime, RunOptions, Session
+from ..runtime import ChatTemplate, RKLLMRuntime, RunOptions, Session
 from ..runtime.handle import InferMode
 from .recipes import EmbeddingRecipe, RerankRecipe, embedding_recipe, rerank_recipe
 
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 _EMBED = (("embedding",), "the embeddings classes (RKLLMEmbeddings, RKLLMEmbedding, EmbeddingEngine.embed)")
 _RERANK = (("reranker",), "the rerankers (RKLLMRerank, EmbeddingEngine.rerank)")
-_EMPTY_TEMPLATE = ("template", "", "", "")
+_EMPTY_TEMPLATE = ChatTemplate("", "", "")
 # Positions kept free of input: the runtime's own bookkeeping at the end of a prefill.
 _CONTEXT_MARGIN = 4
 _R = TypeVar("_R")
@@ -575,7 +575,7 @@ class EmbeddingEngine:
         inputs, value_of = prepare(tokenizer, limit, lease.info.name)
         _warn_cut(sum(i.cut for i in inputs), len(inputs), what, lease.info.name, limit)
         if session.chat_setup != _EMPTY_TEMPLATE:
-            session.set_chat_template("", "", "")
+            _EMPTY_TEMPLATE.install(session)
         return inputs, value_of
 
 

@@ -2,5 +2,17 @@
 
 from .handle import Completion, KVState, RKLLMRuntime, Role, RunOptions, Session
 from .run import RunStream
+from .setup import ChatSetup, ChatTemplate, FunctionTools
 
-__all__ = ["Completion", "KVState", "RKLLMRuntime", "Role", "RunOptions", "RunStream", "Session"]
+__all__ = [
+    "ChatSetup",
+    "ChatTemplate",
+    "Completion",
+    "FunctionTools",
+    "KVState",
+    "RKLLMRuntime",
+    "Role",
+    "RunOptions",
+    "RunStream",
+    "Session",
+]

@@ -56,7 +56,6 @@ from .._sync import (
 )
 from ..errors import (
     BusyError,
-    ContextLengthError,
     HandleClosedError,
     InitError,
     InvalidParameterError,
@@ -69,8 +68,9 @@ from ..native.backend import Backend, RunRequest
 from ..native.callback import HIDDEN, LOGITS
 from ..native.library import RuntimeLibrary, load_library
 from ..native.structs import RKLLMInferMode
-from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, check_text
+from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, check_text, context_len
 from .run import ABORT_WAIT_S, Run, RunStream, astream_run, start_worker
+from .setup import ChatSetup, ChatTemplate, FunctionTools
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class _HandleState:
         self.jobs = 0  # native calls in flight on the core's executor for the holder
         self.release_pending = False  # the holder let go while a run or job was in flight
         self.kv = KVState()
-        self.chat_setup: tuple[str, str, str, str] | None = None  # last template / tools installed
+        self.chat_setup: ChatSetup | None = None  # last template / tools installed
         self.prompt_cache: str | None = None  # the loaded prompt cache file
         self.on_destroyed: list[Callable[[], None]] = []  # called once the native handle is gone
 
@@ -421,11 +421,8 @@ class Session:
         return self._state.kv
 
     @property
-    def chat_setup(self) -> tuple[str, str, str, str] | None:
-        """The last template installed, or ``None`` for the model's own.
-
-        ``("template", system, prefix, postfix)`` or ``("tools", system, tools_json, response_tag)``.
-        """
+    def chat_setup(self) -> ChatSetup | None:
+        """The last template or tools installed (:mod:`~rkllm_core.runtime.setup`), or ``None`` for the model's own."""
         return self._state.chat_setup
 
     @property
@@ -583,7 +580,7 @@ class Session:
         state.chat_setup = None
         self._moved(None)
         self._check(state.backend.set_chat_template(state.handle, *args), "rkllm_set_chat_template")
-        state.chat_setup = ("template", system_prompt, prompt_prefix, prompt_postfix)
+        state.chat_setup = ChatTemplate(system_prompt, prompt_prefix, prompt_postfix)
 
     def set_function_tools(
         self, system_prompt: str, tools: str | Sequence[dict[str, Any]], tool_response_str: str = "tool_response"
@@ -599,7 +596,7 @@ class Session:
         state.chat_setup = None
         self._moved(None)
         self._check(state.backend.set_function_tools(state.handle, *args), "rkllm_set_function_tools")
-        state.chat_setup = ("tools", system_prompt, tools_json, tool_response_str)
+        state.chat_setup = FunctionTools(system_prompt, tools_json, tool_response_str)
 
     def load_prompt_cache(self, path: str | os.PathLike[str]) -> None:
         """Load a prompt cache file saved by an earlier run (``save_prompt_cache=``)."""
@@ -699,18 +696,8 @@ class RKLLMRuntime:
     def _with_context_limit(self, params: InitParams) -> InitParams:
         """Default ``max_context_len`` to the limit the file name states, and refuse more (before init)."""
         limit = parse_model_filename(self.model_path.name).ctx
-        if limit is None:
-            return params
-        if params.max_context_len is None:
-            return replace(params, max_context_len=limit)
-        if params.max_context_len > limit:
-            raise ContextLengthError(
-                f"max_context_len={params.max_context_len} is above the {limit}-token limit {self.model_path.name} "
-                f"was converted with (from its file name); use at most {limit}",
-                requested=params.max_context_len,
-                limit=limit,
-            )
-        return params
+        wanted = context_len(params.max_context_len, limit, self.model_path.name, "from its file name")
+        return params if wanted == params.max_context_len else replace(params, max_context_len=wanted)
 
     # -- state ------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,83 @@
+"""What a conversation installs on a handle before it starts: a chat template or function tools.
+
+A chat setup is a small frozen value. The planner decides which one a
+conversation needs, the session records the one installed last
+(:attr:`~rkllm_core.runtime.Session.chat_setup`), and the value installs itself
+on a session, so no tuple of loosely named strings crosses modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .handle import Session
+
+__all__ = ["ChatSetup", "ChatTemplate", "FunctionTools"]
+
+
+class _Installs(Protocol):
+    def install(self, session: Session) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """``rkllm_set_chat_template``: literal strings around every input (you supply special tokens).
+
+    Attributes:
+        system: the text before the conversation (the system block, and earlier turns on a rebuild).
+        prefix: put before each input.
+        postfix: put after each input (where the model's answer starts).
+    """
+
+    system: str
+    prefix: str
+    postfix: str
+
+    @property
+    def parts(self) -> tuple[str, str, str]:
+        """The three strings, in the order the runtime takes them."""
+        return (self.system, self.prefix, self.postfix)
+
+    @property
+    def cache_text(self) -> str:
+        """The setup as one string, part of a prompt-cache key."""
+        return "\x1f".join(("template", *self.parts))
+
+    def install(self, session: Session) -> None:
+        """Install on ``session``'s handle."""
+        session.set_chat_template(*self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionTools:
+    """``rkllm_set_function_tools``: a system prompt and tool definitions, with the runtime's own template.
+
+    Attributes:
+        system: the system prompt (and earlier turns on a rebuild).
+        tools_json: the tools as a JSON array.
+        response_tag: the tag tool results are wrapped in.
+    """
+
+    system: str
+    tools_json: str
+    response_tag: str = "tool_response"
+
+    @property
+    def parts(self) -> tuple[str, str, str]:
+        """The three strings, in the order the runtime takes them."""
+        return (self.system, self.tools_json, self.response_tag)
+
+    @property
+    def cache_text(self) -> str:
+        """The setup as one string, part of a prompt-cache key."""
+        return "\x1f".join(("tools", *self.parts))
+
+    def install(self, session: Session) -> None:
+        """Install on ``session``'s handle."""
+        session.set_function_tools(*self.parts)
+
+
+ChatSetup = ChatTemplate | FunctionTools
+"""Either set-up a conversation starts from."""
