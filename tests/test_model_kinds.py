@@ -68,7 +68,7 @@ def test_every_corpus_file_has_a_kind() -> None:
 # -- the registry file can say what a name does not ---------------------------------------------------------------
 
 
-def test_registry_file_overrides_kind_and_a_bad_kind_invalidates_only_its_entry(tmp_path: Path) -> None:
+def test_registry_file_overrides_kind_and_a_bad_kind_is_left_out_alone(tmp_path: Path) -> None:
     make_model(tmp_path, "mystery-1b-w8a8.rkllm")
     make_model(tmp_path, EMBED)
     make_model(tmp_path, CHAT)
@@ -83,7 +83,7 @@ def test_registry_file_overrides_kind_and_a_bad_kind_invalidates_only_its_entry(
     assert registry.get("mystery-1b").facts.kind == "chat"  # what the name alone says
     assert registry.get("qwen3-embedding-0.6b").kind == "chat"
     qwen = registry.get("qwen3-0.6b")
-    assert qwen.kind == "chat" and qwen.defaults.temperature is None  # the whole entry was refused
+    assert qwen.kind == "chat" and qwen.defaults.sampling.temperature == 0.3  # only the bad kind was left out
     assert len(registry.errors) == 1 and isinstance(registry.errors[0], InvalidParameterError)
     assert "kind must be one of chat, embedding, reranker, vision" in str(registry.errors[0])
     assert "'poem'" in str(registry.errors[0])

@@ -20,6 +20,7 @@ from rkllm_core.filenames import ModelFacts, _separating_values, _strip_suffix, 
 from rkllm_core.models import registry as registry_module
 from rkllm_core.models.registry import DEFAULT_CONTEXT_SIZE, ModelInfo, ModelRegistry, default_model_dirs
 from rkllm_core.models.registry_file import ModelDefaults, load_registry_file
+from rkllm_core.params import SamplingParams
 
 LOCAL_DATA = Path(__file__).resolve().parent / "data" / "model-filenames.jsonl"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "model-filenames.jsonl"
@@ -462,11 +463,11 @@ def test_refresh_sees_an_edited_registry_file(tmp_path: Path) -> None:
     toml.write_text('[models."qwen3-0.6b"]\ntemperature = 0.5\n')
     backdate(tmp_path, toml)
     registry = ModelRegistry([tmp_path], platform=None)
-    assert registry.get("qwen3-0.6b").defaults.temperature == 0.5
+    assert registry.get("qwen3-0.6b").defaults.sampling.temperature == 0.5
     assert registry.refresh() is False
     toml.write_text('[models."qwen3-0.6b"]\ntemperature = 0.25\n')
     assert registry.refresh() is True
-    assert registry.get("qwen3-0.6b").defaults.temperature == 0.25
+    assert registry.get("qwen3-0.6b").defaults.sampling.temperature == 0.25
 
 
 # --------------------------------------------------------------------------
@@ -599,14 +600,12 @@ def test_registry_file_defaults_and_aliases(tmp_path: Path, caplog: pytest.LogCa
     assert qwen.name == "qwen3-0.6b"
     assert qwen.aliases == ("qwen", "small")
     assert qwen.defaults == ModelDefaults(
-        temperature=1.0,
-        top_p=0.9,
-        top_k=20,
+        sampling=SamplingParams(temperature=1.0, top_p=0.9, top_k=20),
         max_new_tokens=512,
         system_prompt="You are terse.",
         chat_template=("<s>", "U:", "A:"),
     )
-    assert isinstance(qwen.defaults.temperature, float)
+    assert isinstance(qwen.defaults.sampling.temperature, float)
     assert qwen.defaults.sampling.top_k == 20
     assert qwen.context_size == 16384  # the name wins over the registry file
     gemma = registry.get("gemma3-1b")
@@ -633,11 +632,14 @@ def test_registry_file_bad_values(tmp_path: Path, entry: str, key: str) -> None:
     make_model(tmp_path, "gemma-3-1b-it_w8a8.rkllm")
     toml = tmp_path / "rkllm-models.toml"
     alias = 'aliases = ["q"]\n' if key != "aliases" else ""
-    toml.write_text(f'[models."qwen3-0.6b"]\n{alias}{entry}\n\n[models."gemma3-1b"]\ntop_k = 5\n')
+    toml.write_text(
+        f'[models."qwen3-0.6b"]\n{alias}{entry}\npresence_penalty = 0.5\n\n[models."gemma3-1b"]\ntop_k = 5\n'
+    )
     registry = ModelRegistry([tmp_path], platform=None)
-    assert registry.get("qwen3-0.6b").defaults == ModelDefaults()  # the bad entry is ignored as a whole
-    assert "q" not in registry
-    assert registry.get("gemma3-1b").defaults.top_k == 5  # the rest of the file still applies
+    # Only the bad value is left out: the entry's other value and its alias still apply, as does the file.
+    assert registry.get("qwen3-0.6b").defaults == ModelDefaults(sampling=SamplingParams(presence_penalty=0.5))
+    assert ("q" in registry) == (key != "aliases")
+    assert registry.get("gemma3-1b").defaults.sampling.top_k == 5
     [error] = registry.errors
     assert isinstance(error, InvalidParameterError)
     assert str(toml) in str(error) and key in str(error) and "qwen3-0.6b" in str(error)

@@ -31,8 +31,9 @@ against the models found under the file's own directory first and against all
 models when none matches there. A key that matches several models (an
 ambiguous friendly name) sets the defaults of all of them but its aliases are
 refused. When several entries set the same field for one model, the first
-wins (directories in search order, entries in file order). An invalid entry,
-or a file that is not valid TOML, is ignored, logged as an error and listed
+wins (directories in search order, entries in file order). An invalid value
+(alone: the rest of its entry still applies), an entry that is not a table, or a
+file that is not valid TOML, is ignored, logged as an error and listed
 in :attr:`ModelRegistry.errors` as an
 :class:`~rkllm_core.errors.InvalidParameterError`. An alias that is already
 another model's name, file name or alias is refused with a warning; an alias

@@ -32,10 +32,11 @@ model family's recipe, or declare one for a family that has none (see
 registry file can never hold a value the runtime would refuse.
 
 Unknown keys are logged as warnings. A value of the wrong type or out of range
-makes that one entry invalid; a file that is not valid TOML is invalid as a
+is left out alone (the rest of its entry, aliases included, still applies); an
+entry that is not a table, or a file that is not valid TOML, is left out as a
 whole. :func:`load_registry_file` raises the first such problem as an
 :class:`~rkllm_core.errors.InvalidParameterError`; the registry reads files
-leniently, keeping the valid entries. How entries are matched to model files
+leniently, keeping every valid value. How entries are matched to model files
 is described in :mod:`rkllm_core.models.registry`.
 """
 
@@ -43,13 +44,14 @@ from __future__ import annotations
 
 import logging
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, get_args, get_type_hints
 
 from ..errors import InvalidParameterError
 from ..filenames import MODEL_KINDS, ModelKind
-from ..params import InitParams, SamplingParams, check_text
+from ..params import SAMPLING_FIELDS, InitParams, SamplingParams, check_text
 
 __all__ = [
     "REGISTRY_FILENAME",
@@ -74,15 +76,8 @@ class ModelDefaults:
     """Per-model defaults from the registry file; None means not set.
 
     Attributes:
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold.
-        top_k: top-k sampling (0 disables).
-        repeat_penalty: repetition penalty.
-        frequency_penalty: frequency penalty.
-        presence_penalty: presence penalty.
-        mirostat: mirostat mode (0, 1 or 2).
-        mirostat_tau: mirostat target entropy.
-        mirostat_eta: mirostat learning rate.
+        sampling: the sampling settings (temperature, top_p, top_k, the penalties, mirostat);
+            unset ones are None.
         max_new_tokens: generation limit (-1 for none).
         system_prompt: default system prompt.
         max_context_len: context length to initialise the model with.
@@ -93,15 +88,7 @@ class ModelDefaults:
         reranker: overrides of the reranking recipe, as ``(field, value)`` pairs.
     """
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repeat_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
+    sampling: SamplingParams = SamplingParams()
     max_new_tokens: int | None = None
     system_prompt: str | None = None
     max_context_len: int | None = None
@@ -111,20 +98,18 @@ class ModelDefaults:
     reranker: tuple[tuple[str, Any], ...] | None = None
 
     def as_dict(self) -> dict[str, object]:
-        """The fields that are set.
+        """The settings that are set, named as in the registry file.
 
         Returns:
-            A mapping of field name to value, without the unset (None) fields.
+            A mapping of setting name to value (each sampling setting under its own
+            name), without the unset (None) ones.
         """
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @property
-    def sampling(self) -> SamplingParams:
-        """The sampling fields as :class:`~rkllm_core.params.SamplingParams`."""
-        return SamplingParams(**{k: getattr(self, k) for k in _SAMPLING_FIELDS})
+        values: dict[str, object] = {k: v for k, v in self.sampling.as_dict().items() if v is not None}
+        values.update({name: getattr(self, name) for name in _OTHER_FIELDS if getattr(self, name) is not None})
+        return values
 
     def merged(self, other: ModelDefaults) -> ModelDefaults:
-        """These defaults with the fields they leave unset taken from ``other``.
+        """These defaults with the settings they leave unset taken from ``other``.
 
         Args:
             other: lower-priority defaults.
@@ -132,8 +117,15 @@ class ModelDefaults:
         Returns:
             The merged defaults.
         """
-        changes: dict[str, Any] = {k: v for k, v in other.as_dict().items() if getattr(self, k) is None}
-        return replace(self, **changes)
+        changes: dict[str, Any] = {
+            name: getattr(other, name)
+            for name in _OTHER_FIELDS
+            if getattr(self, name) is None and getattr(other, name) is not None
+        }
+        return replace(self, sampling=other.sampling.merged(self.sampling), **changes)
+
+
+_OTHER_FIELDS: Final = tuple(f.name for f in fields(ModelDefaults) if f.name != "sampling")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,19 +149,11 @@ class RegistryEntry:
 # Registry file
 # --------------------------------------------------------------------------
 
-# Sampling settings a registry file may set: those SamplingParams and ModelDefaults share.
-_SAMPLING_FIELDS: Final = tuple(
-    f.name for f in fields(SamplingParams) if f.name in {g.name for g in fields(ModelDefaults)}
-)
+# Float settings: an int written in the file (``temperature = 1``) is stored as a float.
 _FLOAT_FIELDS: Final = frozenset(
-    {"temperature", "top_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"}
+    name for name, hint in get_type_hints(SamplingParams).items() if float in get_args(hint)
 )
 _INIT_FIELDS: Final = ("max_new_tokens", "max_context_len")
-_ENTRY_KEYS: Final = (
-    frozenset(_SAMPLING_FIELDS)
-    | set(_INIT_FIELDS)
-    | {"aliases", "system_prompt", "chat_template", "kind", "embedding", "reranker"}
-)
 _TEMPLATE_KEYS: Final = ("system", "prefix", "postfix")
 # The recipe fields a registry file may set, with their types (see rkllm_core.embed.recipes).
 _RECIPE_FIELDS: Final[dict[str, dict[str, type]]] = {
@@ -207,62 +191,101 @@ def _parse_recipe(where: str, name: str, value: object) -> tuple[tuple[str, Any]
     return tuple(items)
 
 
-def _parse_entry(key: str, table: object, source: Path) -> RegistryEntry:
-    """Validate one ``[models."<key>"]`` table.
+def _sampling_value(where: str, name: str, value: Any) -> Any:
+    try:
+        SamplingParams(**{name: value})
+    except (InvalidParameterError, TypeError) as exc:
+        raise InvalidParameterError(f"{where}: {exc}") from exc
+    return float(value) if name in _FLOAT_FIELDS else value
 
-    Sampling values and limits are checked by :class:`SamplingParams` and
-    :class:`InitParams`, so the registry file accepts exactly what the runtime does.
+
+def _init_value(where: str, name: str, value: Any) -> Any:
+    try:
+        InitParams(**{name: value})
+    except (InvalidParameterError, TypeError) as exc:
+        raise InvalidParameterError(f"{where}: {exc}") from exc
+    return value
+
+
+def _system_prompt(where: str, name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidParameterError(f"{where}: system_prompt must be a string, got {value!r}")
+    return check_text(value, f"{where}: system_prompt")
+
+
+def _chat_template(where: str, name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, dict) or set(value) - set(_TEMPLATE_KEYS):
+        raise InvalidParameterError(
+            f"{where}: chat_template must be a table of system, prefix and postfix, got {value!r}"
+        )
+    parts = tuple(value.get(part, "") for part in _TEMPLATE_KEYS)
+    if not all(isinstance(p, str) for p in parts):
+        raise InvalidParameterError(f"{where}: chat_template values must be strings, got {value!r}")
+    for part, text in zip(_TEMPLATE_KEYS, parts, strict=True):
+        check_text(text, f"{where}: chat_template.{part}")
+    return parts
+
+
+def _kind(where: str, name: str, value: object) -> object:
+    if value not in MODEL_KINDS:
+        raise InvalidParameterError(f"{where}: kind must be one of {', '.join(MODEL_KINDS)}, got {value!r}")
+    return value
+
+
+def _aliases(where: str, name: str, value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(a, str) and a.strip() for a in items):
+        raise InvalidParameterError(f"{where}: aliases must be a list of non-empty strings, got {value!r}")
+    return tuple(dict.fromkeys(str(a).strip() for a in items))
+
+
+# How each key of an entry is checked and stored: (where, key, value) -> the value to keep, or
+# InvalidParameterError naming the file, the entry and the key. Sampling values and limits are
+# checked by SamplingParams and InitParams, so a file accepts exactly what the runtime does.
+_Check = Callable[[str, str, object], Any]
+_CHECKS: Final[dict[str, _Check]] = {
+    **dict.fromkeys(SAMPLING_FIELDS, _sampling_value),
+    **dict.fromkeys(_INIT_FIELDS, _init_value),
+    "system_prompt": _system_prompt,
+    "chat_template": _chat_template,
+    "kind": _kind,
+    "embedding": _parse_recipe,
+    "reranker": _parse_recipe,
+    "aliases": _aliases,
+}
+
+
+def _parse_entry(key: str, table: object, source: Path) -> tuple[RegistryEntry, list[InvalidParameterError]]:
+    """Validate one ``[models."<key>"]`` table, value by value.
+
+    Returns:
+        The entry with every valid value, and one error per value left out.
+
+    Raises:
+        InvalidParameterError: ``table`` is not a table (nothing of it is kept).
     """
     where = f'{source}: [models."{key}"]'
     if not isinstance(table, dict):
         raise InvalidParameterError(f"{where} must be a table, got {table!r}")
-    for name in table:
-        if name not in _ENTRY_KEYS:
+    values: dict[str, Any] = {}
+    errors: list[InvalidParameterError] = []
+    for name, value in table.items():
+        check = _CHECKS.get(name)
+        if check is None:
             logger.warning("%s: unknown key %r ignored", where, name)
-    changes: dict[str, Any] = {k: table[k] for k in (*_SAMPLING_FIELDS, *_INIT_FIELDS) if k in table}
-    try:
-        SamplingParams(**{k: v for k, v in changes.items() if k in _SAMPLING_FIELDS})
-        InitParams(**{k: v for k, v in changes.items() if k in _INIT_FIELDS})
-    except InvalidParameterError as exc:
-        raise InvalidParameterError(f"{where}: {exc}") from exc
-    changes.update({k: float(v) for k, v in changes.items() if k in _FLOAT_FIELDS})
-
-    if "system_prompt" in table:
-        if not isinstance(table["system_prompt"], str):
-            raise InvalidParameterError(f"{where}: system_prompt must be a string, got {table['system_prompt']!r}")
-        changes["system_prompt"] = check_text(table["system_prompt"], f"{where}: system_prompt")
-    if "chat_template" in table:
-        value = table["chat_template"]
-        if not isinstance(value, dict) or set(value) - set(_TEMPLATE_KEYS):
-            raise InvalidParameterError(
-                f"{where}: chat_template must be a table of system, prefix and postfix, got {value!r}"
-            )
-        parts = tuple(value.get(part, "") for part in _TEMPLATE_KEYS)
-        if not all(isinstance(p, str) for p in parts):
-            raise InvalidParameterError(f"{where}: chat_template values must be strings, got {value!r}")
-        for part, text in zip(_TEMPLATE_KEYS, parts, strict=True):
-            check_text(text, f"{where}: chat_template.{part}")
-        changes["chat_template"] = parts
-    if "kind" in table:
-        if table["kind"] not in MODEL_KINDS:
-            raise InvalidParameterError(f"{where}: kind must be one of {', '.join(MODEL_KINDS)}, got {table['kind']!r}")
-        changes["kind"] = table["kind"]
-    for name in _RECIPE_FIELDS:
-        if name in table:
-            changes[name] = _parse_recipe(where, name, table[name])
-    aliases: tuple[str, ...] = ()
-    if "aliases" in table:
-        value = table["aliases"]
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(a, str) and a.strip() for a in items):
-            raise InvalidParameterError(f"{where}: aliases must be a list of non-empty strings, got {value!r}")
-        aliases = tuple(dict.fromkeys(str(a).strip() for a in items))
-    defaults = replace(ModelDefaults(), **changes)
-    return RegistryEntry(key=key.strip().lower(), aliases=aliases, defaults=defaults, source=source)
+            continue
+        try:
+            values[name] = check(where, name, value)
+        except InvalidParameterError as exc:
+            errors.append(exc)
+    aliases: tuple[str, ...] = values.pop("aliases", ())
+    sampling = SamplingParams(**{name: values.pop(name) for name in SAMPLING_FIELDS if name in values})
+    defaults = ModelDefaults(sampling=sampling, **values)
+    return RegistryEntry(key=key.strip().lower(), aliases=aliases, defaults=defaults, source=source), errors
 
 
 def _read_registry_file(path: Path) -> tuple[list[RegistryEntry], list[InvalidParameterError]]:
-    """Parse a registry file leniently: bad entries are reported, good ones kept."""
+    """Parse a registry file leniently: a bad value or entry is reported and left out, the rest kept."""
     try:
         with path.open("rb") as handle:
             document = tomllib.load(handle)
@@ -278,9 +301,12 @@ def _read_registry_file(path: Path) -> tuple[list[RegistryEntry], list[InvalidPa
     errors: list[InvalidParameterError] = []
     for key, table in models.items():
         try:
-            entries.append(_parse_entry(str(key), table, path))
+            entry, entry_errors = _parse_entry(str(key), table, path)
         except InvalidParameterError as exc:
             errors.append(exc)
+            continue
+        entries.append(entry)
+        errors += entry_errors
     return entries, errors
 
 
