@@ -520,6 +520,7 @@ def test_without_the_key_every_path_but_health_is_401(make_client: Callable[...,
             for path in ("/metrics", "/v1/no-such-endpoint", "/no/such/path"):
                 denied = await http.get(path)
                 assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key", path
+            assert (await http.post("/health")).status_code == 405  # /health is open, whatever the method
             key = {"authorization": "Bearer s3cret"}
             assert (await http.get("/metrics", headers=key)).status_code == 200
             assert (await http.get("/v1/no-such-endpoint", headers=key)).status_code == 404

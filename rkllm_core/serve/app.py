@@ -64,7 +64,8 @@ def _error_response(path: str) -> Callable[[Exception], Response]:
 
 async def _unrouted(request: Request, exc: Exception) -> Response:
     """An unknown path or method: 401 without the key (as for any path but ``/health``), else 404 / 405."""
-    if not authorized(server_state(request).settings, request.headers.get("authorization")):
+    open_path = request.url.path == "/health"
+    if not open_path and not authorized(server_state(request).settings, request.headers.get("authorization")):
         exc = AuthError("a valid API key is required (Authorization: Bearer ...)")
     elif isinstance(exc, HTTPException) and exc.status_code in (404, 405):
         what = "no such endpoint" if exc.status_code == 404 else "method not allowed"
