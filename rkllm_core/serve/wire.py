@@ -1,8 +1,8 @@
 """OpenAI's wire format, both ways: request bodies to core types, core results to response bodies.
 
 Pure functions over dicts, with no HTTP in them, so they are tested on their own. A bad field raises
-:class:`WireError` naming it (``messages[2].content``), which the app turns into OpenAI's error
-object with status 400.
+:class:`WireError` naming it (``messages[2].content``), which the router in :mod:`.openai` answers
+with OpenAI's error object, status 400 and that ``param``.
 """
 
 from __future__ import annotations
