@@ -61,25 +61,58 @@ class Plan:
     """What one request sends, and what the KV cache holds once it has been prefilled."""
 
     reuse: bool
+    """Continue the conversation in the KV cache (send only the new input, keep the cache)."""
     prompt: str
+    """The text of this run: the new input, rendered for the template in use."""
     role: Literal["user", "tool"]
+    """The role the runtime is told the input has (``tool`` for bare tool results on the built-in template)."""
     enable_thinking: bool
+    """Whether the reply may think first."""
     native: bool
-    """The runtime's built-in template is in use (thinking is then its ``enable_thinking`` switch)."""
+    """The runtime's built-in template (or the model's registry template) wraps the input; thinking is
+    then the runtime's ``enable_thinking`` switch."""
     setup: ChatSetup | None
     """What to install on a rebuild (a chat template or function tools); ``None`` when reusing."""
     setup_key: tuple[Any, ...]
+    """What the setup depends on (template, system prompt, tools, thinking): part of every KV tag."""
     kv_after: tuple[Fingerprint, ...]
+    """The fingerprints of the messages the cache holds once the input is prefilled."""
     kv_before: int = 0
     """Positions already in the cache when reusing."""
     cache_key: CacheKey | None = None
+    """The prompt-cache key of a fresh conversation's system prompt (``None``: not cached)."""
     cache_load: Path | None = None
+    """A prompt-cache file to load before the run (a hit)."""
     cache_save: Path | None = None
+    """Where the run saves its prefill for next time (a miss)."""
     dropped_turns: int = 0
+    """Oldest messages left out so the conversation fits the context."""
 
     def tag_after(self, reply: ChatMessage) -> Hashable:
         """The KV tag once the model's ``reply`` follows the input."""
         return kv_tag(self.setup_key, (*self.kv_after, reply.fingerprint()))
+
+
+@dataclass
+class _Request:
+    """One request taken apart: what the planner's steps share."""
+
+    system: str
+    history: list[ChatMessage]
+    inputs: list[ChatMessage]
+    template: ChatMLTemplate | None
+    custom: tuple[str, str, str] | None
+    tools_json: str
+    thinking: bool
+    setup_key: tuple[Any, ...]
+    prompt: str
+    role: Literal["user", "tool"]
+    input_tokens: int
+    reserve: int
+
+    @property
+    def native(self) -> bool:
+        return self.template is None
 
 
 class Planner:
@@ -105,7 +138,7 @@ class Planner:
         msgs: Sequence[ChatMessage],
         opts: ChatOptions,
     ) -> Plan:
-        """Plan one request.
+        """Plan one request: reuse the cache if it holds this conversation, else rebuild it.
 
         Args:
             kv: the handle's KV state, read inside the request's session.
@@ -118,84 +151,116 @@ class Planner:
         Raises:
             ContextLengthError: the system prompt and the newest input cannot fit.
         """
-        tools_json = normalise_tools(opts.active_tools) if opts.active_tools else ""
-        system = "\n\n".join(m.content for m in msgs if m.role == "system") or (
-            info.defaults.system_prompt or DEFAULT_SYSTEM_PROMPT
-        )
-        turns = [m for m in msgs if m.role != "system"]
-        last_assistant = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
-        history, inputs = turns[: last_assistant + 1], turns[last_assistant + 1 :]
-        custom = info.defaults.chat_template
-        template = template_for_family(info.facts.family) if custom is None else None
-        if tools_json:
-            custom = None  # tools take the runtime's function-calling set-up, which brings its own template
-        elif custom is not None and "{system}" not in custom[0] and not info.defaults.system_prompt:
-            system = "\n\n".join(m.content for m in msgs if m.role == "system")  # the template's own, or the request's
-        thinking = bool(opts.enable_thinking)
-        kind = template.name if template else ("custom", *custom) if custom else "native"
-        setup_key = (kind, system, tools_json, thinking if template else None)
-        reserve = opts.max_new_tokens or DEFAULT_OUTPUT_RESERVE
-        prompt, role = _render_inputs(template, inputs, opts)
-        input_tokens = estimate_tokens(prompt) + MESSAGE_OVERHEAD_TOKENS * len(inputs)
-        fingerprints = [m.fingerprint() for m in history]
-        kv_after = (*fingerprints, *(m.fingerprint() for m in inputs))
-        if (
-            self.reuse_kv
-            and kv.tag is not None
-            and kv.tag == kv_tag(setup_key, fingerprints)
-            and kv.tokens is not None
-            and kv.tokens + input_tokens + reserve <= limit
-        ):
-            return Plan(True, prompt, role, thinking, template is None, None, setup_key, kv_after, kv_before=kv.tokens)
-
-        # Rebuild: drop the oldest turns until the rendered conversation fits.
-        dropped = 0
-        while True:
-            setup = _setup_for(template, system, tools_json, thinking, history, custom)
-            needed = estimate_tokens("".join(setup.parts)) + input_tokens + reserve
-            if needed <= limit or not history:
-                break
-            cut = next((i for i in range(1, len(history)) if history[i].role == "user"), len(history))
-            history = history[cut:]
-            dropped += cut
-        for part, what in zip(setup.parts, ("system prompt", "template prefix", "template postfix"), strict=True):
-            check_text(part, f"the rendered {what}")  # before anything touches the handle
-        if needed > limit:
-            raise ContextLengthError(
-                f"the prompt needs about {needed - reserve} tokens plus {reserve} for the answer, more than the "
-                f"{limit}-token context of {info.name}; shorten the system prompt or the last message, or lower "
-                "max_new_tokens",
-                requested=needed,
-                limit=limit,
-            )
-        if dropped:
-            logger.info("conversation too long for %s: rebuilt without its %d oldest messages", info.name, dropped)
+        req = _take_apart(info, msgs, opts)
+        fingerprints = [m.fingerprint() for m in req.history]
+        if self.reuse_kv and _cache_continues(kv, kv_tag(req.setup_key, fingerprints), req, limit):
+            assert kv.tokens is not None
+            kv_after = (*fingerprints, *(m.fingerprint() for m in req.inputs))
+            return Plan(True, req.prompt, req.role, req.thinking, req.native, None, req.setup_key, kv_after, kv.tokens)
+        setup, history, dropped = _fit(req, limit, info.name)
         plan = Plan(
             False,
-            prompt,
-            role,
-            thinking,
-            template is None,
+            req.prompt,
+            req.role,
+            req.thinking,
+            req.native,
             setup,
-            setup_key,
-            (*(m.fingerprint() for m in history), *(m.fingerprint() for m in inputs)),
+            req.setup_key,
+            (*(m.fingerprint() for m in history), *(m.fingerprint() for m in req.inputs)),
             dropped_turns=dropped,
         )
-        if self.store is not None and not history and estimate_tokens(setup.system) >= self.prompt_cache_min_tokens:
-            # The prompt cache is an optimisation: any trouble with it (logged by the store) is a miss.
-            key = self.store.try_key(
-                info.path,
-                setup=setup.cache_text,
-                abi=runtime_id[0],
-                runtime=runtime_id[1],
-                thinking=str(thinking),
-            )
-            if key is not None:
-                plan.cache_key = key
-                plan.cache_load = self.store.lookup(key)
-                if plan.cache_load is None:
-                    plan.cache_save = self.store.staging_path(key)
+        if not history:
+            self._look_up_prompt_cache(plan, setup, info, runtime_id)
         return plan
+
+    def _look_up_prompt_cache(self, plan: Plan, setup: ChatSetup, info: ModelInfo, runtime_id: tuple[str, str]) -> None:
+        """A fresh conversation with a long system prompt loads its prefill from disk, or saves it there."""
+        if self.store is None or estimate_tokens(setup.system) < self.prompt_cache_min_tokens:
+            return
+        # The prompt cache is an optimisation: any trouble with it (logged by the store) is a miss.
+        key = self.store.try_key(
+            info.path,
+            setup=setup.cache_text,
+            abi=runtime_id[0],
+            runtime=runtime_id[1],
+            thinking=str(plan.enable_thinking),
+        )
+        if key is not None:
+            plan.cache_key = key
+            plan.cache_load = self.store.lookup(key)
+            if plan.cache_load is None:
+                plan.cache_save = self.store.staging_path(key)
+
+
+def _take_apart(info: ModelInfo, msgs: Sequence[ChatMessage], opts: ChatOptions) -> _Request:
+    """System prompt, earlier turns and new input; the template; the rendered input and its size."""
+    tools_json = normalise_tools(opts.active_tools) if opts.active_tools else ""
+    system = "\n\n".join(m.content for m in msgs if m.role == "system") or (
+        info.defaults.system_prompt or DEFAULT_SYSTEM_PROMPT
+    )
+    turns = [m for m in msgs if m.role != "system"]
+    last_assistant = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
+    custom = info.defaults.chat_template
+    template = template_for_family(info.facts.family) if custom is None else None
+    if tools_json:
+        custom = None  # tools take the runtime's function-calling set-up, which brings its own template
+    elif custom is not None and "{system}" not in custom[0] and not info.defaults.system_prompt:
+        system = "\n\n".join(m.content for m in msgs if m.role == "system")  # the template's own, or the request's
+    thinking = bool(opts.enable_thinking)
+    kind = template.name if template else ("custom", *custom) if custom else "native"
+    inputs = turns[last_assistant + 1 :]
+    prompt, role = _render_inputs(template, inputs, opts)
+    return _Request(
+        system=system,
+        history=turns[: last_assistant + 1],
+        inputs=inputs,
+        template=template,
+        custom=custom,
+        tools_json=tools_json,
+        thinking=thinking,
+        setup_key=(kind, system, tools_json, thinking if template else None),
+        prompt=prompt,
+        role=role,
+        input_tokens=estimate_tokens(prompt) + MESSAGE_OVERHEAD_TOKENS * len(inputs),
+        reserve=opts.max_new_tokens or DEFAULT_OUTPUT_RESERVE,
+    )
+
+
+def _cache_continues(kv: KVState, wanted: Hashable, req: _Request, limit: int) -> bool:
+    """The cache holds exactly this conversation so far, and the new input (and answer) still fit."""
+    if kv.tag is None or kv.tag != wanted or kv.tokens is None:
+        return False
+    return kv.tokens + req.input_tokens + req.reserve <= limit
+
+
+def _fit(req: _Request, limit: int, model: str) -> tuple[ChatSetup, list[ChatMessage], int]:
+    """The setup of a rebuild that fits: drop the oldest turns until it does (else ``ContextLengthError``).
+
+    Returns:
+        The setup to install, the earlier turns it replays, and how many messages were dropped.
+    """
+    history, dropped = req.history, 0
+    while True:
+        setup = _setup_for(req.template, req.system, req.tools_json, req.thinking, history, req.custom)
+        needed = estimate_tokens("".join(setup.parts)) + req.input_tokens + req.reserve
+        if needed <= limit or not history:
+            break
+        cut = next((i for i in range(1, len(history)) if history[i].role == "user"), len(history))
+        history = history[cut:]
+        dropped += cut
+    for part, what in zip(setup.parts, ("system prompt", "template prefix", "template postfix"), strict=True):
+        check_text(part, f"the rendered {what}")  # before anything touches the handle
+    if needed > limit:
+        raise ContextLengthError(
+            f"the prompt needs about {needed - req.reserve} tokens plus {req.reserve} for the answer, more than the "
+            f"{limit}-token context of {model}; shorten the system prompt or the last message, or lower "
+            "max_new_tokens",
+            requested=needed,
+            limit=limit,
+        )
+    if dropped:
+        logger.info("conversation too long for %s: rebuilt without its %d oldest messages", model, dropped)
+    return setup, history, dropped
 
 
 def _setup_for(
