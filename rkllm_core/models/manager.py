@@ -16,6 +16,15 @@ requests, served by these rules (the fairness policy):
   them, then loads its model. Requests that arrive later for a draining model
   wait behind it, so a swap waits only for the requests that were already
   running, never for an unbounded number of later ones.
+* **Leases are used in the order they were granted.** A lease books its handle's
+  next turn as it is granted (:meth:`RKLLMRuntime.reserve`), and the first session
+  its holder's call chain opens takes that turn: the request that triggered a
+  load runs first, then the others in arrival order, whichever thread or task
+  wakes first.
+* **The budget holds at every instant.** A model counts against it from the start
+  of its load until its handle is destroyed — also while an unload, a close by its
+  user (deferred until a run returns), a failed load or a cancelled request is
+  still under way — so a load never starts beside memory that is still taken.
 * **Waiting never occupies a thread.** A task awaits a future; a thread waits on
   an event; cancelling or timing out (``timeout=`` → :class:`~rkllm_core.errors.BusyError`)
   leaves the line at once, and the line moves on. ``rkllm_init`` and
@@ -31,8 +40,10 @@ requests, served by these rules (the fairness policy):
 * **Closed handles are dropped.** A runtime closed by its user is forgotten and
   reloaded on the next request.
 
-Two requests for one model share one load; a load that fails fails every request
-waiting for it. Memory is estimated from the file size until a run reports the
+The rules themselves are :class:`~rkllm_core.models.line.LinePolicy`, pure state
+tested without threads; this module does the loading, unloading and waking they
+decide on. Two requests for one model share one load; a load that fails fails
+every request waiting for it. Memory is estimated from the file size until a run reports the
 runtime's peak memory while that model was the only one loaded. On the 1.2 ABI
 sampling and ``max_new_tokens`` are fixed at ``rkllm_init``: instances are keyed by
 (model, init settings), so a request with other settings loads another instance.
