@@ -6,6 +6,7 @@ simulator's call trace (every native call with its inputs), not through the adap
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,38 @@ def test_multi_turn_conversation_is_identical(
 
     lc_trace, li_trace = _run_both(sim, sim_lib, model_dir, model, lc, li)
     assert [t["fn"] for t in lc_trace].count("rkllm_run") == 3
+    assert lc_trace == li_trace
+
+
+@pytest.mark.parametrize("method", ["complete", "stream_complete", "acomplete", "astream_complete"])
+def test_a_completion_is_the_same_as_a_chat_turn(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, method: str
+) -> None:
+    """A LlamaIndex completion is a chat turn: system_prompt, then the prompt as the user's message."""
+    make_model(model_dir, MODELS["qwen3-0.6b"])
+    sim.set("trace", 1)
+
+    def lc(llm: ChatRKLLM) -> None:
+        llm.invoke([SystemMessage("You are terse."), HumanMessage("a question")])
+        llm.invoke([HumanMessage("an already formatted prompt")])
+
+    async def complete(llm: RKLLM, prompt: str, **kwargs: Any) -> None:
+        if method == "complete":
+            llm.complete(prompt, **kwargs)
+        elif method == "stream_complete":
+            list(llm.stream_complete(prompt, **kwargs))
+        elif method == "acomplete":
+            await llm.acomplete(prompt, **kwargs)
+        else:
+            [c async for c in await llm.astream_complete(prompt, **kwargs)]
+
+    def li(llm: RKLLM) -> None:
+        llm.system_prompt = "You are terse."
+        asyncio.run(complete(llm, "a question"))
+        asyncio.run(complete(llm, "an already formatted prompt", formatted=True))  # no system prompt
+
+    lc_trace, li_trace = _run_both(sim, sim_lib, model_dir, "qwen3-0.6b", lc, li)
+    assert [t["fn"] for t in lc_trace].count("rkllm_run") == 2
     assert lc_trace == li_trace
 
 
