@@ -86,7 +86,8 @@ def describe(manager: ModelManager) -> str:
             lines.append(f"entry {e.info.name}: loading={e.loading} leases={e.leases} holders={dict(e.holders)}")
         for r in line.line:
             victims = [v.info.name for v in r.victims or ()]
-            lines.append(f"req {r.info.name} {r.state} owner={r.owner!r} granted={r.granted is not None} victims={victims}")
+            granted = r.granted is not None
+            lines.append(f"req {r.info.name} {r.state} owner={r.owner!r} granted={granted} victims={victims}")
     import sys
     import traceback
 

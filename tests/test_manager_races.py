@@ -42,6 +42,11 @@ def _until(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
         time.sleep(0.001)
 
 
+def _after(barrier: threading.Barrier, fn: Callable[..., object], *args: object) -> None:
+    barrier.wait()
+    fn(*args)
+
+
 def _load(m: ModelManager, name: str) -> None:
     with m.lease(name) as lease:
         lease.runtime.generate("warm")
@@ -54,25 +59,32 @@ def test_the_request_that_triggers_a_swap_is_served_first(manager: ModelManager,
         _load(manager, A)
         order: list[str] = []
         errors: list[BaseException] = []
-
-        def ask(who: str) -> None:
-            try:
-                with manager.lease(B, timeout=60) as lease, lease.runtime.session(timeout=60) as s:
-                    order.append(who)
-                    s.generate(who)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
         threads = []
         for i, who in enumerate("ABC"):
-            t = threading.Thread(target=ask, args=(who,))
+            t = threading.Thread(target=_ask_in_thread, args=(manager, who, order, errors))
             t.start()
             threads.append(t)
-            _until(lambda n=i + 1: manager.waiting() + len(order) >= n, f"{who} in line")
+            _until(lambda n=i + 1, seen=order: manager.waiting() + len(seen) >= n, f"{who} in line")
         for t in threads:
             t.join(60)
         assert not errors, errors
         assert order == ["A", "B", "C"]
+
+
+def _ask_in_thread(manager: ModelManager, who: str, order: list[str], errors: list[BaseException]) -> None:
+    try:
+        with manager.lease(B, timeout=60) as lease, lease.runtime.session(timeout=60) as s:
+            order.append(who)
+            s.generate(who)
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)
+
+
+async def _ask_in_task(manager: ModelManager, who: str, order: list[str]) -> None:
+    async with manager.alease(B, timeout=60) as lease, lease.runtime.session(timeout=60) as s:
+        order.append(who)
+        async for _ in s.astream(who):
+            pass
 
 
 async def test_the_task_that_triggers_a_swap_is_served_first(manager: ModelManager, sim: SimulatorControl) -> None:
@@ -81,16 +93,9 @@ async def test_the_task_that_triggers_a_swap_is_served_first(manager: ModelManag
     for _ in range(LOOPS):
         await asyncio.to_thread(_load, manager, A)
         order: list[str] = []
-
-        async def ask(who: str) -> None:
-            async with manager.alease(B, timeout=60) as lease, lease.runtime.session(timeout=60) as s:
-                order.append(who)
-                async for _ in s.astream(who):
-                    pass
-
         tasks = []
         for i, who in enumerate("ABC"):
-            tasks.append(asyncio.create_task(ask(who)))
+            tasks.append(asyncio.create_task(_ask_in_task(manager, who, order)))
             while manager.waiting() + len(order) < i + 1:
                 await asyncio.sleep(0.001)
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
@@ -104,16 +109,10 @@ def test_unload_racing_a_load_never_holds_two_models(manager: ModelManager, sim:
     for _ in range(LOOPS):
         _load(manager, A)
         barrier = threading.Barrier(2)
-
-        def unload() -> None:
-            barrier.wait()
-            manager.unload(A, timeout=60)
-
-        def ask() -> None:
-            barrier.wait()
-            _load(manager, B)
-
-        threads = [threading.Thread(target=unload), threading.Thread(target=ask)]
+        threads = [
+            threading.Thread(target=_after, args=(barrier, manager.unload, A)),
+            threading.Thread(target=_after, args=(barrier, _load, manager, B)),
+        ]
         for t in threads:
             t.start()
         for t in threads:
