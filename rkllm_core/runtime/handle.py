@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import enum
 import json
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
@@ -69,7 +71,7 @@ from ..native.callback import HIDDEN, LOGITS
 from ..native.library import RuntimeLibrary, load_library
 from ..native.structs import RKLLMInferMode
 from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, check_text, context_len
-from .run import ABORT_WAIT_S, Run, RunStream, astream_run, start_worker
+from .run import ABORT_WAIT_S, Run, RunStream, RunWorker, astream_run
 from .setup import ChatSetup, ChatTemplate, FunctionTools
 
 logger = logging.getLogger(__name__)
@@ -161,6 +163,7 @@ class _HandleState:
         self.closed = False
         self.destroyed = False
         self.current: Run | None = None  # a run whose rkllm_run has not returned
+        self.worker = RunWorker(name)  # makes the rkllm_run calls; stopped when the handle is destroyed
         self.jobs = 0  # native calls in flight on the core's executor for the holder
         self.release_pending = False  # the holder let go while a run or job was in flight
         self.kv = KVState()
@@ -172,7 +175,7 @@ class _HandleState:
     def abort_run(self, run: Run) -> bool:
         """Abort ``run`` if it is still the current run (never another caller's later run)."""
         with self.mutex:  # held across the call so no new run can start in between
-            if self.current is not run or run.returned.is_set():
+            if self.current is not run or run.returned:
                 return False
             run.aborted = True
             rc = self.backend.abort(self.handle)
@@ -182,7 +185,7 @@ class _HandleState:
 
     def abort_soon(self, run: Run) -> None:
         """Abort ``run`` from the core's executor (for async code: no native call on the loop)."""
-        if not run.returned.is_set():
+        if not run.returned:
             submit(self.abort_run, run)
 
     def abort_current(self) -> bool:
@@ -230,11 +233,16 @@ class _HandleState:
             if on_event_loop():
                 submit(self.unlock)
                 return
-            self._destroy_locked()
+            self._destroy()
         self.lock.release()
 
-    def _destroy_locked(self) -> None:
-        self.destroyed = True
+    def _destroy(self) -> None:
+        """Stop the run worker and destroy the native handle (once; nothing may be in flight)."""
+        with self.mutex:
+            if self.destroyed:
+                return
+            self.destroyed = True
+        self.worker.stop()
         try:
             rc = self.backend.destroy(self.handle)
             if rc != 0:
@@ -275,10 +283,42 @@ class _HandleState:
             else:
                 self.unlock()
             return True
+        if _exiting and self._holder_gone():
+            return self._destroy_abandoned()
         if not wait or self.lock.owner is current_owner():
             return self.destroyed  # whoever lets go of the handle destroys it
         if not self.destroyed_event.wait(wait):
             logger.error("%s is still in use %.0f s after close(); it is destroyed when released", self.name, wait)
+        return self.destroyed
+
+    def _holder_gone(self) -> bool:
+        """At exit: True when the lock's holder can never let go of it.
+
+        That is the exiting thread itself (a generator or session it left
+        suspended), a thread that has ended, or a task whose event loop no longer
+        runs. Once every non-daemon thread has been joined, nobody else can
+        resume such a holder.
+        """
+        owner = self.lock.owner
+        if owner is current_owner():
+            return True
+        if isinstance(owner, threading.Thread):
+            return not owner.is_alive()
+        if isinstance(owner, asyncio.Task):
+            return not owner.get_loop().is_running()
+        return False
+
+    def _destroy_abandoned(self) -> bool:
+        """Destroy a closed handle whose holder will never let go, unless a native call is in flight.
+
+        Safe because the handle is closed: every native call a holder could still
+        make checks that first, and the lock is still released as usual if the
+        holder is ever finalised.
+        """
+        with self.mutex:
+            busy = self.current is not None or self.jobs > 0
+        if not busy:
+            self._destroy()
         return self.destroyed
 
 
@@ -292,24 +332,70 @@ def _finalize(state: _HandleState) -> None:
 _live: weakref.WeakSet[_HandleState] = weakref.WeakSet()
 
 
+_exiting = False  # set once every non-daemon thread has been joined at interpreter exit
+
+
 def _stop_everything_at_exit() -> None:
-    """At interpreter exit, before non-daemon threads are joined: refuse new work and abort every run.
+    """At interpreter exit, before non-daemon threads are joined: refuse new work, end every run.
 
     A thread still streaming would otherwise keep the process alive for its
-    whole generation. The handles are destroyed once their runs have returned
-    (by whoever lets go of them, or by the managers' and finalizers' exit hooks).
+    whole generation. Every run is aborted and its worker waited for (bounded)
+    while threads can still run: later, while the interpreter is finalising, a
+    daemon worker could never report its run's return, and a stream closed then
+    (a generator left suspended) would wait for it in vain. A handle whose run
+    was its holder's last use is destroyed by the worker; the handles that are
+    still held are dealt with once the non-daemon threads have been joined
+    (:func:`_destroy_abandoned_at_exit`).
     """
-    for state in list(_live):
+    states = list(_live)
+    for state in states:
         state.closed = True
         try:
             state.abort_current()
         except Exception:  # pragma: no cover - interpreter teardown
             logger.debug("abort at exit failed", exc_info=True)
+    deadline = time.monotonic() + ABORT_WAIT_S
+    for state in states:
+        if not state.worker.stop(max(0.0, deadline - time.monotonic())):
+            logger.error("a run on %s did not return %.0f s after rkllm_abort", state.name, ABORT_WAIT_S)
+    if _threading_exit_hook is not None:
+        atexit.register(_destroy_abandoned_at_exit)  # the last registered runs first, after the joins
+    else:  # pragma: no cover - Pythons without threading's exit hooks: this already runs after the joins
+        _destroy_abandoned_at_exit()
+
+
+def _destroy_abandoned_at_exit() -> None:
+    """After the non-daemon threads are joined: destroy handles held by code that will never run again.
+
+    A generator or async generator left suspended (or a session never left) by
+    the exiting thread, or by a task whose loop has stopped, would otherwise
+    keep its handle until interpreter teardown happens to collect it, or forever.
+    Handles held by live daemon threads are left to them (closing waits for them).
+    """
+    global _exiting
+    _exiting = True
+    for state in list(_live):
+        try:
+            state.close(wait=None)
+        except Exception:  # pragma: no cover - interpreter teardown
+            logger.debug("close at exit failed", exc_info=True)
 
 
 # threading's own exit hooks run before non-daemon threads are joined (atexit runs after): use them
 # where this Python has them, else atexit (then a streaming thread delays exit until its run ends).
-getattr(threading, "_register_atexit", atexit.register)(_stop_everything_at_exit)
+_threading_exit_hook: Callable[[Callable[[], None]], None] | None = getattr(threading, "_register_atexit", None)
+(_threading_exit_hook or atexit.register)(_stop_everything_at_exit)
+
+
+class SessionState(enum.Enum):
+    """Where a :class:`Session` is in its life; it never goes back."""
+
+    NEW = 1
+    """Not entered yet."""
+    ACTIVE = 2
+    """Holds the handle."""
+    CLOSED = 3
+    """Let go of the handle, or never got it (a timeout, a closed handle); cannot be entered again."""
 
 
 class Session:
@@ -326,8 +412,7 @@ class Session:
         self._rt = runtime
         self._state = runtime._state
         self._timeout = timeout
-        self._active = False
-        self._done = False
+        self._life = SessionState.NEW
 
     # -- taking and letting go ----------------------------------------------------------------------
     def _nested(self) -> bool:
@@ -338,7 +423,7 @@ class Session:
         state = self._state
         if state.closed:
             raise HandleClosedError(f"the runtime handle for {state.name} is closed")
-        if self._done or self._active:
+        if self._life is not SessionState.NEW:
             raise InvalidParameterError("a session can be entered only once")
         if self._nested():
             raise BusyError(
@@ -349,17 +434,17 @@ class Session:
 
     def _acquired(self, ok: bool) -> Session:
         if not ok:
-            self._done = True
+            self._life = SessionState.CLOSED
             raise BusyError(
                 f"{self._state.name} stayed busy for {self._timeout} s; try again later",
                 reason="timeout",
                 waited=self._timeout,
             )
         if self._state.closed:
-            self._done = True
+            self._life = SessionState.CLOSED
             self._state.unlock()
             raise HandleClosedError(f"the runtime handle for {self._state.name} is closed")
-        self._active = True
+        self._life = SessionState.ACTIVE
         hold(self)
         return self
 
@@ -383,10 +468,9 @@ class Session:
 
     def release(self) -> None:
         """Let go of the handle (idempotent). Never waits: a run still going hands it on when it ends."""
-        if not self._active:
+        if self._life is not SessionState.ACTIVE:
             return
-        self._active = False
-        self._done = True
+        self._life = SessionState.CLOSED
         unhold(self)
         self._state.let_go()
 
@@ -405,7 +489,12 @@ class Session:
     @property
     def active(self) -> bool:
         """True while the session holds the handle."""
-        return self._active
+        return self._life is SessionState.ACTIVE
+
+    @property
+    def state(self) -> SessionState:
+        """Where the session is in its life."""
+        return self._life
 
     holding = active
 
@@ -433,12 +522,12 @@ class Session:
     def abort(self) -> bool:
         """Abort this session's run, if one is going; does not wait. True if a run was aborted."""
         run = self._state.current
-        return self._state.abort_run(run) if run is not None and self._active else False
+        return self._state.abort_run(run) if run is not None and self.active else False
 
     def abort_soon(self) -> None:
         """Like :meth:`abort`, with the native call made from the core's executor (for async code)."""
         run = self._state.current
-        if run is not None and self._active:
+        if run is not None and self.active:
             self._state.abort_soon(run)
 
     def mark_kv(self, tag: Hashable | None, tokens: int | None = None) -> None:
@@ -449,7 +538,7 @@ class Session:
 
     def _ready(self) -> _HandleState:
         state = self._state
-        if not self._active:
+        if not self.active:
             raise InvalidParameterError("the session is not active (enter it with `with` / `async with`)")
         if state.closed:
             raise HandleClosedError(f"the runtime handle for {state.name} is closed")
@@ -477,7 +566,7 @@ class Session:
             state.current = run
         self._moved(None)
         try:
-            start_worker(state, run, inp, infer, _TENSOR_OF.get(req.mode, 0))
+            state.worker.submit(state, run, inp, infer, _TENSOR_OF.get(req.mode, 0))
         except BaseException:
             with state.mutex:
                 state.current = None
@@ -514,7 +603,7 @@ class Session:
         with stream:
             for _chunk in stream:
                 pass
-        return self._tensor_of(stream._run)
+        return self._tensor_of(stream.run)
 
     async def ainfer(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> Tensor:
         """Async :meth:`infer`: waits without a thread; cancelling aborts the run."""
@@ -541,7 +630,7 @@ class Session:
         call still finishes on its thread, and the handle is not let go before it has.
         """
         state = self._state
-        if not self._active:
+        if not self.active:
             raise InvalidParameterError("the session is not active")
         with state.mutex:
             state.jobs += 1

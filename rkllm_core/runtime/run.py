@@ -1,9 +1,10 @@
-"""One run on a handle: its worker thread, its decoding state, and the streams that read it.
+"""One run on a handle: the handle's run worker, a run's life and decoding state, and the streams that read it.
 
-Per run, a worker thread calls the blocking ``rkllm_run``; the runtime's
+Each handle has one worker thread (:class:`RunWorker`, started at its first run)
+that calls the blocking ``rkllm_run`` for one run after another; the runtime's
 callback only copies bytes into the run's channel. The worker always posts an
-end marker once ``rkllm_run`` has returned (the end of a run is the return, not a
-FINISH callback, which may not follow an abort), so a consumer can never hang.
+end marker once ``rkllm_run`` has returned (the end of a run is the return, not
+a FINISH callback, which may not follow an abort), so a consumer can never hang.
 Consumers decode UTF-8 incrementally and, if they stop early, abort the run:
 a sync stream waits (bounded) until the runtime has returned, an async stream
 never waits — the handle is let go by the worker when the run ends.
@@ -12,6 +13,7 @@ never waits — the handle is let go by the worker when the run ends.
 from __future__ import annotations
 
 import codecs
+import enum
 import logging
 import queue
 import threading
@@ -20,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
-from ..errors import RKLLMError, RunError
+from ..errors import HandleClosedError, RKLLMError, RunError
 from ..native.backend import Backend
 from ..native.callback import (
     END,
@@ -37,29 +39,61 @@ from ..params import FinishReason, PerfStats, StreamChunk, Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ABORT_WAIT_S", "RunStream", "astream_run"]
+__all__ = ["ABORT_WAIT_S", "Run", "RunState", "RunStream", "RunWorker", "StreamState", "astream_run"]
 
 ABORT_WAIT_S = 60.0
 """How long a sync consumer waits for an aborted run to return before giving up (and logging)."""
 
 
+class RunState(enum.Enum):
+    """Where a run is in its life; a run only ever moves forward through these."""
+
+    QUEUED = 1
+    """Handed to the handle's worker; ``rkllm_run`` has not been called yet."""
+    RUNNING = 2
+    """In ``rkllm_run``."""
+    RETURNED = 3
+    """``rkllm_run`` has returned (or was never called); the worker posts the end marker next."""
+    ENDED = 4
+    """The consumer has taken the end marker: nothing of the run is left anywhere."""
+
+
 class Run:
-    """One started run: the ctypes inputs (kept alive until it ends) and its decoding state."""
+    """One started run: the ctypes inputs (kept alive until it ends), its life cycle and decoding state."""
 
     def __init__(self, max_new_tokens: int, keepalive: tuple[Any, ...]) -> None:
         self.max_new_tokens = max_new_tokens
         self.keepalive = keepalive
+        self.state = RunState.QUEUED
+        self._returned = threading.Event()  # set with RETURNED, for waiting on it
         self.aborted = False
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stats: PerfStats | None = None
         self.error = False
         self.tokens = 0
-        self.ended = False  # the worker's end marker was consumed: rkllm_run has returned
-        self.returned = threading.Event()  # set by the worker when rkllm_run has returned
         self.deferred: RKLLMError | None = None  # a failure to raise once the chunks before it are out
         self.finish_reason: FinishReason | None = None
         self.channel: RunChannel | None = None
         self.tensor: Tensor | None = None  # what a hidden-state or logits run returned
+
+    @property
+    def returned(self) -> bool:
+        """True once ``rkllm_run`` has returned (or will never be called)."""
+        return self.state is RunState.RETURNED or self.state is RunState.ENDED
+
+    @property
+    def ended(self) -> bool:
+        """True once the consumer has taken the end marker."""
+        return self.state is RunState.ENDED
+
+    def mark_returned(self) -> None:
+        """The worker's word that ``rkllm_run`` has returned."""
+        self.state = RunState.RETURNED
+        self._returned.set()
+
+    def wait_returned(self, timeout: float | None) -> bool:
+        """Wait until ``rkllm_run`` has returned; False if ``timeout`` seconds passed first."""
+        return self._returned.wait(timeout)
 
     def feed_many(self, items: list[tuple[Any, ...]]) -> list[StreamChunk]:
         """Turn a batch of channel items into chunks, the final one last if the run ended.
@@ -126,7 +160,7 @@ class Run:
 
     def end(self, rc: int, exc: BaseException | None) -> StreamChunk:
         """Build the final chunk, or raise if the run failed."""
-        self.ended = True
+        self.state = RunState.ENDED
         tail = self.decoder.decode(b"", final=True)
         if exc is not None:
             raise RunError(f"rkllm_run raised {exc!r}", function="rkllm_run") from exc
@@ -150,36 +184,115 @@ class RunHost(Protocol):
 
     backend: Backend
     handle: int
+    destroyed: bool
 
     def run_ended(self, run: Run) -> None:
         """Called by the worker once ``rkllm_run`` has returned."""
 
 
-def start_worker(state: RunHost, run: Run, inp: Any, infer: Any, tensor: int = 0) -> None:
-    """Register the run's channel and start the thread that calls ``rkllm_run``.
+_Job = tuple[RunHost, Run, int, RunChannel, Any, Any]
 
-    ``tensor`` (see :func:`~rkllm_core.native.callback.open_channel`) makes the
-    callback copy hidden states or logits instead of text.
+
+class RunWorker:
+    """The thread that calls one handle's blocking ``rkllm_run``, one run after another.
+
+    The handle's lock already serialises its runs, so one thread per handle is
+    enough: it is started at the first run, waits for the next one in between
+    (occupying no CPU), and ends after :meth:`stop` — when the handle is
+    destroyed, or at interpreter exit. It is a daemon thread, so it never keeps
+    the process alive, and it never calls ``rkllm_run`` once stopped or on a
+    destroyed handle. Whatever happens, it posts every run's end marker.
     """
-    run_id, channel = open_channel(tensor)
-    run.channel = channel
-    worker = threading.Thread(
-        target=_run_worker, args=(state, run, run_id, channel, inp, infer), name=f"rkllm-run-{run_id}", daemon=True
-    )
-    worker.start()
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def submit(self, host: RunHost, run: Run, inp: Any, infer: Any, tensor: int = 0) -> None:
+        """Register the run's channel and hand the run to the worker thread.
+
+        ``tensor`` (see :func:`~rkllm_core.native.callback.open_channel`) makes the
+        callback copy hidden states or logits instead of text.
+
+        Raises:
+            HandleClosedError: the worker was stopped (the handle is closing).
+        """
+        run_id, channel = open_channel(tensor)
+        with self._mutex:
+            if self._stopped:
+                close_channel(run_id)
+                raise HandleClosedError(f"the runtime handle for {self._name} is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=f"rkllm-run {self._name}", daemon=True)
+                self._thread.start()
+            run.channel = channel
+            self._jobs.put((host, run, run_id, channel, inp, infer))
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Take no more runs; the thread ends once the run it has (if any) has returned.
+
+        Args:
+            timeout: seconds to wait for the thread to end; ``None`` does not wait
+                (nor does a call from the worker thread itself).
+
+        Returns:
+            True unless the thread was waited for and is still running.
+        """
+        with self._mutex:
+            if not self._stopped:
+                self._stopped = True
+                self._jobs.put(None)
+            thread = self._thread
+        if thread is None or timeout is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _serve(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            try:
+                _execute(*job)
+            except BaseException:  # pragma: no cover - _execute posts END whatever happens; keep serving
+                logger.exception("the run worker of %s failed", self._name)
+            del job  # let the run, its inputs and its handle go while waiting for the next one
 
 
-def _run_worker(state: RunHost, run: Run, run_id: int, channel: RunChannel, inp: Any, infer: Any) -> None:
-    rc, exc = -1, None
+def _execute(host: RunHost, run: Run, run_id: int, channel: RunChannel, inp: Any, infer: Any) -> None:
+    """Make one run's ``rkllm_run`` call; then hand the handle on and post the end marker, always."""
+    rc = -1
+    exc: BaseException | None = None
     try:
-        rc = state.backend.run(state.handle, inp, infer, run_id)
+        if host.destroyed:  # pragma: no cover - the handle's lock never lets a destroy overtake a run
+            exc = HandleClosedError("the runtime handle was destroyed before its run started")
+        elif run.aborted:  # aborted while queued: there is nothing to start and stop
+            rc = 0
+        else:
+            run.state = RunState.RUNNING
+            rc = host.backend.run(host.handle, inp, infer, run_id)
     except BaseException as e:  # surfaced to the consumer through the end marker
         exc = e
     finally:
         close_channel(run_id)
-        run.returned.set()
-        state.run_ended(run)  # may hand the handle to the next caller (or destroy a closed one)
-        channel.put((END, rc, exc))
+        run.mark_returned()
+        try:
+            host.run_ended(run)  # may hand the handle to the next caller (or destroy a closed one)
+        finally:
+            channel.put((END, rc, exc))
+
+
+class StreamState(enum.Enum):
+    """Where a :class:`RunStream` is in its life."""
+
+    NEW = 1
+    """The run starts at the first ``next()``."""
+    STREAMING = 2
+    """The run started; chunks are being read."""
+    DONE = 3
+    """No more chunks: the last one was read, the start or the run failed, or the stream was closed."""
 
 
 class RunStream(Iterator[StreamChunk]):
@@ -196,9 +309,19 @@ class RunStream(Iterator[StreamChunk]):
         self._start = start
         self._abort = abort
         self._run: Run | None = None
-        self._done = False
+        self._life = StreamState.NEW
         self._pieces: list[str] = []
         self._ready: deque[StreamChunk] = deque()
+
+    @property
+    def state(self) -> StreamState:
+        """Where the stream is in its life."""
+        return self._life
+
+    @property
+    def run(self) -> Run | None:
+        """The run, once started."""
+        return self._run
 
     @property
     def text(self) -> str:
@@ -232,18 +355,19 @@ class RunStream(Iterator[StreamChunk]):
     def __next__(self) -> StreamChunk:
         if self._ready:
             return self._ready.popleft()
-        if self._run is not None and self._run.deferred is not None and not self._done:
-            self._done = True
-            raise self._run.deferred
-        if self._done:
+        if self._life is StreamState.DONE:
             raise StopIteration
-        if self._run is None:
-            try:
-                self._run = self._start()
-            except BaseException:
-                self._done = True
-                raise
         run = self._run
+        if run is None:
+            try:
+                run = self._run = self._start()
+            except BaseException:
+                self._life = StreamState.DONE
+                raise
+            self._life = StreamState.STREAMING
+        elif run.deferred is not None:
+            self._life = StreamState.DONE
+            raise run.deferred
         channel = run.channel
         assert channel is not None
         try:
@@ -252,46 +376,46 @@ class RunStream(Iterator[StreamChunk]):
                 if chunks:
                     self._pieces.extend(c.text for c in chunks)
                     if chunks[-1].finish_reason is not None:
-                        self._done = True
+                        self._life = StreamState.DONE
                     self._ready.extend(chunks[1:])
                     return chunks[0]
         except BaseException:
             if run.ended:  # the run failed and is over: nothing to stop or wait for
-                self._done = True
-            elif not self._done:  # KeyboardInterrupt and the like: stop the NPU too
+                self._life = StreamState.DONE
+            elif self._life is not StreamState.DONE:  # KeyboardInterrupt and the like: stop the NPU too
                 self.close()
             raise
 
     def abort(self) -> None:
         """Ask the runtime to stop; the stream then ends with ``finish_reason='abort'``."""
-        if self._run is not None and not self._done:
+        if self._run is not None and self._life is StreamState.STREAMING:
             self._abort(self._run)
 
     def close(self) -> None:
         """Abort if still running and wait (bounded) until the runtime has returned."""
-        if self._done:
+        if self._life is StreamState.DONE:
             return
-        self._done = True
+        self._life = StreamState.DONE
         run = self._run
         if run is None or run.ended:
             return
         self._abort(run)
-        if not run.returned.wait(ABORT_WAIT_S):
+        if not run.wait_returned(ABORT_WAIT_S):
             logger.error("a run did not return %.0f s after rkllm_abort", ABORT_WAIT_S)
             return
         channel = run.channel
         assert channel is not None
-        try:  # the end marker follows `returned` at once; consume it so the run is complete
+        try:  # the end marker follows the return at once; consume it so the run is complete
             while channel.queue.get(timeout=ABORT_WAIT_S)[0] != END:
                 pass
         except queue.Empty:  # pragma: no cover - the worker always posts END
             logger.error("a run returned without posting its end marker")
-        run.ended = True
+        run.state = RunState.ENDED
         run.finish_reason = run.finish_reason or "abort"
 
     def __del__(self) -> None:
         # A stream dropped mid-run must not leave the NPU generating for nobody (never blocks).
-        if not self._done and self._run is not None and not self._run.ended:
+        if self._life is StreamState.STREAMING and self._run is not None and not self._run.ended:
             try:
                 self._abort(self._run)
             except Exception:  # pragma: no cover - interpreter teardown
