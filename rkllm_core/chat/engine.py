@@ -228,7 +228,7 @@ class ChatEngine:
                     with session.stream(plan.prompt, **_run_kwargs(session, plan, opts)) as run:
                         for chunk in run:
                             yield from tracker.feed(chunk)
-                            if tracker.stop_requested:
+                            if tracker.take_stop_request():
                                 run.abort()
                 except BaseException:
                     self._discard(plan)
@@ -258,7 +258,7 @@ class ChatEngine:
                         async for chunk in run:
                             for event in tracker.feed(chunk):
                                 yield event
-                            if tracker.stop_requested:
+                            if tracker.take_stop_request():
                                 session.abort_soon()
                 except BaseException:
                     self._discard(plan)
@@ -388,9 +388,8 @@ class _Tracker:
         self._flushed = False
         self._abort_sent = False
 
-    @property
-    def stop_requested(self) -> bool:
-        """True once, when a stop sequence was hit and the run must be aborted."""
+    def take_stop_request(self) -> bool:
+        """True once, when a stop sequence was hit and the run must be aborted (False from then on)."""
         if self.pipeline.stopped and self.final is None and not self._abort_sent:
             self._abort_sent = True
             return True
