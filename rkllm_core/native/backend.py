@@ -10,13 +10,15 @@ must stay alive while the runtime may read them.
 from __future__ import annotations
 
 import ctypes
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import InvalidParameterError
-from ..params import InitParams, SamplingParams
+from ..params import InitParams, SamplingParams, check_text
 from . import abi12, abi13
-from .callback import RESULT_CALLBACK
+from .callback import HIDDEN, LOGITS, RESULT_CALLBACK
 from .functions import RuntimeFunctions
 from .structs import (
     LLMHandle,
@@ -27,7 +29,7 @@ from .structs import (
     RKLLMPromptCacheParam,
 )
 
-__all__ = ["Backend", "GenerationSettings", "RunRequest", "backend_for"]
+__all__ = ["Backend", "GenerationSettings", "InferMode", "RunRequest", "backend_for", "encode_path", "encode_text"]
 
 _EXTEND_FIELDS = ("enabled_cpus_num", "enabled_cpus_mask", "n_batch", "embed_flash", "base_domain_id")
 
@@ -48,6 +50,50 @@ class RunRequest:
     lora: bytes | None
     save_prompt_cache: bytes | None
     mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE
+
+    @property
+    def tensor(self) -> int:
+        """What the result callback copies for this run (see :func:`~rkllm_core.native.callback.open_channel`).
+
+        :data:`~rkllm_core.native.callback.HIDDEN` or :data:`~rkllm_core.native.callback.LOGITS`
+        for a hidden-state or logits run, 0 for text.
+        """
+        return _TENSOR_OF.get(self.mode, 0)
+
+
+InferMode = Literal["generate", "hidden", "logits"]
+"""What a run produces: text, the last hidden layer of every input token, or the last position's logits."""
+
+_MODES: dict[str, RKLLMInferMode] = {
+    "generate": RKLLMInferMode.RKLLM_INFER_GENERATE,
+    "hidden": RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
+    "logits": RKLLMInferMode.RKLLM_INFER_GET_LOGITS,
+}
+_TENSOR_OF: dict[RKLLMInferMode, int] = {
+    RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER: HIDDEN,
+    RKLLMInferMode.RKLLM_INFER_GET_LOGITS: LOGITS,
+}
+
+
+def encode_text(value: str, name: str) -> bytes:
+    """Encode text for the runtime: a str, no NUL, valid UTF-8 (no lone surrogates).
+
+    Raises:
+        InvalidParameterError: ``value`` is not such a text (the message names ``name``).
+    """
+    return check_text(value, name).encode("utf-8")
+
+
+def encode_path(value: str | os.PathLike[str], name: str) -> bytes:
+    """Encode a path for the runtime (the file system's encoding; no NUL, which would cut it short).
+
+    Raises:
+        InvalidParameterError: the path contains a NUL (the message names ``name``).
+    """
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise InvalidParameterError(f"{name} contains a NUL character: {os.fsdecode(raw)!r}")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +163,67 @@ class Backend:
             return GenerationSettings(None if instance == InitParams() else instance, run)
         instance = replace(base, sampling=merged, max_new_tokens=limit)
         return GenerationSettings(None if instance == InitParams() else instance, {})
+
+    def run_request(
+        self,
+        prompt: str | None,
+        *,
+        role: str = "user",
+        enable_thinking: bool = False,
+        keep_history: bool = False,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+        lora: str | None = None,
+        save_prompt_cache: str | os.PathLike[str] | None = None,
+        token_ids: Sequence[int] | None = None,
+        mode: InferMode = "generate",
+        base_sampling: SamplingParams | None = None,
+    ) -> RunRequest:
+        """Validate a run's arguments and put them in a :class:`RunRequest`: the one place run input is checked.
+
+        Args:
+            prompt: the text, or ``None`` with ``token_ids``.
+            role: "user", or "tool" for function results.
+            enable_thinking: switch the template's thinking mode.
+            keep_history: keep this turn in the KV cache.
+            sampling: per-run sampling (1.3); the values it leaves unset come from ``base_sampling``.
+            max_new_tokens: per-run limit (1.3).
+            lora: the name of a loaded LoRA adapter.
+            save_prompt_cache: write the run's prefill state to this file.
+            token_ids: token input instead of a prompt.
+            mode: what the run produces (see :data:`InferMode`).
+            base_sampling: the instance's sampling with every value set (what a run uses when it sets none).
+
+        Raises:
+            InvalidParameterError: anything wrong (nothing reaches the runtime).
+        """
+        if role not in ("user", "tool"):
+            raise InvalidParameterError(f"role must be 'user' or 'tool', got {role!r}")
+        if (prompt is None) == (token_ids is None):
+            raise InvalidParameterError("pass exactly one of prompt or token_ids")
+        if token_ids is not None and (
+            not token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
+        ):
+            raise InvalidParameterError("token_ids must be a non-empty sequence of ints")
+        if mode not in _MODES:
+            raise InvalidParameterError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        if sampling is not None and sampling.is_empty():
+            sampling = None
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
+            raise InvalidParameterError("max_new_tokens must be an int")
+        self.check_run_settings(sampling, max_new_tokens)
+        return RunRequest(
+            role=role.encode(),
+            prompt=encode_text(prompt, "prompt") if prompt is not None else None,
+            token_ids=tuple(token_ids) if token_ids is not None else None,
+            enable_thinking=bool(enable_thinking),
+            keep_history=bool(keep_history),
+            sampling=(base_sampling or SamplingParams()).merged(sampling) if sampling is not None else None,
+            max_new_tokens=max_new_tokens,
+            lora=encode_text(lora, "lora") if lora else None,
+            save_prompt_cache=encode_path(save_prompt_cache, "save_prompt_cache") if save_prompt_cache else None,
+            mode=_MODES[mode],
+        )
 
     def check_run_settings(self, sampling: SamplingParams | None, max_new_tokens: int | None) -> None:
         """Refuse per-run sampling or ``max_new_tokens`` where the runtime has none (1.2).

@@ -66,11 +66,11 @@ from ..errors import (
     RunError,
 )
 from ..filenames import parse_model_filename
-from ..native.backend import Backend, RunRequest
-from ..native.callback import HIDDEN, LOGITS
+from ..native.backend import Backend, InferMode, RunRequest
+from ..native.backend import encode_path as _c_path
+from ..native.backend import encode_text as _c_text
 from ..native.library import RuntimeLibrary, load_library
-from ..native.structs import RKLLMInferMode
-from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, check_text, context_len
+from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, context_len
 from .run import ABORT_WAIT_S, Run, RunStream, RunWorker, astream_run
 from .setup import ChatSetup, ChatTemplate, FunctionTools
 
@@ -79,20 +79,17 @@ logger = logging.getLogger(__name__)
 Role = Literal["user", "tool"]
 _T = TypeVar("_T")
 
-__all__ = ["Completion", "KVState", "RKLLMRuntime", "Role", "RunOptions", "RunStream", "Session"]
-
-
-InferMode = Literal["generate", "hidden", "logits"]
-"""What a run produces: text, the last hidden layer of every input token, or the last position's logits."""
-_MODES: dict[str, RKLLMInferMode] = {
-    "generate": RKLLMInferMode.RKLLM_INFER_GENERATE,
-    "hidden": RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
-    "logits": RKLLMInferMode.RKLLM_INFER_GET_LOGITS,
-}
-_TENSOR_OF: dict[RKLLMInferMode, int] = {
-    RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER: HIDDEN,
-    RKLLMInferMode.RKLLM_INFER_GET_LOGITS: LOGITS,
-}
+__all__ = [
+    "Completion",
+    "InferMode",
+    "KVState",
+    "RKLLMRuntime",
+    "Role",
+    "RunOptions",
+    "RunStream",
+    "Session",
+    "SessionState",
+]
 
 
 class RunOptions(TypedDict, total=False):
@@ -151,12 +148,25 @@ class _HandleState:
     the finalizer run. ``mutex`` guards the fields below it.
     """
 
-    def __init__(self, backend: Backend, handle: int, keepalive: tuple[Any, ...], name: str) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        handle: int,
+        keepalive: tuple[Any, ...],
+        name: str,
+        *,
+        max_new_tokens: int = -1,
+        n_batch: int = 1,
+        base_sampling: SamplingParams | None = None,
+    ) -> None:
         self.backend = backend
         self.fns = backend.functions
         self.handle = handle
         self.keepalive = keepalive  # the param struct, the model path, the 1.3 callback struct
         self.name = name
+        self.max_new_tokens = max_new_tokens  # the init value (<= 0: the runtime's own limit)
+        self.n_batch = n_batch
+        self.base_sampling = base_sampling  # every sampling value a run uses when it sets none
         self.lock = FifoLock()
         self.destroyed_event = threading.Event()
         self.mutex = threading.Lock()
@@ -172,6 +182,17 @@ class _HandleState:
         self.on_destroyed: list[Callable[[], None]] = []  # called once the native handle is gone
 
     # -- runs and jobs ----------------------------------------------------------------------------
+    def request(self, prompt: str | None, **options: Unpack[RunOptions]) -> RunRequest:
+        """Validate a run on this handle (see :meth:`~rkllm_core.native.backend.Backend.run_request`).
+
+        Raises:
+            HandleClosedError: the handle was closed.
+            InvalidParameterError: bad arguments (nothing reaches the runtime).
+        """
+        if self.closed:
+            raise HandleClosedError(f"the runtime handle for {self.name} is closed")
+        return self.backend.run_request(prompt, base_sampling=self.base_sampling, **options)
+
     def abort_run(self, run: Run) -> bool:
         """Abort ``run`` if it is still the current run (never another caller's later run)."""
         with self.mutex:  # held across the call so no new run can start in between
@@ -558,7 +579,7 @@ class Session:
     def _start(self, req: RunRequest) -> Run:
         state = self._ready()
         inp, infer, keep = state.backend.run_structs(req)
-        max_new = self._rt.max_new_tokens
+        max_new = state.max_new_tokens
         if req.max_new_tokens is not None and req.max_new_tokens > 0:
             max_new = req.max_new_tokens
         run = Run(max_new, keep)
@@ -566,7 +587,7 @@ class Session:
             state.current = run
         self._moved(None)
         try:
-            state.worker.submit(state, run, inp, infer, _TENSOR_OF.get(req.mode, 0))
+            state.worker.submit(state, run, inp, infer, req.tensor)
         except BaseException:
             with state.mutex:
                 state.current = None
@@ -575,12 +596,12 @@ class Session:
 
     def stream(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> RunStream:
         """Start a run in this session and return its chunk stream (see :meth:`RKLLMRuntime.stream`)."""
-        req = self._rt._request(prompt, **options)
+        req = self._state.request(prompt, **options)
         return RunStream(lambda: self._start(req), self._state.abort_run)
 
     async def astream(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> AsyncIterator[StreamChunk]:
         """Async :meth:`stream`; closing early or cancelling aborts the run without waiting for it."""
-        run = self._start(self._rt._request(prompt, **options))
+        run = self._start(self._state.request(prompt, **options))
         async for chunk in astream_run(run, self._state.abort_soon):
             yield chunk
 
@@ -615,7 +636,7 @@ class Session:
     def _tensor_request(self, prompt: str | None, options: RunOptions) -> RunRequest:
         if options.get("mode", "generate") == "generate":
             raise InvalidParameterError('infer() needs mode="hidden" or mode="logits"')
-        return self._rt._request(prompt, **options)
+        return self._state.request(prompt, **options)
 
     def _tensor_of(self, run: Run | None) -> Tensor:
         tensor = run.tensor if run is not None else None
@@ -653,7 +674,7 @@ class Session:
     def kv_cache_size(self) -> int:
         """The number of positions in the KV cache (of the first batch); also recorded in :attr:`kv`."""
         state = self._ready()
-        rc, size = state.backend.kv_cache_size(state.handle, self._rt.params.n_batch or 1)
+        rc, size = state.backend.kv_cache_size(state.handle, state.n_batch)
         self._check(rc, "rkllm_get_kv_cache_size")
         state.kv = KVState(state.kv.epoch, state.kv.tag, size)
         return size
@@ -761,7 +782,10 @@ class RKLLMRuntime:
         backend.apply_init(param, self.params)
         self.max_new_tokens = int(param.max_new_tokens)
         self.max_context_len = int(param.max_context_len)
-        self._sampling_defaults = backend.sampling_defaults(param)
+        defaults = backend.sampling_defaults(param)
+        base_sampling = SamplingParams(
+            **{k: v if v is not None else defaults[k] for k, v in self.params.sampling.as_dict().items()}
+        )
         if preflight if preflight is not None else not self.library.is_simulator:
             findings = preflight_checks.check(self.model_path, self.library.version)
             for finding in findings:
@@ -777,7 +801,15 @@ class RKLLMRuntime:
                 code=rc,
                 function="rkllm_init",
             )
-        self._state = _HandleState(backend, handle, (*keep, path_bytes), self.model_path.name)
+        self._state = _HandleState(
+            backend,
+            handle,
+            (*keep, path_bytes),
+            self.model_path.name,
+            max_new_tokens=self.max_new_tokens,
+            n_batch=self.params.n_batch or 1,
+            base_sampling=base_sampling,
+        )
         self._finalizer = weakref.finalize(self, _finalize, self._state)
         _live.add(self._state)
         logger.info("loaded %s (ABI %s)", self.model_path.name, backend.abi)
@@ -866,55 +898,6 @@ class RKLLMRuntime:
         return Session(self, timeout)
 
     # -- runs --------------------------------------------------------------------------------------
-    def _request(
-        self,
-        prompt: str | None,
-        *,
-        role: str = "user",
-        enable_thinking: bool = False,
-        keep_history: bool = False,
-        sampling: SamplingParams | None = None,
-        max_new_tokens: int | None = None,
-        lora: str | None = None,
-        save_prompt_cache: str | os.PathLike[str] | None = None,
-        token_ids: Sequence[int] | None = None,
-        mode: InferMode = "generate",
-    ) -> RunRequest:
-        """Validate a run's arguments (nothing reaches the runtime when they are wrong)."""
-        if self._state.closed:
-            raise HandleClosedError(f"the runtime handle for {self.model_path.name} is closed")
-        if role not in ("user", "tool"):
-            raise InvalidParameterError(f"role must be 'user' or 'tool', got {role!r}")
-        if (prompt is None) == (token_ids is None):
-            raise InvalidParameterError("pass exactly one of prompt or token_ids")
-        if token_ids is not None and (
-            not token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
-        ):
-            raise InvalidParameterError("token_ids must be a non-empty sequence of ints")
-        if mode not in _MODES:
-            raise InvalidParameterError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
-        if sampling is not None and sampling.is_empty():
-            sampling = None
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
-            raise InvalidParameterError("max_new_tokens must be an int")
-        self.library.backend.check_run_settings(sampling, max_new_tokens)
-        full: SamplingParams | None = None
-        if sampling is not None:
-            merged = self.params.sampling.merged(sampling).as_dict()
-            full = SamplingParams(**{k: v if v is not None else self._sampling_defaults[k] for k, v in merged.items()})
-        return RunRequest(
-            role=role.encode(),
-            prompt=_c_text(prompt, "prompt") if prompt is not None else None,
-            token_ids=tuple(token_ids) if token_ids is not None else None,
-            enable_thinking=bool(enable_thinking),
-            keep_history=bool(keep_history),
-            sampling=full,
-            max_new_tokens=max_new_tokens,
-            lora=_c_text(lora, "lora") if lora else None,
-            save_prompt_cache=_c_path(save_prompt_cache, "save_prompt_cache") if save_prompt_cache else None,
-            mode=_MODES[mode],
-        )
-
     def stream(
         self,
         prompt: str | None = None,
@@ -938,7 +921,7 @@ class RKLLMRuntime:
             InvalidParameterError: bad arguments (nothing reaches the runtime).
             HandleClosedError: the handle was closed.
         """
-        req = self._request(prompt, **options)
+        req = self._state.request(prompt, **options)
 
         def start() -> Run:
             session = Session(self, timeout).acquire()
@@ -968,7 +951,7 @@ class RKLLMRuntime:
         or closing the generator early (use ``contextlib.aclosing``), aborts the
         run on the NPU.
         """
-        req = self._request(prompt, **options)
+        req = self._state.request(prompt, **options)
         session = await Session(self, timeout).acquire_async()
         try:
             run = session._start(req)
@@ -1032,19 +1015,6 @@ def _collect(stream: RunStream) -> Completion:
             final = chunk
         assert final is not None and final.finish_reason is not None
         return Completion(s.text, final.finish_reason, final.stats, s.tokens)
-
-
-def _c_text(value: str, name: str) -> bytes:
-    """Encode text for the runtime: a str, no NUL, valid UTF-8 (no lone surrogates)."""
-    return check_text(value, name).encode("utf-8")
-
-
-def _c_path(value: str | os.PathLike[str], name: str) -> bytes:
-    """Encode a path for the runtime (the file system's encoding; no NUL, which would cut it short)."""
-    raw = os.fsencode(value)
-    if b"\0" in raw:
-        raise InvalidParameterError(f"{name} contains a NUL character: {os.fsdecode(raw)!r}")
-    return raw
 
 
 def _tools_json(tools: str | Sequence[dict[str, Any]]) -> str:
