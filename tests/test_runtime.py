@@ -707,3 +707,122 @@ def test_exit_aborts_a_thread_still_streaming(sim_paths: dict[str, Path], model_
     counters = json.loads(next(line for line in lines if line.startswith("counters"))[len("counters ") :])
     assert counters["destroys"] == 1 and counters["destroy_while_running"] == 0
     assert counters["invalid_handle_calls"] == 0 and counters["live_handles"] == 0
+
+
+class _RecordsRuns:
+    """A backend whose rkllm_run notes the thread it is called on (and may hold the run until released)."""
+
+    def __init__(self, backend: object) -> None:
+        self._backend = backend
+        self.threads: list[threading.Thread] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def run(self, handle: int, inp: object, infer: object, userdata: int) -> int:
+        self.threads.append(threading.current_thread())
+        self.entered.set()
+        self.hold.wait(5)
+        return self._backend.run(handle, inp, infer, userdata)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._backend, name)
+
+
+def test_one_worker_thread_makes_every_run_of_a_handle(runtime_factory: Factory, sim: SimulatorControl) -> None:
+    rt = runtime_factory()
+    recorder = _RecordsRuns(rt._state.backend)
+    rt._state.backend = recorder  # type: ignore[assignment]
+    assert rt.generate("one").text == echo("one")
+    with rt.session() as s:
+        s.generate("two")
+        s.infer("three", mode="hidden")
+    asyncio.run(_drain(rt.astream("four")))
+    assert len(recorder.threads) == 4 and len(set(recorder.threads)) == 1  # sync, session, tensor and async runs
+    worker = recorder.threads[0]
+    assert worker is not threading.current_thread() and worker.daemon and worker.is_alive()
+    rt.close()
+    worker.join(5)
+    assert not worker.is_alive()  # the worker ends with its handle
+    assert sim.counter("runs") == 4
+
+
+async def _drain(chunks: object) -> None:
+    async for _chunk in chunks:  # type: ignore[attr-defined]
+        pass
+
+
+def test_each_handle_has_its_own_worker(runtime_factory: Factory, sim: SimulatorControl) -> None:
+    a, b = runtime_factory(), runtime_factory()
+    rec_a, rec_b = _RecordsRuns(a._state.backend), _RecordsRuns(b._state.backend)
+    a._state.backend, b._state.backend = rec_a, rec_b  # type: ignore[assignment]
+    a.generate("x")
+    b.generate("y")
+    assert rec_a.threads[0] is not rec_b.threads[0]
+
+
+def test_no_worker_is_started_before_the_first_run(runtime: RKLLMRuntime) -> None:
+    names = {t.name for t in threading.enumerate()}
+    assert not any(n.startswith("rkllm-run") and runtime._state.name in n for n in names)
+    runtime.kv_cache_size()  # native calls other than runs need no worker
+    assert {t.name for t in threading.enumerate()} == names
+
+
+def test_a_run_aborted_before_the_worker_takes_it_never_starts(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    from rkllm_core.native.backend import RunRequest
+    from rkllm_core.runtime.run import Run, RunState
+
+    state = runtime._state
+    recorder = _RecordsRuns(state.backend)
+    state.backend = recorder  # type: ignore[assignment]
+    recorder.hold.clear()
+    first = runtime.stream("count to 50")
+    next(first)  # the worker is now inside the first rkllm_run, held there
+    second = Run(0, ())
+    req = RunRequest(b"user", b"hi", None, False, False, None, None, None, None)
+    inp, infer, _keep = recorder.run_structs(req)
+    state.worker.submit(state, second, inp, infer)  # queued behind the first run
+    second.aborted = True
+    assert second.state is RunState.QUEUED
+    recorder.hold.set()
+    first.close()
+    assert second.wait_returned(5)
+    assert len(recorder.threads) == 1 and sim.counter("runs") == 1  # rkllm_run never called for the second
+    assert second.channel is not None
+    chunks = second.feed_many(second.channel.get_many())
+    assert chunks[-1].finish_reason == "abort" and second.state is RunState.ENDED
+
+
+def test_a_stopped_worker_refuses_runs(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
+    from rkllm_core.runtime.run import Run, RunWorker
+
+    worker = RunWorker("test")
+    assert worker.stop(timeout=1)  # never started: nothing to wait for
+    with pytest.raises(HandleClosedError):
+        worker.submit(runtime._state, Run(0, ()), None, None)
+    assert sim.counter("runs") == 0
+
+
+def test_life_cycles_of_sessions_streams_and_runs(runtime: RKLLMRuntime) -> None:
+    from rkllm_core.runtime.handle import SessionState
+    from rkllm_core.runtime.run import RunState, StreamState
+
+    session = runtime.session()
+    assert session.state is SessionState.NEW and not session.active
+    with session:
+        assert session.state is SessionState.ACTIVE and session.active
+        stream = session.stream("count to 5")
+        assert stream.state is StreamState.NEW and stream.run is None
+        next(stream)
+        run = stream.run
+        assert stream.state is StreamState.STREAMING and run is not None and not run.ended
+        rest = list(stream)
+        assert rest[-1].finish_reason == "stop"
+        assert stream.state is StreamState.DONE and run.state is RunState.ENDED and run.returned
+    assert session.state is SessionState.CLOSED and not session.active
+    with pytest.raises(InvalidParameterError, match="only once"):
+        session.acquire()
+    unused = runtime.stream("never started")
+    unused.close()
+    assert unused.state is StreamState.DONE and unused.run is None
+    assert list(unused) == []
