@@ -1,10 +1,12 @@
-"""A process that ends with a stream still suspended exits at once and destroys every handle.
+"""A process that ends in the middle of a stream exits at once and destroys every handle.
 
-Each case is a child process that starts a long generation, takes two chunks
-and then simply ends: the generator is neither closed nor exhausted, no thread
-is left to finish it. The simulator writes its counters when the process
-unloads it (``RKLLM_SIM_REPORT``), so the test sees every handle the child
-created, including the ones the interpreter's teardown destroyed.
+Each case is a child process that starts a long generation, takes a chunk or
+two and then ends: mostly with the generator simply left suspended (neither
+closed nor exhausted, no thread left to finish it), and also from a daemon
+thread, through ``sys.exit`` and with an asyncio task still streaming. The
+simulator writes its counters when the process unloads it
+(``RKLLM_SIM_REPORT``), so the test sees every handle the child created,
+including the ones destroyed during the interpreter's teardown.
 
 Every case runs ``RKLLM_RACE_LOOPS`` times (default 20): an exit race that
 breaks the promise in 1 run of 6 is caught with probability
@@ -80,6 +82,47 @@ loop = asyncio.new_event_loop()
 chunks = rt.astream(PROMPT)
 loop.run_until_complete(chunks.__anext__())
 loop.run_until_complete(chunks.__anext__())
+""",
+    # Already fine before suspended generators were: they must stay so.
+    # A daemon thread in the middle of a chat-engine stream when the main thread ends.
+    "daemon-thread": """
+import threading
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.errors import HandleClosedError
+started = threading.Event()
+def chat():
+    try:
+        for _event in ChatEngine().stream("qwen3-0.6b", [ChatMessage("user", PROMPT)]):
+            started.set()
+    except HandleClosedError:  # what a request that outlives the exit may meet
+        pass
+threading.Thread(target=chat, daemon=True).start()
+started.wait(20)
+""",
+    # sys.exit from inside a for loop over a runtime stream.
+    "sys-exit": """
+import sys
+from rkllm_core.runtime import RKLLMRuntime
+rt = RKLLMRuntime(MODEL)
+for n, _chunk in enumerate(rt.stream(PROMPT)):
+    if n == 1:
+        print('main returns', flush=True)
+        sys.exit(0)
+""",
+    # asyncio.run returning while a task of its still streams (asyncio.run cancels it).
+    "asyncio-task": """
+import asyncio
+from rkllm_core.chat.engine import ChatEngine
+from rkllm_core.chat.messages import ChatMessage
+async def main():
+    started = asyncio.Event()
+    async def chat():
+        async for _event in ChatEngine().astream("qwen3-0.6b", [ChatMessage("user", PROMPT)]):
+            started.set()
+    asyncio.get_running_loop().create_task(chat())
+    await started.wait()
+asyncio.run(main())
 """,
 }
 

@@ -10,10 +10,11 @@ Thread and task model:
   :meth:`~RKLLMRuntime.generate`, :meth:`~RKLLMRuntime.clear_kv_cache`, …) each take
   a session of their own. A caller that asks for a handle it already holds gets
   ``BusyError`` at once instead of waiting for itself.
-* **Runs.** A worker thread calls the blocking ``rkllm_run`` (see :mod:`.run`).
-  Letting go of a session while its run is still going (an async stream that was
-  cancelled, a one-shot stream) does not wait: the worker hands the handle on when
-  ``rkllm_run`` returns, so the next caller never overlaps a run.
+* **Runs.** The handle's worker thread (one per handle, started at its first run)
+  calls the blocking ``rkllm_run`` (see :mod:`.run`). Letting go of a session while
+  its run is still going (an async stream that was cancelled, a one-shot stream)
+  does not wait: the worker hands the handle on when ``rkllm_run`` returns, so the
+  next caller never overlaps a run.
 * **The KV cache's state lives here.** :attr:`RKLLMRuntime.kv` says what the cache
   holds: an ``epoch`` that every run, clear, template or tools change and
   prompt-cache load moves on, and a ``tag`` that a session may declare after a
@@ -25,6 +26,9 @@ Thread and task model:
   caller holds it). The garbage-collection safety net never waits: if the handle
   is in use, the caller that lets go of it destroys it. ``rkllm_destroy`` is never
   called while a run is going or a native call is in flight.
+* **Exit.** Every run is aborted and waited for before Python joins non-daemon
+  threads; after that, a handle still held by code that can never run again (a
+  generator left suspended, a task whose loop stopped) is destroyed.
 """
 
 from __future__ import annotations
