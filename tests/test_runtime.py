@@ -826,3 +826,21 @@ def test_life_cycles_of_sessions_streams_and_runs(runtime: RKLLMRuntime) -> None
     unused.close()
     assert unused.state is StreamState.DONE and unused.run is None
     assert list(unused) == []
+
+
+def test_a_worker_that_cannot_start_fails_the_run_and_starts_at_the_next(
+    runtime: RKLLMRuntime, sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match="can't start"):
+            runtime.generate("first")
+    assert runtime._state.current is None and not runtime._state.lock.locked()
+    second: list[str] = []  # no run may be left waiting for a thread that never started
+    waiter = threading.Thread(target=lambda: second.append(runtime.generate("second").text), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert second == [echo("second")] and sim.counter("runs") == 1

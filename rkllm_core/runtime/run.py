@@ -226,8 +226,13 @@ class RunWorker:
                 close_channel(run_id)
                 raise HandleClosedError(f"the runtime handle for {self._name} is closed")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=f"rkllm-run {self._name}", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._serve, name=f"rkllm-run {self._name}", daemon=True)
+                try:
+                    thread.start()
+                except BaseException:  # e.g. no thread can start at interpreter shutdown: try again next run
+                    close_channel(run_id)
+                    raise
+                self._thread = thread
             run.channel = channel
             self._jobs.put((host, run, run_id, channel, inp, infer))
 
