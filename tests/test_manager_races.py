@@ -181,3 +181,14 @@ async def test_cancelled_and_failed_requests_never_break_the_budget(
         assert manager.waiting() == 0
     assert sim.counter("max_resident_handles") <= 1
     assert sim.counter("init_failures") >= 1
+
+
+async def test_a_bad_timeout_is_refused_without_blocking_the_line(manager: ModelManager) -> None:
+    """A request with an invalid timeout never enters the line, so nobody waits behind it."""
+    for bad in ("soon", float("nan")):
+        with pytest.raises((TypeError, ValueError)):
+            manager.lease(A, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, ValueError)):
+            await manager.alease(A, timeout=bad)  # type: ignore[arg-type]
+    assert manager.waiting() == 0
+    await asyncio.to_thread(_load, manager, A)

@@ -291,8 +291,9 @@ class ModelManager:
             BusyError: no room within ``timeout``, or waiting would never end.
             InitError: the runtime refused the model.
         """
+        deadline = Deadline(timeout)  # a bad timeout is refused before the request is in line
         req = self._enter(name, init, None, kinds)
-        flow = self._lease_flow(req, timeout)
+        flow = self._lease_flow(req, deadline)
         try:
             step = next(flow)
             while True:
@@ -326,6 +327,7 @@ class ModelManager:
     async def _alease(
         self, name: str, init: InitParams | None, timeout: float | None, kinds: tuple[Sequence[str], str] | None
     ) -> Lease:
+        deadline = Deadline(timeout)
         if self._library is None:
             await offload(lambda: self.library)  # dlopen and fingerprinting are file I/O: keep them off the loop
         for turn in range(NESTED_GRACE_TURNS + 1):
@@ -336,7 +338,7 @@ class ModelManager:
                 if exc.reason != "deadlock" or turn == NESTED_GRACE_TURNS:
                     raise
                 await asyncio.sleep(0)
-        flow = self._lease_flow(req, timeout)
+        flow = self._lease_flow(req, deadline)
         try:
             step = next(flow)
             while True:
@@ -351,14 +353,13 @@ class ModelManager:
         finally:
             flow.close()
 
-    def _lease_flow(self, req: Request, timeout: float | None) -> Generator[_Step, bool, Lease]:
+    def _lease_flow(self, req: Request, deadline: Deadline) -> Generator[_Step, bool, Lease]:
         """The steps of one request, written once: yields what to do, receives whether a wait was woken.
 
         The sync and async drivers (:meth:`lease`, :meth:`_alease`) only do the steps:
         an ``("act", action)`` load or unload, or a ``("wait", seconds)``. Closing the
         generator (a cancel, a timeout, an error) leaves the line.
         """
-        deadline = Deadline(timeout)
         handed = False
         try:
             while True:
@@ -370,7 +371,7 @@ class ModelManager:
                 if action is not None:
                     yield ("act", action)
                 elif not (yield ("wait", deadline.remaining())):
-                    self._timed_out(req, timeout)
+                    self._timed_out(req, deadline.timeout)
         finally:
             self._leave(req, handed)
 
