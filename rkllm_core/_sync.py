@@ -324,15 +324,7 @@ class FifoLock:
             return entry
 
     def _leave(self, entry: _LockWaiter) -> bool:
-        """Leave the line after a timeout or cancel; True if the lock was granted in the meantime."""
-        with self._mutex:
-            if entry.granted:
-                return True
-            self._waiters.remove(entry)
-            return False
-
-    def _cancel(self, entry: _LockWaiter) -> bool:
-        """Drop a booking nobody claimed; True if it held the lock (the caller must let go of it)."""
+        """Leave the line (a timeout, a cancel, a booking given up); True if the lock was granted meanwhile."""
         with self._mutex:
             if entry.granted:
                 return True
@@ -396,7 +388,7 @@ class Reservation:
             if self._state != "booked":
                 return
             self._state = "cancelled"
-        if self.lock._cancel(self.entry):
+        if self.lock._leave(self.entry):  # it held the lock: let go of it
             self._release()
 
 

@@ -9,7 +9,7 @@ on a session, so no tuple of loosely named strings crosses modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from .handle import Session
@@ -17,12 +17,25 @@ if TYPE_CHECKING:
 __all__ = ["ChatSetup", "ChatTemplate", "FunctionTools"]
 
 
-class _Installs(Protocol):
-    def install(self, session: Session) -> None: ...
+class _Setup:
+    """What both set-ups share: their three strings, and the key text built from them."""
+
+    __slots__ = ()
+    _kind: ClassVar[str]
+
+    @property
+    def parts(self) -> tuple[str, str, str]:
+        """The three strings, in the order the runtime takes them."""
+        raise NotImplementedError
+
+    @property
+    def cache_text(self) -> str:
+        """The setup as one string, part of a prompt-cache key."""
+        return "\x1f".join((self._kind, *self.parts))
 
 
 @dataclass(frozen=True, slots=True)
-class ChatTemplate:
+class ChatTemplate(_Setup):
     """``rkllm_set_chat_template``: literal strings around every input (you supply special tokens).
 
     Attributes:
@@ -34,16 +47,12 @@ class ChatTemplate:
     system: str
     prefix: str
     postfix: str
+    _kind: ClassVar[str] = "template"
 
     @property
     def parts(self) -> tuple[str, str, str]:
         """The three strings, in the order the runtime takes them."""
         return (self.system, self.prefix, self.postfix)
-
-    @property
-    def cache_text(self) -> str:
-        """The setup as one string, part of a prompt-cache key."""
-        return "\x1f".join(("template", *self.parts))
 
     def install(self, session: Session) -> None:
         """Install on ``session``'s handle."""
@@ -51,7 +60,7 @@ class ChatTemplate:
 
 
 @dataclass(frozen=True, slots=True)
-class FunctionTools:
+class FunctionTools(_Setup):
     """``rkllm_set_function_tools``: a system prompt and tool definitions, with the runtime's own template.
 
     Attributes:
@@ -63,16 +72,12 @@ class FunctionTools:
     system: str
     tools_json: str
     response_tag: str = "tool_response"
+    _kind: ClassVar[str] = "tools"
 
     @property
     def parts(self) -> tuple[str, str, str]:
         """The three strings, in the order the runtime takes them."""
         return (self.system, self.tools_json, self.response_tag)
-
-    @property
-    def cache_text(self) -> str:
-        """The setup as one string, part of a prompt-cache key."""
-        return "\x1f".join(("tools", *self.parts))
 
     def install(self, session: Session) -> None:
         """Install on ``session``'s handle."""
