@@ -44,7 +44,8 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "board": state.board, "loaded": sorted(e.info.name for e in manager.loaded())}
+        loaded = sorted(e.info.name for e in manager.loaded())
+        return {"status": "ok", "board": state.board, "loaded": loaded, "requests": state.active}
 
     @app.get("/metrics", dependencies=[Depends(require_api_key)])
     async def prometheus() -> Response:

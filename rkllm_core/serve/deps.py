@@ -10,6 +10,8 @@ only renders that :class:`Problem` in its own shape.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -17,7 +19,7 @@ import socket
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.responses import Response
@@ -42,24 +44,36 @@ from .metrics import ServerMetrics
 from .wire import WireError
 
 __all__ = [
+    "ACCESS_LOGGER",
     "AuthError",
     "BodyTooLargeError",
     "JsonBody",
+    "Note",
     "Problem",
+    "RequestNote",
     "ServerSettings",
     "ServerState",
+    "ShutdownError",
     "State",
     "StampMiddleware",
+    "Stopping",
     "authorized",
     "json_body",
     "metered",
     "problem_of",
     "protocol_route",
     "require_api_key",
+    "request_note",
     "server_state",
 ]
 
 logger = logging.getLogger(__name__)
+
+ACCESS_LOGGER = "rkllm_core.serve.access"
+"""The logger of the one-line-per-request access log (``rkllm serve`` prints it unless ``--no-access-log``)."""
+access_logger = logging.getLogger(ACCESS_LOGGER)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,8 @@ class ServerSettings:
         max_waiting: requests one model may have in flight (running or waiting for the NPU) before a
             new one for it gets 429 with ``Retry-After``.
         queue_timeout: seconds a request may wait for its model before 429.
+        access_log: log one line per request to :data:`ACCESS_LOGGER` (method, path, model, status,
+            tokens, milliseconds).
     """
 
     api_key: str | None = None
@@ -84,6 +100,60 @@ class ServerSettings:
     max_tokens: int = 8192
     max_waiting: int = 64
     queue_timeout: float = 120.0
+    access_log: bool = True
+
+
+class Stopping:
+    """The server's way out: first it drains (in-flight requests go on), then it may abort them.
+
+    :meth:`abort` runs on the event loop (a signal handler schedules it there). Every generation
+    runs through :meth:`until_abort`, so an abort ends each one at once with a clean end of its
+    response, and a request still waiting for its model leaves the line.
+    """
+
+    def __init__(self) -> None:
+        self._aborted = asyncio.Event()
+
+    @property
+    def aborted(self) -> bool:
+        """Whether in-flight requests were told to end."""
+        return self._aborted.is_set()
+
+    def abort(self) -> None:
+        """End every generation in flight now (call on the event loop)."""
+        self._aborted.set()
+
+    async def until_abort(self, events: AsyncGenerator[_T, None]) -> AsyncGenerator[_T, None]:
+        """``events`` until they end or :meth:`abort` is called; then ``events`` is closed (its run aborted).
+
+        A stream cut this way simply ends early: for a chat, without its
+        :class:`~rkllm_core.chat.engine.ChatDone`, which is how its consumer knows.
+        """
+        stop = asyncio.ensure_future(self._aborted.wait())
+        step: asyncio.Future[_T] | None = None
+        try:
+            while not stop.done():
+                step = asyncio.ensure_future(events.__anext__())
+                await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    break
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield event
+        finally:
+            stop.cancel()
+            if step is not None and not step.done():
+                step.cancel()  # the engine aborts its run and leaves every line it stood in
+                with contextlib.suppress(BaseException):
+                    await step
+            await events.aclose()
+
+
+class ShutdownError(RKLLMError):
+    """A request cut short because the server is shutting down (503)."""
 
 
 class ServerState:
@@ -97,6 +167,8 @@ class ServerState:
         embed: the embedding and rerank engine over ``manager``.
         metrics: the app's Prometheus metrics.
         line: the per-model admission line (``settings.max_waiting`` places each).
+        stopping: the shutdown's abort switch (see :class:`Stopping`).
+        active: HTTP requests in progress (counted by :class:`StampMiddleware`).
     """
 
     def __init__(self, manager: ModelManager, settings: ServerSettings) -> None:
@@ -107,6 +179,8 @@ class ServerState:
         self.embed = EmbeddingEngine(manager)
         self.metrics = ServerMetrics(manager)
         self.line = AdmissionLine(settings.max_waiting)
+        self.stopping = Stopping()
+        self.active = 0
 
     def admit(self, model: str) -> Place:
         """A place in ``model``'s line, under its resolved name (so its aliases share one line).
@@ -126,6 +200,43 @@ def server_state(request: Request) -> ServerState:
 
 State = Annotated[ServerState, Depends(server_state)]
 """A route parameter of this type receives the app's :class:`ServerState`."""
+
+
+@dataclass(slots=True)
+class RequestNote:
+    """What a route tells the access log about its request (the model, the tokens).
+
+    Attributes:
+        model: the model asked for, once the body is read.
+        prompt_tokens: tokens read (prompt, embedded or reranked), once known.
+        completion_tokens: tokens generated, once known.
+    """
+
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def tokens(self) -> str:
+        """``prompt+completion`` (``-`` for what is not known)."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return "-"
+        return f"{self.prompt_tokens if self.prompt_tokens is not None else '-'}+{self.completion_tokens or 0}"
+
+
+_NOTE_KEY = "rkllm_note"
+
+
+def request_note(request: Request) -> RequestNote:
+    """The dependency giving a route its request's :class:`RequestNote` (one per request)."""
+    state = request.scope.setdefault("state", {})
+    note = state.get(_NOTE_KEY)
+    if not isinstance(note, RequestNote):
+        note = state[_NOTE_KEY] = RequestNote()
+    return note
+
+
+Note = Annotated[RequestNote, Depends(request_note)]
+"""A route parameter of this type receives the request's :class:`RequestNote`."""
 
 
 # -- auth and the body ---------------------------------------------------------------------------------------
@@ -227,6 +338,8 @@ def problem_of(exc: BaseException) -> Problem:
         return Problem(400, msg)
     if isinstance(exc, BusyError):
         return Problem(429, msg, "rate_limit_error", code=f"busy_{exc.reason}", headers={"Retry-After": "1"})
+    if isinstance(exc, ShutdownError):
+        return Problem(503, msg, "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, HTTPException):
         return Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
     logger.error("request failed", exc_info=exc)
@@ -260,9 +373,19 @@ def protocol_route(error_response: Callable[[Exception], Response]) -> type[APIR
 
 
 async def metered(
-    events: AsyncGenerator[Any, None], metrics: ServerMetrics, release: Callable[[], None]
+    events: AsyncGenerator[Any, None],
+    metrics: ServerMetrics,
+    release: Callable[[], None],
+    note: RequestNote | None = None,
 ) -> AsyncGenerator[object, None]:
-    """A chat stream's events, recording time to first token and usage; releases the line place at the end."""
+    """A chat stream's events, recording time to first token and usage; releases the line place at the end.
+
+    Args:
+        events: the engine's stream.
+        metrics: where time to first token and usage go.
+        release: gives the request's place in the admission line back.
+        note: the request's note for the access log, given the usage.
+    """
     start = time.monotonic()
     ttft: float | None = None
     try:
@@ -271,6 +394,9 @@ async def metered(
                 ttft = time.monotonic() - start
             if isinstance(event, ChatDone):
                 metrics.record_chat(event, ttft)
+                if note is not None:
+                    note.prompt_tokens = event.usage.input_tokens
+                    note.completion_tokens = event.usage.output_tokens
             yield event
     finally:
         release()
@@ -278,10 +404,12 @@ async def metered(
 
 
 class StampMiddleware:
-    """Every response says which board answered (``X-RKLLM-Board``) and is counted by route and status.
+    """Every response says which board answered (``X-RKLLM-Board``), is counted, and logged.
 
     The count's label is the matched route's own path (``unmatched`` for none), so clients cannot
-    invent label values.
+    invent label values. The requests in progress are counted in ``state.active``; when
+    ``settings.access_log`` is on, each one ends with a line on :data:`ACCESS_LOGGER`: client,
+    method, path, model, status, tokens (``prompt+completion``) and milliseconds.
     """
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
@@ -294,11 +422,33 @@ class StampMiddleware:
             await self.app(scope, receive, send)
             return
 
+        start = time.monotonic()
+        note = scope.setdefault("state", {}).setdefault(_NOTE_KEY, RequestNote())
+        status = 500  # unless a response starts
+
         async def stamped(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 MutableHeaders(scope=message)["X-RKLLM-Board"] = self.state.board
                 route = getattr(scope.get("route"), "path", "unmatched")
-                self.state.metrics.record_request(route, message["status"])
+                self.state.metrics.record_request(route, status)
             await send(message)
 
-        await self.app(scope, receive, stamped)
+        self.state.active += 1
+        try:
+            await self.app(scope, receive, stamped)
+        finally:
+            self.state.active -= 1
+            if self.state.settings.access_log:
+                client = scope.get("client")
+                access_logger.info(
+                    "%s %s %s model=%s %d tokens=%s %.0fms",
+                    client[0] if client else "-",
+                    scope["method"],
+                    scope["path"],
+                    note.model or "-",
+                    status,
+                    note.tokens(),
+                    (time.monotonic() - start) * 1000,
+                )

@@ -4,7 +4,11 @@ One ``APIRouter`` over the shared dependencies of :mod:`.deps` (the API key, the
 server's state and its admission line) and the pure translations of :mod:`.wire`. Every failure is
 answered with OpenAI's error object by :func:`error_response`. Streams are Server-Sent Events
 ending with ``data: [DONE]``; a client that disconnects aborts its generation on the NPU (the
-response generator is closed, which closes the engine's stream).
+response generator is closed, which closes the engine's stream). A generation the server's
+shutdown cuts short ends as a truncated answer does: a last chunk with ``finish_reason`` ``"length"``
+(the one value of OpenAI's set that means "cut short", so every client accepts it), preceded by the
+SSE comment ``: aborted: the server is shutting down``, then ``data: [DONE]``; a whole response
+cut this way is a 503 ``shutting_down`` error.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from ..chat.engine import ChatDone, ToolCallDelta
 from ..errors import RKLLMError
 from . import wire
 from .admission import Place
-from .deps import JsonBody, State, metered, problem_of, protocol_route, require_api_key
+from .deps import (
+    JsonBody,
+    Note,
+    ShutdownError,
+    State,
+    metered,
+    problem_of,
+    protocol_route,
+    require_api_key,
+)
 
 __all__ = ["PREFIX", "error_response", "router"]
 
@@ -30,6 +43,8 @@ PREFIX = "/v1"
 """Where this protocol's routes live (unknown paths under it get OpenAI's error object too)."""
 
 _DONE = b"data: [DONE]\n\n"
+_ABORTED = b": aborted: the server is shutting down\n\n"
+_CUT_FINISH = "length"
 
 
 def _error_object(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -55,15 +70,17 @@ async def list_models(state: State) -> Response:
 
 
 @router.post(PREFIX + "/chat/completions")
-async def chat_completions(body: JsonBody, state: State) -> Response:
+async def chat_completions(body: JsonBody, state: State, note: Note) -> Response:
     """A chat completion, whole (``X-RKLLM-KV-Reused`` says whether the KV cache was reused) or streamed."""
     cfg = state.settings
     req = wire.chat_request(body, max_tokens_limit=cfg.max_tokens)
+    note.model = req.model
     if len(req.messages) > cfg.max_messages:
         raise wire.WireError(f"more than {cfg.max_messages} messages", "messages")
     place = state.admit(req.model)
     options = req.options if req.options.timeout is not None else replace(req.options, timeout=cfg.queue_timeout)
-    events = metered(state.chat.astream(req.model, req.messages, options), state.metrics, place.release)
+    engine_events = state.chat.astream(req.model, req.messages, options)
+    events = state.stopping.until_abort(metered(engine_events, state.metrics, place.release, note))
     completion_id, created = wire.new_completion_id()
     if req.stream:
         return await _streamed(events, place, req, completion_id, created)
@@ -78,22 +95,26 @@ async def chat_completions(body: JsonBody, state: State) -> Response:
 
 
 @router.post(PREFIX + "/embeddings")
-async def embeddings(body: JsonBody, state: State) -> Response:
+async def embeddings(body: JsonBody, state: State, note: Note) -> Response:
     """Embeddings of one text or a list, as floats or base64."""
     model, texts, encoding = wire.embedding_request(body)
+    note.model = model
     with state.admit(model):
         result = await state.embed.aembed(model, texts, timeout=state.settings.queue_timeout)
     state.metrics.record_tokens(result.model, "embedded", result.input_tokens)
+    note.prompt_tokens = result.input_tokens
     return JSONResponse(wire.embeddings_response(result.vectors, result.model, result.input_tokens, encoding))
 
 
 @router.post(PREFIX + "/rerank")
-async def rerank(body: JsonBody, state: State) -> Response:
+async def rerank(body: JsonBody, state: State, note: Note) -> Response:
     """Documents ranked by relevance to a query (the Cohere/Jina shape)."""
     model, query, docs, top_n, with_docs = wire.rerank_request(body)
+    note.model = model
     with state.admit(model):
         result = await state.embed.arerank(model, query, docs, timeout=state.settings.queue_timeout)
     state.metrics.record_tokens(result.model, "reranked", result.input_tokens)
+    note.prompt_tokens = result.input_tokens
     return JSONResponse(wire.rerank_response(result.scores, docs, result.model, result.input_tokens, top_n, with_docs))
 
 
@@ -105,7 +126,8 @@ async def _last(events: AsyncGenerator[object, None]) -> ChatDone:
                 done = event
     finally:
         await events.aclose()
-    assert done is not None
+    if done is None:
+        raise ShutdownError("the server is shutting down; the request was aborted")
     return done
 
 
@@ -115,6 +137,10 @@ async def _streamed(
     """The SSE response, once the first event is in: a bad model name is then a 4xx, not a broken stream."""
     try:
         first = await events.__anext__()
+    except StopAsyncIteration:  # aborted by the shutdown before the first event
+        await events.aclose()
+        place.release()
+        raise ShutdownError("the server is shutting down; the request was aborted") from None
     except BaseException:
         await events.aclose()
         place.release()
@@ -148,7 +174,9 @@ async def _sse(
                 yield _frame(chunk)
             try:
                 event = await events.__anext__()
-            except StopAsyncIteration:
+            except StopAsyncIteration:  # cut by the server's shutdown
+                yield _ABORTED
+                yield _frame(wire.cut_chunk(completion_id, created, req.model, _CUT_FINISH))
                 yield _DONE
                 return
             except RKLLMError as exc:  # after the headers: report in-band, as OpenAI does

@@ -1,11 +1,21 @@
-"""Run the server: command-line arguments, start-up report, uvicorn, graceful shutdown."""
+"""Run the server: command-line arguments, start-up report, uvicorn, the service's life cycle.
+
+Life cycle: the models named by ``--preload`` are loaded first (a bad name ends the start with a
+message and exit 2). The first SIGTERM or SIGINT (Ctrl-C) stops accepting connections and lets the
+requests in flight finish; those still running after ``--shutdown-timeout`` seconds are aborted,
+each stream ending cleanly (see :mod:`.openai`). A second signal aborts them at once. Either way
+every handle is destroyed, ``rkllm serve: stopped`` is printed, and the exit status is 0 (130 when
+a second signal cut the requests short).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
+from ..errors import RKLLMError
 from ..models.manager import ModelManager
 from ..models.registry import ModelRegistry
 
@@ -13,6 +23,9 @@ __all__ = ["ENV_API_KEY", "add_arguments", "serve"]
 
 #: Environment variable holding the API key (``--api-key`` wins).
 ENV_API_KEY = "RKLLM_API_KEY"
+
+_GRACE = 5.0
+"""Seconds uvicorn waits past ``--shutdown-timeout`` for aborted streams to send their end."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--board", help="name reported in X-RKLLM-Board (default: the host name)")
     parser.add_argument("--max-waiting", type=int, default=64, help="requests in line before 429 (default 64)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="largest max_tokens accepted (default 8192)")
+    parser.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="load MODEL before serving (repeatable; an unknown name fails the start)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take after SIGTERM / Ctrl-C before they are aborted (default 30)",
+    )
+    parser.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", help="do not log a line per request"
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -38,6 +67,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from .app import ServerSettings, create_app
 
+    if args.shutdown_timeout < 0:
+        print("rkllm serve: --shutdown-timeout must be 0 or more", file=sys.stderr)
+        return 2
     api_key = args.api_key or os.environ.get(ENV_API_KEY) or None
     manager = ModelManager(
         ModelRegistry(args.model_dir or None),
@@ -46,8 +78,13 @@ def serve(args: argparse.Namespace) -> int:
         memory_budget_mb=args.memory_budget_mb,
     )
     settings = ServerSettings(
-        api_key=api_key, board=args.board or "", max_waiting=args.max_waiting, max_tokens=args.max_tokens
+        api_key=api_key,
+        board=args.board or "",
+        max_waiting=args.max_waiting,
+        max_tokens=args.max_tokens,
+        access_log=args.access_log,
     )
+    status = 0
     try:
         app = create_app(manager, settings)
         lib = manager.library
@@ -59,12 +96,44 @@ def serve(args: argparse.Namespace) -> int:
             + ("; API key required" if api_key else "; no API key"),
             flush=True,
         )
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=30
+        for name in args.preload:
+            print(f"rkllm serve: loading {name}", flush=True)
+            with manager.lease(name):  # in the line like any request
+                pass
+        if args.access_log:
+            _log_access()
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,  # the app logs each request itself, with model and tokens
+            timeout_graceful_shutdown=round(args.shutdown_timeout + _GRACE),
         )
-    except KeyboardInterrupt:  # uvicorn re-raises the signal once it has shut down
-        pass
+        from .lifecycle import Server
+
+        server = Server(config, app.state.rkllm, args.shutdown_timeout)
+        server.run()
+        status = server.exit_status
+    except RKLLMError as exc:  # a bad --preload, a missing runtime
+        print(f"rkllm serve: {exc}", file=sys.stderr, flush=True)
+        status = 2
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signals (while preloading)
+        status = 130
     finally:
         manager.close()  # every handle, after in-flight requests were finished or aborted
     print("rkllm serve: stopped", flush=True)
-    return 0
+    return status
+
+
+def _log_access() -> None:
+    from .deps import ACCESS_LOGGER
+
+    log = logging.getLogger(ACCESS_LOGGER)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False

@@ -27,6 +27,7 @@ __all__ = [
     "chat_chunk",
     "chat_completion",
     "chat_request",
+    "cut_chunk",
     "embedding_request",
     "embeddings_response",
     "models_list",
@@ -294,6 +295,17 @@ def role_chunk(completion_id: str, created: int, model: str) -> dict[str, Any]:
         "created": created,
         "model": model,
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+    }
+
+
+def cut_chunk(completion_id: str, created: int, model: str, finish_reason: str) -> dict[str, Any]:
+    """The last chunk of a stream that ends without the engine's end (cut by the server's shutdown)."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason, "logprobs": None}],
     }
 
 
