@@ -1,4 +1,4 @@
-"""``rkllm serve``: an OpenAI-compatible HTTP server on the same core as the adapters.
+"""``rkllm serve``: an OpenAI- and Ollama-compatible HTTP server on the same core as the adapters.
 
 Needs the ``server`` extra (FastAPI and uvicorn): ``pip install "boardllm[server]"``. Importing
 ``rkllm_core`` never imports this package, and this package imports FastAPI only when

@@ -3,8 +3,9 @@
 Every request goes through the same model manager as the in-process adapters, so the server has
 what they have: KV-cache reuse for clients that resend the history, the prompt cache, swapping
 within a budget, honest usage, typed errors. The protocols live in their own modules (OpenAI's in
-:mod:`.openai`), over the dependencies of :mod:`.deps`; a new protocol is a router included here
-and its prefix listed in ``_PROTOCOLS``, so that unknown paths under it get its error shape too.
+:mod:`.openai`, Ollama's in :mod:`.ollama`), over the dependencies of :mod:`.deps`; a new protocol is
+a router included here and its prefix listed in ``_PROTOCOLS``, so that unknown paths under it get
+its error shape too.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from starlette.exceptions import HTTPException
 
 from ..errors import RKLLMError
 from ..models.manager import ModelManager
-from . import openai
+from . import ollama, openai
 from .deps import AuthError, ServerSettings, ServerState, StampMiddleware, authorized, require_api_key, server_state
 
 __all__ = ["ServerSettings", "create_app"]
 
-_PROTOCOLS: tuple[tuple[str, Callable[[Exception], Response]], ...] = ((openai.PREFIX, openai.error_response),)
+_PROTOCOLS: tuple[tuple[str, Callable[[Exception], Response]], ...] = (
+    (openai.PREFIX, openai.error_response),
+    (ollama.PREFIX, ollama.error_response),
+)
 """Each protocol's path prefix and error shape. Paths under none (``/metrics``) answer as OpenAI does."""
 
 
@@ -41,6 +45,7 @@ def create_app(manager: ModelManager, settings: ServerSettings | None = None) ->
     app.add_exception_handler(HTTPException, _unrouted)
     app.add_exception_handler(RKLLMError, _failed)
     app.include_router(openai.router)
+    app.include_router(ollama.router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

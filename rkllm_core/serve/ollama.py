@@ -1,0 +1,340 @@
+"""Ollama's endpoints, on the same process and port as OpenAI's: ``/api/*``, and ``GET``/``HEAD /``.
+
+One ``APIRouter`` over the shared dependencies of :mod:`.deps` and the pure translations of
+:mod:`.ollama_wire`. Every failure is Ollama's ``{"error": "..."}`` with a 4xx/5xx status, from
+:func:`error_response`. Streams are NDJSON (``application/x-ndjson``), on by default; an error
+after the stream began is one ``{"error": ...}`` line. Durations are nanoseconds, measured here
+around the request's phases (``load_duration`` is the manager's own load time when this request
+waited for the load); token counts are the runtime's. Chat goes through the same
+:class:`~rkllm_core.chat.engine.ChatEngine` as ``/v1/chat/completions``, so a client that resends
+the history continues the conversation in the KV cache.
+
+``GET /``, ``HEAD /`` and ``GET /api/version`` need no API key (they say that the server runs and
+its version, nothing else); every other route takes the same Bearer key as ``/v1/*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from .. import __version__
+from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCallDelta
+from ..errors import RKLLMError
+from ..models.registry import ModelInfo
+from . import ollama_wire as ow
+from .deps import JsonBody, ServerState, State, metered, problem_of, protocol_route, require_api_key
+from .wire import WireError
+
+__all__ = ["PREFIX", "error_response", "router"]
+
+PREFIX = "/api"
+"""Where this protocol's routes live (unknown paths under it get Ollama's error shape too)."""
+
+_NDJSON = "application/x-ndjson"
+_NEVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+_T = TypeVar("_T")
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """Ollama's ``{"error": "..."}``, with the status and headers :func:`~.deps.problem_of` gives ``exc``."""
+    p = problem_of(exc)
+    return JSONResponse({"error": p.message}, status_code=p.status, headers=dict(p.headers) or None)
+
+
+router = APIRouter(route_class=protocol_route(error_response))
+_api = APIRouter(route_class=protocol_route(error_response), dependencies=[Depends(require_api_key)])
+
+
+# -- what the server remembers per app: the keep_alive each model was last asked for ---------------------------
+
+
+class _Expiry:
+    """Until when each model was asked to stay loaded (``/api/ps`` shows it; nothing unloads by it yet)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, datetime] = {}
+
+    def note(self, model: str, keep_alive: float | None) -> None:
+        if keep_alive is None:
+            return
+        self._until[model] = _NEVER if keep_alive < 0 else datetime.now(UTC) + timedelta(seconds=keep_alive)
+
+    def until(self, model: str) -> datetime:
+        return self._until.get(model, _NEVER)
+
+
+_expiries: weakref.WeakKeyDictionary[ServerState, _Expiry] = weakref.WeakKeyDictionary()
+
+
+def _expiry(state: ServerState) -> _Expiry:
+    return _expiries.setdefault(state, _Expiry())
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return ow.rfc3339(datetime.now(UTC))
+
+
+def _modified(info: ModelInfo) -> datetime:
+    try:
+        return datetime.fromtimestamp(info.path.stat().st_mtime, UTC)
+    except OSError:
+        return datetime.fromtimestamp(0, UTC)
+
+
+def _load_orders(state: ServerState, name: str) -> frozenset[int]:
+    return frozenset(e.load_order for e in state.manager.loaded() if e.info.name == name)
+
+
+@dataclass(slots=True)
+class _Clock:
+    """A request's phases: arrival, first token, end (``perf_counter_ns``), and the load it waited for."""
+
+    state: ServerState
+    model: str
+    start: int
+    before: frozenset[int]
+    first: int | None = None
+    load_ns: int = 0
+
+    @classmethod
+    def begin(cls, state: ServerState, model: str) -> _Clock:
+        name = state.manager.resolve(model).name
+        return cls(state, name, time.perf_counter_ns(), _load_orders(state, name))
+
+    def ready(self) -> None:
+        """The model is leased: if an instance appeared since arrival, this request waited for its load."""
+        for e in self.state.manager.loaded():
+            if e.info.name == self.model and e.load_order not in self.before and not e.loading:
+                self.load_ns = int(e.load_time_s * 1e9)
+
+    def timings(self) -> ow.Timings:
+        end = time.perf_counter_ns()
+        first = self.first if self.first is not None else end
+        return ow.Timings(
+            total=end - self.start,
+            load=self.load_ns,
+            prompt_eval=max(0, first - self.start - self.load_ns),
+            eval=end - first,
+        )
+
+    async def watch(self, events: AsyncGenerator[_T, None]) -> AsyncGenerator[_T, None]:
+        """``events``, noting when the first one that carries output (or the end) arrives."""
+        try:
+            async for event in events:
+                if self.first is None and isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta | ChatDone):
+                    self.first = time.perf_counter_ns()
+                    self.ready()
+                yield event
+        finally:
+            await events.aclose()
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run a blocking manager call on a thread of its own, awaiting it without the loop's executor."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="rkllm-ollama-unload", daemon=True).start()
+    return await future
+
+
+# -- open routes ------------------------------------------------------------------------------------------------
+
+
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> Response:
+    """``Ollama is running``: what Ollama's clients probe before anything else."""
+    return PlainTextResponse("Ollama is running")
+
+
+@router.get(PREFIX + "/version")
+async def version() -> Response:
+    """The package version, dotted integers (Open WebUI parses it)."""
+    return JSONResponse({"version": __version__})
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+@_api.get(PREFIX + "/tags")
+async def tags(state: State) -> Response:
+    """Every model the registry lists, as ``name:latest``."""
+    infos = state.manager.registry.models()
+    return JSONResponse(ow.tags_response([(info, _modified(info)) for info in infos]))
+
+
+@_api.post(PREFIX + "/show")
+async def show(body: JsonBody, state: State) -> Response:
+    """One model's details, ``model_info`` (with ``<family>.context_length``) and capabilities."""
+    info = state.manager.resolve(ow.show_request(body))
+    return JSONResponse(ow.show_response(info, _modified(info)))
+
+
+@_api.get(PREFIX + "/ps")
+async def ps(state: State) -> Response:
+    """The loaded models, their memory, and until when their last request asked them to stay."""
+    expiry = _expiry(state)
+    loaded = [
+        (e.info, e.memory_mb, _modified(e.info), expiry.until(e.info.name))
+        for e in state.manager.loaded()
+        if not e.loading
+    ]
+    return JSONResponse(ow.ps_response(loaded))
+
+
+# -- chat and generate -------------------------------------------------------------------------------------------
+
+
+@_api.post(PREFIX + "/chat")
+async def chat(body: JsonBody, state: State) -> Response:
+    """A chat turn, streamed as NDJSON (the default) or whole; no messages loads or unloads the model."""
+    req = ow.chat_request(body, max_tokens_limit=state.settings.max_tokens)
+    if len(req.messages) > state.settings.max_messages:
+        raise WireError(f"more than {state.settings.max_messages} messages", "messages")
+    return await _answer(state, req, chat=True)
+
+
+@_api.post(PREFIX + "/generate")
+async def generate(body: JsonBody, state: State) -> Response:
+    """A completion of ``prompt`` (through the chat template); an empty prompt loads or unloads the model."""
+    req = ow.generate_request(body, max_tokens_limit=state.settings.max_tokens)
+    return await _answer(state, req, chat=False)
+
+
+async def _answer(state: ServerState, req: ow.ChatRequest | ow.GenerateRequest, *, chat: bool) -> Response:
+    name = state.manager.resolve(req.model).name
+    expiry = _expiry(state)
+    if not req.messages:
+        return await _load_or_unload(state, name, req.keep_alive, chat=chat)
+    place = state.admit(name)
+    cfg = state.settings
+    options = req.options if req.options.timeout is not None else replace(req.options, timeout=cfg.queue_timeout)
+    clock = _Clock.begin(state, name)
+    events = clock.watch(metered(state.chat.astream(name, req.messages, options), state.metrics, place.release))
+    created = _now()
+    chunk = ow.chat_chunk if chat else ow.generate_chunk
+    final = ow.chat_response if chat else ow.generate_response
+    if not req.stream:
+        try:
+            done = None
+            async for event in events:
+                if isinstance(event, ChatDone):
+                    done = event
+        finally:
+            await events.aclose()
+            place.release()
+        if done is None:
+            raise RKLLMError("the request ended without an answer (the server may be shutting down)")
+        expiry.note(name, req.keep_alive)
+        headers = {"X-RKLLM-KV-Reused": "true" if done.kv_reused else "false"}
+        return JSONResponse(final(done, created, clock.timings(), whole=True), headers=headers)
+    try:
+        first = await events.__anext__()
+    except BaseException:
+        await events.aclose()
+        place.release()
+        raise
+
+    async def lines() -> AsyncIterator[bytes]:
+        event: object = first
+        try:
+            while True:
+                if isinstance(event, ChatDone):
+                    expiry.note(name, req.keep_alive)
+                    yield _line(final(event, created, clock.timings(), whole=False))
+                    return
+                out = chunk(event, name, created)
+                if out is not None:
+                    yield _line(out)
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    yield _line({"error": "the stream ended early (the server may be shutting down)"})
+                    return
+                except RKLLMError as exc:  # after the headers: one error line, as Ollama does
+                    yield _line({"error": str(exc)})
+                    return
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(
+        lines(), media_type=_NDJSON, headers={"Cache-Control": "no-cache"}, background=BackgroundTask(place.release)
+    )
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+async def _load_or_unload(state: ServerState, name: str, keep_alive: float | None, *, chat: bool) -> Response:
+    """An empty prompt: load ``name`` (``done_reason: "load"``), or with ``keep_alive: 0`` unload it."""
+    cfg = state.settings
+    if keep_alive == 0:
+        await _in_thread(state.manager.unload, name, timeout=cfg.queue_timeout)
+        return JSONResponse(ow.load_response(name, _now(), "unload", chat=chat))
+    with state.admit(name):
+        async with state.manager.alease(name, timeout=cfg.queue_timeout):
+            pass
+    _expiry(state).note(name, keep_alive)
+    return JSONResponse(ow.load_response(name, _now(), "load", chat=chat))
+
+
+# -- embeddings --------------------------------------------------------------------------------------------------
+
+
+@_api.post(PREFIX + "/embed")
+async def embed(body: JsonBody, state: State) -> Response:
+    """Embeddings of one text or a list (``truncate`` defaults to true)."""
+    req = ow.embed_request(body)
+    clock = _Clock.begin(state, req.model)
+    with state.admit(req.model):
+        result = await state.embed.aembed(
+            req.model, req.texts, truncate=req.truncate, timeout=state.settings.queue_timeout
+        )
+    clock.ready()
+    state.metrics.record_tokens(result.model, "embedded", result.input_tokens)
+    return JSONResponse(ow.embed_response(result.vectors, result.model, result.input_tokens, clock.timings()))
+
+
+@_api.post(PREFIX + "/embeddings")
+async def embeddings(body: JsonBody, state: State) -> Response:
+    """The older single-text endpoint: ``{"embedding": [...]}``."""
+    req = ow.embeddings_request(body)
+    with state.admit(req.model):
+        result = await state.embed.aembed(req.model, req.texts, timeout=state.settings.queue_timeout)
+    state.metrics.record_tokens(result.model, "embedded", result.input_tokens)
+    return JSONResponse({"embedding": result.vectors[0]})
+
+
+router.include_router(_api)

@@ -1,0 +1,317 @@
+"""rkllm serve speaks Ollama: tested with the clients written for Ollama, over a real socket, on both ABIs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+ollama = pytest.importorskip("ollama")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from rkllm_core.models.manager import ModelManager  # noqa: E402
+from rkllm_core.models.registry import ModelRegistry  # noqa: E402
+from rkllm_core.native.library import RuntimeLibrary  # noqa: E402
+from rkllm_core.serve import ServerSettings, create_app  # noqa: E402
+from rkllm_core.sim import SimulatorControl, make_model  # noqa: E402
+
+QWEN = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm"
+GEMMA = "gemma-3-1b-it_w8a8.rkllm"
+EMBED = "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+KEY = "s3cret"
+
+
+@pytest.fixture
+def manager(model_dir: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl) -> Iterator[ModelManager]:
+    make_model(model_dir, QWEN)
+    make_model(model_dir, GEMMA, think=False)
+    make_model(model_dir, EMBED)
+    m = ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib, max_loaded=3)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def start(manager: ModelManager) -> Iterator[Callable[..., str]]:
+    """Start ``rkllm serve``'s app on a free port; returns its base URL."""
+    servers: list[tuple[Any, threading.Thread]] = []
+
+    def factory(**settings: Any) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        app = create_app(manager, ServerSettings(board="board-o", **settings))
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        servers.append((srv, thread))
+        deadline = time.monotonic() + 20
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield factory
+    for srv, thread in servers:
+        srv.should_exit = True
+        thread.join(20)
+
+
+@pytest.fixture
+def url(start: Callable[..., str]) -> str:
+    return start()
+
+
+# -- the official ollama client --------------------------------------------------------------------------------
+
+
+def test_list_show_ps_and_version(url: str) -> None:
+    client = ollama.Client(host=url)
+    names = {m.model for m in client.list().models}
+    assert names == {"qwen3-0.6b:latest", "gemma3-1b:latest", "qwen3-embedding-0.6b:latest"}
+    shown = client.show("qwen3-0.6b")  # untagged, as a user types it
+    assert shown.modelinfo["qwen3.context_length"] == 4096
+    assert "completion" in shown.capabilities and "tools" in shown.capabilities
+    assert client.show("qwen3-embedding-0.6b:latest").capabilities == ["embedding"]
+    assert client.ps().models == []
+    client.generate(model="qwen3-0.6b:latest", prompt="hi", keep_alive="10m")
+    (loaded,) = client.ps().models
+    assert loaded.model == "qwen3-0.6b:latest" and loaded.context_length == 4096
+    assert loaded.expires_at is not None and loaded.expires_at.tzinfo is not None
+    assert 0 < (loaded.expires_at.timestamp() - time.time()) <= 600
+    version = httpx.get(f"{url}/api/version").json()["version"]
+    assert all(part.isdigit() for part in version.split("."))
+    assert httpx.get(url).text == "Ollama is running" and httpx.head(url).status_code == 200
+
+
+def test_chat_whole_and_streamed_with_the_runtimes_counts_in_nanoseconds(
+    url: str, sim: SimulatorControl, manager: ModelManager
+) -> None:
+    sim.set("init_delay_ms", 30)
+    client = ollama.Client(host=url)
+    generated = sim.counter("generated_tokens")
+    reply = client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "hello"}])
+    assert reply.message.role == "assistant" and reply.message.content == "Echo: hello — ok."
+    assert reply.done and reply.done_reason == "stop"
+    assert reply.eval_count == sim.counter("generated_tokens") - generated > 0
+    assert reply.load_duration >= 30_000_000  # this request loaded the model: 30 ms, in nanoseconds
+    assert reply.total_duration >= reply.load_duration + reply.prompt_eval_duration + reply.eval_duration
+    again = client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "hello"}])
+    assert again.load_duration == 0  # already loaded
+
+    chunks = list(client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "streamed"}], stream=True))
+    assert "".join(c.message.content or "" for c in chunks) == "Echo: streamed — ok."
+    assert [c.done for c in chunks].count(True) == 1 and chunks[-1].done
+    assert chunks[-1].eval_count and chunks[-1].eval_duration and chunks[-1].prompt_eval_count
+
+
+def test_chat_continues_the_conversation_in_the_kv_cache(url: str, sim: SimulatorControl) -> None:
+    client = ollama.Client(host=url)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    first = client.chat(model="qwen3-0.6b", messages=history)
+    history += [{"role": "assistant", "content": first.message.content}, {"role": "user", "content": "and then?"}]
+    prefilled = sim.counter("prefilled_tokens")
+    second = client.chat(model="qwen3-0.6b", messages=history, stream=True)
+    last = list(second)[-1]
+    assert last.prompt_eval_count == sim.counter("prefilled_tokens") - prefilled  # only the new turn
+    assert 0 < last.prompt_eval_count < first.prompt_eval_count
+    raw = httpx.post(f"{url}/api/chat", json={"model": "qwen3-0.6b", "messages": history, "stream": False})
+    assert raw.headers["x-rkllm-kv-reused"] == "false"  # the same history again: the cache holds a longer one
+    history += [{"role": "assistant", "content": raw.json()["message"]["content"]}, {"role": "user", "content": "x"}]
+    raw = httpx.post(f"{url}/api/chat", json={"model": "qwen3-0.6b", "messages": history, "stream": False})
+    assert raw.headers["x-rkllm-kv-reused"] == "true"
+
+
+def test_generate_load_and_unload(url: str, manager: ModelManager) -> None:
+    client = ollama.Client(host=url)
+    reply = client.generate(model="gemma3-1b", prompt="hello", system="Be brief.")
+    assert reply.response == "Echo: hello — ok." and reply.done_reason == "stop" and reply.eval_count
+    streamed = list(client.generate(model="gemma3-1b", prompt="in pieces", stream=True))
+    assert "".join(c.response for c in streamed) == "Echo: in pieces — ok." and streamed[-1].done
+    loaded = client.generate(model="qwen3-0.6b", prompt="")
+    assert loaded.done_reason == "load" and manager.is_loaded("qwen3-0.6b")
+    gone = client.generate(model="qwen3-0.6b", prompt="", keep_alive=0)
+    assert gone.done_reason == "unload" and not manager.is_loaded("qwen3-0.6b")
+    # Open WebUI's unload goes through /api/chat with no messages
+    assert (
+        httpx.post(f"{url}/api/chat", json={"model": "gemma3-1b:latest", "messages": [], "keep_alive": 0}).json()[
+            "done_reason"
+        ]
+        == "unload"
+    )
+    assert not manager.is_loaded("gemma3-1b")
+
+
+def test_embed_and_the_older_embeddings(url: str) -> None:
+    client = ollama.Client(host=url)
+    out = client.embed(model="qwen3-embedding-0.6b", input=["a cat", "a dog"])
+    assert len(out.embeddings) == 2 and len(out.embeddings[0]) > 8 and out.embeddings[0] != out.embeddings[1]
+    assert out.prompt_eval_count and out.total_duration
+    one = client.embeddings(model="qwen3-embedding-0.6b:latest", prompt="a cat")
+    assert list(one.embedding) == pytest.approx(out.embeddings[0])
+
+
+def test_tools_arguments_are_objects_and_results_go_back(url: str) -> None:
+    client = ollama.Client(host=url)
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris? use get_weather"}]
+    reply = client.chat(model="qwen3-0.6b", messages=messages, tools=[WEATHER])
+    (call,) = reply.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    assert call.function.arguments["city"]
+    messages += [reply.message, {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
+    final = client.chat(model="qwen3-0.6b", messages=messages, tools=[WEATHER])
+    assert "sunny, 21 C" in final.message.content
+    streamed = list(client.chat(model="qwen3-0.6b", messages=messages[:1], tools=[WEATHER], stream=True))
+    calls = [tc for c in streamed for tc in (c.message.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and isinstance(calls[0].function.arguments, dict)
+
+
+def test_options_reach_the_runtime(url: str, sim: SimulatorControl) -> None:
+    def values(node: Any, key: str) -> Iterator[Any]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from ([v] if k == key else values(v, key))
+        elif isinstance(node, list):
+            for item in node:
+                yield from values(item, key)
+
+    sim.set("trace", 1)
+    client = ollama.Client(host=url)
+    options = {"num_predict": 3, "top_k": 7, "temperature": 0.3, "repeat_penalty": 1.2, "seed": 42, "num_ctx": 99999}
+    reply = client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "count to 50"}], options=options)
+    assert reply.done_reason == "length" and reply.message.content == "1 2 3 4 5 6 "  # 3 of the simulator's tokens
+    calls = [t for t in sim.trace() if t["fn"] in ("rkllm_init", "rkllm_run")]
+    assert 7 in list(values(calls, "top_k"))
+    assert any(t == pytest.approx(0.3) for t in values(calls, "temperature"))  # float32 in the runtime
+    stopped = client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "hello"}], options={"stop": ["ok"]})
+    assert stopped.message.content == "Echo: hello — "
+
+
+def test_format_json_schema_and_think(url: str) -> None:
+    client = ollama.Client(host=url)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    reply = client.chat(
+        model="qwen3-0.6b",
+        messages=[{"role": "user", "content": "Plan a trip to 'Lyon'."}],
+        format=schema,
+        options={"stop": ["\n\n"], "num_predict": 200},
+    )
+    assert set(json.loads(reply.message.content)) == {"city"}
+    thought = client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "hi"}], think=True)
+    assert thought.message.thinking and "<think>" not in thought.message.content
+
+
+def test_errors_before_and_after_the_stream_began(url: str, sim: SimulatorControl) -> None:
+    client = ollama.Client(host=url)
+    for model in ("nope", "qwen3-0.6b:7b", "../../etc/passwd"):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.chat(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 404
+    image = {"role": "user", "content": "what is this?", "images": ["aGVsbG8="]}
+    with pytest.raises(ollama.ResponseError, match="images") as err:
+        client.chat(model="qwen3-0.6b", messages=[image])
+    assert err.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="qwen3-embedding-0.6b", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 400
+    sim.set("error_after_tokens", 3)
+    stream = client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "count to 50"}], stream=True)
+    with pytest.raises(ollama.ResponseError):
+        list(stream)
+    sim.set("error_after_tokens", -1)
+    assert client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "still"}]).message.content
+    unknown = httpx.get(f"{url}/api/nothing-here")
+    assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_the_api_key_is_the_same_as_for_v1(start: Callable[..., str]) -> None:
+    url = start(api_key=KEY)
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=url).list()
+    assert err.value.status_code == 401
+    assert httpx.post(f"{url}/api/chat", json={}).json() == {"error": err.value.error}
+    client = ollama.Client(host=url, headers={"Authorization": f"Bearer {KEY}"})
+    assert client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "hi"}]).message.content
+    assert httpx.get(url).status_code == 200 and httpx.get(f"{url}/api/version").status_code == 200
+
+
+# -- LangChain and LlamaIndex's Ollama classes --------------------------------------------------------------
+
+
+def test_langchain_chat_ollama_and_ollama_embeddings(url: str) -> None:
+    langchain_ollama = pytest.importorskip("langchain_ollama")
+    chat = langchain_ollama.ChatOllama(model="qwen3-0.6b", base_url=url, validate_model_on_init=True)
+    reply = chat.invoke("hello")
+    assert reply.content == "Echo: hello — ok."
+    assert reply.usage_metadata["output_tokens"] > 0 and reply.usage_metadata["input_tokens"] > 0
+    assert "".join(str(c.content) for c in chat.stream("streamed")) == "Echo: streamed — ok."
+    tool_reply = chat.bind_tools([WEATHER]).invoke("What is the weather in Paris? use get_weather")
+    assert tool_reply.tool_calls[0]["name"] == "get_weather" and tool_reply.tool_calls[0]["args"]["city"]
+    embeddings = langchain_ollama.OllamaEmbeddings(model="qwen3-embedding-0.6b", base_url=url)
+    vectors = embeddings.embed_documents(["a cat", "a dog"])
+    assert len(vectors) == 2 and vectors[0] == pytest.approx(embeddings.embed_query("a cat"), abs=1e-6)
+
+
+def test_llamaindex_ollama_reads_the_context_window(url: str) -> None:
+    llms_ollama = pytest.importorskip("llama_index.llms.ollama")
+    emb_ollama = pytest.importorskip("llama_index.embeddings.ollama")
+    from llama_index.core.llms import ChatMessage
+
+    llm = llms_ollama.Ollama(model="qwen3-0.6b", base_url=url, request_timeout=30)
+    assert llm.metadata.context_window == 4096
+    assert llm.chat([ChatMessage(role="user", content="hello")]).message.content == "Echo: hello — ok."
+    assert llm.complete("again").text == "Echo: again — ok."
+    embed = emb_ollama.OllamaEmbedding(model_name="qwen3-embedding-0.6b", base_url=url)
+    assert len(embed.get_text_embedding("a cat")) > 8
+
+
+# -- load --------------------------------------------------------------------------------------------------------
+
+
+def test_64_concurrent_mixed_ollama_and_openai_streams_over_two_models(
+    url: str, sim: SimulatorControl, manager: ModelManager
+) -> None:
+    sim.set("token_delay_ms", 1)
+
+    async def via_ollama(client: Any, i: int, model: str) -> str:
+        stream = await client.chat(model=model, messages=[{"role": "user", "content": f"question {i}"}], stream=True)
+        return "".join([c.message.content or "" async for c in stream])
+
+    async def via_openai(client: Any, i: int, model: str) -> str:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"question {i}"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main() -> list[str]:
+        oll = ollama.AsyncClient(host=url)
+        oai = openai.AsyncOpenAI(api_key="none", base_url=f"{url}/v1", max_retries=0)
+        jobs = []
+        for i in range(64):
+            model = "qwen3-0.6b" if i % 2 else "gemma3-1b"
+            jobs.append(via_ollama(oll, i, model) if i % 4 < 2 else via_openai(oai, i, model))
+        return await asyncio.wait_for(asyncio.gather(*jobs), 120)
+
+    answers = asyncio.run(main())
+    assert answers == [f"Echo: question {i} — ok." for i in range(64)]
+    assert sim.counter("active_runs") == 0 and manager.waiting() == 0
+    live = sim.counter("live_handles")
+    manager.close()
+    assert sim.counter("live_handles") == live - 2  # the two models' handles, and no other
