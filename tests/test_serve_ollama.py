@@ -315,3 +315,37 @@ def test_64_concurrent_mixed_ollama_and_openai_streams_over_two_models(
     live = sim.counter("live_handles")
     manager.close()
     assert sim.counter("live_handles") == live - 2  # the two models' handles, and no other
+
+
+def test_the_shutdowns_abort_ends_streams_with_an_error_line(manager: ModelManager, sim: SimulatorControl) -> None:
+    sim.set("token_delay_ms", 20)
+    app = create_app(manager, ServerSettings(board="board-o"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    body = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "count to 500"}]}
+
+    async def main() -> tuple[list[dict[str, Any]], httpx.Response]:
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        serving = asyncio.create_task(srv.serve())
+        while not srv.started:
+            await asyncio.sleep(0.01)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                whole = asyncio.create_task(http.post("/api/chat", json={**body, "stream": False}))
+                lines = []
+                async with http.stream("POST", "/api/chat", json=body) as response:
+                    async for line in response.aiter_lines():
+                        lines.append(json.loads(line))
+                        if len(lines) == 3:
+                            app.state.rkllm.stopping.abort()  # what the shutdown timeout does
+                return lines, await whole
+        finally:
+            srv.should_exit = True
+            await serving
+
+    lines, whole = asyncio.run(main())
+    assert lines[-1] == {"error": "the server is shutting down; the request was aborted"}
+    assert all(not line.get("done") for line in lines[:-1])
+    assert whole.status_code == 503 and "shutting down" in whole.json()["error"]
+    assert sim.counter("active_runs") == 0 and sim.counter("aborts") >= 1

@@ -11,6 +11,10 @@ the history continues the conversation in the KV cache.
 
 ``GET /``, ``HEAD /`` and ``GET /api/version`` need no API key (they say that the server runs and
 its version, nothing else); every other route takes the same Bearer key as ``/v1/*``.
+
+A generation the server's shutdown cuts short ends its stream with one line
+``{"error": "the server is shutting down; the request was aborted"}`` (what Ollama's clients raise
+as an error); a whole response cut this way is a 503.
 """
 
 from __future__ import annotations
@@ -34,7 +38,18 @@ from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCallDelta
 from ..errors import RKLLMError
 from ..models.registry import ModelInfo
 from . import ollama_wire as ow
-from .deps import JsonBody, ServerState, State, metered, problem_of, protocol_route, require_api_key
+from .deps import (
+    JsonBody,
+    Note,
+    RequestNote,
+    ServerState,
+    ShutdownError,
+    State,
+    metered,
+    problem_of,
+    protocol_route,
+    require_api_key,
+)
 from .wire import WireError
 
 __all__ = ["PREFIX", "error_response", "router"]
@@ -45,6 +60,7 @@ PREFIX = "/api"
 _NDJSON = "application/x-ndjson"
 _NEVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 _T = TypeVar("_T")
+_SHUTDOWN = "the server is shutting down; the request was aborted"
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -195,9 +211,10 @@ async def tags(state: State) -> Response:
 
 
 @_api.post(PREFIX + "/show")
-async def show(body: JsonBody, state: State) -> Response:
+async def show(body: JsonBody, state: State, note: Note) -> Response:
     """One model's details, ``model_info`` (with ``<family>.context_length``) and capabilities."""
-    info = state.manager.resolve(ow.show_request(body))
+    note.model = ow.show_request(body)
+    info = state.manager.resolve(note.model)
     return JSONResponse(ow.show_response(info, _modified(info)))
 
 
@@ -217,22 +234,25 @@ async def ps(state: State) -> Response:
 
 
 @_api.post(PREFIX + "/chat")
-async def chat(body: JsonBody, state: State) -> Response:
+async def chat(body: JsonBody, state: State, note: Note) -> Response:
     """A chat turn, streamed as NDJSON (the default) or whole; no messages loads or unloads the model."""
     req = ow.chat_request(body, max_tokens_limit=state.settings.max_tokens)
     if len(req.messages) > state.settings.max_messages:
         raise WireError(f"more than {state.settings.max_messages} messages", "messages")
-    return await _answer(state, req, chat=True)
+    return await _answer(state, note, req, chat=True)
 
 
 @_api.post(PREFIX + "/generate")
-async def generate(body: JsonBody, state: State) -> Response:
+async def generate(body: JsonBody, state: State, note: Note) -> Response:
     """A completion of ``prompt`` (through the chat template); an empty prompt loads or unloads the model."""
     req = ow.generate_request(body, max_tokens_limit=state.settings.max_tokens)
-    return await _answer(state, req, chat=False)
+    return await _answer(state, note, req, chat=False)
 
 
-async def _answer(state: ServerState, req: ow.ChatRequest | ow.GenerateRequest, *, chat: bool) -> Response:
+async def _answer(
+    state: ServerState, note: RequestNote, req: ow.ChatRequest | ow.GenerateRequest, *, chat: bool
+) -> Response:
+    note.model = req.model
     name = state.manager.resolve(req.model).name
     expiry = _expiry(state)
     if not req.messages:
@@ -241,7 +261,8 @@ async def _answer(state: ServerState, req: ow.ChatRequest | ow.GenerateRequest, 
     cfg = state.settings
     options = req.options if req.options.timeout is not None else replace(req.options, timeout=cfg.queue_timeout)
     clock = _Clock.begin(state, name)
-    events = clock.watch(metered(state.chat.astream(name, req.messages, options), state.metrics, place.release))
+    metered_events = metered(state.chat.astream(name, req.messages, options), state.metrics, place.release, note)
+    events = clock.watch(state.stopping.until_abort(metered_events))
     created = _now()
     chunk = ow.chat_chunk if chat else ow.generate_chunk
     final = ow.chat_response if chat else ow.generate_response
@@ -255,12 +276,16 @@ async def _answer(state: ServerState, req: ow.ChatRequest | ow.GenerateRequest, 
             await events.aclose()
             place.release()
         if done is None:
-            raise RKLLMError("the request ended without an answer (the server may be shutting down)")
+            raise ShutdownError(_SHUTDOWN)
         expiry.note(name, req.keep_alive)
         headers = {"X-RKLLM-KV-Reused": "true" if done.kv_reused else "false"}
         return JSONResponse(final(done, created, clock.timings(), whole=True), headers=headers)
     try:
         first = await events.__anext__()
+    except StopAsyncIteration:  # aborted by the shutdown before the first event
+        await events.aclose()
+        place.release()
+        raise ShutdownError(_SHUTDOWN) from None
     except BaseException:
         await events.aclose()
         place.release()
@@ -279,8 +304,8 @@ async def _answer(state: ServerState, req: ow.ChatRequest | ow.GenerateRequest, 
                     yield _line(out)
                 try:
                     event = await events.__anext__()
-                except StopAsyncIteration:
-                    yield _line({"error": "the stream ended early (the server may be shutting down)"})
+                except StopAsyncIteration:  # cut by the server's shutdown
+                    yield _line({"error": _SHUTDOWN})
                     return
                 except RKLLMError as exc:  # after the headers: one error line, as Ollama does
                     yield _line({"error": str(exc)})
@@ -314,9 +339,10 @@ async def _load_or_unload(state: ServerState, name: str, keep_alive: float | Non
 
 
 @_api.post(PREFIX + "/embed")
-async def embed(body: JsonBody, state: State) -> Response:
+async def embed(body: JsonBody, state: State, note: Note) -> Response:
     """Embeddings of one text or a list (``truncate`` defaults to true)."""
     req = ow.embed_request(body)
+    note.model = req.model
     clock = _Clock.begin(state, req.model)
     with state.admit(req.model):
         result = await state.embed.aembed(
@@ -324,16 +350,19 @@ async def embed(body: JsonBody, state: State) -> Response:
         )
     clock.ready()
     state.metrics.record_tokens(result.model, "embedded", result.input_tokens)
+    note.prompt_tokens = result.input_tokens
     return JSONResponse(ow.embed_response(result.vectors, result.model, result.input_tokens, clock.timings()))
 
 
 @_api.post(PREFIX + "/embeddings")
-async def embeddings(body: JsonBody, state: State) -> Response:
+async def embeddings(body: JsonBody, state: State, note: Note) -> Response:
     """The older single-text endpoint: ``{"embedding": [...]}``."""
     req = ow.embeddings_request(body)
+    note.model = req.model
     with state.admit(req.model):
         result = await state.embed.aembed(req.model, req.texts, timeout=state.settings.queue_timeout)
     state.metrics.record_tokens(result.model, "embedded", result.input_tokens)
+    note.prompt_tokens = result.input_tokens
     return JSONResponse({"embedding": result.vectors[0]})
 
 
