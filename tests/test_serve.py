@@ -84,6 +84,72 @@ def test_models_list_names_kinds_and_context(make_client: Callable[..., httpx.As
     assert models["qwen3-0.6b"].model_extra["context_length"] == 4096
 
 
+def test_models_retrieve_one_model(make_client: Callable[..., httpx.AsyncClient], manager: ModelManager) -> None:
+    async def main() -> tuple[Any, Any]:
+        async with make_client() as http:
+            client = openai_client(http)
+            before = await client.models.retrieve("qwen3-0.6b")
+            await client.chat.completions.create(model="qwen3-0.6b", messages=[{"role": "user", "content": "hi"}])
+            return before, await client.models.retrieve("qwen3-0.6b")
+
+    before, after = run(main())
+    info = manager.resolve("qwen3-0.6b")
+    assert before.id == info.name and before.object == "model"
+    assert before.model_extra["context_length"] == info.context_size and before.model_extra["kind"] == "chat"
+    assert before.model_extra["loaded"] is False and after.model_extra["loaded"] is True
+
+
+def test_text_completion_whole_and_streamed(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> tuple[Any, list[Any]]:
+        async with make_client() as http:
+            client = openai_client(http)
+            whole = await client.completions.create(model="qwen3-0.6b", prompt="count to 6", max_tokens=64)
+            stream = await client.completions.create(
+                model="qwen3-0.6b", prompt=["count to 4"], stream=True, stream_options={"include_usage": True}
+            )
+            return whole, [c async for c in stream]
+
+    whole, chunks = run(main())
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert whole.choices[0].text == "1 2 3 4 5 6" and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "1 2 3 4"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_text_completion_refuses_what_it_cannot_honour(make_client: Callable[..., httpx.AsyncClient]) -> None:
+    async def main() -> list[Any]:
+        async with make_client() as http:
+            client = openai_client(http)
+            errors = []
+            for extra in ({"echo": True}, {"best_of": 3}, {"suffix": "end"}, {"prompt": [1, 2, 3]}):
+                kwargs: dict[str, Any] = {"model": "qwen3-0.6b", "prompt": "hi", **extra}
+                with pytest.raises(openai.BadRequestError) as bad:
+                    await client.completions.create(**kwargs)
+                errors.append(bad.value.body)
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.completions.create(model="qwen3-0.6b", prompt="hi", max_tokens=10**6)
+            errors.append(bad.value.body)
+            return errors
+
+    params = [e["param"] for e in run(main())]
+    assert params == ["echo", "best_of", "suffix", "prompt", "max_tokens"]
+
+
+def test_a_validation_error_is_a_422_openai_error_object() -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    from rkllm_core.serve.openai import error_response
+
+    exc = RequestValidationError([{"loc": ("query", "limit"), "msg": "Input should be a valid integer", "type": "x"}])
+    response = error_response(exc)
+    body = json.loads(bytes(response.body))
+    assert response.status_code == 422
+    assert body["error"]["param"] == "limit" and body["error"]["type"] == "invalid_request_error"
+    assert "valid integer" in body["error"]["message"]
+
+
 def test_chat_completion_and_kv_reuse_across_requests(
     make_client: Callable[..., httpx.AsyncClient], sim: SimulatorControl
 ) -> None:
@@ -504,9 +570,14 @@ def test_unknown_endpoints_under_v1_are_openai_error_objects(make_client: Callab
     async def main() -> None:
         async with make_client() as http:
             with pytest.raises(openai.NotFoundError) as nf:
-                await openai_client(http).completions.create(model="qwen3-0.6b", prompt="x")  # not served here
+                await openai_client(http).images.generate(prompt="x")  # not served here
             assert nf.value.body["type"] == "invalid_request_error"
-            assert "POST /v1/completions" in nf.value.body["message"]
+            assert "POST /v1/images/generations" in nf.value.body["message"]
+            with pytest.raises(openai.NotFoundError) as nf:
+                await openai_client(http).models.retrieve("no-such-model")
+            assert nf.value.body["code"] == "model_not_found" and nf.value.body["param"] == "model"
+            wrong = await http.delete("/v1/completions")
+            assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
             wrong = await http.get("/v1/chat/completions")
             assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
             assert wrong.json()["error"]["message"] == "method not allowed: GET /v1/chat/completions"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
@@ -338,12 +339,26 @@ def problem_of(exc: BaseException) -> Problem:
         return Problem(400, msg)
     if isinstance(exc, BusyError):
         return Problem(429, msg, "rate_limit_error", code=f"busy_{exc.reason}", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestValidationError):
+        return _invalid(exc)
     if isinstance(exc, ShutdownError):
         return Problem(503, msg, "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, HTTPException):
         return Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
     logger.error("request failed", exc_info=exc)
     return Problem(500, msg, "server_error")
+
+
+def _invalid(exc: RequestValidationError) -> Problem:
+    """FastAPI's 422 for a typed parameter: the first error, its field named as the wire modules name fields."""
+    errors = exc.errors()
+    if not errors:
+        return Problem(422, "the request is not valid")
+    first = errors[0]
+    loc = [part for part in first.get("loc", ()) if part not in ("body", "query", "path", "header", "cookie")]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = f"'{param}': {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid"))
+    return Problem(422, message, param=param)
 
 
 def protocol_route(error_response: Callable[[Exception], Response]) -> type[APIRoute]:

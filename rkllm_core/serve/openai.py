@@ -1,4 +1,8 @@
-"""OpenAI's endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/rerank``.
+"""OpenAI's endpoints: models, chat and text completions, embeddings, rerank.
+
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``
+(the prompt answered as one user turn through the chat engine), ``POST /v1/embeddings``,
+``POST /v1/rerank``.
 
 One ``APIRouter`` over the shared dependencies of :mod:`.deps` (the API key, the JSON body, the
 server's state and its admission line) and the pure translations of :mod:`.wire`. Every failure is
@@ -22,7 +26,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..chat.engine import ChatDone, ToolCallDelta
+from ..chat.engine import ChatDone
 from ..errors import RKLLMError
 from . import wire
 from .admission import Place
@@ -41,6 +45,9 @@ __all__ = ["PREFIX", "error_response", "router"]
 
 PREFIX = "/v1"
 """Where this protocol's routes live (unknown paths under it get OpenAI's error object too)."""
+
+_Shape = wire.ChatStream | wire.TextStream
+"""How a stream's events become chunks (chat or text completion)."""
 
 _DONE = b"data: [DONE]\n\n"
 _ABORTED = b": aborted: the server is shutting down\n\n"
@@ -69,29 +76,38 @@ async def list_models(state: State) -> Response:
     return JSONResponse(wire.models_list(infos, loaded))
 
 
+@router.get(PREFIX + "/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: State) -> Response:
+    """One model (what ``client.models.retrieve()`` reads); an alias answers with the model's own name."""
+    info = state.manager.resolve(model_id)
+    return JSONResponse(wire.model_object(info, state.manager.is_loaded(info.name)))
+
+
 @router.post(PREFIX + "/chat/completions")
 async def chat_completions(body: JsonBody, state: State, note: Note) -> Response:
     """A chat completion, whole (``X-RKLLM-KV-Reused`` says whether the KV cache was reused) or streamed."""
-    cfg = state.settings
-    req = wire.chat_request(body, max_tokens_limit=cfg.max_tokens)
-    note.model = req.model
-    if len(req.messages) > cfg.max_messages:
-        raise wire.WireError(f"more than {cfg.max_messages} messages", "messages")
-    place = state.admit(req.model)
-    options = req.options if req.options.timeout is not None else replace(req.options, timeout=cfg.queue_timeout)
-    engine_events = state.chat.astream(req.model, req.messages, options)
-    events = state.stopping.until_abort(metered(engine_events, state.metrics, place.release, note))
+    req = wire.chat_request(body, max_tokens_limit=state.settings.max_tokens)
+    if len(req.messages) > state.settings.max_messages:
+        raise wire.WireError(f"more than {state.settings.max_messages} messages", "messages")
     completion_id, created = wire.new_completion_id()
     if req.stream:
-        return await _streamed(events, place, req, completion_id, created)
-    try:
-        done = await _last(events)
-    finally:
-        place.release()
+        shape = wire.ChatStream(completion_id, created, req.model, req.parallel_tool_calls)
+        return await _streamed(state, note, req, shape)
+    done = await _whole(state, note, req)
     if not req.parallel_tool_calls and len(done.message.tool_calls) > 1:
         done = replace(done, message=replace(done.message, tool_calls=done.message.tool_calls[:1]))
-    headers = {"X-RKLLM-KV-Reused": "true" if done.kv_reused else "false"}
-    return JSONResponse(wire.chat_completion(done, completion_id, created), headers=headers)
+    return JSONResponse(wire.chat_completion(done, completion_id, created), headers=_kv_header(done.kv_reused))
+
+
+@router.post(PREFIX + "/completions")
+async def completions(body: JsonBody, state: State, note: Note) -> Response:
+    """A text completion: the prompt is answered as one user turn through the chat engine, whole or streamed."""
+    req = wire.completion_request(body, max_tokens_limit=state.settings.max_tokens)
+    completion_id, created = wire.new_completion_id("cmpl")
+    if req.stream:
+        return await _streamed(state, note, req, wire.TextStream(completion_id, created, req.model))
+    done = await _whole(state, note, req)
+    return JSONResponse(wire.text_completion(done, completion_id, created), headers=_kv_header(done.kv_reused))
 
 
 @router.post(PREFIX + "/embeddings")
@@ -118,7 +134,24 @@ async def rerank(body: JsonBody, state: State, note: Note) -> Response:
     return JSONResponse(wire.rerank_response(result.scores, docs, result.model, result.input_tokens, top_n, with_docs))
 
 
-async def _last(events: AsyncGenerator[object, None]) -> ChatDone:
+def _kv_header(reused: bool) -> dict[str, str]:
+    return {"X-RKLLM-KV-Reused": "true" if reused else "false"}
+
+
+def _generate(state: State, note: Note, req: wire.ChatRequest) -> tuple[AsyncGenerator[object, None], Place]:
+    """The request's place in line and its events: metered, and cut by the server's shutdown."""
+    note.model = req.model
+    place = state.admit(req.model)
+    opts = req.options
+    if opts.timeout is None:
+        opts = replace(opts, timeout=state.settings.queue_timeout)
+    engine_events = state.chat.astream(req.model, req.messages, opts)
+    return state.stopping.until_abort(metered(engine_events, state.metrics, place.release, note)), place
+
+
+async def _whole(state: State, note: Note, req: wire.ChatRequest) -> ChatDone:
+    """The whole answer (a 503 ``shutting_down`` when the server's shutdown cut it)."""
+    events, place = _generate(state, note, req)
     done = None
     try:
         async for event in events:
@@ -126,15 +159,15 @@ async def _last(events: AsyncGenerator[object, None]) -> ChatDone:
                 done = event
     finally:
         await events.aclose()
+        place.release()
     if done is None:
         raise ShutdownError("the server is shutting down; the request was aborted")
     return done
 
 
-async def _streamed(
-    events: AsyncGenerator[object, None], place: Place, req: wire.ChatRequest, completion_id: str, created: int
-) -> StreamingResponse:
+async def _streamed(state: State, note: Note, req: wire.ChatRequest, shape: _Shape) -> StreamingResponse:
     """The SSE response, once the first event is in: a bad model name is then a 4xx, not a broken stream."""
+    events, place = _generate(state, note, req)
     try:
         first = await events.__anext__()
     except StopAsyncIteration:  # aborted by the shutdown before the first event
@@ -146,7 +179,7 @@ async def _streamed(
         place.release()
         raise
     return StreamingResponse(
-        _sse(first, events, req, completion_id, created),
+        _sse(first, events, shape, req.include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
         background=BackgroundTask(place.release),  # also when the stream never started
@@ -158,35 +191,36 @@ def _frame(obj: dict[str, Any]) -> bytes:
 
 
 async def _sse(
-    first: object, events: AsyncGenerator[object, None], req: wire.ChatRequest, completion_id: str, created: int
+    first: object, events: AsyncGenerator[object, None], shape: _Shape, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    """The stream as SSE: a role chunk, one chunk per event, usage if asked, ``[DONE]``.
+    """The stream as SSE: the head chunk, one chunk per event, usage if asked, ``[DONE]``.
 
     Closing this generator (the client went away) closes the engine's stream, which aborts the run.
     """
     event = first
     try:
-        yield _frame(wire.role_chunk(completion_id, created, req.model))
+        head = shape.head()
+        if head is not None:
+            yield _frame(head)
         while not isinstance(event, ChatDone):
-            skipped = isinstance(event, ToolCallDelta) and event.index > 0 and not req.parallel_tool_calls
-            chunk = None if skipped else wire.chat_chunk(event, completion_id, created, req.model)
+            chunk = shape.chunk(event)
             if chunk is not None:
                 yield _frame(chunk)
             try:
                 event = await events.__anext__()
             except StopAsyncIteration:  # cut by the server's shutdown
                 yield _ABORTED
-                yield _frame(wire.cut_chunk(completion_id, created, req.model, _CUT_FINISH))
+                yield _frame(shape.cut(_CUT_FINISH))
                 yield _DONE
                 return
             except RKLLMError as exc:  # after the headers: report in-band, as OpenAI does
                 yield _frame(_error_object(str(exc), "server_error"))
                 return
-        last = wire.chat_chunk(event, completion_id, created, event.model)
+        last = shape.chunk(event)
         if last is not None:
             yield _frame(last)
-        if req.include_usage:
-            yield _frame(wire.usage_chunk(event, completion_id, created))
+        if include_usage:
+            yield _frame(shape.usage(event))
         yield _DONE
     finally:
         await events.aclose()

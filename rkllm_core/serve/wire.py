@@ -23,17 +23,22 @@ from ..params import SAMPLING_FIELDS
 
 __all__ = [
     "ChatRequest",
+    "ChatStream",
+    "TextStream",
     "WireError",
     "chat_chunk",
     "chat_completion",
     "chat_request",
+    "completion_request",
     "cut_chunk",
     "embedding_request",
     "embeddings_response",
+    "model_object",
     "models_list",
     "rerank_request",
     "rerank_response",
     "role_chunk",
+    "text_completion",
     "usage_chunk",
     "usage_of",
 ]
@@ -60,6 +65,17 @@ _KNOWN = frozenset(
         *_SAMPLING,
     }
 )
+
+
+# /v1/completions: its own fields, and those it takes only at the value that changes nothing.
+_COMPLETION_KNOWN = frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "stop", *_SAMPLING})
+_COMPLETION_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "suffix": (None, ""),
+    "logprobs": (None, 0),
+    "best_of": (None, 1),
+    "n": (None, 1),
+}
 
 
 class ModelPathError(ModelNotFoundError):
@@ -191,16 +207,9 @@ def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatReque
     if body.get("n", 1) not in (1, None):
         raise WireError("'n' must be 1: the runtime generates one answer per request", "n")
     stream = bool(body.get("stream", False))
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise WireError("'stream_options' must be an object", "stream_options")
-    settings: dict[str, Any] = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
-    for key in ("max_tokens", "max_completion_tokens", "stop", "tools", "tool_choice", "response_format"):
-        if body.get(key) is not None:
-            settings[key] = body[key]
-    limit = settings.get("max_completion_tokens", settings.get("max_tokens"))
-    if limit is not None and max_tokens_limit is not None and isinstance(limit, int) and limit > max_tokens_limit:
-        raise WireError(f"max_tokens={limit} is above this server's limit of {max_tokens_limit}", "max_tokens")
+    include_usage = _stream_options(body)
+    keys = ("max_tokens", "max_completion_tokens", "stop", "tools", "tool_choice", "response_format")
+    settings = _settings(body, keys, max_tokens_limit)
     if body.get("reasoning_effort") not in (None, "none", "minimal"):
         settings["reasoning"] = True
     return ChatRequest(
@@ -208,8 +217,65 @@ def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatReque
         messages,
         ChatOptions.from_settings(settings),
         stream,
-        bool(options.get("include_usage")),
+        include_usage,
         body.get("parallel_tool_calls") is not False,
+    )
+
+
+def _settings(body: Mapping[str, Any], keys: Sequence[str], max_tokens_limit: int | None) -> dict[str, Any]:
+    """The sampling fields and ``keys`` that ``body`` sets, for :meth:`ChatOptions.from_settings`."""
+    settings: dict[str, Any] = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
+    for key in keys:
+        if body.get(key) is not None:
+            settings[key] = body[key]
+    limit = settings.get("max_completion_tokens", settings.get("max_tokens"))
+    if limit is not None and max_tokens_limit is not None and isinstance(limit, int) and limit > max_tokens_limit:
+        raise WireError(f"max_tokens={limit} is above this server's limit of {max_tokens_limit}", "max_tokens")
+    return settings
+
+
+def _stream_options(body: Mapping[str, Any]) -> bool:
+    """Whether ``stream_options.include_usage`` is set."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise WireError("'stream_options' must be an object", "stream_options")
+    return bool(options.get("include_usage"))
+
+
+def completion_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatRequest:
+    """Read a ``/v1/completions`` body: the prompt becomes one user message of a chat.
+
+    The model answers the prompt through its chat template (RKLLM models are chat models), so this
+    is "the answer to the prompt", not a raw continuation of it. ``prompt`` is a string, or a list
+    holding one string; ``echo``, ``suffix``, ``logprobs``, ``best_of`` and ``n`` are taken only at
+    the values that change nothing.
+
+    Raises:
+        WireError: a missing or malformed field (named), or one the runtime cannot honour.
+        InvalidParameterError: a value out of range (from :class:`ChatOptions`).
+    """
+    if not isinstance(body, dict):
+        raise WireError("the body must be a JSON object")
+    model = _model_name(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise WireError("'prompt' must be a string (or a list of one string; token arrays are not taken)", "prompt")
+    for key in body:
+        if key in _COMPLETION_NEUTRAL:
+            if body[key] not in _COMPLETION_NEUTRAL[key]:
+                raise WireError(f"'{key}' is not supported (only {_COMPLETION_NEUTRAL[key][0]!r})", key)
+        elif key not in _COMPLETION_KNOWN and key not in _IGNORED:
+            raise WireError(f"unknown field '{key}'", key)
+    settings = _settings(body, ("max_tokens", "stop"), max_tokens_limit)
+    return ChatRequest(
+        model,
+        [ChatMessage("user", prompt)],
+        ChatOptions.from_settings(settings),
+        bool(body.get("stream", False)),
+        _stream_options(body),
+        True,
     )
 
 
@@ -321,30 +387,126 @@ def usage_chunk(done: ChatDone, completion_id: str, created: int) -> dict[str, A
     }
 
 
-def new_completion_id() -> tuple[str, int]:
-    """A fresh ``chatcmpl-…`` id and the creation time."""
-    return f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+def new_completion_id(prefix: str = "chatcmpl") -> tuple[str, int]:
+    """A fresh ``chatcmpl-…`` (or ``cmpl-…``) id and the creation time."""
+    return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+
+def text_completion(done: ChatDone, completion_id: str, created: int) -> dict[str, Any]:
+    """A ``text_completion`` object for a finished ``/v1/completions`` request."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": done.model,
+        "choices": [{"index": 0, "text": done.message.content, "finish_reason": _finish(done), "logprobs": None}],
+        "usage": usage_of(done),
+    }
+
+
+def _text_chunk(completion_id: str, created: int, model: str, text: str, finish: str | None) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ChatStream:
+    """The chunks of a streamed ``/v1/chat/completions`` answer.
+
+    Attributes:
+        completion_id: the ``chatcmpl-…`` id every chunk carries.
+        created: the creation time every chunk carries.
+        model: the model asked for.
+        parallel_tool_calls: ``False`` streams the first tool call only.
+    """
+
+    completion_id: str
+    created: int
+    model: str
+    parallel_tool_calls: bool = True
+
+    def head(self) -> dict[str, Any] | None:
+        """The chunk before any event: the assistant's role."""
+        return role_chunk(self.completion_id, self.created, self.model)
+
+    def chunk(self, event: object) -> dict[str, Any] | None:
+        """The chunk for one engine event, the last one included (``None``: nothing to send)."""
+        if isinstance(event, ToolCallDelta) and event.index > 0 and not self.parallel_tool_calls:
+            return None
+        model = event.model if isinstance(event, ChatDone) else self.model
+        return chat_chunk(event, self.completion_id, self.created, model)
+
+    def usage(self, done: ChatDone) -> dict[str, Any]:
+        """The usage chunk (``stream_options.include_usage``)."""
+        return usage_chunk(done, self.completion_id, self.created)
+
+    def cut(self, finish_reason: str) -> dict[str, Any]:
+        """The last chunk of a stream cut short by the server."""
+        return cut_chunk(self.completion_id, self.created, self.model, finish_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class TextStream:
+    """The chunks of a streamed ``/v1/completions`` answer (text only: reasoning is not sent).
+
+    Attributes:
+        completion_id: the ``cmpl-…`` id every chunk carries.
+        created: the creation time every chunk carries.
+        model: the model asked for.
+    """
+
+    completion_id: str
+    created: int
+    model: str
+
+    def head(self) -> dict[str, Any] | None:
+        """Nothing comes before the text."""
+        return None
+
+    def chunk(self, event: object) -> dict[str, Any] | None:
+        """The chunk for a text delta, or the last one for the end (``None`` for other events)."""
+        if isinstance(event, TextDelta):
+            return _text_chunk(self.completion_id, self.created, self.model, event.text, None)
+        if isinstance(event, ChatDone):
+            return _text_chunk(self.completion_id, self.created, event.model, "", _finish(event))
+        return None
+
+    def usage(self, done: ChatDone) -> dict[str, Any]:
+        """The usage chunk (``stream_options.include_usage``): no choices, the usage."""
+        chunk = _text_chunk(self.completion_id, self.created, done.model, "", None)
+        chunk.update(choices=[], usage=usage_of(done))
+        return chunk
+
+    def cut(self, finish_reason: str) -> dict[str, Any]:
+        """The last chunk of a stream cut short by the server."""
+        return _text_chunk(self.completion_id, self.created, self.model, "", finish_reason)
 
 
 # -- models ------------------------------------------------------------------------------------------------
 
 
+def model_object(info: ModelInfo, loaded: bool) -> dict[str, Any]:
+    """One model (``/v1/models/{id}``): OpenAI's fields, plus kind, context length, whether loaded, and the file."""
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "rkllm",
+        "kind": info.kind,
+        "context_length": info.context_size,
+        "loaded": loaded,
+        "file": info.filename,
+    }
+
+
 def models_list(infos: Sequence[ModelInfo], loaded: set[str] | frozenset[str]) -> dict[str, Any]:
-    """The ``/v1/models`` list: OpenAI's fields, plus kind, context length, whether loaded, and the file."""
-    data = [
-        {
-            "id": info.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "rkllm",
-            "kind": info.kind,
-            "context_length": info.context_size,
-            "loaded": info.name in loaded,
-            "file": info.filename,
-        }
-        for info in infos
-    ]
-    return {"object": "list", "data": data}
+    """The ``/v1/models`` list: one :func:`model_object` per model."""
+    return {"object": "list", "data": [model_object(info, info.name in loaded) for info in infos]}
 
 
 # -- embeddings and rerank ---------------------------------------------------------------------------------
