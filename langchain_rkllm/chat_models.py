@@ -249,8 +249,10 @@ class ChatRKLLM(ModelClient[ChatEngine], BaseChatModel):
     Response metadata:
         ``model_name`` (the resolved friendly name), ``finish_reason`` (``stop``,
         ``length`` or ``abort``), ``model_provider`` (``rkllm``),
-        ``prefilled_tokens``, ``kv_reused`` and, when the runtime reports them,
-        ``stats`` (prefill / generate times and tokens, peak memory).
+        ``prefilled_tokens``, ``kv_reused``, ``sampling_policy`` (``run`` on runtime 1.3; on
+        1.2 how the model manager served the sampling: ``instance``, ``reload`` or ``fixed``)
+        and, when the runtime reports them, ``stats`` (prefill / generate times and tokens,
+        peak memory).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -611,6 +613,7 @@ def _response_metadata(done: ChatDone) -> dict[str, Any]:
         "model_provider": "rkllm",
         "prefilled_tokens": done.usage.prefilled_tokens,
         "kv_reused": done.kv_reused,
+        "sampling_policy": done.sampling_policy,
     }
     if done.stats is not None:
         meta["stats"] = done.stats_dict()

@@ -575,6 +575,7 @@ def _raw(done: ChatDone) -> dict[str, Any]:
             "cached_tokens": u.cached_tokens,
         },
         "kv_reused": done.kv_reused,
+        "sampling_policy": done.sampling_policy,
         "stats": done.stats_dict(),
         "invalid_tool_calls": [asdict(c) for c in done.invalid_tool_calls],
     }

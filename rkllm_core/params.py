@@ -20,6 +20,8 @@ __all__ = [
     "InitParams",
     "PerfStats",
     "SAMPLING_FIELDS",
+    "SAMPLING_POLICIES",
+    "SamplingPolicy",
     "SamplingParams",
     "StreamChunk",
     "Tensor",
@@ -120,6 +122,18 @@ class SamplingParams:
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 """The sampling settings' names, in declaration order: the one source every other table derives from."""
+
+SamplingPolicy = Literal["instance", "reload", "fixed"]
+"""How a model manager serves a request's sampling on the 1.2 ABI, whose runtime fixes it at init.
+
+* ``instance``: one instance per sampling setting (each counted against the budget);
+* ``reload``: one instance, re-initialised when a request's sampling differs from its own;
+* ``fixed``: one instance with the model's own settings; a request's sampling is ignored (logged
+  once per setting, and reported with the response).
+
+On 1.3 sampling is per run and one instance serves every request (reported as ``run``).
+"""
+SAMPLING_POLICIES: tuple[SamplingPolicy, ...] = ("instance", "reload", "fixed")
 
 
 def context_len(requested: int | None, limit: int | None, model: str, source: str) -> int | None:

@@ -329,14 +329,40 @@ def test_per_run_sampling_is_1_3_only(runtime: RKLLMRuntime, sim: SimulatorContr
     if abi == "1.2":
         with pytest.raises(InvalidParameterError, match="1.3"):
             runtime.stream("x", sampling=sampling)
-        with pytest.raises(InvalidParameterError):
-            runtime.stream("x", max_new_tokens=3)
         return
     sim.set("trace", 1)
     runtime.generate("x", sampling=sampling, max_new_tokens=7)
     run = [t for t in sim.trace() if t["fn"] == "rkllm_run"][-1]
     assert run["max_new_tokens"] == 7
     assert run["sampling"]["top_k"] == 5 and abs(run["sampling"]["temperature"] - 0.2) < 1e-6
+
+
+@pytest.mark.parametrize("delay_ms", [0, 2])
+def test_max_new_tokens_per_run_on_both_abis(
+    runtime: RKLLMRuntime, sim: SimulatorControl, abi: str, delay_ms: int
+) -> None:
+    """1.3 takes the limit with the run; on 1.2 the binding counts tokens and aborts the run at the limit."""
+    full = runtime.generate("count to 300").text
+    sim.set("token_delay_ms", delay_ms)
+    sim.reset()
+    for limit in (1, 3, 17):
+        chunks = list(runtime.stream("count to 300", max_new_tokens=limit))
+        assert chunks[-1].finish_reason == "length"
+        assert sum(c.n_tokens for c in chunks) == limit
+        text = "".join(c.text for c in chunks)
+        assert text and full.startswith(text) and len(text.encode()) <= 4 * limit  # the simulator's tokens
+    assert runtime.generate("count to 3").finish_reason == "stop"  # no limit: the run ends by itself
+
+
+def test_a_run_cut_by_the_binding_leaves_the_kv_cache_unclaimed(runtime: RKLLMRuntime, abi: str) -> None:
+    """After a cut (1.2) nobody may declare what the cache holds: tokens past the cut may be in it."""
+    with runtime.session() as s:
+        s.generate("count to 300", max_new_tokens=4, keep_history=True)
+        s.mark_kv("conversation-1")
+        assert (s.kv.tag is None) == (abi == "1.2")
+        s.generate("count to 3", keep_history=True)  # a run that ends by itself can be declared again
+        s.mark_kv("conversation-2")
+        assert s.kv.tag == "conversation-2"
 
 
 def test_init_errors_are_typed(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path) -> None:
@@ -762,10 +788,13 @@ def test_each_handle_has_its_own_worker(runtime_factory: Factory, sim: Simulator
 
 
 def test_no_worker_is_started_before_the_first_run(runtime: RKLLMRuntime) -> None:
-    names = {t.name for t in threading.enumerate()}
-    assert not any(n.startswith("rkllm-run") and runtime._state.name in n for n in names)
+    # This handle's own worker, not the process's threads: other tests' workers may still be ending.
+    worker = runtime._state.worker
+    assert worker._thread is None
     runtime.kv_cache_size()  # native calls other than runs need no worker
-    assert {t.name for t in threading.enumerate()} == names
+    assert worker._thread is None
+    runtime.generate("x")
+    assert worker._thread is not None and worker._thread.is_alive()
 
 
 def test_a_run_aborted_before_the_worker_takes_it_never_starts(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
@@ -803,15 +832,16 @@ def test_a_stopped_worker_refuses_runs(runtime: RKLLMRuntime, sim: SimulatorCont
     assert sim.counter("runs") == 0
 
 
-def test_life_cycles_of_sessions_streams_and_runs(runtime: RKLLMRuntime) -> None:
+def test_life_cycles_of_sessions_streams_and_runs(runtime: RKLLMRuntime, sim: SimulatorControl) -> None:
     from rkllm_core.runtime.handle import SessionState
     from rkllm_core.runtime.run import RunState, StreamState
 
+    sim.set("token_delay_ms", 20)  # the first chunk comes long before the run's end
     session = runtime.session()
     assert session.state is SessionState.NEW and not session.active
     with session:
         assert session.state is SessionState.ACTIVE and session.active
-        stream = session.stream("count to 5")
+        stream = session.stream("count to 50")
         assert stream.state is StreamState.NEW and stream.run is None
         next(stream)
         run = stream.run

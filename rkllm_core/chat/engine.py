@@ -117,6 +117,10 @@ class ChatDone:
     invalid_tool_calls: tuple[InvalidToolCall, ...] = ()
     kv_reused: bool = False
     """True when the request extended the conversation already in the KV cache."""
+    sampling_policy: str = "run"
+    """How the request's sampling was served: ``run`` (per run, runtime 1.3), or on 1.2 the
+    manager's :data:`~rkllm_core.params.SamplingPolicy` (``instance``, ``reload`` or ``fixed``:
+    with ``fixed`` the model's own sampling was used, not the request's)."""
 
     @property
     def text(self) -> str:
@@ -343,6 +347,7 @@ class ChatEngine:
             model=lease.info.name,
             invalid_tool_calls=tuple(tracker.pipeline.invalid_tool_calls),
             kv_reused=plan.reuse,
+            sampling_policy=lease.sampling_policy,
         )
 
     def _discard(self, plan: Plan) -> None:
@@ -358,10 +363,8 @@ def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> lis
 
 
 def _init_for(opts: ChatOptions) -> InitParams | None:
-    """The request's sampling and limit as init settings; the manager keeps what selects an instance."""
-    if opts.sampling is None and opts.max_new_tokens is None:
-        return None
-    return InitParams(sampling=opts.sampling or InitParams().sampling, max_new_tokens=opts.max_new_tokens)
+    """The request's sampling as init settings (what may select an instance); its limit goes with the run."""
+    return None if opts.sampling is None else InitParams(sampling=opts.sampling)
 
 
 def _run_kwargs(session: Session, plan: Plan, opts: ChatOptions) -> dict[str, Any]:

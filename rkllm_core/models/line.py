@@ -44,6 +44,7 @@ class LoadedModel:
     info: ModelInfo
     init: InitParams
     runtime: RKLLMRuntime | None = None
+    slot: InitParams | None = None  # the settings it is keyed by, when not all of ``init`` (see Request)
     holders: Counter[Hashable] = field(default_factory=Counter)  # owner (thread or task) -> leases
     last_used: float = 0.0
     load_order: int = 0
@@ -69,8 +70,8 @@ class LoadedModel:
 
     @property
     def key(self) -> Key:
-        """(friendly name, init settings): what identifies the instance."""
-        return self.info.name, self.init
+        """(friendly name, init settings): what identifies the instance in the line."""
+        return self.info.name, self.init if self.slot is None else self.slot
 
 
 class RequestState(enum.Enum):
@@ -90,16 +91,40 @@ class Request:
 
     Args:
         info: the model asked for.
-        params: its complete init settings (they select the instance).
+        params: its complete init settings: what an instance it loads is initialised with.
         waiter: how the requester is woken.
         chain: the instances the requester's own call chain holds.
+        slot: the settings that select the instance, when not all of ``params``: an instance
+            in that slot whose settings differ is re-initialised for the request (the 1.2
+            ``reload`` sampling policy).
     """
 
-    __slots__ = ("action", "chain", "error", "granted", "info", "key", "loaded", "seq", "state", "victims", "waiter")
+    __slots__ = (
+        "action",
+        "chain",
+        "error",
+        "granted",
+        "info",
+        "key",
+        "loaded",
+        "params",
+        "seq",
+        "state",
+        "victims",
+        "waiter",
+    )
 
-    def __init__(self, info: ModelInfo, params: InitParams, waiter: Waiter, chain: set[LoadedModel]) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        params: InitParams,
+        waiter: Waiter,
+        chain: set[LoadedModel],
+        slot: InitParams | None = None,
+    ) -> None:
         self.info = info
-        self.key: Key = (info.name, params)
+        self.params = params
+        self.key: Key = (info.name, params if slot is None else slot)
         self.waiter = waiter
         self.chain = chain
         self.state = RequestState.WAITING
@@ -109,11 +134,6 @@ class Request:
         self.victims: list[LoadedModel] | None = None  # what the head chose to unload for it
         self.loaded = False  # it loaded its model itself (its lease is not a cache hit)
         self.seq = 0  # arrival order
-
-    @property
-    def params(self) -> InitParams:
-        """The init settings asked for."""
-        return self.key[1]
 
     @property
     def owner(self) -> Hashable:
@@ -298,7 +318,7 @@ class LinePolicy:
         waiting = [r for r in self.line if r.pending]
         head = None
         if self.acting is None and not self.closed:
-            head = next((r for r in waiting if r.key not in self.entries), None)
+            head = next((r for r in waiting if r.key not in self.entries or self._stale(r)), None)
         draining = self._serve(waiting, head, decision)
         if head is not None and draining:
             self._refuse_stuck_swap(head, decision)
@@ -317,7 +337,7 @@ class LinePolicy:
                     draining.update(head.victims or ())
                 continue
             entry = self.entries.get(req.key)
-            if entry is None or entry.loading:
+            if entry is None or entry.loading or entry.init != req.params:
                 continue
             if entry not in req.chain:  # a chain that holds the model already never waits for it
                 if req.seq > self.unloading.get(entry, req.seq) or (entry in draining and not before_head):
@@ -340,8 +360,15 @@ class LinePolicy:
             )
             decision.wake.append(head.waiter)
 
+    def _stale(self, req: Request) -> bool:
+        """The instance in ``req``'s slot is loaded with other settings: it must be re-initialised."""
+        entry = self.entries.get(req.key)
+        return entry is not None and not entry.loading and entry.init != req.params
+
     def _plan_room(self, req: Request) -> bool:
         """Decide for the head of the load line; True if it was given something to do (or refused)."""
+        if self._stale(req):
+            return self._plan_reload(req, self.entries[req.key])
         victims = req.victims
         if victims is None or any(self.entries.get(v.key) is not v for v in victims):
             victims = req.victims = self._choose_victims(req)
@@ -355,7 +382,11 @@ class LinePolicy:
                 return False  # the budget holds only once the dying handles are gone
             self._load_counter += 1
             entry = LoadedModel(
-                info=req.info, init=req.params, load_order=self._load_counter, estimated_mb=self.estimate_mb(req.info)
+                info=req.info,
+                init=req.params,
+                slot=req.key[1] if req.key[1] != req.params else None,
+                load_order=self._load_counter,
+                estimated_mb=self.estimate_mb(req.info),
             )
             self.entries[req.key] = entry
             self._assign(req, ("load", entry))
@@ -366,6 +397,20 @@ class LinePolicy:
             self._assign(req, ("unload", victims))
             return True
         return False
+
+    def _plan_reload(self, req: Request, entry: LoadedModel) -> bool:
+        """Unload the instance in ``req``'s slot once idle, so it can be loaded again with ``req``'s settings."""
+        req.victims = [entry]
+        if entry in req.chain:
+            req.victims = None
+            req.error = BusyError(self._deadlock_message(req), reason="deadlock")
+            return True
+        if entry.leases:
+            return False  # it drains: its running requests finish, later ones wait behind this reload
+        self.retire([entry])
+        req.victims = None
+        self._assign(req, ("unload", [entry]))
+        return True
 
     def _assign(self, req: Request, action: Action) -> None:
         self.acting = req

@@ -71,7 +71,7 @@ from .._sync import NESTED_GRACE_TURNS, Deadline, Reservation, Waiter, held_item
 from ..board import detect_board_platform, platform_matches
 from ..errors import BusyError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
-from ..params import InitParams, PerfStats, context_len
+from ..params import SAMPLING_POLICIES, InitParams, PerfStats, SamplingParams, SamplingPolicy, context_len
 from ..runtime.handle import RKLLMRuntime
 from .line import Action, LinePolicy, LoadedModel, Request
 from .registry import ModelInfo, ModelRegistry, require_kind
@@ -103,6 +103,8 @@ class Lease:
         self.owner = owner
         assert entry.runtime is not None
         self.runtime: RKLLMRuntime = entry.runtime
+        self.sampling_policy = "run"
+        """How the request's sampling was served: ``run`` (1.3), or the 1.2 :data:`SamplingPolicy`."""
 
     @property
     def info(self) -> ModelInfo:
@@ -200,6 +202,10 @@ class ModelManager:
         preflight: check memory and the NPU driver before each load (:mod:`rkllm_core.preflight`),
             unloading idle models first when that frees the memory a load needs; default: for a
             real runtime, not the simulator.
+        sampling_policy: how a request's sampling is served on the 1.2 ABI, whose runtime fixes
+            it at init (see :data:`~rkllm_core.params.SamplingPolicy`; a model's
+            ``sampling_policy`` in its registry file overrides it). Default ``reload``: one
+            instance per model, re-initialised when a request's sampling differs.
     """
 
     def __init__(
@@ -211,7 +217,12 @@ class ModelManager:
         library: RuntimeLibrary | str | os.PathLike[str] | None = None,
         abi: str | None = None,
         preflight: bool | None = None,
+        sampling_policy: SamplingPolicy = "reload",
     ) -> None:
+        if sampling_policy not in SAMPLING_POLICIES:
+            raise InvalidParameterError(
+                f"sampling_policy must be one of {', '.join(SAMPLING_POLICIES)}, got {sampling_policy!r}"
+            )
         bad_count = isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1
         if max_loaded is not None and bad_count:
             raise InvalidParameterError("max_loaded must be at least 1 (or None for no limit)")
@@ -224,7 +235,9 @@ class ModelManager:
         self._library: RuntimeLibrary | None = library if isinstance(library, RuntimeLibrary) else None
         self._library_lock = threading.Lock()
         self._mutex = threading.Lock()
+        self.sampling_policy: SamplingPolicy = sampling_policy
         self._policy = LinePolicy(max_loaded, memory_budget_mb, self._memory_shortfall_mb)
+        self._ignored_sampling: set[tuple[str, SamplingParams]] = set()  # "fixed": what was logged already
         self._granted: dict[Request, Lease] = {}  # leases granted, not yet taken by their requests
         self._watchers: list[Waiter] = []  # unload() callers waiting for leases to end
         self.stats = {"loads": 0, "unloads": 0, "load_failures": 0, "hits": 0}
@@ -266,7 +279,33 @@ class ModelManager:
         d = info.defaults
         sampling = d.sampling.merged(init.sampling)
         max_new = init.max_new_tokens if init.max_new_tokens is not None else d.max_new_tokens
+        if max_new is None and not self.library.backend.per_run_sampling:
+            max_new = requested  # 1.2 fixes it at init: the largest useful value; runs stop earlier themselves
         return replace(init, max_context_len=requested, sampling=sampling, max_new_tokens=max_new)
+
+    def sampling_policy_for(self, name_or_info: str | ModelInfo) -> str:
+        """How requests' sampling is served for a model: ``run`` on 1.3, else its :data:`SamplingPolicy`."""
+        info = self.resolve(name_or_info) if isinstance(name_or_info, str) else name_or_info
+        if self.library.backend.per_run_sampling:
+            return "run"
+        return info.defaults.sampling_policy or self.sampling_policy
+
+    def _apply_sampling_policy(self, info: ModelInfo, params: InitParams) -> tuple[InitParams, InitParams | None]:
+        """The settings to load with, and the slot they are keyed by when not all of them (1.2 only)."""
+        policy = self.sampling_policy_for(info)
+        if policy == "reload":
+            return params, replace(params, sampling=SamplingParams())
+        if policy == "fixed":
+            own = info.defaults.sampling
+            if params.sampling != own and (info.name, params.sampling) not in self._ignored_sampling:
+                self._ignored_sampling.add((info.name, params.sampling))
+                logger.warning(
+                    "%s serves with its own sampling (sampling_policy 'fixed' on runtime 1.2); ignored: %s",
+                    info.name,
+                    {k: v for k, v in params.sampling.as_dict().items() if v is not None},
+                )
+            return replace(params, sampling=own), None
+        return params, None
 
     def lease(
         self,
@@ -458,9 +497,10 @@ class ModelManager:
         if kinds is not None:
             require_kind(info, *kinds)
         params = self.init_params_for(info, self.library.backend.place_generation(init).instance)
+        params, slot = self._apply_sampling_policy(info, params)
         self._check_runtime_supports(info)
         chain = {x._entry for x in held_items() if isinstance(x, Lease)}
-        req = Request(info, params, Waiter(loop=loop), chain)
+        req = Request(info, params, Waiter(loop=loop), chain, slot)
         with self._mutex:
             if self._policy.closed:
                 raise RKLLMError("the model manager is closed")
@@ -584,7 +624,9 @@ class ModelManager:
             assert granted is not None and granted.runtime is not None
             if not req.loaded:
                 self.stats["hits"] += 1
-            self._granted[req] = Lease(self, granted, req.owner, granted.runtime.reserve(req.owner))
+            lease = Lease(self, granted, req.owner, granted.runtime.reserve(req.owner))
+            lease.sampling_policy = self.sampling_policy_for(granted.info)
+            self._granted[req] = lease
         for w in decision.wake:
             w.wake()
         for w in self._watchers:

@@ -18,6 +18,7 @@ A model directory (not its subdirectories) may hold a registry file::
     max_context_len = 8192           # also the context size when the file name has none
     chat_template = { system = "...", prefix = "...", postfix = "..." }
     kind = "embedding"               # chat, embedding, reranker or vision
+    sampling_policy = "reload"       # runtime 1.2: instance, reload or fixed
     embedding = { pooling = "last", normalize = true, task = "...", suffix = "<|endoftext|>" }
     reranker = { template = "...{instruction}...{query}...{document}...", instruction = "...",
                  yes_token = "yes", no_token = "no", yes_id = 9693, no_id = 2152 }
@@ -51,7 +52,7 @@ from typing import Any, Final, get_args, get_type_hints
 
 from ..errors import InvalidParameterError
 from ..filenames import MODEL_KINDS, ModelKind
-from ..params import SAMPLING_FIELDS, InitParams, SamplingParams, check_text
+from ..params import SAMPLING_FIELDS, SAMPLING_POLICIES, InitParams, SamplingParams, SamplingPolicy, check_text
 
 __all__ = [
     "REGISTRY_FILENAME",
@@ -84,6 +85,8 @@ class ModelDefaults:
         chat_template: ``(system, prefix, postfix)`` strings for
             ``rkllm_set_chat_template``.
         kind: what the model is for, overriding its file name.
+        sampling_policy: how the 1.2 runtime serves a request's sampling (see
+            :data:`~rkllm_core.params.SamplingPolicy`), overriding the manager's.
         embedding: overrides of the embedding recipe, as ``(field, value)`` pairs.
         reranker: overrides of the reranking recipe, as ``(field, value)`` pairs.
     """
@@ -94,6 +97,7 @@ class ModelDefaults:
     max_context_len: int | None = None
     chat_template: tuple[str, str, str] | None = None
     kind: ModelKind | None = None
+    sampling_policy: SamplingPolicy | None = None
     embedding: tuple[tuple[str, Any], ...] | None = None
     reranker: tuple[tuple[str, Any], ...] | None = None
 
@@ -232,6 +236,14 @@ def _kind(where: str, name: str, value: object) -> object:
     return value
 
 
+def _sampling_policy(where: str, name: str, value: object) -> object:
+    if value not in SAMPLING_POLICIES:
+        raise InvalidParameterError(
+            f"{where}: sampling_policy must be one of {', '.join(SAMPLING_POLICIES)}, got {value!r}"
+        )
+    return value
+
+
 def _aliases(where: str, name: str, value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(a, str) and a.strip() for a in items):
@@ -249,6 +261,7 @@ _CHECKS: Final[dict[str, _Check]] = {
     "system_prompt": _system_prompt,
     "chat_template": _chat_template,
     "kind": _kind,
+    "sampling_policy": _sampling_policy,
     "embedding": _parse_recipe,
     "reranker": _parse_recipe,
     "aliases": _aliases,

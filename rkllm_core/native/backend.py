@@ -46,10 +46,13 @@ class RunRequest:
     sampling: SamplingParams | None
     """Complete per-run sampling (every field set); 1.3 only."""
     max_new_tokens: int | None
-    """Per-run limit; 1.3 only."""
+    """Per-run limit the runtime enforces (1.3)."""
     lora: bytes | None
     save_prompt_cache: bytes | None
     mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE
+    stop_after: int = 0
+    """Per-run limit the binding enforces (1.2, whose runtime fixes ``max_new_tokens`` at init):
+    the callback counts tokens and the run is aborted after this many (0: none)."""
 
     @property
     def tensor(self) -> int:
@@ -111,8 +114,8 @@ class GenerationSettings:
 
 
 _PER_RUN_ONLY = (
-    "per-run sampling and max_new_tokens need the 1.3 runtime; on 1.2 they are fixed at init "
-    "(pass them in InitParams, or let the model manager re-initialise)"
+    "per-run sampling needs the 1.3 runtime; on 1.2 it is fixed at init "
+    "(pass it in InitParams, or let the model manager choose the instance)"
 )
 
 
@@ -121,7 +124,8 @@ class Backend:
 
     Attributes:
         abi: "1.2" or "1.3".
-        per_run_sampling: the runtime takes sampling and ``max_new_tokens`` per run.
+        per_run_sampling: the runtime takes sampling and ``max_new_tokens`` per run (1.3); on 1.2
+            sampling is fixed at init and the binding enforces a run's ``max_new_tokens`` itself.
         functions: the bound native functions.
     """
 
@@ -141,9 +145,14 @@ class Backend:
     ) -> GenerationSettings:
         """Decide where sampling and ``max_new_tokens`` go: the one place that rule lives.
 
-        On 1.3 they are per run, so one instance (with the model's defaults) serves every
-        request; on 1.2 they are fixed at ``rkllm_init``, so they select the instance.
-        ``sampling``/``max_new_tokens`` take precedence over those in ``init``.
+        A request's ``max_new_tokens`` is always per run: the 1.3 runtime takes it with the
+        run, and on 1.2 the binding ends the run at the limit itself, so it never selects an
+        instance. Sampling is per run on 1.3, so one instance (with the model's defaults)
+        serves every request; on 1.2 it is fixed at ``rkllm_init``, so it goes with the
+        instance (what the model manager does with it is its sampling policy). An explicit
+        ``init.max_new_tokens`` is the instance's own limit on 1.2 (the runtime stops there
+        and reports its perf stats, as a benchmark wants), and the run's default on 1.3.
+        ``sampling`` takes precedence over ``init``'s.
 
         Args:
             init: init settings asked for (may carry sampling and ``max_new_tokens``).
@@ -152,17 +161,16 @@ class Backend:
         """
         base = init or InitParams()
         merged = base.sampling.merged(sampling)
-        limit = max_new_tokens if max_new_tokens is not None else base.max_new_tokens
-        if self.per_run_sampling:
-            run: dict[str, Any] = {}
-            if not merged.is_empty():
-                run["sampling"] = merged
-            if limit is not None:
-                run["max_new_tokens"] = limit
-            instance = replace(base, sampling=SamplingParams(), max_new_tokens=None)
+        run: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        if not self.per_run_sampling:
+            instance = replace(base, sampling=merged)
             return GenerationSettings(None if instance == InitParams() else instance, run)
-        instance = replace(base, sampling=merged, max_new_tokens=limit)
-        return GenerationSettings(None if instance == InitParams() else instance, {})
+        if base.max_new_tokens is not None:
+            run.setdefault("max_new_tokens", base.max_new_tokens)
+        if not merged.is_empty():
+            run["sampling"] = merged
+        instance = replace(base, sampling=SamplingParams(), max_new_tokens=None)
+        return GenerationSettings(None if instance == InitParams() else instance, run)
 
     def run_request(
         self,
@@ -187,7 +195,8 @@ class Backend:
             enable_thinking: switch the template's thinking mode.
             keep_history: keep this turn in the KV cache.
             sampling: per-run sampling (1.3); the values it leaves unset come from ``base_sampling``.
-            max_new_tokens: per-run limit (1.3).
+            max_new_tokens: per-run limit (the runtime's on 1.3; the binding's own on 1.2, see
+                :attr:`RunRequest.stop_after`).
             lora: the name of a loaded LoRA adapter.
             save_prompt_cache: write the run's prefill state to this file.
             token_ids: token input instead of a prompt.
@@ -212,6 +221,7 @@ class Backend:
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
             raise InvalidParameterError("max_new_tokens must be an int")
         self.check_run_settings(sampling, max_new_tokens)
+        by_binding = not self.per_run_sampling and max_new_tokens is not None and max_new_tokens > 0
         return RunRequest(
             role=role.encode(),
             prompt=encode_text(prompt, "prompt") if prompt is not None else None,
@@ -219,19 +229,21 @@ class Backend:
             enable_thinking=bool(enable_thinking),
             keep_history=bool(keep_history),
             sampling=(base_sampling or SamplingParams()).merged(sampling) if sampling is not None else None,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=None if by_binding else max_new_tokens,
             lora=encode_text(lora, "lora") if lora else None,
             save_prompt_cache=encode_path(save_prompt_cache, "save_prompt_cache") if save_prompt_cache else None,
             mode=_MODES[mode],
+            stop_after=max_new_tokens if by_binding and max_new_tokens is not None else 0,
         )
 
     def check_run_settings(self, sampling: SamplingParams | None, max_new_tokens: int | None) -> None:
-        """Refuse per-run sampling or ``max_new_tokens`` where the runtime has none (1.2).
+        """Refuse per-run sampling where the runtime has none (1.2); ``max_new_tokens`` works on both.
 
         Raises:
-            InvalidParameterError: set on a 1.2 runtime.
+            InvalidParameterError: sampling set for a run on a 1.2 runtime.
         """
-        if not self.per_run_sampling and (sampling is not None or max_new_tokens is not None):
+        del max_new_tokens  # per run on 1.3; enforced by the binding on 1.2
+        if not self.per_run_sampling and sampling is not None:
             raise InvalidParameterError(_PER_RUN_ONLY)
 
     # -- init ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .structs import (
@@ -36,6 +37,8 @@ END = -1
 """Posted by the worker when ``rkllm_run`` has returned: ``(END, return_code, exception)``."""
 TENSOR = -2
 """A copy of the hidden states or logits of a NORMAL callback: ``(TENSOR, bytes, rows, cols)``."""
+LIMIT = -3
+"""Posted after the token that reached the binding's own limit (``stop_after``): ``(LIMIT,)``."""
 HIDDEN = 1
 """``RunChannel.tensor`` for a run in ``RKLLM_INFER_GET_LAST_HIDDEN_LAYER`` mode: every row is copied."""
 LOGITS = 2
@@ -68,13 +71,22 @@ class RunChannel:
 
     An async consumer registers a waker; the producer calls it only when the
     consumer is parked, so the common case costs one queue put.
+
+    With ``stop_after`` (the binding's own limit, for runtimes that fix
+    ``max_new_tokens`` at init) the callback counts tokens: after the last one
+    it posts ``(LIMIT,)`` and calls ``on_limit`` (which must not block: it
+    schedules the abort), and drops any token the runtime makes before the
+    abort lands.
     """
 
-    __slots__ = ("_fast", "_loop", "_parked", "_wake_event", "queue", "tensor")
+    __slots__ = ("_fast", "_loop", "_parked", "_wake_event", "count", "on_limit", "queue", "stop_after", "tensor")
 
-    def __init__(self, tensor: int = 0) -> None:
+    def __init__(self, tensor: int = 0, stop_after: int = 0, on_limit: Callable[[], object] | None = None) -> None:
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.tensor = tensor
+        self.stop_after = stop_after
+        self.on_limit = on_limit
+        self.count = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
         self._parked = False
@@ -108,6 +120,14 @@ class RunChannel:
         # A tensor run posts a handful of items, not a token stream: nothing to coalesce.
         self._fast = not self.tensor and time.perf_counter() - t0 < _FAST_GAP_S
         return item
+
+    def counted(self) -> None:
+        """A token was posted under ``stop_after``: at the limit, say so and stop the run."""
+        self.count += 1
+        if self.count == self.stop_after:
+            self.queue.put((LIMIT,))
+            if self.on_limit is not None:
+                self.on_limit()
 
     def put(self, item: tuple[Any, ...]) -> None:
         """Post an item (any thread)."""
@@ -171,13 +191,17 @@ _channels_lock = threading.Lock()
 _ids = itertools.count(1)
 
 
-def open_channel(tensor: int = 0) -> tuple[int, RunChannel]:
+def open_channel(
+    tensor: int = 0, stop_after: int = 0, on_limit: Callable[[], object] | None = None
+) -> tuple[int, RunChannel]:
     """Register a new channel; return its id (the run's ``userdata``) and the channel.
 
     Args:
         tensor: :data:`HIDDEN` or :data:`LOGITS` for a run in one of those modes, else 0.
+        stop_after: the binding's own token limit (0: none; see :class:`RunChannel`).
+        on_limit: what stops the run once the limit is reached (it must not block).
     """
-    channel = RunChannel(tensor)
+    channel = RunChannel(tensor, stop_after, on_limit)
     with _channels_lock:
         run_id = next(_ids)
         _channels[run_id] = channel
@@ -209,14 +233,23 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
         if state == NORMAL and channel.tensor:
             _copy_tensor(channel, result)
         elif state == NORMAL:
+            limit = channel.stop_after
+            if limit and channel.count >= limit:
+                return 0  # past the binding's limit: the abort is on its way
             head = _head_at(result)
             channel.queue.put((NORMAL, head.text or b"", head.token_id))
+            if limit:
+                channel.counted()
             if channel._parked:
                 channel.wake()
         elif state == WAITING:
             # The runtime holds an incomplete UTF-8 character back; whatever
             # text it attaches here is not a delta, so it is ignored.
+            if channel.stop_after and channel.count >= channel.stop_after:
+                return 0
             channel.put((WAITING, _head_at(result).token_id))
+            if channel.stop_after:
+                channel.counted()
         elif state == FINISH:
             perf = RKLLMPerfStat.from_buffer_copy(_string_at(result + _PERF_OFFSET, _PERF_SIZE))
             channel.put((FINISH, perf))

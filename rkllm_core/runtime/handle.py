@@ -184,6 +184,7 @@ class _HandleState:
         self.chat_setup: ChatSetup | None = None  # last template / tools installed
         self.prompt_cache: str | None = None  # the loaded prompt cache file
         self.on_destroyed: list[Callable[[], None]] = []  # called once the native handle is gone
+        self.kv_unknown_epoch = -1  # the KV epoch in which a run was cut by the binding's own limit
 
     # -- runs and jobs ----------------------------------------------------------------------------
     def request(self, prompt: str | None, **options: Unpack[RunOptions]) -> RunRequest:
@@ -223,6 +224,8 @@ class _HandleState:
         with self.mutex:
             if self.current is run:
                 self.current = None
+            if run.cut:  # tokens past the cut may be in the cache: nobody may claim to know what it holds
+                self.kv_unknown_epoch = self.kv.epoch
             unlock = self._take_pending()
         if unlock:
             self.unlock()
@@ -556,9 +559,17 @@ class Session:
             self._state.abort_soon(run)
 
     def mark_kv(self, tag: Hashable | None, tokens: int | None = None) -> None:
-        """Declare what the KV cache holds now (after this session's run ended cleanly)."""
+        """Declare what the KV cache holds now (after this session's run ended cleanly).
+
+        After a run the binding cut at its own token limit (``max_new_tokens`` on the 1.2
+        ABI) the tag is not recorded: the runtime may have put a token or two past the cut
+        into the cache before the abort landed, so nobody can say what it holds exactly,
+        and the next request rebuilds.
+        """
         self._ready()
         state = self._state
+        if state.kv_unknown_epoch == state.kv.epoch:
+            tag = None
         state.kv = KVState(state.kv.epoch, tag, state.kv.tokens if tokens is None else tokens)
 
     def _ready(self) -> _HandleState:
@@ -586,12 +597,14 @@ class Session:
         max_new = state.max_new_tokens
         if req.max_new_tokens is not None and req.max_new_tokens > 0:
             max_new = req.max_new_tokens
+        if req.stop_after:
+            max_new = req.stop_after if max_new <= 0 else min(max_new, req.stop_after)
         run = Run(max_new, keep)
         with state.mutex:
             state.current = run
         self._moved(None)
         try:
-            state.worker.submit(state, run, inp, infer, req.tensor)
+            state.worker.submit(state, run, inp, infer, req.tensor, req.stop_after)
         except BaseException:
             with state.mutex:
                 state.current = None

@@ -28,6 +28,7 @@ from ..native.callback import (
     END,
     ERROR,
     FINISH,
+    LIMIT,
     NORMAL,
     TENSOR,
     WAITING,
@@ -75,6 +76,7 @@ class Run:
         self.finish_reason: FinishReason | None = None
         self.channel: RunChannel | None = None
         self.tensor: Tensor | None = None  # what a hidden-state or logits run returned
+        self.limit_reached = False  # the binding ended the run at its own token limit (stop_after)
 
     @property
     def returned(self) -> bool:
@@ -85,6 +87,12 @@ class Run:
     def ended(self) -> bool:
         """True once the consumer has taken the end marker."""
         return self.state is RunState.ENDED
+
+    @property
+    def cut(self) -> bool:
+        """True if the binding's own token limit ended the run (the runtime may have gone a token or two further)."""
+        channel = self.channel
+        return channel is not None and 0 < channel.stop_after <= channel.count
 
     def mark_returned(self) -> None:
         """The worker's word that ``rkllm_run`` has returned."""
@@ -116,6 +124,9 @@ class Run:
                 continue
             if kind == WAITING:
                 n += 1
+                continue
+            if kind == LIMIT:
+                self.limit_reached = True
                 continue
             if kind == TENSOR:
                 values = array("f")
@@ -165,7 +176,7 @@ class Run:
         if exc is not None:
             raise RunError(f"rkllm_run raised {exc!r}", function="rkllm_run") from exc
         if self.aborted:
-            reason: FinishReason = "abort"
+            reason: FinishReason = "length" if self.limit_reached else "abort"
         elif self.error or rc != 0:
             raise RunError(
                 f"generation failed: the runtime reported an error (rkllm_run returned {rc})",
@@ -189,6 +200,9 @@ class RunHost(Protocol):
     def run_ended(self, run: Run) -> None:
         """Called by the worker once ``rkllm_run`` has returned."""
 
+    def abort_soon(self, run: Run) -> None:
+        """Abort ``run`` without blocking the caller (from the core's executor)."""
+
 
 _Job = tuple[RunHost, Run, int, RunChannel, Any, Any]
 
@@ -211,16 +225,18 @@ class RunWorker:
         self._thread: threading.Thread | None = None
         self._stopped = False
 
-    def submit(self, host: RunHost, run: Run, inp: Any, infer: Any, tensor: int = 0) -> None:
+    def submit(self, host: RunHost, run: Run, inp: Any, infer: Any, tensor: int = 0, stop_after: int = 0) -> None:
         """Register the run's channel and hand the run to the worker thread.
 
         ``tensor`` (see :func:`~rkllm_core.native.callback.open_channel`) makes the
-        callback copy hidden states or logits instead of text.
+        callback copy hidden states or logits instead of text; ``stop_after`` makes it
+        count tokens and abort the run after that many (the binding's own limit).
 
         Raises:
             HandleClosedError: the worker was stopped (the handle is closing).
         """
-        run_id, channel = open_channel(tensor)
+        on_limit = (lambda: host.abort_soon(run)) if stop_after else None
+        run_id, channel = open_channel(tensor, stop_after, on_limit)
         with self._mutex:
             if self._stopped:
                 close_channel(run_id)
