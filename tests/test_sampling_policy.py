@@ -154,3 +154,22 @@ def test_a_bad_policy_is_refused(make_manager: Callable[..., ModelManager]) -> N
     m = make_manager('[models."qwen3-0.6b"]\nsampling_policy = "often"\ntemperature = 0.4\n')
     info = m.resolve(MODEL)
     assert info.defaults.sampling_policy is None and info.defaults.sampling.temperature == 0.4  # only that value
+
+
+def test_both_adapters_report_the_policy_and_stop_at_max_tokens(
+    make_manager: Callable[..., ModelManager], sim: SimulatorControl, abi: str
+) -> None:
+    from llama_index.core.llms import ChatMessage as LIMessage
+
+    from langchain_rkllm import ChatRKLLM
+    from llamaindex_rkllm import RKLLM
+
+    m = make_manager(sampling_policy="fixed")
+    expected = "fixed" if abi == "1.2" else "run"
+    for limit in (3, 7):
+        lc = ChatRKLLM(model=MODEL, manager=m, max_tokens=limit, temperature=0.5).invoke("count to 300")
+        assert lc.response_metadata["sampling_policy"] == expected
+        assert lc.response_metadata["finish_reason"] == "length" and lc.usage_metadata["output_tokens"] == limit
+        li = RKLLM(model=MODEL, manager=m, max_new_tokens=limit).chat([LIMessage(role="user", content="count to 300")])
+        assert li.raw["sampling_policy"] == expected and li.raw["usage"]["completion_tokens"] == limit
+    assert sim.counter("inits") == 1

@@ -101,7 +101,14 @@ class _Checkup:
         lib = self.manager.library
         kind = "SIMULATOR " if lib.is_simulator else ""
         checked = "assumed: " + "; ".join(lib.assumed) if lib.assumed else "verified: " + lib.abi_reason
-        return f"{kind}{lib.path} ABI {lib.abi}, version {lib.version or 'unknown'}; {checked}"
+        if lib.backend.per_run_sampling:
+            runs = "sampling and max_new_tokens are per run"
+        else:
+            runs = (
+                "sampling is fixed at rkllm_init (served by the manager's sampling policy, "
+                f"{self.manager.sampling_policy!r}); max_new_tokens per run is enforced by the binding"
+            )
+        return f"{kind}{lib.path} ABI {lib.abi}, version {lib.version or 'unknown'}; {checked}; {runs}"
 
     def pick(self) -> str:
         self.names = self.requested or [m.name for m in self.manager.registry.models()]
