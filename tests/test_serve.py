@@ -178,6 +178,52 @@ def test_chat_completion_and_kv_reuse_across_requests(
     run(main())
 
 
+def test_a_stream_says_whether_it_reuses_the_kv_cache_before_its_first_token(
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    async def turn(http: httpx.AsyncClient, history: list[dict[str, Any]]) -> tuple[str, str]:
+        body = {"model": "qwen3-0.6b", "messages": history, "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            header = r.headers["x-rkllm-kv-reused"]  # before any body is read
+            text = ""
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+        return header, text
+
+    async def main() -> list[str]:
+        async with make_client() as http:
+            history: list[dict[str, Any]] = [{"role": "user", "content": "hello"}]
+            first, answer = await turn(http, history)
+            history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}]
+            second, _ = await turn(http, history)
+            other, _ = await turn(http, [{"role": "user", "content": "something else"}])
+            return [first, second, other]
+
+    assert run(main()) == ["false", "true", "false"]
+
+
+def test_the_engine_reports_its_kv_plan_before_the_run(manager: ModelManager) -> None:
+    from rkllm_core.chat.engine import ChatEngine, TextDelta
+    from rkllm_core.chat.messages import ChatMessage
+
+    engine = ChatEngine(manager)
+    seen: list[object] = []
+
+    def on_start(reused: bool) -> None:
+        seen.append(reused)
+
+    history = [ChatMessage("user", "hello")]
+    for event in engine.stream("qwen3-0.6b", history, on_start=on_start):
+        if isinstance(event, TextDelta):
+            assert seen == [False]  # called before the first token
+    done = engine.chat("qwen3-0.6b", history)
+    history += [done.message, ChatMessage("user", "more")]
+    events = list(engine.stream("qwen3-0.6b", history, on_start=on_start))
+    assert seen == [False, events[-1].kv_reused] == [False, True]  # type: ignore[union-attr]
+
+
 def test_streaming_with_usage_and_done(make_client: Callable[..., httpx.AsyncClient]) -> None:
     async def main() -> None:
         async with make_client() as http:

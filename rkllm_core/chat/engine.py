@@ -29,7 +29,7 @@ token usage.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -210,11 +210,18 @@ class ChatEngine:
 
     # -- public API -------------------------------------------------------------------------------
     def stream(
-        self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: ChatOptions | None = None,
+        *,
+        on_start: Callable[[bool], None] | None = None,
     ) -> Generator[ChatEvent, None, None]:
         """Answer ``messages`` with ``model``, yielding events; the last one is :class:`ChatDone`.
 
-        Closing the iterator early aborts the generation.
+        Closing the iterator early aborts the generation. ``on_start``, when given, is called once
+        the request is planned, before the run starts, with whether the KV cache is reused (what
+        :attr:`ChatDone.kv_reused` will say): a server sends it in a stream's headers.
 
         Raises:
             InvalidParameterError: bad messages or options (nothing reaches the runtime).
@@ -227,6 +234,8 @@ class ChatEngine:
         with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
             with lease.runtime.session(deadline.remaining()) as session:
                 plan = self._prepare(session, lease, msgs, opts)
+                if on_start is not None:
+                    on_start(plan.reuse)
                 tracker = _Tracker(opts)
                 try:
                     with session.stream(plan.prompt, **_run_kwargs(session, plan, opts)) as run:
@@ -242,7 +251,12 @@ class ChatEngine:
                 yield done
 
     async def astream(
-        self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: ChatOptions | None = None,
+        *,
+        on_start: Callable[[bool], None] | None = None,
     ) -> AsyncGenerator[ChatEvent, None]:
         """Async version of :meth:`stream`; never blocks the event loop, cancellation aborts.
 
@@ -255,6 +269,8 @@ class ChatEngine:
         async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
             async with lease.runtime.session(deadline.remaining()) as session:
                 plan = await session.call(self._prepare, session, lease, msgs, opts)
+                if on_start is not None:
+                    on_start(plan.reuse)
                 tracker = _Tracker(opts)
                 try:
                     chunks = session.astream(plan.prompt, **_run_kwargs(session, plan, opts))

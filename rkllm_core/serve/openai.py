@@ -18,7 +18,7 @@ cut this way is a 503 ``shutting_down`` error.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -85,7 +85,7 @@ async def retrieve_model(model_id: str, state: State) -> Response:
 
 @router.post(PREFIX + "/chat/completions")
 async def chat_completions(body: JsonBody, state: State, note: Note) -> Response:
-    """A chat completion, whole (``X-RKLLM-KV-Reused`` says whether the KV cache was reused) or streamed."""
+    """A chat completion, whole or streamed (``X-RKLLM-KV-Reused`` says whether the KV cache was reused)."""
     req = wire.chat_request(body, max_tokens_limit=state.settings.max_tokens)
     if len(req.messages) > state.settings.max_messages:
         raise wire.WireError(f"more than {state.settings.max_messages} messages", "messages")
@@ -138,14 +138,16 @@ def _kv_header(reused: bool) -> dict[str, str]:
     return {"X-RKLLM-KV-Reused": "true" if reused else "false"}
 
 
-def _generate(state: State, note: Note, req: wire.ChatRequest) -> tuple[AsyncGenerator[object, None], Place]:
+def _generate(
+    state: State, note: Note, req: wire.ChatRequest, on_start: Callable[[bool], None] | None = None
+) -> tuple[AsyncGenerator[object, None], Place]:
     """The request's place in line and its events: metered, and cut by the server's shutdown."""
     note.model = req.model
     place = state.admit(req.model)
     opts = req.options
     if opts.timeout is None:
         opts = replace(opts, timeout=state.settings.queue_timeout)
-    engine_events = state.chat.astream(req.model, req.messages, opts)
+    engine_events = state.chat.astream(req.model, req.messages, opts, on_start=on_start)
     return state.stopping.until_abort(metered(engine_events, state.metrics, place.release, note)), place
 
 
@@ -166,8 +168,13 @@ async def _whole(state: State, note: Note, req: wire.ChatRequest) -> ChatDone:
 
 
 async def _streamed(state: State, note: Note, req: wire.ChatRequest, shape: _Shape) -> StreamingResponse:
-    """The SSE response, once the first event is in: a bad model name is then a 4xx, not a broken stream."""
-    events, place = _generate(state, note, req)
+    """The SSE response, once the first event is in: a bad model name is then a 4xx, not a broken stream.
+
+    The engine says whether it reuses the KV cache before the run starts, so the stream's headers
+    carry ``X-RKLLM-KV-Reused`` as a whole response's do.
+    """
+    reused: list[bool] = []
+    events, place = _generate(state, note, req, reused.append)
     try:
         first = await events.__anext__()
     except StopAsyncIteration:  # aborted by the shutdown before the first event
@@ -181,7 +188,7 @@ async def _streamed(state: State, note: Note, req: wire.ChatRequest, shape: _Sha
     return StreamingResponse(
         _sse(first, events, shape, req.include_usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", **(_kv_header(reused[0]) if reused else {})},
         background=BackgroundTask(place.release),  # also when the stream never started
     )
 
