@@ -180,3 +180,53 @@ def test_leaving_undoes_an_assignment_nobody_will_do(infos: dict[str, ModelInfo]
     assert r.action == ("unload", [qwen]) and qwen in policy.dying
     policy.leave(r)  # cancelled before it took the action
     assert policy.entries == {qwen.key: qwen} and not policy.dying and policy.acting is None
+
+
+def test_reload_drains_the_slot_then_loads_it_with_the_new_settings(infos: dict[str, ModelInfo]) -> None:
+    from rkllm_core.params import SamplingParams
+
+    policy = LinePolicy(max_loaded=2, memory_budget_mb=None)
+    info = infos["qwen3-0.6b"]
+    cold = InitParams(sampling=SamplingParams(temperature=0.1))
+    hot = InitParams(sampling=SamplingParams(temperature=1.2))
+    slot = InitParams()
+    entry = LoadedModel(info=info, init=cold, slot=slot, runtime=FakeRuntime())  # type: ignore[arg-type]
+    policy.entries[entry.key] = entry
+    entry.holders["runner"] += 1
+    want_hot = Request(info, hot, Waiter(owner="hot"), set(), slot)
+    late_cold = Request(info, cold, Waiter(owner="cold"), set(), slot)
+    for r in (want_hot, late_cold):
+        policy.arrive(r)
+    assert policy.pump().grants == [] and want_hot.victims == [entry]  # draining: the cold request waits behind
+    policy.release(entry, "runner")
+    policy.pump()
+    assert want_hot.action == ("unload", [entry]) and entry in policy.dying
+    policy.take_action(want_hot)
+    policy.unloaded(want_hot)
+    policy.destroyed(entry)
+    policy.pump()
+    action = policy.take_action(want_hot)
+    assert action is not None and action[0] == "load" and isinstance(action[1], LoadedModel)
+    reloaded = action[1]
+    assert reloaded.init == hot and reloaded.key == entry.key
+    policy.loaded(want_hot, reloaded, FakeRuntime(), 0.1)  # type: ignore[arg-type]
+    assert policy.pump().grants == [want_hot]
+    assert late_cold.action is None  # its turn comes once the hot request lets go: a reload back
+    policy.release(reloaded, "hot")
+    policy.pump()
+    assert late_cold.action == ("unload", [reloaded])
+
+
+def test_a_reload_of_a_slot_the_chain_holds_is_refused(infos: dict[str, ModelInfo]) -> None:
+    from rkllm_core.params import SamplingParams
+
+    policy = LinePolicy(max_loaded=1, memory_budget_mb=None)
+    info = infos["qwen3-0.6b"]
+    entry = LoadedModel(info=info, init=InitParams(), slot=InitParams(), runtime=FakeRuntime())  # type: ignore[arg-type]
+    policy.entries[entry.key] = entry
+    entry.holders["me"] += 1
+    hot = InitParams(sampling=SamplingParams(temperature=1.2))
+    mine = Request(info, hot, Waiter(owner="me"), {entry}, InitParams())
+    policy.arrive(mine)
+    policy.pump()
+    assert isinstance(mine.error, BusyError) and mine.error.reason == "deadlock"
