@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -241,7 +242,7 @@ def test_errors_before_and_after_the_stream_began(url: str, sim: SimulatorContro
     assert unknown.status_code == 404 and "error" in unknown.json()
 
 
-def test_the_api_key_is_the_same_as_for_v1(start: Callable[..., str]) -> None:
+def test_the_api_key_is_the_same_as_for_v1(start: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
     url = start(api_key=KEY)
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(host=url).list()
@@ -250,6 +251,8 @@ def test_the_api_key_is_the_same_as_for_v1(start: Callable[..., str]) -> None:
     client = ollama.Client(host=url, headers={"Authorization": f"Bearer {KEY}"})
     assert client.chat(model="qwen3-0.6b", messages=[{"role": "user", "content": "hi"}]).message.content
     assert httpx.get(url).status_code == 200 and httpx.get(f"{url}/api/version").status_code == 200
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)  # the ollama client sends it as the Bearer header
+    assert [m.model for m in ollama.Client(host=url).list().models]
 
 
 # -- LangChain and LlamaIndex's Ollama classes --------------------------------------------------------------
@@ -349,3 +352,16 @@ def test_the_shutdowns_abort_ends_streams_with_an_error_line(manager: ModelManag
     assert all(not line.get("done") for line in lines[:-1])
     assert whole.status_code == 503 and "shutting down" in whole.json()["error"]
     assert sim.counter("active_runs") == 0 and sim.counter("aborts") >= 1
+
+
+def test_the_readme_ollama_curl_examples_work(url: str) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Ollama's API on the same port", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [c.strip() for c in block.replace("\\\n", " ").replace(",\n", ", ").splitlines() if c.strip()]
+    assert len(commands) >= 4 and all(c.startswith("curl") for c in commands)
+    for command in commands:
+        command = command.split("  #", 1)[0].replace("localhost:8080", url.removeprefix("http://"))
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True).stdout
+        body = json.loads(out)
+        assert "error" not in body and body, (command, body)
