@@ -138,6 +138,11 @@ def test_chat_continues_the_conversation_in_the_kv_cache(url: str, sim: Simulato
     history += [{"role": "assistant", "content": raw.json()["message"]["content"]}, {"role": "user", "content": "x"}]
     raw = httpx.post(f"{url}/api/chat", json={"model": "qwen3-0.6b", "messages": history, "stream": False})
     assert raw.headers["x-rkllm-kv-reused"] == "true"
+    history += [{"role": "assistant", "content": raw.json()["message"]["content"]}, {"role": "user", "content": "y"}]
+    with httpx.stream("POST", f"{url}/api/chat", json={"model": "qwen3-0.6b", "messages": history}) as streamed:
+        assert streamed.headers["x-rkllm-kv-reused"] == "true"  # a stream says so in its headers too
+        assert streamed.headers["content-type"] == "application/x-ndjson"
+        assert json.loads(list(streamed.iter_lines())[-1])["done"]
 
 
 def test_generate_load_and_unload(url: str, manager: ModelManager) -> None:
@@ -335,11 +340,12 @@ def test_the_shutdowns_abort_ends_streams_with_an_error_line(manager: ModelManag
             await asyncio.sleep(0.01)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                whole = asyncio.create_task(http.post("/api/chat", json={**body, "stream": False}))
-                lines = []
+                lines: list[dict[str, Any]] = []
                 async with http.stream("POST", "/api/chat", json=body) as response:
                     async for line in response.aiter_lines():
                         lines.append(json.loads(line))
+                        if len(lines) == 1:  # the stream holds the model: this one waits behind it
+                            whole = asyncio.create_task(http.post("/api/chat", json={**body, "stream": False}))
                         if len(lines) == 3:
                             app.state.rkllm.stopping.abort()  # what the shutdown timeout does
                 return lines, await whole

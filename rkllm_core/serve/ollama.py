@@ -7,7 +7,8 @@ after the stream began is one ``{"error": ...}`` line. Durations are nanoseconds
 around the request's phases (``load_duration`` is the manager's own load time when this request
 waited for the load); token counts are the runtime's. Chat goes through the same
 :class:`~rkllm_core.chat.engine.ChatEngine` as ``/v1/chat/completions``, so a client that resends
-the history continues the conversation in the KV cache.
+the history continues the conversation in the KV cache (``X-RKLLM-KV-Reused`` says so, on a stream
+too).
 
 ``GET /``, ``HEAD /`` and ``GET /api/version`` need no API key (they say that the server runs and
 its version, nothing else); every other route takes the same Bearer key as ``/v1/*``.
@@ -118,14 +119,21 @@ def _load_orders(state: ServerState, name: str) -> frozenset[int]:
 
 @dataclass(slots=True)
 class _Clock:
-    """A request's phases: arrival, first token, end (``perf_counter_ns``), and the load it waited for."""
+    """A request's phases (``perf_counter_ns``): arrival, run start, first token, end; and the load it waited for.
+
+    The run starts when the engine has the model and its plan (:meth:`started`, the engine's
+    ``on_start``), so the prompt's evaluation is timed from there to the first token, and the wait
+    for the model's turn counts in the total only.
+    """
 
     state: ServerState
     model: str
     start: int
     before: frozenset[int]
+    run: int | None = None
     first: int | None = None
     load_ns: int = 0
+    kv_reused: bool = False
 
     @classmethod
     def begin(cls, state: ServerState, model: str) -> _Clock:
@@ -138,15 +146,17 @@ class _Clock:
             if e.info.name == self.model and e.load_order not in self.before and not e.loading:
                 self.load_ns = int(e.load_time_s * 1e9)
 
+    def started(self, kv_reused: bool) -> None:
+        """The engine's ``on_start``: the model is leased and the request planned; the run begins."""
+        self.run = time.perf_counter_ns()
+        self.kv_reused = kv_reused
+        self.ready()
+
     def timings(self) -> ow.Timings:
         end = time.perf_counter_ns()
         first = self.first if self.first is not None else end
-        return ow.Timings(
-            total=end - self.start,
-            load=self.load_ns,
-            prompt_eval=max(0, first - self.start - self.load_ns),
-            eval=end - first,
-        )
+        run = self.run if self.run is not None else self.start + self.load_ns
+        return ow.Timings(total=end - self.start, load=self.load_ns, prompt_eval=max(0, first - run), eval=end - first)
 
     async def watch(self, events: AsyncGenerator[_T, None]) -> AsyncGenerator[_T, None]:
         """``events``, noting when the first one that carries output (or the end) arrives."""
@@ -154,7 +164,6 @@ class _Clock:
             async for event in events:
                 if self.first is None and isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta | ChatDone):
                     self.first = time.perf_counter_ns()
-                    self.ready()
                 yield event
         finally:
             await events.aclose()
@@ -261,7 +270,8 @@ async def _answer(
     cfg = state.settings
     options = req.options if req.options.timeout is not None else replace(req.options, timeout=cfg.queue_timeout)
     clock = _Clock.begin(state, name)
-    metered_events = metered(state.chat.astream(name, req.messages, options), state.metrics, place.release, note)
+    engine_events = state.chat.astream(name, req.messages, options, on_start=clock.started)
+    metered_events = metered(engine_events, state.metrics, place.release, note)
     events = clock.watch(state.stopping.until_abort(metered_events))
     created = _now()
     chunk = ow.chat_chunk if chat else ow.generate_chunk
@@ -278,8 +288,7 @@ async def _answer(
         if done is None:
             raise ShutdownError(_SHUTDOWN)
         expiry.note(name, req.keep_alive)
-        headers = {"X-RKLLM-KV-Reused": "true" if done.kv_reused else "false"}
-        return JSONResponse(final(done, created, clock.timings(), whole=True), headers=headers)
+        return JSONResponse(final(done, created, clock.timings(), whole=True), headers=_kv_header(done.kv_reused))
     try:
         first = await events.__anext__()
     except StopAsyncIteration:  # aborted by the shutdown before the first event
@@ -313,9 +322,12 @@ async def _answer(
         finally:
             await events.aclose()
 
-    return StreamingResponse(
-        lines(), media_type=_NDJSON, headers={"Cache-Control": "no-cache"}, background=BackgroundTask(place.release)
-    )
+    headers = {"Cache-Control": "no-cache", **_kv_header(clock.kv_reused)}  # known once the first event is in
+    return StreamingResponse(lines(), media_type=_NDJSON, headers=headers, background=BackgroundTask(place.release))
+
+
+def _kv_header(reused: bool) -> dict[str, str]:
+    return {"X-RKLLM-KV-Reused": "true" if reused else "false"}
 
 
 def _line(obj: dict[str, Any]) -> bytes:
