@@ -85,6 +85,7 @@ def test_options_map_onto_chat_options_and_runner_options_are_ignored() -> None:
         "num_ctx": 131072,
         "num_gpu": 99,
         "mirostat": None,
+        "a_future_option": 1,
     }
     req = ow.chat_request({"model": "m", "messages": USER, "options": options})
     o = req.options

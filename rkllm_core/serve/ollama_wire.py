@@ -8,7 +8,8 @@ Conventions the clients check: durations are nanoseconds; names are ``name:tag``
 is ``latest`` (a name without a tag means ``latest``); tool-call arguments are JSON objects, not
 strings; ``options`` carry the sampling settings under Ollama's names (``num_predict`` is the
 output limit); every option of Ollama's own runner that has no meaning here (``num_ctx``,
-``seed``, ``num_gpu``, ...) is accepted and ignored.
+``seed``, ``num_gpu``, ...) is accepted and ignored, and an option nobody knows is logged and
+ignored, as Ollama does.
 """
 
 from __future__ import annotations
