@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -222,6 +224,42 @@ def test_the_engine_reports_its_kv_plan_before_the_run(manager: ModelManager) ->
     history += [done.message, ChatMessage("user", "more")]
     events = list(engine.stream("qwen3-0.6b", history, on_start=on_start))
     assert seen == [False, events[-1].kv_reused] == [False, True]  # type: ignore[union-attr]
+
+
+def test_one_access_log_line_per_request(
+    make_client: Callable[..., httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    from rkllm_core.serve.deps import ACCESS_LOGGER
+
+    async def main(**settings: Any) -> Any:
+        async with make_client(**settings) as http:
+            client = openai_client(http)
+            done = await client.chat.completions.create(
+                model="qwen3-0.6b", messages=[{"role": "user", "content": "count to 3"}]
+            )
+            stream = await client.chat.completions.create(
+                model="qwen3-0.6b", messages=[{"role": "user", "content": "count to 2"}], stream=True
+            )
+            _ = [c async for c in stream]
+            await client.embeddings.create(model="qwen3-embedding-0.6b", input="hello there")
+            with pytest.raises(openai.NotFoundError):
+                await client.models.retrieve("nope")
+            return done.usage
+
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        usage = run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(lines) == 4, lines
+    tokens = f"tokens={usage.prompt_tokens}+{usage.completion_tokens}"
+    assert re.fullmatch(rf"\S+ POST /v1/chat/completions model=qwen3-0.6b 200 {re.escape(tokens)} \d+ms", lines[0])
+    assert re.fullmatch(r"\S+ POST /v1/chat/completions model=qwen3-0.6b 200 tokens=\d+\+[1-9]\d* \d+ms", lines[1])
+    assert re.fullmatch(r"\S+ POST /v1/embeddings model=qwen3-embedding-0.6b 200 tokens=[1-9]\d*\+0 \d+ms", lines[2])
+    assert re.fullmatch(r"\S+ GET /v1/models/nope model=- 404 tokens=- \d+ms", lines[3])
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        run(main(access_log=False))
+    assert not [r for r in caplog.records if r.name == ACCESS_LOGGER]
 
 
 def test_streaming_with_usage_and_done(make_client: Callable[..., httpx.AsyncClient]) -> None:

@@ -188,13 +188,14 @@ def open_stream(url: str, max_tokens: int, stream: Stream) -> None:
 
 def live_streams(server: Server, max_tokens: int) -> tuple[list[Stream], list[threading.Thread]]:
     """STREAMS requests in flight (one generating, the others in the line for the NPU)."""
-    streams = [Stream() for _ in range(STREAMS)]
+    first_token = threading.Event()  # any stream's
+    streams = [Stream(first_token=first_token) for _ in range(STREAMS)]
     threads = [threading.Thread(target=open_stream, args=(server.url, max_tokens, s)) for s in streams]
     for t in threads:
         t.start()
     # every request has reached the app (the /health request itself is one more)
     server.wait_until(lambda h: int(h["requests"]) >= STREAMS + 1)  # type: ignore[call-overload]
-    assert any(s.first_token.wait(60) for s in streams)
+    assert first_token.wait(60)
     return streams, threads
 
 
@@ -218,6 +219,8 @@ def test_first_signal_finishes_every_stream(start: Callable[..., Server], sig: s
     finishing = re.search(r"finishing (\d+) requests \(Ctrl-C again to abort\)", out)
     assert finishing is not None and 0 < int(finishing.group(1)) <= STREAMS + 1, out
     assert all(s.status == 200 and s.done and s.finish_reason in ("stop", "length") for s in streams), streams
+    access = re.findall(r"POST /v1/chat/completions model=qwen3-0.6b 200 tokens=\d+\+\d+ \d+ms", out)
+    assert len(access) == STREAMS, out  # the access log: one line per request
     assert_stopped_cleanly(server, out)
 
 
@@ -258,6 +261,17 @@ def test_preload_loads_before_the_first_request(start: Callable[..., Server]) ->
     assert server.proc.returncode == 0, out
     assert_stopped_cleanly(server, out)
     assert server.counters()["inits"] == 1
+
+
+def test_no_access_log(start: Callable[..., Server]) -> None:
+    server = start("--no-access-log")
+    body = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    server.proc.send_signal(signal.SIGTERM)
+    out = server.finish()
+    assert server.proc.returncode == 0, out
+    assert "/v1/chat/completions" not in out and "/health" not in out, out
+    assert_stopped_cleanly(server, out)
 
 
 def test_preload_of_an_unknown_model_fails_the_start(start: Callable[..., Server]) -> None:

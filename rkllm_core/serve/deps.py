@@ -11,7 +11,6 @@ only renders that :class:`Problem` in its own shape.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -148,8 +147,9 @@ class Stopping:
             stop.cancel()
             if step is not None and not step.done():
                 step.cancel()  # the engine aborts its run and leaves every line it stood in
-                with contextlib.suppress(BaseException):
-                    await step
+                await asyncio.wait((step,))  # its end, without raising it (a cancel of ours still does)
+                if not step.cancelled():
+                    step.exception()  # retrieved: the stream is over either way
             await events.aclose()
 
 
