@@ -99,9 +99,7 @@ class Server:
 
 
 @pytest.fixture
-def start(
-    sim_paths: dict[str, Path], abi: str, tmp_path: Path
-) -> Iterator[Callable[..., Server]]:
+def start(sim_paths: dict[str, Path], abi: str, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def run(*args: str, token_delay_ms: int = 20, wait: bool = True) -> Server:
