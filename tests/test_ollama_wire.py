@@ -154,10 +154,12 @@ def test_images_are_refused_with_a_clear_400() -> None:
         ow.generate_request({"model": "m", "prompt": "?", "images": ["aGk="]})
 
 
-def test_unknown_fields_and_bad_roles_are_named() -> None:
+def test_unknown_fields_are_ignored_as_ollama_does_and_bad_roles_are_named() -> None:
+    req = ow.chat_request({"model": "m", "messages": USER, "temperature": 1, "logprobs": False})
+    assert req.options.sampling is None  # a field Ollama does not know is not a setting here either
     with pytest.raises(WireError) as err:
-        ow.chat_request({"model": "m", "messages": USER, "temperature": 1})
-    assert err.value.param == "temperature"
+        ow.chat_request({"model": "m", "messages": USER, "logprobs": True})
+    assert err.value.param == "logprobs"
     with pytest.raises(WireError) as err:
         ow.chat_request({"model": "m", "messages": [{"role": "robot", "content": "x"}]})
     assert err.value.param == "messages[0].role"

@@ -8,8 +8,8 @@ Conventions the clients check: durations are nanoseconds; names are ``name:tag``
 is ``latest`` (a name without a tag means ``latest``); tool-call arguments are JSON objects, not
 strings; ``options`` carry the sampling settings under Ollama's names (``num_predict`` is the
 output limit); every option of Ollama's own runner that has no meaning here (``num_ctx``,
-``seed``, ``num_gpu``, ...) is accepted and ignored, and an option nobody knows is logged and
-ignored, as Ollama does.
+``seed``, ``num_gpu``, ...) is accepted and ignored, and an option or a field nobody knows is
+logged and ignored, as Ollama does.
 """
 
 from __future__ import annotations
@@ -91,28 +91,20 @@ _IGNORED_OPTIONS = frozenset(
         "rope_frequency_scale",
     }
 )
-_CHAT_KNOWN = frozenset(
-    {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think", "truncate", "shift"}
+_COMMON = (
+    "model",
+    "format",
+    "options",
+    "stream",
+    "keep_alive",
+    "think",
+    "truncate",
+    "shift",
+    "logprobs",
+    "top_logprobs",
 )
-_GENERATE_KNOWN = frozenset(
-    {
-        "model",
-        "prompt",
-        "suffix",
-        "images",
-        "system",
-        "template",
-        "raw",
-        "format",
-        "options",
-        "stream",
-        "keep_alive",
-        "think",
-        "context",
-        "truncate",
-        "shift",
-    }
-)
+_CHAT_KNOWN = frozenset({*_COMMON, "messages", "tools"})
+_GENERATE_KNOWN = frozenset({*_COMMON, "prompt", "suffix", "images", "system", "template", "raw", "context"})
 _NO_IMAGES = "images are not supported by this server yet: send text only"
 
 
@@ -222,9 +214,13 @@ def _object(body: Any) -> dict[str, Any]:
 
 
 def _check_known(body: Mapping[str, Any], known: frozenset[str]) -> None:
+    """Ignore fields nobody knows, as Ollama does (logged); refuse what this server cannot honour."""
     for key in body:
         if key not in known:
-            raise WireError(f"unknown field '{key}'", key)
+            logger.warning("ignoring unknown Ollama request field %r", key)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        param = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise WireError("log probabilities are not supported: the runtime does not report them", param)
 
 
 def _settings(body: Mapping[str, Any], max_tokens_limit: int | None) -> dict[str, Any]:
