@@ -184,6 +184,10 @@ def test_tools_arguments_are_objects_and_results_go_back(url: str) -> None:
     messages += [reply.message, {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
     final = client.chat(model="qwen3-0.6b", messages=messages, tools=[WEATHER])
     assert "sunny, 21 C" in final.message.content
+    history = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+    history += [final.message.model_dump(exclude_none=True), {"role": "user", "content": "thanks"}]
+    body = {"model": "qwen3-0.6b", "messages": history, "tools": [WEATHER], "stream": False}
+    assert httpx.post(f"{url}/api/chat", json=body).headers["x-rkllm-kv-reused"] == "true"  # across the tool turn
     streamed = list(client.chat(model="qwen3-0.6b", messages=messages[:1], tools=[WEATHER], stream=True))
     calls = [tc for c in streamed for tc in (c.message.tool_calls or [])]
     assert calls[0].function.name == "get_weather" and isinstance(calls[0].function.arguments, dict)
