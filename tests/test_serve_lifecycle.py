@@ -6,6 +6,7 @@ simulator's exit report (``RKLLM_SIM_REPORT``) telling whether every handle was 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# -- the abort switch, without a server ------------------------------------------------------------------------
+
+
+def test_an_abort_ends_a_waiting_stream_and_closes_it() -> None:
+    from rkllm_core.serve.deps import Stopping
+
+    closed = asyncio.Event()
+
+    async def events() -> AsyncGenerator[int, None]:
+        try:
+            yield 1
+            await asyncio.sleep(3600)  # a run that would go on and on
+            yield 2
+        finally:
+            closed.set()
+
+    async def main() -> list[int]:
+        stopping = Stopping()
+        seen = []
+        async for event in stopping.until_abort(events()):
+            seen.append(event)
+            asyncio.get_running_loop().call_soon(stopping.abort)
+        assert closed.is_set() and stopping.aborted
+        return seen
+
+    assert asyncio.run(main()) == [1]
+
+
+def test_a_cancel_of_the_consumer_still_propagates() -> None:
+    from rkllm_core.serve.deps import Stopping
+
+    async def events() -> AsyncGenerator[int, None]:
+        yield 1
+        await asyncio.sleep(3600)
+        yield 2
+
+    async def consume(stopping: Stopping, started: asyncio.Event) -> None:
+        async for _ in stopping.until_abort(events()):
+            started.set()
+
+    async def main() -> None:
+        stopping, started = Stopping(), asyncio.Event()
+        task = asyncio.create_task(consume(stopping, started))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+# -- the server as a process -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -102,7 +157,7 @@ class Server:
 def start(sim_paths: dict[str, Path], abi: str, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def run(*args: str, token_delay_ms: int = 20, wait: bool = True) -> Server:
+    def run(*args: str, token_delay_ms: int = 20, init_delay_ms: int = 0, wait: bool = True) -> Server:
         models = tmp_path / "models"
         make_model(models, QWEN)
         port = free_port()
@@ -112,6 +167,7 @@ def start(sim_paths: dict[str, Path], abi: str, tmp_path: Path) -> Iterator[Call
             RKLLM_LIB_PATH=str(sim_paths[abi]),
             RKLLM_PROMPT_CACHE_DIR=str(tmp_path / "pcache"),
             RKLLM_SIM_TOKEN_DELAY_MS=str(token_delay_ms),
+            RKLLM_SIM_INIT_DELAY_MS=str(init_delay_ms),
             RKLLM_SIM_REPORT=str(report),
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         )
@@ -259,6 +315,16 @@ def test_preload_loads_before_the_first_request(start: Callable[..., Server]) ->
     assert server.proc.returncode == 0, out
     assert_stopped_cleanly(server, out)
     assert server.counters()["inits"] == 1
+
+
+def test_sigterm_while_preloading_still_closes_and_says_stopped(start: Callable[..., Server]) -> None:
+    server = start("--preload", "qwen3-0.6b", init_delay_ms=1500, wait=False)
+    server.wait_for_line("loading qwen3-0.6b")
+    server.proc.send_signal(signal.SIGTERM)  # during the load (rkllm_init takes 1.5 s)
+    out = server.finish()
+    assert server.proc.returncode == 130, out
+    assert "http://" in out and "finishing" not in out, out  # it never started serving
+    assert_stopped_cleanly(server, out)
 
 
 def test_no_access_log(start: Callable[..., Server]) -> None:

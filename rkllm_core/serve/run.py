@@ -13,11 +13,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import RKLLMError
 from ..models.manager import ModelManager
 from ..models.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from .deps import ServerState
 
 __all__ = ["ENV_API_KEY", "add_arguments", "serve"]
 
@@ -96,35 +104,67 @@ def serve(args: argparse.Namespace) -> int:
             + ("; API key required" if api_key else "; no API key"),
             flush=True,
         )
-        for name in args.preload:
-            print(f"rkllm serve: loading {name}", flush=True)
-            with manager.lease(name):  # in the line like any request
-                pass
-        if args.access_log:
-            _log_access()
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,  # the app logs each request itself, with model and tokens
-            timeout_graceful_shutdown=round(args.shutdown_timeout + _GRACE),
-        )
-        from .lifecycle import Server
-
-        server = Server(config, app.state.rkllm, args.shutdown_timeout)
-        server.run()
-        status = server.exit_status
+        if _preload(manager, args.preload):
+            status = _run(
+                uvicorn.Config(
+                    app,
+                    host=args.host,
+                    port=args.port,
+                    log_level="warning",
+                    lifespan="off",
+                    access_log=False,  # the app logs each request itself, with model and tokens
+                    timeout_graceful_shutdown=round(args.shutdown_timeout + _GRACE),
+                ),
+                app.state.rkllm,
+                args,
+            )
+        else:
+            status = 130  # a signal while preloading: stop before serving
     except RKLLMError as exc:  # a bad --preload, a missing runtime
         print(f"rkllm serve: {exc}", file=sys.stderr, flush=True)
         status = 2
-    except KeyboardInterrupt:  # Ctrl-C before the server took over the signals (while preloading)
+    except KeyboardInterrupt:  # Ctrl-C before the server took the signals over
         status = 130
     finally:
         manager.close()  # every handle, after in-flight requests were finished or aborted
     print("rkllm serve: stopped", flush=True)
     return status
+
+
+def _run(config: uvicorn.Config, state: ServerState, args: argparse.Namespace) -> int:
+    """Serve until stopped; the exit status."""
+    from .lifecycle import Server
+
+    if args.access_log:
+        _log_access()
+    server = Server(config, state, args.shutdown_timeout)
+    server.run()
+    return server.exit_status
+
+
+def _preload(manager: ModelManager, names: list[str]) -> bool:
+    """Load ``names`` in the line like any request; False when SIGTERM or Ctrl-C asked to stop meanwhile.
+
+    A signal does not interrupt a load (an exception thrown into the manager mid-load could lose
+    the handle it just made): the load in progress finishes, the rest are skipped.
+    """
+    stop: list[int] = []
+
+    def note(sig: int, frame: FrameType | None) -> None:
+        stop.append(sig)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name in names:
+            if stop:
+                break
+            print(f"rkllm serve: loading {name}", flush=True)
+            with manager.lease(name):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return not stop
 
 
 def _log_access() -> None:
