@@ -76,12 +76,14 @@ def sim(sim_lib: RuntimeLibrary) -> Iterator[SimulatorControl]:
     ctl.clear_trace()
     ctl.reset()
     live_before = ctl.counter("live_handles")
+    resident_before = ctl.counter("resident_handles")
     yield ctl
     gc.collect()
     assert ctl.counter("invalid_handle_calls") == 0, "native code saw an invalid handle"
     assert ctl.counter("concurrent_run_violations") == 0, "two runs overlapped on one handle"
     assert ctl.counter("destroy_while_running") == 0, "a running handle was destroyed"
     assert ctl.counter("live_handles") == live_before, "a test leaked a runtime handle"
+    assert ctl.counter("resident_handles") == resident_before, "a model stayed in (simulated) memory"
     for key, value in defaults.items():
         ctl.set(key, value)
 

@@ -874,3 +874,21 @@ def test_a_worker_that_cannot_start_fails_the_run_and_starts_at_the_next(
     waiter.start()
     waiter.join(10)
     assert second == [echo("second")] and sim.counter("runs") == 1
+
+
+def test_a_cut_run_that_ended_before_its_abort_counts_only_what_was_delivered() -> None:
+    """At board speed the abort lands first; on a fast runtime the run may end by itself after the cut."""
+    from types import SimpleNamespace
+
+    from rkllm_core.native.callback import END, FINISH, LIMIT, NORMAL
+    from rkllm_core.runtime.run import Run
+
+    run = Run(3, ())
+    perf = SimpleNamespace(
+        prefill_time_ms=5.0, prefill_tokens=42, generate_time_ms=9.0, generate_tokens=20, memory_usage_mb=1.0
+    )
+    items = [(NORMAL, b"1 2 ", 1), (NORMAL, b"3 4 ", 2), (NORMAL, b"5 6 ", 3), (LIMIT,), (FINISH, perf), (END, 0, None)]
+    chunks = run.feed_many(items)
+    final = chunks[-1]
+    assert final.finish_reason == "length" and "".join(c.text for c in chunks) == "1 2 3 4 5 6 "
+    assert final.stats is not None and final.stats.generate_tokens == 3 and final.stats.prefill_tokens == 42

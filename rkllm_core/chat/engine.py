@@ -353,6 +353,8 @@ class ChatEngine:
             input_tokens = max(kv_now - generated, prefilled)
         else:
             input_tokens = prefilled + plan.kv_before
+        if stats is None:  # a run cut short (stop sequence, the binding's limit): the runtime reported nothing
+            prefilled = max(0, input_tokens - plan.kv_before)
         usage = Usage(input_tokens, generated, input_tokens + generated, prefilled)
         return ChatDone(
             finish_reason=reason,

@@ -13,6 +13,7 @@ never waits — the handle is let go by the worker when the run ends.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import enum
 import logging
 import queue
@@ -175,8 +176,14 @@ class Run:
         tail = self.decoder.decode(b"", final=True)
         if exc is not None:
             raise RunError(f"rkllm_run raised {exc!r}", function="rkllm_run") from exc
-        if self.aborted:
-            reason: FinishReason = "length" if self.limit_reached else "abort"
+        if self.limit_reached and (self.aborted or not (self.error or rc != 0)):
+            # The binding's own limit ended the run: whatever the runtime made after the cut was
+            # never delivered, so it is not counted either.
+            reason: FinishReason = "length"
+            if self.stats is not None and self.stats.generate_tokens > self.tokens:
+                self.stats = dataclasses.replace(self.stats, generate_tokens=self.tokens)
+        elif self.aborted:
+            reason = "abort"
         elif self.error or rc != 0:
             raise RunError(
                 f"generation failed: the runtime reported an error (rkllm_run returned {rc})",

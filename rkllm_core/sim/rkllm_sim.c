@@ -1977,6 +1977,7 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     ctx = param->max_context_len <= 0 ? limit : param->max_context_len;
     if (ctx > limit) {
         sim_log("max_context[%d] must be less than the model's max_context_limit[%d]", ctx, limit);
+        resident_add(-1);
         count_add(C_INIT_FAILURES, 1);
         return -1;
     }
