@@ -1,5 +1,10 @@
 """What every protocol's routes share: state, auth, the body limit, the admission line, metrics, errors.
 
+Also the server's life: :class:`Stopping` (every generation runs through its
+:meth:`~Stopping.until_abort`, so a shutdown can end it with a clean end of its response), and
+the request log (:class:`StampMiddleware` writes one line per request; a route fills the request's
+:class:`RequestNote` with the model and the tokens).
+
 A protocol (OpenAI's in :mod:`.openai`) is one ``APIRouter`` whose route class is
 :func:`protocol_route` over the protocol's own ``error_response``, whose routes depend on
 :func:`require_api_key`, and whose endpoints take :data:`State` and :data:`JsonBody` through
