@@ -87,4 +87,4 @@ def test_the_container_serves_and_stops_cleanly(image: str, sim_paths: dict[str,
         assert state["ExitCode"] == 0, out
         assert "rkllm serve: stopped" in out and "Traceback" not in out, out
     finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
+        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True, timeout=120)
