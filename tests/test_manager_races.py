@@ -192,3 +192,75 @@ async def test_a_bad_timeout_is_refused_without_blocking_the_line(manager: Model
             await manager.alease(A, timeout=bad)  # type: ignore[arg-type]
     assert manager.waiting() == 0
     await asyncio.to_thread(_load, manager, A)
+
+
+def test_ctrl_c_right_after_rkllm_init_loses_no_handle(
+    manager: ModelManager, sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt between rkllm_init's return and the handle's bookkeeping destroys the new handle."""
+    from rkllm_core.runtime import handle as handle_module
+
+    real = handle_module._HandleState.__init__
+    calls = {"n": 0}
+
+    def interrupted(self: object, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(handle_module._HandleState, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        manager.lease(A)
+    assert sim.counter("live_handles") == 0 and manager.waiting() == 0
+    _load(manager, A)  # the line did not stall
+    assert sim.counter("inits") == 2
+
+
+def test_ctrl_c_before_a_load_is_published_fails_the_waiters_and_frees_the_line(
+    manager: ModelManager, sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rkllm_core.errors import RKLLMError
+    from rkllm_core.models import manager as manager_module
+    from rkllm_core.models.line import LinePolicy
+
+    real_runtime = manager_module.RKLLMRuntime
+
+    def runtime_once_both_wait(*args: object, **kwargs: object) -> object:
+        if not calls["n"]:  # the first load: hold it until a second request waits for it
+            _until(lambda: manager.waiting() == 2, "a second request waiting for this load")
+        return real_runtime(*args, **kwargs)  # type: ignore[arg-type]
+
+    calls = {"n": 0}
+    monkeypatch.setattr(manager_module, "RKLLMRuntime", runtime_once_both_wait)
+    real = LinePolicy.loaded
+
+    def interrupted(self: LinePolicy, *args: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LinePolicy, "loaded", interrupted)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def ask(who: str) -> None:
+        try:
+            _load(manager, A)
+            outcomes[who] = None
+        except BaseException as exc:
+            outcomes[who] = exc
+
+    loader = threading.Thread(target=ask, args=("loader",))
+    loader.start()
+    _until(lambda: manager.waiting() == 1, "the loader in line")
+    waiter = threading.Thread(target=ask, args=("waiter",))  # arrives while the load is under way
+    waiter.start()
+    for t in (loader, waiter):
+        t.join(60)
+    assert isinstance(outcomes["loader"], KeyboardInterrupt)  # the interrupted caller gets its interrupt
+    assert isinstance(outcomes["waiter"], RKLLMError)  # the one waiting for that load gets an error
+    assert "interrupted" in str(outcomes["waiter"])
+    assert sim.counter("live_handles") == 0 and manager.waiting() == 0
+    _load(manager, A)  # the line goes on
+    assert sim.counter("live_handles") == 1

@@ -559,17 +559,33 @@ class ModelManager:
         self._load(req, payload)
 
     def _load(self, req: Request, entry: LoadedModel) -> None:
+        """Load ``entry`` and publish the outcome, whatever interrupts it (the line must never stall)."""
         t0 = time.perf_counter()
         try:
             runtime = RKLLMRuntime(entry.info.path, params=entry.init, library=self.library, preflight=self._preflight)
         except BaseException as exc:
-            with self._mutex:
-                self.stats["load_failures"] += 1
-                failed = self._policy.load_failed(entry, exc)
-                self._pump()
-            for waiter in failed:
-                waiter.wake()
+            self._load_failed(entry, exc)
+            if not isinstance(exc, Exception):  # Ctrl-C, SystemExit: the loading caller's to handle
+                raise
             return
+        try:
+            self._publish(req, entry, runtime, t0)
+        except BaseException as exc:  # interrupted before the instance was in service: close it again
+            runtime.close()
+            self._load_failed(entry, exc)
+            raise
+
+    def _load_failed(self, entry: LoadedModel, exc: BaseException) -> None:
+        """Everyone waiting for ``entry`` gets the failure (an interruption as an ``RKLLMError``)."""
+        error = exc if isinstance(exc, Exception) else RKLLMError(f"loading {entry.info.name} was interrupted")
+        with self._mutex:
+            self.stats["load_failures"] += 1
+            failed = self._policy.load_failed(entry, error) if self._policy.entries.get(entry.key) is entry else []
+            self._pump()
+        for waiter in failed:
+            waiter.wake()
+
+    def _publish(self, req: Request, entry: LoadedModel, runtime: RKLLMRuntime, t0: float) -> None:
         with self._mutex:
             self.stats["loads"] += 1
             self._policy.loaded(req, entry, runtime, time.perf_counter() - t0)

@@ -818,17 +818,22 @@ class RKLLMRuntime:
                 code=rc,
                 function="rkllm_init",
             )
-        self._state = _HandleState(
-            backend,
-            handle,
-            (*keep, path_bytes),
-            self.model_path.name,
-            max_new_tokens=self.max_new_tokens,
-            n_batch=self.params.n_batch or 1,
-            base_sampling=base_sampling,
-        )
-        self._finalizer = weakref.finalize(self, _finalize, self._state)
-        _live.add(self._state)
+        try:
+            self._state = _HandleState(
+                backend,
+                handle,
+                (*keep, path_bytes),
+                self.model_path.name,
+                max_new_tokens=self.max_new_tokens,
+                n_batch=self.params.n_batch or 1,
+                base_sampling=base_sampling,
+            )
+            self._finalizer = weakref.finalize(self, _finalize, self._state)
+            _live.add(self._state)
+        except BaseException:  # e.g. Ctrl-C right after rkllm_init: never lose the handle it made
+            if getattr(self, "_finalizer", None) is None:
+                backend.destroy(handle)
+            raise
         logger.info("loaded %s (ABI %s)", self.model_path.name, backend.abi)
 
     def _with_context_limit(self, params: InitParams) -> InitParams:
