@@ -706,3 +706,34 @@ def test_the_runtime_sampling_settings_reach_the_runtime(
     assert run(main()).status_code == 200
     calls = [t for t in sim.trace() if t["fn"] in ("rkllm_init", "rkllm_run")]
     assert 2 in list(values(calls, "mirostat")) and 7 in list(values(calls, "top_k"))  # per run on 1.3, per init on 1.2
+
+
+def test_the_sampling_policy_that_served_a_request_is_reported(
+    model_dir: Path, sim_lib: RuntimeLibrary, sim: SimulatorControl, abi: str
+) -> None:
+    """Runtime 1.2 serves sampling by the manager's policy; the answer says which (``run`` on 1.3)."""
+    make_model(model_dir, QWEN)
+    manager = ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib, sampling_policy="fixed")
+    expected = "fixed" if abi == "1.2" else "run"
+    messages = [{"role": "user", "content": "count to 300"}]
+
+    async def main() -> None:
+        app = create_app(manager)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            for temperature in (0.2, 0.9):
+                raw = await openai_client(http).chat.completions.with_raw_response.create(
+                    model="qwen3-0.6b", messages=messages, max_tokens=4, temperature=temperature
+                )
+                reply = raw.parse()
+                assert raw.headers["x-rkllm-sampling-policy"] == expected
+                assert reply.usage.model_extra["sampling_policy"] == expected
+                assert reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
+            body = {"model": "qwen3-0.6b", "messages": messages, "stream": False, "options": {"num_predict": 4}}
+            ollama = await http.post("/api/chat", json=body)
+            assert ollama.status_code == 200 and ollama.headers["x-rkllm-sampling-policy"] == expected
+
+    try:
+        run(main())
+        assert sim.counter("inits") == 1  # neither max_tokens nor temperature loaded another copy
+    finally:
+        manager.close()

@@ -288,7 +288,8 @@ async def _answer(
         if done is None:
             raise ShutdownError(_SHUTDOWN)
         expiry.note(name, req.keep_alive)
-        return JSONResponse(final(done, created, clock.timings(), whole=True), headers=_kv_header(done.kv_reused))
+        headers = {**_kv_header(done.kv_reused), "X-RKLLM-Sampling-Policy": done.sampling_policy}
+        return JSONResponse(final(done, created, clock.timings(), whole=True), headers=headers)
     try:
         first = await events.__anext__()
     except StopAsyncIteration:  # aborted by the shutdown before the first event

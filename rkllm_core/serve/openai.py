@@ -96,7 +96,7 @@ async def chat_completions(body: JsonBody, state: State, note: Note) -> Response
     done = await _whole(state, note, req)
     if not req.parallel_tool_calls and len(done.message.tool_calls) > 1:
         done = replace(done, message=replace(done.message, tool_calls=done.message.tool_calls[:1]))
-    return JSONResponse(wire.chat_completion(done, completion_id, created), headers=_kv_header(done.kv_reused))
+    return JSONResponse(wire.chat_completion(done, completion_id, created), headers=_done_headers(done))
 
 
 @router.post(PREFIX + "/completions")
@@ -107,7 +107,7 @@ async def completions(body: JsonBody, state: State, note: Note) -> Response:
     if req.stream:
         return await _streamed(state, note, req, wire.TextStream(completion_id, created, req.model))
     done = await _whole(state, note, req)
-    return JSONResponse(wire.text_completion(done, completion_id, created), headers=_kv_header(done.kv_reused))
+    return JSONResponse(wire.text_completion(done, completion_id, created), headers=_done_headers(done))
 
 
 @router.post(PREFIX + "/embeddings")
@@ -136,6 +136,11 @@ async def rerank(body: JsonBody, state: State, note: Note) -> Response:
 
 def _kv_header(reused: bool) -> dict[str, str]:
     return {"X-RKLLM-KV-Reused": "true" if reused else "false"}
+
+
+def _done_headers(done: ChatDone) -> dict[str, str]:
+    """A whole answer's headers: KV reuse, and how its sampling was served (``run`` on 1.3)."""
+    return {**_kv_header(done.kv_reused), "X-RKLLM-Sampling-Policy": done.sampling_policy}
 
 
 def _generate(

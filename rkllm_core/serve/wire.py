@@ -287,6 +287,7 @@ def usage_of(done: ChatDone) -> dict[str, Any]:
         "completion_tokens": u.output_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "sampling_policy": done.sampling_policy,  # how the request's sampling was served (runtime 1.2)
     }
 
 
