@@ -10,7 +10,7 @@ Subcommands:
   KV cache); Ctrl-C stops the current answer, not the program.
 * ``rkllm bench [MODEL ...]`` and ``rkllm bench compare A.json B.json``.
 * ``rkllm doctor [MODEL ...]``: a pass/fail board validation to paste into an issue.
-* ``rkllm serve [--host H] [--port P] ...``: the OpenAI-compatible server (:mod:`rkllm_core.serve`).
+* ``rkllm serve [--host H] [--port P] ...``: the OpenAI- and Ollama-compatible server (:mod:`rkllm_core.serve`).
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)")
+    p = sub.add_parser("serve", help="an OpenAI- and Ollama-compatible HTTP server (needs the server extra)")
     from ..serve.run import add_arguments, serve
 
     add_arguments(p)
