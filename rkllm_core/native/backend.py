@@ -119,6 +119,24 @@ _PER_RUN_ONLY = (
 )
 
 
+def _check_run_input(
+    prompt: str | None, role: str, token_ids: Sequence[int] | None, mode: str, max_new_tokens: int | None
+) -> None:
+    """Refuse a run's malformed arguments (see :meth:`Backend.run_request`)."""
+    if role not in ("user", "tool"):
+        raise InvalidParameterError(f"role must be 'user' or 'tool', got {role!r}")
+    if (prompt is None) == (token_ids is None):
+        raise InvalidParameterError("pass exactly one of prompt or token_ids")
+    if token_ids is not None and (
+        not token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
+    ):
+        raise InvalidParameterError("token_ids must be a non-empty sequence of ints")
+    if mode not in _MODES:
+        raise InvalidParameterError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
+        raise InvalidParameterError("max_new_tokens must be an int")
+
+
 class Backend:
     """Builds the ABI's structs; subclasses exist per ABI.
 
@@ -206,20 +224,9 @@ class Backend:
         Raises:
             InvalidParameterError: anything wrong (nothing reaches the runtime).
         """
-        if role not in ("user", "tool"):
-            raise InvalidParameterError(f"role must be 'user' or 'tool', got {role!r}")
-        if (prompt is None) == (token_ids is None):
-            raise InvalidParameterError("pass exactly one of prompt or token_ids")
-        if token_ids is not None and (
-            not token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
-        ):
-            raise InvalidParameterError("token_ids must be a non-empty sequence of ints")
-        if mode not in _MODES:
-            raise InvalidParameterError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        _check_run_input(prompt, role, token_ids, mode, max_new_tokens)
         if sampling is not None and sampling.is_empty():
             sampling = None
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
-            raise InvalidParameterError("max_new_tokens must be an int")
         self.check_run_settings(sampling, max_new_tokens)
         by_binding = not self.per_run_sampling and max_new_tokens is not None and max_new_tokens > 0
         return RunRequest(

@@ -39,6 +39,7 @@ from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCallDelta
 from ..errors import RKLLMError
 from ..models.registry import ModelInfo
 from . import ollama_wire as ow
+from .admission import Place
 from .deps import (
     JsonBody,
     Note,
@@ -263,7 +264,6 @@ async def _answer(
 ) -> Response:
     note.model = req.model
     name = state.manager.resolve(req.model).name
-    expiry = _expiry(state)
     if not req.messages:
         return await _load_or_unload(state, name, req.keep_alive, chat=chat)
     place = state.admit(name)
@@ -272,48 +272,79 @@ async def _answer(
     clock = _Clock.begin(state, name)
     engine_events = state.chat.astream(name, req.messages, options, on_start=clock.started)
     metered_events = metered(engine_events, state.metrics, place.release, note)
-    events = clock.watch(state.stopping.until_abort(metered_events))
-    created = _now()
-    chunk = ow.chat_chunk if chat else ow.generate_chunk
-    final = ow.chat_response if chat else ow.generate_response
-    if not req.stream:
+    answer = _Answer(
+        events=clock.watch(state.stopping.until_abort(metered_events)),
+        place=place,
+        clock=clock,
+        name=name,
+        keep_alive=req.keep_alive,
+        expiry=_expiry(state),
+        created=_now(),
+        chat=chat,
+    )
+    return await (answer.streamed() if req.stream else answer.whole())
+
+
+@dataclass
+class _Answer:
+    """One answer's events on their way out, whole or as NDJSON lines."""
+
+    events: AsyncGenerator[object, None]
+    place: Place
+    clock: _Clock
+    name: str
+    keep_alive: float | None
+    expiry: _Expiry
+    created: str
+    chat: bool
+
+    def final(self, done: ChatDone, *, whole: bool) -> dict[str, Any]:
+        self.expiry.note(self.name, self.keep_alive)
+        final = ow.chat_response if self.chat else ow.generate_response
+        return final(done, self.created, self.clock.timings(), whole=whole)
+
+    async def whole(self) -> Response:
         try:
             done = None
-            async for event in events:
+            async for event in self.events:
                 if isinstance(event, ChatDone):
                     done = event
         finally:
-            await events.aclose()
-            place.release()
+            await self.events.aclose()
+            self.place.release()
         if done is None:
             raise ShutdownError(_SHUTDOWN)
-        expiry.note(name, req.keep_alive)
         headers = {**_kv_header(done.kv_reused), "X-RKLLM-Sampling-Policy": done.sampling_policy}
-        return JSONResponse(final(done, created, clock.timings(), whole=True), headers=headers)
-    try:
-        first = await events.__anext__()
-    except StopAsyncIteration:  # aborted by the shutdown before the first event
-        await events.aclose()
-        place.release()
-        raise ShutdownError(_SHUTDOWN) from None
-    except BaseException:
-        await events.aclose()
-        place.release()
-        raise
+        return JSONResponse(self.final(done, whole=True), headers=headers)
 
-    async def lines() -> AsyncIterator[bytes]:
-        event: object = first
+    async def streamed(self) -> Response:
+        try:
+            first = await self.events.__anext__()
+        except StopAsyncIteration:  # aborted by the shutdown before the first event
+            await self.events.aclose()
+            self.place.release()
+            raise ShutdownError(_SHUTDOWN) from None
+        except BaseException:
+            await self.events.aclose()
+            self.place.release()
+            raise
+        headers = {"Cache-Control": "no-cache", **_kv_header(self.clock.kv_reused)}  # known once the first event is in
+        return StreamingResponse(
+            self.lines(first), media_type=_NDJSON, headers=headers, background=BackgroundTask(self.place.release)
+        )
+
+    async def lines(self, event: object) -> AsyncIterator[bytes]:
+        chunk = ow.chat_chunk if self.chat else ow.generate_chunk
         try:
             while True:
                 if isinstance(event, ChatDone):
-                    expiry.note(name, req.keep_alive)
-                    yield _line(final(event, created, clock.timings(), whole=False))
+                    yield _line(self.final(event, whole=False))
                     return
-                out = chunk(event, name, created)
+                out = chunk(event, self.name, self.created)
                 if out is not None:
                     yield _line(out)
                 try:
-                    event = await events.__anext__()
+                    event = await self.events.__anext__()
                 except StopAsyncIteration:  # cut by the server's shutdown
                     yield _line({"error": _SHUTDOWN})
                     return
@@ -321,10 +352,7 @@ async def _answer(
                     yield _line({"error": str(exc)})
                     return
         finally:
-            await events.aclose()
-
-    headers = {"Cache-Control": "no-cache", **_kv_header(clock.kv_reused)}  # known once the first event is in
-    return StreamingResponse(lines(), media_type=_NDJSON, headers=headers, background=BackgroundTask(place.release))
+            await self.events.aclose()
 
 
 def _kv_header(reused: bool) -> dict[str, str]:

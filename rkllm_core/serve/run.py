@@ -66,6 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _announce(manager: ModelManager, args: argparse.Namespace, api_key: str | None) -> None:
+    """One line: where the server listens, which runtime, which models, whether a key is needed."""
+    lib = manager.library
+    models = manager.registry.models()
+    print(
+        f"rkllm serve: http://{args.host}:{args.port}/v1 — runtime {lib.path} (ABI {lib.abi}"
+        f"{', SIMULATOR' if lib.is_simulator else ''}); {len(models)} model(s): "
+        + ", ".join(f"{m.name} ({m.kind})" for m in models)
+        + ("; API key required" if api_key else "; no API key"),
+        flush=True,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     """Start the server and block until it is stopped (Ctrl-C / SIGTERM: finish or abort, then close)."""
     try:
@@ -95,15 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     status = 0
     try:
         app = create_app(manager, settings)
-        lib = manager.library
-        models = manager.registry.models()
-        print(
-            f"rkllm serve: http://{args.host}:{args.port}/v1 — runtime {lib.path} (ABI {lib.abi}"
-            f"{', SIMULATOR' if lib.is_simulator else ''}); {len(models)} model(s): "
-            + ", ".join(f"{m.name} ({m.kind})" for m in models)
-            + ("; API key required" if api_key else "; no API key"),
-            flush=True,
-        )
+        _announce(manager, args, api_key)
         if _preload(manager, args.preload):
             status = _run(
                 uvicorn.Config(
