@@ -9,12 +9,19 @@ on a session, so no tuple of loosely named strings crosses modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
-
-if TYPE_CHECKING:
-    from .handle import Session
+from typing import ClassVar, Protocol
 
 __all__ = ["ChatSetup", "ChatTemplate", "FunctionTools"]
+
+
+class Installer(Protocol):
+    """What a set-up installs itself on: a :class:`~rkllm_core.runtime.Session` (or anything alike)."""
+
+    def set_chat_template(self, system_prompt: str, prompt_prefix: str, prompt_postfix: str) -> None:
+        """``rkllm_set_chat_template``."""
+
+    def set_function_tools(self, system_prompt: str, tools: str, tool_response_str: str) -> None:
+        """``rkllm_set_function_tools``."""
 
 
 class _Setup:
@@ -54,7 +61,7 @@ class ChatTemplate(_Setup):
         """The three strings, in the order the runtime takes them."""
         return (self.system, self.prefix, self.postfix)
 
-    def install(self, session: Session) -> None:
+    def install(self, session: Installer) -> None:
         """Install on ``session``'s handle."""
         session.set_chat_template(*self.parts)
 
@@ -79,7 +86,7 @@ class FunctionTools(_Setup):
         """The three strings, in the order the runtime takes them."""
         return (self.system, self.tools_json, self.response_tag)
 
-    def install(self, session: Session) -> None:
+    def install(self, session: Installer) -> None:
         """Install on ``session``'s handle."""
         session.set_function_tools(*self.parts)
 
