@@ -10,7 +10,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed-$1"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[$1]"
+  echo "installing boardllm[$1] into $VENV (a minute or two the first time)" >&2
+  if [ -t 1 ]; then quiet=(); else quiet=(-q); fi  # progress on a terminal, quiet in logs
+  "$VENV/bin/python" -m pip install "${quiet[@]}" -e "$ROOT[$1]"
   touch "$stamp"
 fi
 cd "$ROOT"

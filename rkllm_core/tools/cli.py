@@ -387,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
     p.set_defaults(func=cmd_doctor)
+    from . import demo, pull
+
+    pull.add_parsers(sub)
+    demo.add_parsers(sub)
     return parser
 
 
