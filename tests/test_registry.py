@@ -386,7 +386,8 @@ def test_lookup_by_path(
     outside = make_model(tmp_path / "elsewhere", "Qwen3-4B-16K.rkllm", 4096)
     info = registry.get(str(outside))
     assert (info.name, info.path, info.context_size, info.file_size) == ("qwen3-4b", outside, 16384, 4096)
-    assert info.name not in registry  # built on the fly, not registered
+    assert info.name in registry and registry.get("qwen3-4b").path == outside  # it joined the registry
+    assert info not in registry.models()  # but is not listed among the models of the directories
     monkeypatch.chdir(outside.parent)
     assert registry.get("Qwen3-4B-16K.rkllm").path == outside
 
@@ -840,3 +841,44 @@ def test_identical_files_get_counters_and_the_warning_says_where_each_lives(
         infos = ModelRegistry([tmp_path / "a", tmp_path / "b"], platform=None).models()
     assert [(m.name, m.path.parent.name) for m in infos] == [("qwen3-4b-1", "a"), ("qwen3-4b-2", "b")]
     assert str(tmp_path / "a") in caplog.text and str(tmp_path / "b") in caplog.text
+
+
+def test_a_model_found_by_path_keeps_a_name_that_finds_it(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    make_model(models, "Qwen_Qwen3-1.7B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")
+    registry = ModelRegistry([models], platform=None)
+    outside = make_model(tmp_path / "elsewhere", "Qwen3-0.6B-w8a8.rkllm")
+    same_name = make_model(tmp_path / "other", "Qwen3-1.7B-w4a16.rkllm")
+    info = registry.get(str(outside))
+    assert registry.get(info.name) == info and registry.get(info.name).path == outside.resolve()
+    clash = registry.get(str(same_name))
+    assert clash.name == "qwen3-1.7b-2"  # the name in the model directory keeps meaning its own file
+    assert registry.get("qwen3-1.7b").path == (models / "Qwen_Qwen3-1.7B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")
+    assert registry.get("qwen3-1.7b-2").path == same_name.resolve()
+    assert registry.get(str(same_name)) == clash  # asked again: the same name
+    registry.refresh(force=True)
+    assert registry.get(info.name).path == outside.resolve()  # a re-scan keeps it
+
+
+def test_registry_file_problems_are_logged_once_per_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_model(tmp_path, "Qwen3-0.6B-rk3588-w8a8.rkllm")
+    toml = tmp_path / "rkllm-models.toml"
+    toml.write_text(
+        '[models."qwen3-0.6b"]\naliases = ["q"]\ntemperature = -1\nfavourite = 1\n[models."nope"]\ntop_k = 2\n'
+    )
+    with caplog.at_level(logging.WARNING, logger="rkllm_core.models"):
+        registry = ModelRegistry([tmp_path], platform=None)
+        assert registry.get("q").name == "qwen3-0.6b"  # the bad value alone is ignored: the alias applies
+        for _ in range(3):
+            registry.refresh(force=True)
+        assert registry.errors and registry.get("q").name == "qwen3-0.6b"
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("temperature" in m for m in said) == 1
+        assert sum("favourite" in m for m in said) == 1
+        assert sum("matches no model file" in m for m in said) == 1
+        caplog.clear()
+        toml.write_text('[models."qwen3-0.6b"]\naliases = ["q"]\ntemperature = -2\n')
+        registry.refresh(force=True)
+        registry.refresh(force=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("temperature=-2" in m for m in said) == 1 and not any("favourite" in m for m in said)

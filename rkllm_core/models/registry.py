@@ -48,7 +48,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -70,7 +70,7 @@ from ..filenames import (
     friendly_name,
     parse_model_filename,
 )
-from .registry_file import REGISTRY_FILENAME, ModelDefaults, RegistryEntry, _read_registry_file
+from .registry_file import REGISTRY_FILENAME, ModelDefaults, RegistryEntry, _parse_registry_bytes
 
 __all__ = [
     "CHAT_KINDS",
@@ -340,9 +340,16 @@ def _assign_names(found: Sequence[_Found]) -> tuple[list[str], dict[str, list[in
 
 
 def _apply_registry(
-    found: Sequence[_Found], names: Sequence[str], entries: Sequence[RegistryEntry]
+    found: Sequence[_Found],
+    names: Sequence[str],
+    entries: Sequence[RegistryEntry],
+    warn: Callable[..., None] = logger.warning,
 ) -> tuple[list[ModelDefaults], list[tuple[str, ...]]]:
-    """Match registry entries to files; returns each file's defaults and accepted aliases."""
+    """Match registry entries to files; returns each file's defaults and accepted aliases.
+
+    Problems (an entry that matches nothing, a refused alias) are reported through ``warn``,
+    called like :meth:`logging.Logger.warning`.
+    """
     keys = [
         {names[i], friendly_name(item.facts), item.filename.lower(), _strip_suffix(item.filename).lower()}
         for i, item in enumerate(found)
@@ -353,12 +360,12 @@ def _apply_registry(
         matches = [i for i in range(len(found)) if entry.key in keys[i]]
         matches = [i for i in matches if found[i].home == entry.source.parent] or matches
         if not matches:
-            logger.warning('%s: [models."%s"] matches no model file', entry.source, entry.key)
+            warn('%s: [models."%s"] matches no model file', entry.source, entry.key)
             continue
         for i in matches:
             defaults[i] = defaults[i].merged(entry.defaults)
         if entry.aliases and len(matches) > 1:
-            logger.warning(
+            warn(
                 '%s: [models."%s"] matches %s; its aliases are ignored',
                 entry.source,
                 entry.key,
@@ -378,7 +385,7 @@ def _apply_registry(
         key = alias.lower()
         holders = claims.get(key, set())
         if holders and i not in holders:
-            logger.warning(
+            warn(
                 "alias %r for %s refused: it already names %s",
                 alias,
                 names[i],
@@ -516,6 +523,13 @@ class ModelRegistry:
         self._racy = False
         self._generation = 0
         self._warned: set[tuple[str, tuple[Path, ...]]] = set()
+        # Each registry file's content and what it parsed to: an unchanged file is not parsed (nor
+        # its problems logged) again; the problems said since a registry file last changed.
+        self._parsed: dict[Path, tuple[bytes | str, list[RegistryEntry], list[InvalidParameterError]]] = {}
+        self._said: set[str] = set()
+        # Models looked up by a path outside the model directories, by path; their names resolve
+        # to them from then on (see get()).
+        self._outside: dict[Path, ModelInfo] = {}
 
     # -- properties -----------------------------------------------------
 
@@ -579,8 +593,11 @@ class ModelRegistry:
         0.6B``, ``qwen3_0.6b``; a separator between two digits still counts),
         or a path (absolute, relative to the working directory or
         starting with ``~``) to an existing ``.rkllm`` file, which may lie
-        outside the model directories. A miss re-scans changed directories
-        once before failing.
+        outside the model directories. A model found by a path outside the
+        directories joins the registry: its name (the friendly name, with a
+        ``-2``-style suffix when a model in the directories has it) finds that
+        file from then on, so the name can be passed on (to a manager, a chat
+        engine). A miss re-scans changed directories once before failing.
 
         Args:
             name: what to look up.
@@ -634,7 +651,11 @@ class ModelRegistry:
     def _lookup(self, query: str) -> ModelInfo | tuple[str, ...] | None:
         key = query.lower()
         hit = self._snapshot.index.get(key)
-        return self._snapshot.loose.get(_normalise(key)) if hit is None else hit
+        if hit is None:
+            hit = self._snapshot.loose.get(_normalise(key))
+        if hit is None:
+            hit = next((info for info in self._outside.values() if info.name.lower() == key), None)
+        return hit
 
     def _as_path(self, query: str) -> tuple[Path, str] | None:
         """Resolve ``query`` as a model file path: ``(resolved path, file name)`` or None."""
@@ -661,8 +682,20 @@ class ModelRegistry:
             size = path.stat().st_size
         except OSError as exc:
             raise ModelFileError(f"cannot read model file {str(path)!r}: {exc}") from exc
+        earlier = self._outside.get(path)
+        if earlier is not None and earlier.file_size == size:
+            return earlier
         facts = parse_model_filename(filename)
-        return _make_info(friendly_name(facts), path, filename, facts, size)
+        taken = {info.name for info in self._snapshot.models} | {
+            info.name for p, info in self._outside.items() if p != path
+        }
+        name = friendly_name(facts)
+        unique, counter = name, 2
+        while unique in taken or unique.lower() in self._snapshot.index:
+            unique, counter = f"{name}-{counter}", counter + 1
+        info = _make_info(unique, path, filename, facts, size)
+        self._outside[path] = info
+        return info
 
     def _known_names(self) -> list[str]:
         return [info.name for info in self._snapshot.models]
@@ -749,18 +782,45 @@ class ModelRegistry:
         self._generation += 1
         logger.debug("scanned %s: %d models", ", ".join(map(str, self._dirs)), len(found))
 
-    def _build(self, found: list[_Found], registry_files: list[Path]) -> _Snapshot:
-        names, shared = _assign_names(found)
+    def _read_registry_files(
+        self, registry_files: list[Path]
+    ) -> tuple[list[RegistryEntry], list[InvalidParameterError]]:
+        """The registry files' entries and problems; a problem is logged once per change of its file."""
         entries: list[RegistryEntry] = []
         errors: list[InvalidParameterError] = []
         for registry_file in registry_files:
-            if registry_file.is_file():
-                file_entries, file_errors = _read_registry_file(registry_file)
-                for error in file_errors:
+            if not registry_file.is_file():
+                self._parsed.pop(registry_file, None)
+                continue
+            try:
+                content: bytes | str = registry_file.read_bytes()
+            except OSError as exc:
+                content = f"{registry_file}: cannot read registry file: {exc}"
+            cached = self._parsed.get(registry_file)
+            if cached is None or cached[0] != content:
+                self._said.clear()  # a file changed: what was said about the files may be said again
+                if isinstance(content, str):
+                    cached = (content, [], [InvalidParameterError(content)])
+                else:
+                    cached = (content, *_parse_registry_bytes(registry_file, content))
+                self._parsed[registry_file] = cached
+                for error in cached[2]:
                     logger.error("%s (ignored)", error)
-                entries += file_entries
-                errors += file_errors
-        defaults, aliases = _apply_registry(found, names, entries)
+            entries += cached[1]
+            errors += cached[2]
+        return entries, errors
+
+    def _warn_once(self, message: str, *args: object) -> None:
+        """Log a warning about the registry files unless it was logged since they last changed."""
+        text = message % args if args else message
+        if text not in self._said:
+            self._said.add(text)
+            logger.warning("%s", text)
+
+    def _build(self, found: list[_Found], registry_files: list[Path]) -> _Snapshot:
+        names, shared = _assign_names(found)
+        entries, errors = self._read_registry_files(registry_files)
+        defaults, aliases = _apply_registry(found, names, entries, self._warn_once)
         infos = [
             _make_info(names[i], item.path, item.filename, item.facts, item.size, aliases[i], defaults[i])
             for i, item in enumerate(found)

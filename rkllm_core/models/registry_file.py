@@ -300,9 +300,17 @@ def _parse_entry(key: str, table: object, source: Path) -> tuple[RegistryEntry, 
 def _read_registry_file(path: Path) -> tuple[list[RegistryEntry], list[InvalidParameterError]]:
     """Parse a registry file leniently: a bad value or entry is reported and left out, the rest kept."""
     try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [], [InvalidParameterError(f"{path}: cannot read registry file: {exc}")]
+    return _parse_registry_bytes(path, data)
+
+
+def _parse_registry_bytes(path: Path, data: bytes) -> tuple[list[RegistryEntry], list[InvalidParameterError]]:
+    """Parse the content ``data`` of the registry file ``path`` leniently (see :func:`_read_registry_file`)."""
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return [], [InvalidParameterError(f"{path}: cannot read registry file: {exc}")]
     for key in document:
         if key != "models":
