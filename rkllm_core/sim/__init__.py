@@ -6,7 +6,9 @@ on a machine without an NPU, through the very code path used on a board.
 It is compiled on first use with the system C compiler into a per-user cache
 keyed by the hash of its source, so rebuilding is automatic and cheap.
 
-Run ``python -m rkllm_core.sim`` to build both ABIs and print the paths.
+Run ``python -m rkllm_core.sim`` to build both ABIs and print the paths, or
+``rkllm demo`` to build one and write the demo models (:data:`DEMO_MODELS`,
+made by :func:`make_demo_models`) that the ``rkllm`` commands then find.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,14 @@ from typing import Any
 from ..errors import RKLLMError
 
 __all__ = [
+    "DEMO_MODELS",
+    "DemoModel",
     "SimulatorBuildError",
     "SimulatorControl",
     "build_simulator",
     "default_cache_dir",
+    "default_demo_dir",
+    "make_demo_models",
     "make_model",
 ]
 
@@ -147,7 +155,9 @@ def make_model(
 
     The file is sparse when ``size_mb`` is given, so a "1 GB model" costs no
     disk. The context limit comes from ``ctxNNNN`` in the file name, else
-    ``max_context``, else 4096 (like real converted models).
+    ``max_context``, else 4096 (like real converted models). A file that
+    already starts with the same header and has the same size is left as it
+    is (not even its modification time changes).
 
     ``yes_token`` and ``no_token`` (both or neither; distinct ids below
     151936) make the model a reranker: in logits mode the last position's
@@ -169,11 +179,75 @@ def make_model(
         lines.append(f"yes_token={int(yes_token)}")
         lines.append(f"no_token={int(no_token)}")
     header = ("\n".join(lines) + "\n\n").encode()
+    size = max(len(header), int(size_mb * 1024 * 1024)) if size_mb > 0 else len(header)
+    if _holds(path, header, size):
+        return path
     with open(path, "wb") as f:
         f.write(header)
-        if size_mb > 0:
-            f.truncate(max(len(header), int(size_mb * 1024 * 1024)))
+        if size > len(header):
+            f.truncate(size)
     return path
+
+
+def _holds(path: Path, header: bytes, size: int) -> bool:
+    """Whether ``path`` is a file of ``size`` bytes that starts with ``header``."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(header)) == header
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One model of the demo set: a real public file name, so it is named and kinded as on a board.
+
+    Attributes:
+        filename: the file name (its friendly name and kind come from it).
+        size_mb: the apparent size of the (sparse) file, close to the real model's.
+        options: more :func:`make_model` keyword arguments (a reranker's yes/no token ids).
+    """
+
+    filename: str
+    size_mb: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# Qwen's ids of the tokens "yes" and "no": the simulated reranker answers with them, like the real one.
+_YES_NO = {"yes_token": 9693, "no_token": 2152}
+
+#: The models ``rkllm demo`` and the quickstart make: two chat models
+#: (``qwen3-0.6b``, ``qwen3-1.7b``), an embedding model (``qwen3-embedding-0.6b``)
+#: and a reranker (``qwen3-reranker-0.6b``), under file names published for the RK3588.
+DEMO_MODELS: tuple[DemoModel, ...] = (
+    DemoModel("Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm", 890),
+    DemoModel("Qwen3-1.7B-rk3588-w8a8-opt-0-hybrid-ratio-0.0.rkllm", 2300),
+    DemoModel("Qwen3-Embedding-0.6B-rk3588-w8a8_g256-opt-1-hybrid-ratio-0.0.rkllm", 640),
+    DemoModel("Qwen3-Reranker-0.6B-rk3588-w8a8_g256-opt-1-hybrid-ratio-0.0.rkllm", 640, dict(_YES_NO)),
+)
+
+
+def default_demo_dir() -> Path:
+    """Return where the demo models go by default (``${XDG_CACHE_HOME:-~/.cache}/rkllm/demo/models``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rkllm" / "demo" / "models"
+
+
+def make_demo_models(
+    directory: str | os.PathLike[str] | None = None, models: tuple[DemoModel, ...] = DEMO_MODELS
+) -> list[Path]:
+    """Write the demo model files (sparse: they cost no disk) and return their paths.
+
+    Idempotent: a file that is already as it should be is not rewritten.
+
+    Args:
+        directory: where to write them (default :func:`default_demo_dir`).
+        models: which (default :data:`DEMO_MODELS`).
+    """
+    where = Path(directory) if directory is not None else default_demo_dir()
+    return [make_model(where, m.filename, size_mb=m.size_mb, **m.options) for m in models]
 
 
 class SimulatorControl:
@@ -236,12 +310,26 @@ class SimulatorControl:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the simulator for both ABIs and print the library paths."""
+    """Build the simulator for both ABIs and print the library paths.
+
+    stdout has one ``ABI<TAB>PATH`` line per ABI (for scripts); stderr says
+    what the paths are and how to use them.
+    """
     del argv
+    built: dict[str, Path] = {}
     for abi in ("1.2", "1.3"):
         try:
-            sys.stdout.write(f"{abi}\t{build_simulator(abi)}\n")
+            built[abi] = build_simulator(abi)
         except SimulatorBuildError as exc:
             sys.stderr.write(f"{exc}\n")
             return 1
+        sys.stdout.write(f"{abi}\t{built[abi]}\n")
+    sys.stdout.flush()
+    sys.stderr.write(
+        "These are the runtime SIMULATOR libraries (no NPU) for the RKLLM ABIs 1.2 and 1.3. To use one, "
+        f"point RKLLM_LIB_PATH at it, e.g.\n  export RKLLM_LIB_PATH={shlex.quote(str(built['1.3']))}\n"
+        "and put .rkllm files in a model directory (RKLLM_MODEL_DIR); or run\n"
+        '  eval "$(rkllm demo)"\n'
+        "which sets both for this shell, with demo models (add --abi 1.2 for the 1.2 one).\n"
+    )
     return 0
