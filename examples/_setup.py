@@ -2,7 +2,8 @@
 
 On a board the examples use ``librkllmrt.so`` and your ``.rkllm`` models (see the README).
 Without the runtime they say loudly that they run on the **simulator** (the banner of
-``examples/quickstart.py``), build it, and create a demo model file, so they run on any laptop.
+``examples/quickstart.py``), build it, and write the demo models of ``rkllm demo`` (in the same
+place, ``~/.cache/rkllm/demo/models``) when no models are found, so they run on any laptop.
 Simulated answers are deterministic functions of the prompt (``Echo: <prompt> — ok.``, tool
 calls when a prompt names a tool, JSON for a schema), not real answers.
 
@@ -22,16 +23,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rkllm_core.errors import LibraryNotFoundError, NoModelsFoundError  # noqa: E402
+from rkllm_core.filenames import parse_model_filename  # noqa: E402
 from rkllm_core.models.registry import ModelRegistry  # noqa: E402
 from rkllm_core.native.library import load_library  # noqa: E402
-from rkllm_core.sim import build_simulator, default_cache_dir, make_model  # noqa: E402
+from rkllm_core.sim import (  # noqa: E402
+    DEMO_MODELS,
+    DemoModel,
+    build_simulator,
+    default_demo_dir,
+    make_demo_models,
+)
 
-DEMO_MODEL = "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
-SECOND_DEMO_MODEL = "google_gemma-3-270m-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm"
-EMBED_DEMO_MODEL = "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm"
-RERANK_DEMO_MODEL = "Qwen3-Reranker-0.6B-rk3588-w8a8.rkllm"
-# Qwen's ids of the tokens "yes" and "no": the simulated reranker answers with them, like the real one.
-_YES_NO = {"yes_token": 9693, "no_token": 2152}
+# A second chat model of another family, for when your own directory holds only one: a demo
+# qwen3 model next to your qwen3 model would make their names ambiguous.
+SECOND_DEMO_MODEL = DemoModel("google_gemma-3-270m-w8a8-opt0-hybrid0-npu3-ctx16384-rk3588.rkllm", 600, {"think": False})
 BANNER = "=" * 78
 
 
@@ -82,8 +87,8 @@ def setup() -> Setup:
     except NoModelsFoundError:
         models = []
     if not models and simulated:
-        demo_dir = default_cache_dir().parent / "demo-models"
-        make_model(demo_dir, DEMO_MODEL, size_mb=890)  # sparse: costs no disk
+        demo_dir = default_demo_dir()
+        make_demo_models(demo_dir)  # the set `rkllm demo` makes, in the same place; sparse: costs no disk
         os.environ["RKLLM_MODEL_DIR"] = str(demo_dir)
         models = ModelRegistry().models()
     if not models:
@@ -97,15 +102,20 @@ def setup() -> Setup:
     return Setup(name, simulated, lib_path)
 
 
+def _add_demo_models(folder: str, models: tuple[DemoModel, ...]) -> None:
+    """Write some demo models into their own folder beside the demo set and add it to the model directories."""
+    demo_dir = default_demo_dir().parent / folder  # apart from the set: the user's models may share its names
+    make_demo_models(demo_dir, models)
+    dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
+    if str(demo_dir) not in dirs:
+        os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*dirs, str(demo_dir)])
+
+
 def another_model(env: Setup) -> str:
     """A second model for the examples that use two (on the simulator a demo one is created if needed)."""
     names = [m.name for m in ModelRegistry().models() if m.name != env.model and m.kind in ("chat", "vision")]
     if not names and env.simulated:
-        demo_dir = default_cache_dir().parent / "demo-models-second"  # apart: the first may be found twice
-        make_model(demo_dir, SECOND_DEMO_MODEL, size_mb=600, think=False)
-        dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
-        if str(demo_dir) not in dirs:
-            os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*dirs, str(demo_dir)])
+        _add_demo_models("second", (SECOND_DEMO_MODEL,))
         names = [m.name for m in ModelRegistry().models() if m.name != env.model and m.kind in ("chat", "vision")]
     if not names:
         raise SystemExit("this example needs two .rkllm models; only one was found")
@@ -128,14 +138,8 @@ def rag_models(env: Setup) -> tuple[str, str]:
 
     embed, rerank = find("embedding"), find("reranker")
     if (embed is None or rerank is None) and env.simulated:
-        demo_dir = default_cache_dir().parent / "demo-models-rag"
-        if embed is None:
-            make_model(demo_dir, EMBED_DEMO_MODEL, size_mb=640)
-        if rerank is None:
-            make_model(demo_dir, RERANK_DEMO_MODEL, size_mb=640, **_YES_NO)
-        dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
-        if str(demo_dir) not in dirs:
-            os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*dirs, str(demo_dir)])
+        kinds = {k for k, v in (("embedding", embed), ("reranker", rerank)) if v is None}
+        _add_demo_models("rag", tuple(m for m in DEMO_MODELS if parse_model_filename(m.filename).kind in kinds))
         embed, rerank = find("embedding"), find("reranker")
     if embed is None or rerank is None:
         missing = " and ".join(k for k, v in (("an embedding", embed), ("a reranker", rerank)) if v is None)
@@ -145,4 +149,3 @@ def rag_models(env: Setup) -> tuple[str, str]:
         )
     print(f"embeddings: {embed}; reranker: {rerank}{' (simulated)' if env.simulated else ''}")
     return embed, rerank
-
