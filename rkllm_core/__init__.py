@@ -60,7 +60,9 @@ _EXPORTS: dict[str, str] = {
     "ModelManager": "models.manager",
     "default_manager": "models.manager",
     "manager_for": "models.manager",
+    "set_default_manager": "models.manager",
     "Lease": "models.manager",
+    "LoadEvent": "models.manager",
     # chat
     "ChatEngine": "chat.engine",
     "ChatResponse": "chat.engine",
@@ -93,6 +95,7 @@ __all__ = [
     "InvalidParameterError",
     "KVState",
     "Lease",
+    "LoadEvent",
     "LibraryNotFoundError",
     "ModelFileError",
     "ModelInfo",
@@ -122,6 +125,7 @@ __all__ = [
     "find_library",
     "load_library",
     "manager_for",
+    "set_default_manager",
     "__version__",
 ]
 
@@ -151,7 +155,7 @@ if TYPE_CHECKING:
         UnsupportedRuntimeError,
     )
     from .filenames import ModelKind
-    from .models.manager import Lease, ModelManager, default_manager, manager_for
+    from .models.manager import Lease, LoadEvent, ModelManager, default_manager, manager_for, set_default_manager
     from .models.registry import ModelInfo, ModelRegistry
     from .native.library import RuntimeLibrary, find_library, load_library
     from .params import InitParams, PerfStats, SamplingParams, StreamChunk, Tensor

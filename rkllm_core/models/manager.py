@@ -49,6 +49,12 @@ sampling and ``max_new_tokens`` are fixed at ``rkllm_init``: instances are keyed
 (model, init settings), so a request with other settings loads another instance.
 On 1.3 they are per run and one instance serves every setting. Handles are closed
 at interpreter exit in reverse load order.
+
+The budget, unless given, keeps as many models as fit in the memory available
+(``RKLLM_MAX_LOADED`` and ``RKLLM_MEMORY_BUDGET_MB`` override it; see
+:mod:`rkllm_core.models.budget`); models that keep swapping each other out are
+named in a warning, at most once a minute. :meth:`ModelManager.on_load` tells a
+listener when a load starts and ends (the CLI and the server show it).
 """
 
 from __future__ import annotations
@@ -61,8 +67,8 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Generator, Hashable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Generator, Hashable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,15 +79,44 @@ from ..errors import BusyError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
 from ..params import SAMPLING_POLICIES, InitParams, PerfStats, SamplingParams, SamplingPolicy, context_len
 from ..runtime.handle import RKLLMRuntime
+from .budget import AUTO, Budget, SwapWatch, resolve_budget
 from .line import Action, LinePolicy, LoadedModel, Request
 from .registry import ModelInfo, ModelRegistry, require_kind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Lease", "LoadedModel", "ModelManager", "default_manager", "manager_for", "set_default_manager"]
+__all__ = [
+    "Lease",
+    "LoadEvent",
+    "LoadedModel",
+    "ModelManager",
+    "default_manager",
+    "manager_for",
+    "set_default_manager",
+]
 
 LONGROPE_MIN_CONTEXT = 16384
 """Models with a context above this use LongRoPE, which needs runtime >= 1.2.2."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadEvent:
+    """A load starting or ending, for :meth:`ModelManager.on_load` listeners.
+
+    Attributes:
+        name: the model's friendly name.
+        size_mb: its file size in MB.
+        phase: ``start``, ``done`` or ``failed``.
+        seconds: how long the load took (``done`` and ``failed``).
+        error: why it failed (``failed``).
+    """
+
+    name: str
+    size_mb: float
+    phase: Literal["start", "done", "failed"]
+    seconds: float | None = None
+    error: BaseException | None = None
+
 
 class Lease:
     """Permission to use a loaded model; the model stays loaded until released.
@@ -195,8 +230,11 @@ class ModelManager:
 
     Args:
         registry: where names are resolved (default: a registry over the default directories).
-        max_loaded: most instances loaded at once (default 1; ``None`` for no limit).
-        memory_budget_mb: most estimated memory in MB (``None`` for no limit).
+        max_loaded: most instances loaded at once (``None`` for no limit). Default ``"auto"``:
+            ``RKLLM_MAX_LOADED``, else no count limit when a memory budget applies, else 2.
+        memory_budget_mb: most estimated memory in MB (``None`` for no limit). Default ``"auto"``:
+            ``RKLLM_MEMORY_BUDGET_MB``, else what fits in the memory available now, unless
+            ``max_loaded`` was given (see :mod:`rkllm_core.models.budget`).
         library: the runtime library or its path (default: lookup on first load).
         abi: force the runtime ABI.
         preflight: check memory and the NPU driver before each load (:mod:`rkllm_core.preflight`),
@@ -206,28 +244,35 @@ class ModelManager:
             it at init (see :data:`~rkllm_core.params.SamplingPolicy`; a model's
             ``sampling_policy`` in its registry file overrides it). Default ``reload``: one
             instance per model, re-initialised when a request's sampling differs.
+        keep_alive: seconds a model may stay loaded unused before it is unloaded (``None`` or
+            negative: until the budget needs its room); :meth:`keep_alive` sets it per model.
     """
 
     def __init__(
         self,
         registry: ModelRegistry | None = None,
         *,
-        max_loaded: int | None = 1,
-        memory_budget_mb: float | None = None,
+        max_loaded: int | None | Literal["auto"] = AUTO,
+        memory_budget_mb: float | None | Literal["auto"] = AUTO,
         library: RuntimeLibrary | str | os.PathLike[str] | None = None,
         abi: str | None = None,
         preflight: bool | None = None,
         sampling_policy: SamplingPolicy = "reload",
+        keep_alive: float | None = None,
     ) -> None:
         if sampling_policy not in SAMPLING_POLICIES:
             raise InvalidParameterError(
                 f"sampling_policy must be one of {', '.join(SAMPLING_POLICIES)}, got {sampling_policy!r}"
             )
         bad_count = isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1
-        if max_loaded is not None and bad_count:
-            raise InvalidParameterError("max_loaded must be at least 1 (or None for no limit)")
-        if memory_budget_mb is not None and memory_budget_mb <= 0:
-            raise InvalidParameterError("memory_budget_mb must be positive (or None for no limit)")
+        if max_loaded not in (None, AUTO) and bad_count:
+            raise InvalidParameterError("max_loaded must be at least 1 (or None for no limit, or 'auto')")
+        if memory_budget_mb not in (None, AUTO) and not (
+            isinstance(memory_budget_mb, int | float) and memory_budget_mb > 0
+        ):
+            raise InvalidParameterError("memory_budget_mb must be positive (or None for no limit, or 'auto')")
+        self.budget: Budget = resolve_budget(max_loaded, memory_budget_mb)
+        """The budget in force and where it came from."""
         self.registry = registry if registry is not None else ModelRegistry()
         self._library_arg = library
         self._abi_arg = abi
@@ -236,7 +281,13 @@ class ModelManager:
         self._library_lock = threading.Lock()
         self._mutex = threading.Lock()
         self.sampling_policy: SamplingPolicy = sampling_policy
-        self._policy = LinePolicy(max_loaded, memory_budget_mb, self._memory_shortfall_mb)
+        self._policy = LinePolicy(self.budget.max_loaded, self.budget.memory_budget_mb, self._memory_shortfall_mb)
+        self._swaps = SwapWatch()
+        self._load_listeners: list[Callable[[LoadEvent], None]] = []
+        self._keep_default = keep_alive
+        self._keep: dict[str, float | None] = {}  # per model, set by keep_alive()
+        self._reaper: threading.Thread | None = None  # unloads models idle past their keep-alive
+        self._reaper_wake = threading.Condition(self._mutex)
         self._ignored_sampling: set[tuple[str, SamplingParams]] = set()  # "fixed": what was logged already
         self._granted: dict[Request, Lease] = {}  # leases granted, not yet taken by their requests
         self._watchers: list[Waiter] = []  # unload() callers waiting for leases to end
@@ -253,6 +304,31 @@ class ModelManager:
     def memory_budget_mb(self) -> float | None:
         """Most estimated memory in MB (``None``: no limit)."""
         return self._policy.memory_budget_mb
+
+    def on_load(self, listener: Callable[[LoadEvent], None]) -> Callable[[], None]:
+        """Call ``listener`` when a load starts and when it ends; return a function that stops it.
+
+        The listener runs on the thread doing the load, never under the manager's
+        lock; what it raises is logged and ignored.
+        """
+        with self._mutex:
+            self._load_listeners.append(listener)
+
+        def remove() -> None:
+            with self._mutex:
+                if listener in self._load_listeners:
+                    self._load_listeners.remove(listener)
+
+        return remove
+
+    def _tell(self, event: LoadEvent) -> None:
+        with self._mutex:
+            listeners = list(self._load_listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("a load listener failed on %s", event)
 
     # -- library ---------------------------------------------------------------------------------
     @property
@@ -466,10 +542,84 @@ class ModelManager:
                 self._policy.unmark_unloading(mine)
                 self._pump()
 
+    # -- keep-alive: unloading models nobody used for a while ----------------------------------------
+    def keep_alive(self, name: str, seconds: float | None) -> None:
+        """Unload ``name`` once it has been unused for ``seconds`` (``None`` or negative: no expiry).
+
+        It holds for the model from now on (Ollama's ``keep_alive``); ``0`` unloads it as
+        soon as it is idle. A model in use is never unloaded by its keep-alive.
+        """
+        info = self.resolve(name)
+        with self._mutex:
+            self._keep[info.name] = None if seconds is None or seconds < 0 else float(seconds)
+            if self._keep[info.name] is not None:
+                self._start_reaper()
+            self._reaper_wake.notify_all()
+
+    def expires_at(self, name: str) -> float | None:
+        """When ``name`` will be unloaded for being unused (``time.time()`` seconds), ``None`` for never."""
+        model = self.resolve(name).name
+        keep = self._keeps_for(model)
+        if keep is None:
+            return None
+        with self._mutex:
+            entries = [e for (n, _), e in self._policy.entries.items() if n == model]
+            busy = any(e.leases or e.loading for e in entries)
+            last = max((e.last_used for e in entries), default=time.monotonic())
+        start = time.monotonic() if busy else last
+        return time.time() + (start + keep - time.monotonic())
+
+    def _keeps_for(self, name: str) -> float | None:
+        keep = self._keep[name] if name in self._keep else self._keep_default
+        return None if keep is None or keep < 0 else keep
+
+    def _start_reaper(self) -> None:
+        """Start the thread that unloads expired models (called with the lock held)."""
+        if self._reaper is None and not self._policy.closed:
+            self._reaper = threading.Thread(target=self._reap, name="rkllm-keep-alive", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Sleep until the next model's keep-alive ends, unload what expired; until the manager closes."""
+        while True:
+            with self._mutex:
+                expired, wait = self._expired(time.monotonic())
+                while not expired and not self._policy.closed:
+                    self._reaper_wake.wait(wait)
+                    expired, wait = self._expired(time.monotonic())
+                if self._policy.closed:
+                    return
+                self._policy.retire(expired)
+            for e in expired:
+                logger.info(
+                    "%s was unused for %.0f s (keep_alive): unloading", e.info.name, self._keeps_for(e.info.name)
+                )
+            try:
+                self._close_entries(expired)
+            finally:
+                with self._mutex:
+                    self._pump()
+
+    def _expired(self, now: float) -> tuple[list[LoadedModel], float | None]:
+        """The idle instances past their keep-alive, and how long until the next one is (lock held)."""
+        expired: list[LoadedModel] = []
+        wait: float | None = None
+        for (name, _), e in self._policy.entries.items():
+            keep = self._keeps_for(name)
+            if keep is None or e.leases or e.loading or e in self._policy.unloading:
+                continue
+            left = e.last_used + keep - now
+            if left <= 0:
+                expired.append(e)
+            else:
+                wait = left if wait is None else min(wait, left)
+        return expired, wait
+
     def close(self) -> None:
         """Close every loaded handle, newest first (waits, bounded, for running generations)."""
         with self._mutex:
             entries = self._policy.close()
+            self._reaper_wake.notify_all()
             for req in self._policy.line:
                 if req.pending:
                     req.error = RKLLMError("the model manager was closed")
@@ -548,6 +698,9 @@ class ModelManager:
         kind, payload = action
         if kind == "unload":
             assert isinstance(payload, list)
+            with self._mutex:
+                for victim in payload:
+                    self._swaps.evicted(victim.info.name, time.monotonic())
             try:
                 self._close_entries(payload)
             finally:
@@ -560,10 +713,14 @@ class ModelManager:
 
     def _load(self, req: Request, entry: LoadedModel) -> None:
         """Load ``entry`` and publish the outcome, whatever interrupts it (the line must never stall)."""
+        info = entry.info
+        logger.info("loading %s (%.0f MB)…", info.name, info.size_mb)
+        self._tell(LoadEvent(info.name, info.size_mb, "start"))
         t0 = time.perf_counter()
         try:
-            runtime = RKLLMRuntime(entry.info.path, params=entry.init, library=self.library, preflight=self._preflight)
+            runtime = RKLLMRuntime(info.path, params=entry.init, library=self.library, preflight=self._preflight)
         except BaseException as exc:
+            self._tell(LoadEvent(info.name, info.size_mb, "failed", time.perf_counter() - t0, exc))
             self._load_failed(entry, exc)
             if not isinstance(exc, Exception):  # Ctrl-C, SystemExit: the loading caller's to handle
                 raise
@@ -574,6 +731,7 @@ class ModelManager:
             runtime.close()
             self._load_failed(entry, exc)
             raise
+        self._tell(LoadEvent(info.name, info.size_mb, "done", entry.load_time_s))
 
     def _load_failed(self, entry: LoadedModel, exc: BaseException) -> None:
         """Everyone waiting for ``entry`` gets the failure (an interruption as an ``RKLLMError``)."""
@@ -590,10 +748,13 @@ class ModelManager:
             self.stats["loads"] += 1
             self._policy.loaded(req, entry, runtime, time.perf_counter() - t0)
             logger.info("loaded %s in %.2f s", entry.info.name, entry.load_time_s)
+            swapping = self._swaps.loaded(entry.info.name, time.monotonic())
             closed = self._policy.closed
             if closed:
                 self._policy.retire([entry])
             self._pump()
+        if swapping:
+            logger.warning("%s", swapping)
         if closed:
             runtime.close()
 
@@ -660,6 +821,9 @@ class ModelManager:
         with self._mutex:
             self._policy.release(entry, owner)
             self._pump()
+            if entry.leases == 0 and self._keeps_for(entry.info.name) is not None:
+                self._start_reaper()
+                self._reaper_wake.notify_all()
 
     def _record(self, entry: LoadedModel, stats: PerfStats | None) -> None:
         with self._mutex:
@@ -703,7 +867,12 @@ _managers: dict[tuple[str | None, str | None], ModelManager] = {}
 
 
 def default_manager() -> ModelManager:
-    """Return the process-wide manager (created on first use with default settings)."""
+    """Return the process-wide manager (created on first use with default settings).
+
+    Its budget keeps as many models as fit in the memory available; ``RKLLM_MAX_LOADED``
+    and ``RKLLM_MEMORY_BUDGET_MB`` override that. To choose everything, make a
+    :class:`ModelManager` and pass it to :func:`set_default_manager` before the first use.
+    """
     global _default
     with _default_lock:
         if _default is None:
@@ -712,7 +881,16 @@ def default_manager() -> ModelManager:
 
 
 def set_default_manager(manager: ModelManager | None) -> ModelManager | None:
-    """Replace the process-wide manager; return the previous one (not closed)."""
+    """Make ``manager`` the process-wide manager; return the previous one (not closed).
+
+    Every object created without ``manager=`` (``ChatRKLLM``, ``RKLLM``, the embedding
+    and rerank classes, ``ChatEngine``) uses the process-wide manager, so one call
+    sets the budget of a whole app::
+
+        set_default_manager(ModelManager(max_loaded=2))
+
+    ``None`` makes the next :func:`default_manager` call create a fresh one.
+    """
     global _default
     with _default_lock:
         previous, _default = _default, manager

@@ -1,6 +1,6 @@
 """``rkllm serve``: an OpenAI- and Ollama-compatible HTTP server on the same core as the adapters.
 
-Needs the ``server`` extra (FastAPI and uvicorn): ``pip install "boardllm[server]"``. Importing
+Needs the ``server`` extra (FastAPI and uvicorn): ``pip install -e ".[server]"`` in a checkout. Importing
 ``rkllm_core`` never imports this package, and this package imports FastAPI only when
 :func:`create_app` or :class:`ServerSettings` is used (so ``rkllm --help`` works without it).
 """

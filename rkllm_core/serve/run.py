@@ -15,11 +15,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..errors import RKLLMError
-from ..models.manager import ModelManager
+from ..models.budget import AUTO
+from ..models.manager import LoadEvent, ModelManager
 from ..models.registry import ModelRegistry
 
 if TYPE_CHECKING:
@@ -43,8 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", action="append", help="a model directory (repeatable; default RKLLM_MODEL_DIR)")
     parser.add_argument("--lib", help="runtime library path (default: RKLLM_LIB_PATH, then the usual places)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${ENV_API_KEY}, else none)")
-    parser.add_argument("--max-loaded", type=int, default=2, help="models loaded at once (default 2)")
-    parser.add_argument("--memory-budget-mb", type=float, help="estimated memory the loaded models may use")
+    parser.add_argument(
+        "--max-loaded",
+        type=int,
+        help="models loaded at once (default: RKLLM_MAX_LOADED, else as many as fit in the memory available)",
+    )
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="estimated MB the loaded models may use (default: RKLLM_MEMORY_BUDGET_MB, else the memory available)",
+    )
     parser.add_argument("--board", help="name reported in X-RKLLM-Board (default: the host name)")
     parser.add_argument("--max-waiting", type=int, default=64, help="requests in line before 429 (default 64)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="largest max_tokens accepted (default 8192)")
@@ -77,6 +87,19 @@ def _announce(manager: ModelManager, args: argparse.Namespace, api_key: str | No
         + ("; API key required" if api_key else "; no API key"),
         flush=True,
     )
+    print(f"rkllm serve: keeps {manager.budget.describe()}", flush=True)
+    manager.on_load(_show_load)
+
+
+def _show_load(event: LoadEvent) -> None:
+    """A line in the server's log when a model starts and ends loading (seconds of silence otherwise)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    if event.phase == "start":
+        print(f"{stamp} loading {event.name} ({event.size_mb:.0f} MB)…", file=sys.stderr, flush=True)
+    elif event.phase == "done":
+        print(f"{stamp} loaded {event.name} in {event.seconds:.1f} s", file=sys.stderr, flush=True)
+    else:
+        print(f"{stamp} loading {event.name} failed: {event.error}", file=sys.stderr, flush=True)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -84,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
-        print('rkllm serve needs the server extra: pip install "boardllm[server]"', file=sys.stderr)
+        print('rkllm serve needs the server extra: pip install -e ".[server]" in a checkout', file=sys.stderr)
         return 2
     from .app import ServerSettings, create_app
 
@@ -92,12 +115,16 @@ def serve(args: argparse.Namespace) -> int:
         print("rkllm serve: --shutdown-timeout must be 0 or more", file=sys.stderr)
         return 2
     api_key = args.api_key or os.environ.get(ENV_API_KEY) or None
-    manager = ModelManager(
-        ModelRegistry(args.model_dir or None),
-        library=args.lib,
-        max_loaded=args.max_loaded,
-        memory_budget_mb=args.memory_budget_mb,
-    )
+    try:
+        manager = ModelManager(
+            ModelRegistry(args.model_dir or None),
+            library=args.lib,
+            max_loaded=AUTO if args.max_loaded is None else args.max_loaded,
+            memory_budget_mb=AUTO if args.memory_budget_mb is None else args.memory_budget_mb,
+        )
+    except RKLLMError as exc:  # a bad --max-loaded or RKLLM_MAX_LOADED
+        print(f"rkllm serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     settings = ServerSettings(
         api_key=api_key,
         board=args.board or "",
