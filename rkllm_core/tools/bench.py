@@ -16,7 +16,10 @@ The JSON schema (``schema: 1``)::
                   "prompt_tokens", "runs",
                   "median": {metric: value}, "min": {...}, "max": {...},
                   "official": {"tokens_per_s", "ttft_ms", "memory_mb"} | null,
-                  "vs_official": float | null}]}
+                  "vs_official": float | null, "partial"?: true}]}
+
+A row with ``"partial": true`` holds the runs completed at that point before
+the benchmark was interrupted (fewer than ``repeat``).
 
 Metrics: ``ttft_ms`` (wall), ``prefill_tps`` / ``decode_tps`` (runtime perf
 stats), ``prefill_tps_wall`` / ``decode_tps_wall`` (wall clock),
@@ -172,36 +175,54 @@ def run_bench(
     reranker models embedding :data:`RETRIEVAL_BATCH` texts, or scoring as many
     (query, document) pairs, per call (``retrieval``: items/s and prefill tokens/s).
 
-    ``KeyboardInterrupt`` stops early: the report so far is returned with ``partial: true``.
+    ``KeyboardInterrupt`` stops early: the report so far is returned with ``partial: true``,
+    including the runs completed at the point in progress (that row marked ``partial: true``).
     """
     chat_infos, retrieval_infos = _models_to_bench(manager, models)
     table = official_table()
     report = _new_report(manager, config, table)
     runs_in_all = (len(chat_infos) + len(retrieval_infos)) * len(config.prompt_tokens) * (config.repeat + config.warmup)
     bar = _Progress(progress, runs_in_all)
+
+    def point(rows: list[dict[str, Any]], label: str, run: Callable[[], dict[str, float]], row: _Row) -> None:
+        runs: list[dict[str, float]] = []
+        try:
+            bar.repeat(config, label, run, runs)
+        except KeyboardInterrupt:
+            if runs:  # keep what was measured, marked as such
+                rows.append({**row(runs), "partial": True})
+            raise
+        rows.append(row(runs))
+        if on_result is not None:
+            on_result(report)
+
     try:
         for info in chat_infos:
+            bar.break_line()  # the model's loading line goes on a line of its own
             load_s = _load_alone(manager, info, config.new_tokens)
             official = find_official(info, table)
             for tokens in config.prompt_tokens:
                 run = partial(_one_run, manager, info.name, make_prompt(tokens), config.new_tokens)
-                runs = bar.repeat(config, f"{info.name} prompt {tokens}", run)
-                report["results"].append(_chat_result(info, tokens, load_s, runs, official))
-                if on_result is not None:
-                    on_result(report)
+                row = partial(_chat_result, info, tokens, load_s, official=official)
+                point(report["results"], f"{info.name} prompt {tokens}", run, row)
         engine = EmbeddingEngine(manager)
         for info in retrieval_infos:
             for tokens in config.prompt_tokens:
-                runs = bar.repeat(
-                    config, f"{info.name} {tokens}-token texts", partial(_retrieval_run, engine, info, tokens)
+                run = partial(_retrieval_run, engine, info, tokens)
+                point(
+                    report["retrieval"],
+                    f"{info.name} {tokens}-token texts",
+                    run,
+                    partial(_retrieval_result, info, tokens),
                 )
-                report["retrieval"].append(_retrieval_result(info, tokens, runs))
-                if on_result is not None:
-                    on_result(report)
     except KeyboardInterrupt:
         report["partial"] = True
     bar.end()
     return report
+
+
+# Makes one report row from the measured runs of a point.
+_Row = Callable[[list[dict[str, float]]], dict[str, Any]]
 
 
 def _models_to_bench(manager: ModelManager, models: Sequence[str]) -> tuple[list[ModelInfo], list[ModelInfo]]:
@@ -249,19 +270,31 @@ class _Progress:
         self._out = out
         self._total = total
         self._done = 0
+        self._drawn = False
 
-    def repeat(self, config: BenchConfig, label: str, run: Callable[[], dict[str, float]]) -> list[dict[str, float]]:
-        """Run ``run`` ``config.warmup + config.repeat`` times; the measurements after the warm-up."""
-        runs = []
+    def repeat(
+        self, config: BenchConfig, label: str, run: Callable[[], dict[str, float]], runs: list[dict[str, float]]
+    ) -> None:
+        """Run ``run`` ``config.warmup + config.repeat`` times; add the measurements after the warm-up to ``runs``.
+
+        Each measurement is added as soon as it is taken, so an interruption keeps the ones before it.
+        """
         for i in range(config.warmup + config.repeat):
             self._show(f"{label} run {i + 1}")
             measured = run()
             self._done += 1
             if i >= config.warmup:
                 runs.append(measured)
-        return runs
+
+    def break_line(self) -> None:
+        """End the bar's line if it was drawn since the last break, so other output starts a line."""
+        if self._out is not None and self._drawn:
+            self._out.write("\n")
+            self._out.flush()
+        self._drawn = False
 
     def _show(self, label: str) -> None:
+        self._drawn = True
         if self._out is not None:
             width = 30
             filled = int(width * self._done / max(self._total, 1))
@@ -357,7 +390,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         m, lo, hi = r["median"], r["min"], r["max"]
         vs = f"{r['vs_official']:.0%} of {r['official']['tokens_per_s']}" if r.get("vs_official") else "—"
         lines.append(
-            f"| {r['model']} | {r['prompt_tokens']} | {m['decode_tps']:.1f} ({m['decode_tps_wall']:.1f}) "
+            f"| {r['model']} | {r['prompt_tokens']}{_partial_note(r)} | "
+            f"{m['decode_tps']:.1f} ({m['decode_tps_wall']:.1f}) "
             f"[{lo['decode_tps']:.1f}–{hi['decode_tps']:.1f}] | {vs} | {m['ttft_ms']:.0f} | "
             f"{m['prefill_tps']:.0f} ({m['prefill_tps_wall']:.0f}) | {r['context']} | {m['memory_mb']:.0f} | "
             f"{m['rss_mb']:.0f} | {r['load_s']:.2f} |"
@@ -372,11 +406,17 @@ def to_markdown(report: dict[str, Any]) -> str:
             m = r["median"]
             unit = "texts" if r["kind"] == "embedding" else "pairs"
             lines.append(
-                f"| {r['model']} | {r['kind']} | {r['text_tokens']} | {m['items_per_s']:.1f} {unit} | "
+                f"| {r['model']} | {r['kind']} | {r['text_tokens']}{_partial_note(r)} | "
+                f"{m['items_per_s']:.1f} {unit} | "
                 f"{m['tokens_per_s']:.0f} | {m['ms_per_item']:.1f} |"
             )
     lines += ["", f"Official numbers: {report['reference']['source']} (runtime {report['reference']['runtime']})."]
     return "\n".join(lines) + "\n"
+
+
+def _partial_note(row: dict[str, Any]) -> str:
+    """`` (partial: N runs)`` for a row cut short by an interruption, else nothing."""
+    return f" (partial: {len(row['runs'])} runs)" if row.get("partial") else ""
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -423,8 +463,20 @@ def write_outputs(report: dict[str, Any], json_path: Path, markdown_path: Path |
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    """Read a report written by ``rkllm bench``."""
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not an rkllm bench report (schema {data.get('schema')!r})")
+    """Read a report written by ``rkllm bench``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is not an ``rkllm bench`` report; the message names it.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not an rkllm bench report (not JSON: {exc})") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise ValueError(f"{path} is not an rkllm bench report (schema {schema!r})")
+    missing = [k for k in ("title", "system", "library", "results") if k not in data]
+    if missing or not isinstance(data["results"], list):
+        raise ValueError(f"{path} is not a complete rkllm bench report (missing {', '.join(missing) or 'results'})")
     return data

@@ -4,35 +4,41 @@ Subcommands:
 
 * ``rkllm models [--json] [--model-dir DIR ...]``: the models found, with
   their friendly names, kinds and the facts read from their file names.
+* ``rkllm ps [--url URL] [--json]``: the models a running ``rkllm serve`` has loaded.
 * ``rkllm info [--json]``: runtime library (path, ABI and why), versions,
   board, RAM, kernel, CPU/NPU/DDR clocks and governors, model directories.
 * ``rkllm chat MODEL``: interactive streaming chat (multi-turn through the
-  KV cache); Ctrl-C stops the current answer, not the program.
+  KV cache); Ctrl-C stops the current answer, not the program
+  (:mod:`rkllm_core.tools.repl`).
 * ``rkllm bench [MODEL ...]`` and ``rkllm bench compare A.json B.json``.
 * ``rkllm doctor [MODEL ...]``: a pass/fail board validation to paste into an issue.
 * ``rkllm serve [--host H] [--port P] ...``: the OpenAI- and Ollama-compatible server (:mod:`rkllm_core.serve`).
+* ``rkllm --version``.
+
+Every failure is one ``rkllm: error: ...`` line on stderr and a non-zero exit
+status (2 for a bad model, file or library; 130 after Ctrl-C); a closed
+standard output (``rkllm info | head -1``) ends the command quietly (141).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from ..errors import RKLLMError
 from ..models.registry import ModelInfo, ModelRegistry
+from .repl import cmd_chat
+from .table import table as _table
 
-if TYPE_CHECKING:
-    from ..chat.engine import ChatEngine, ChatEvent
-    from ..chat.messages import ChatMessage
-
-JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb", "loaded")
+JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb")
 
 
-def _model_row(info: ModelInfo, loaded: bool) -> dict[str, object]:
+def _model_row(info: ModelInfo) -> dict[str, object]:
     return {
         "name": info.name,
         "kind": info.kind,
@@ -42,26 +48,13 @@ def _model_row(info: ModelInfo, loaded: bool) -> dict[str, object]:
         "dtype": info.dtype,
         "platform": info.platform,
         "size_mb": round(info.size_mb, 1),
-        "loaded": loaded,
     }
 
 
-def _table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]]) -> str:
-    cells = [[h for _, h in columns]] + [["" if r[k] is None else str(r[k]) for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    """List the registered models."""
+    """List the registered models (what a running server has loaded: ``rkllm ps``)."""
     registry = ModelRegistry(args.model_dir or None)
-    models = registry.models()
-    from ..models.manager import _default  # only an already-created default manager can have models loaded
-
-    loaded = {e.info.name for e in _default.loaded()} if _default is not None else set()
-    rows = [_model_row(m, m.name in loaded) for m in models]
+    rows = [_model_row(m) for m in registry.models()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -77,11 +70,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         ("dtype", "DTYPE"),
         ("platform", "PLATFORM"),
         ("size_mb", "SIZE_MB"),
-        ("loaded", "LOADED"),
     ]
-    print(_table(rows, columns))
-    for problem in registry.errors:
-        print(f"warning: {problem}", file=sys.stderr)
+    print(_table(rows, columns))  # problems in registry files were logged when they were read
     return 0
 
 
@@ -165,127 +155,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive streaming chat; Ctrl-C stops the current answer, Ctrl-D or /exit quits."""
-    from ..chat.engine import ChatEngine
-    from ..models.manager import manager_for
-
-    engine = ChatEngine(manager_for(args.model_dir, args.lib))
-    info = engine.manager.resolve(args.model)  # unknown names fail here, before anything loads
-    chat = _Chat(engine, info.name, args.system, bool(args.think), sys.stdout.isatty() and not args.no_color)
-    print(f"chatting with {info.name} ({info.filename}); /reset, /system TEXT, /think on|off, /exit")
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            return 0
-        if text and not chat.command(text):
-            chat.answer(text)
-
-
-class _Chat:
-    """The conversation of ``rkllm chat``: its commands, and each answer streamed to the terminal."""
-
-    def __init__(self, engine: ChatEngine, model: str, system: str | None, thinking: bool, color: bool) -> None:
-        self.engine = engine
-        self.model = model
-        self.system = system
-        self.thinking = thinking
-        self.history: list[ChatMessage] = []
-        self.dim, self.reset = (DIM, RESET) if color else ("", "")
-
-    def command(self, text: str) -> bool:
-        """Carry out ``/reset``, ``/system TEXT`` or ``/think on|off``; False when ``text`` is none of them."""
-        if text == "/reset":
-            self.history = []
-            print("(conversation cleared)")
-        elif text.startswith("/system"):
-            self.system = text[len("/system") :].strip() or None
-            self.history = []
-            print(f"(system prompt {'set' if self.system else 'cleared'}; conversation cleared)")
-        elif text.startswith("/think"):
-            self.thinking = text.endswith("on")
-            print(f"(thinking {'on' if self.thinking else 'off'})")
-        else:
-            return False
-        return True
-
-    def answer(self, text: str) -> None:
-        """Stream the answer to ``text``; Ctrl-C stops it (and aborts the run), an error is reported."""
-        from ..chat.messages import ChatMessage
-        from ..chat.options import ChatOptions
-
-        self.history.append(ChatMessage("user", text))
-        messages = ([ChatMessage("system", self.system)] if self.system else []) + self.history
-        stream = self.engine.stream(self.model, messages, ChatOptions(enable_thinking=self.thinking))
-        try:
-            self._show(stream)
-        except KeyboardInterrupt:
-            stream.close()  # aborts the generation on the NPU; the program goes on
-            self.history.pop()
-            print(f"{self.reset}\n(stopped)")
-        except RKLLMError as exc:
-            self.history.pop()
-            print(f"{self.reset}\nerror: {exc}", file=sys.stderr)
-
-    def _show(self, events: Iterable[ChatEvent]) -> None:
-        """Print the events of one answer: reasoning dimmed, tool calls in brackets, usage at the end."""
-        from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCall
-
-        dim, reset = self.dim, self.reset
-        in_reasoning = False
-        for event in events:
-            if isinstance(event, ReasoningDelta):
-                if not in_reasoning:
-                    print(dim, end="")
-                    in_reasoning = True
-                print(event.text, end="", flush=True)
-                continue
-            if in_reasoning:
-                print(reset + "\n", end="")
-                in_reasoning = False
-            if isinstance(event, TextDelta):
-                print(event.text, end="", flush=True)
-            elif isinstance(event, ToolCall):
-                print(f"[tool call {event.name}({json.dumps(event.arguments)})]", end="", flush=True)
-            elif isinstance(event, ChatDone):
-                self.history.append(event.message)
-                u = event.usage
-                rate = event.stats.decode_tokens_per_s if event.stats else 0.0
-                print(
-                    f"\n{dim}[{u.output_tokens} tokens at {rate:.1f} tok/s; prefilled {u.prefilled_tokens} "
-                    f"of {u.input_tokens} context tokens; {event.finish_reason}]{reset}"
-                )
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark models, or compare two reports (``rkllm bench compare A.json B.json``)."""
     from pathlib import Path
 
     from ..models.manager import ModelManager
-    from .bench import BenchConfig, compare, load_report, run_bench, to_markdown, write_outputs
+    from .bench import BenchConfig, run_bench, to_markdown, write_outputs
+    from .loading import show_loads
 
     if args.models[:1] == ["compare"]:
-        if len(args.models) != 3:
-            print("usage: rkllm bench compare A.json B.json", file=sys.stderr)
-            return 2
-        try:
-            a, b = load_report(args.models[1]), load_report(args.models[2])
-        except (OSError, ValueError) as exc:
-            print(f"rkllm: error: {exc}", file=sys.stderr)
-            return 2
-        print(compare(a, b), end="")
-        return 0
+        return _bench_compare(args.models[1:])
     if any(n < 1 for n in args.prompt_tokens) or args.new_tokens < 1 or args.repeat < 1 or args.warmup < 0:
         print("rkllm: error: token counts and --repeat must be positive", file=sys.stderr)
         return 2
@@ -295,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path, md_path = out_dir / f"rkllm-bench-{stamp}.json", out_dir / f"rkllm-bench-{stamp}.md"
-    with ModelManager(registry, library=args.lib) as manager:
+    with ModelManager(registry, library=args.lib) as manager, show_loads(manager):
         report = run_bench(
             manager,
             args.models,
@@ -309,26 +188,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 130 if report["partial"] else 0
 
 
+def _bench_compare(paths: Sequence[str]) -> int:
+    """``rkllm bench compare A.json B.json``."""
+    from .bench import compare, load_report
+
+    if len(paths) != 2:
+        print("usage: rkllm bench compare A.json B.json", file=sys.stderr)
+        return 2
+    try:
+        a, b = load_report(paths[0]), load_report(paths[1])
+    except OSError as exc:
+        print(f"rkllm: error: cannot read {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"rkllm: error: {exc}", file=sys.stderr)
+        return 2
+    print(compare(a, b), end="")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Validate the runtime, a model and the binding; print a report to paste into an issue."""
+    """Validate the runtime, a model and the binding; print a report to paste into an issue.
+
+    On the simulator, with no model, no ``--model-dir`` and no ``RKLLM_MODEL_DIR``, two
+    simulated models are made in a temporary directory, removed afterwards.
+    """
     import tempfile
 
     from ..board import read_system_state
+    from ..models.registry import ENV_MODEL_DIR
     from ..native.library import load_library
     from .doctor import default_manager_for, format_report, run_doctor
 
-    model_dirs = args.model_dir
-    lib_line = ""
+    lib_line, simulator = "", False
     try:
         lib = load_library(args.lib)
         lib_line = f"{lib.path} (ABI {lib.abi}, version {lib.version or 'unknown'})"
-        if lib.is_simulator and not args.models and not model_dirs:
-            from ..sim import make_model
-
-            demo = tempfile.mkdtemp(prefix="rkllm-doctor-")
-            make_model(demo, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")
-            make_model(demo, "gemma-3-1b-it_w8a8.rkllm")
-            model_dirs = [demo]
+        simulator = lib.is_simulator
     except RKLLMError:
         pass  # the library step reports it
     s = read_system_state()
@@ -336,8 +232,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"rkllm doctor — {s.board or s.soc or s.machine}, {s.kernel}, NPU driver {s.npu_driver or 'unknown'}, "
         f"runtime {lib_line or 'not found'}"
     )
-    with default_manager_for(model_dirs, args.lib) as manager:
-        results = run_doctor(manager, args.models)
+    demo = simulator and not args.models and not args.model_dir and not os.environ.get(ENV_MODEL_DIR, "").strip()
+    with tempfile.TemporaryDirectory(prefix="rkllm-doctor-") as work:
+        model_dirs = args.model_dir
+        if demo:
+            from ..sim import make_model
+
+            make_model(work, "Qwen_Qwen3-0.6B-w8a8-opt0-hybrid0-npu3-ctx4096-rk3588.rkllm")
+            make_model(work, "gemma-3-1b-it_w8a8.rkllm")
+            model_dirs = [work]
+        with default_manager_for(model_dirs, args.lib) as manager:
+            results = run_doctor(manager, args.models, work_dir=work)
     print(format_report(results, header))
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
@@ -345,6 +250,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``rkllm`` command."""
     parser = argparse.ArgumentParser(prog="rkllm", description="LLMs on the Rockchip NPU (RKLLM runtime).")
+    parser.add_argument("--version", action="version", version=f"rkllm {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list the models found in the model directories")
     p.add_argument("--json", action="store_true", help="print a JSON list (keys: " + ", ".join(JSON_KEYS) + ")")
@@ -387,24 +293,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
     p.set_defaults(func=cmd_doctor)
-    from . import demo, pull
+    from . import demo, ps, pull
 
+    ps.add_parser(sub)
     pull.add_parsers(sub)
     demo.add_parsers(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rkllm`` console script."""
-    args = build_parser().parse_args(argv)
+def version() -> str:
+    """The installed ``boardllm`` version (``rkllm_core.__version__`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
     try:
-        return int(args.func(args))
+        return installed("boardllm")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rkllm`` console script.
+
+    Returns:
+        The exit status: 0, 1 (a check or every answer failed, no server), 2 (an error,
+        one ``rkllm: error: ...`` line), 130 (Ctrl-C) or 141 (standard output closed).
+    """
+    _log_to_stderr()
+    try:
+        args = build_parser().parse_args(argv)
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except RKLLMError as exc:
-        print(f"rkllm: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     except KeyboardInterrupt:
-        print("rkllm: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+    except OSError as exc:  # a file or directory the user named: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+
+
+def _fail(message: str, status: int = 2) -> int:
+    try:
+        print(f"rkllm: error: {message}", file=sys.stderr)
+    except OSError:
+        pass
+    return status
+
+
+def _stdout_closed() -> int:
+    """Standard output was closed (``rkllm info | head -1``): end quietly, as after SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+    return 141
+
+
+def _log_to_stderr() -> None:
+    """Show the library's warnings (a bad value in a registry file, ...) as ``rkllm: warning: ...`` lines."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_CliFormatter())
+        handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"rkllm: {record.levelname.lower()}: {record.getMessage()}"
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Steps: struct layouts, library and ABI (what was verified and what is
 assumed), the pre-flight checks (memory, NPU driver, CPU), init, stream, abort
-mid-stream, a swap between two models, prompt-cache save and load. Each step
-passes, fails (with the error), warns, or is skipped (with the reason); on the
-simulator the same steps run against simulated models.
+mid-stream, a swap between two models, prompt-cache save and load. The
+generation steps use chat models; an embedding or reranker model among the
+models gets an embedding (or reranking) step instead. Each step passes, fails
+(with the error), warns, or is skipped (with the reason); on the simulator the
+same steps run against simulated models.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .. import preflight
 from ..models.manager import ModelManager
-from ..models.registry import ModelRegistry
+from ..models.registry import CHAT_KINDS, ModelInfo, ModelRegistry
 from ..native import functions, structs
 
 __all__ = ["CheckResult", "EXPECTED_SIZES", "run_doctor"]
@@ -64,12 +67,20 @@ def run_doctor(
     checkup.step("struct layouts", check_layouts)
     if checkup.step("runtime library and ABI", checkup.library) and checkup.step("models", checkup.pick):
         checkup.preflight()
-        if checkup.step("init", checkup.init):
+        if not checkup.model:
+            checkup.results.append(CheckResult(_CHAT_STEPS, "SKIP", checkup.no_chat_model()))
+        elif checkup.step("init", checkup.init):
             checkup.step("stream", checkup.stream)
             checkup.step("abort mid-stream", checkup.abort)
             checkup.step("swap between two models", checkup.swap)
             checkup.step("prompt cache save and load", checkup.prompt_cache)
+        for info in checkup.retrieval:
+            step = "embedding" if info.kind == "embedding" else "reranking"
+            checkup.step(f"{step} ({info.name})", partial(checkup.retrieve, info))
     return checkup.results
+
+
+_CHAT_STEPS = "init, stream, abort, swap, prompt cache"
 
 
 class _Checkup:
@@ -80,8 +91,10 @@ class _Checkup:
         self.requested = list(models)
         self.work_dir = work_dir
         self.results: list[CheckResult] = []
-        self.names: list[str] = []
-        self.model = ""
+        self.names: list[str] = []  # the chat models to use
+        self.model = ""  # the first of them ("" when there is none)
+        self.others: list[ModelInfo] = []  # the models that are not chat models
+        self.retrieval: list[ModelInfo] = []  # the first embedding and the first reranker model
 
     def step(self, name: str, fn: Callable[[], str]) -> bool:
         """Run one step and record its result; False when it failed."""
@@ -111,18 +124,51 @@ class _Checkup:
         return f"{kind}{lib.path} ABI {lib.abi}, version {lib.version or 'unknown'}; {checked}; {runs}"
 
     def pick(self) -> str:
-        self.names = self.requested or [m.name for m in self.manager.registry.models()]
-        if not self.names:
+        if self.requested:
+            infos = [self.manager.resolve(name) for name in self.requested]
+        else:
+            infos = self.manager.registry.models()
+        if not infos:
             dirs = ", ".join(str(d) for d in self.manager.registry.model_dirs)
             raise LookupError(f"no models found (searched {dirs}); pass a model or set RKLLM_MODEL_DIR")
-        self.model = self.manager.resolve(self.names[0]).name
-        return f"using {self.model}" + (f", second model {self.names[1]}" if len(self.names) > 1 else "")
+        self.names = [info.name for info in infos if info.kind in CHAT_KINDS]
+        self.model = self.names[0] if self.names else ""
+        self.others = [info for info in infos if info.kind not in CHAT_KINDS]
+        firsts = {info.kind: info for info in reversed(self.others) if info.kind in ("embedding", "reranker")}
+        self.retrieval = sorted(firsts.values(), key=self.others.index)
+        used = f"using {self.model}" if self.model else "no chat model"
+        if len(self.names) > 1:
+            used += f", second model {self.names[1]}"
+        if self.retrieval:
+            used += "; " + ", ".join(f"{info.kind} model {info.name}" for info in self.retrieval)
+        return used
+
+    def no_chat_model(self) -> str:
+        """Why the generation steps are skipped."""
+        listed = ", ".join(f"{info.name} ({info.kind})" for info in self.others)
+        return f"skipped: no chat model among {listed}; pass a chat model to run them"
+
+    def retrieve(self, info: ModelInfo) -> str:
+        """Embed two texts with an embedding model, or score two documents with a reranker."""
+        from ..embed import EmbeddingEngine
+
+        engine = EmbeddingEngine(self.manager)
+        if info.kind == "embedding":
+            vectors = engine.embed(info.name, ["the sky is blue", "birds fly over the hills"]).vectors
+            if len(vectors) != 2 or not vectors[0] or len(vectors[0]) != len(vectors[1]):
+                raise AssertionError(f"expected two vectors of one size, got {[len(v) for v in vectors]}")
+            return f"2 texts embedded, {len(vectors[0])} dimensions"
+        scores = engine.rerank(info.name, "where do birds fly?", ["birds fly over the hills", "the sea is wide"]).scores
+        if len(scores) != 2:
+            raise AssertionError(f"expected two scores, got {scores}")
+        return f"2 documents scored: {scores[0]:.3f}, {scores[1]:.3f}"
 
     def preflight(self) -> None:
         """One result per pre-flight finding (memory, NPU driver, CPU) for the first model."""
         lib = self.manager.library
         note = " (the simulator: not applied when loading)" if lib.is_simulator else ""
-        for finding in preflight.check(self.manager.resolve(self.model).path, lib.version):
+        first = self.manager.resolve(self.model) if self.model else self.others[0]
+        for finding in preflight.check(first.path, lib.version):
             status = {"ok": "PASS", "problem": "FAIL", "warning": "WARN", "unknown": "SKIP"}[finding.status]
             detail = ("unknown: " if finding.status == "unknown" else "") + finding.detail + note
             self.results.append(CheckResult(f"pre-flight: {finding.check}", status, detail))
