@@ -253,3 +253,15 @@ def test_the_quickstart_makes_the_demo_set_where_rkllm_demo_does_and_says_what_n
     assert again.returncode == 0, again.stderr
     assert exports(again.stdout)["RKLLM_MODEL_DIR"] == str(made)
     assert all(p.stat().st_mtime_ns == old for p in files)  # the same set: rkllm demo had nothing to write
+
+
+def test_demo_on_a_machine_with_a_runtime_says_the_exports_point_away_from_it(demo: dict[str, object]) -> None:
+    env = dict(demo["env"])  # type: ignore[call-overload]
+    real = Path(env["HOME"]) / "lib" / "librkllmrt.so"
+    real.parent.mkdir(exist_ok=True)
+    real.write_bytes(b"")  # found by its name; demo never loads it
+    env["RKLLM_LIB_PATH"] = str(real)
+    proc = run(env, "-m", "rkllm_core.tools", "demo")
+    assert proc.returncode == 0, proc.stderr
+    assert f"this machine has an NPU runtime ({real})" in proc.stderr
+    assert exports(proc.stdout) == demo["exports"]  # still the simulator's

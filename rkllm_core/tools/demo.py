@@ -70,6 +70,7 @@ def explanation(library: Path, abi: str, directory: Path, command: str = "rkllm 
     from ..models.registry import ModelRegistry
 
     models = ModelRegistry([directory]).models()
+    real = _real_runtime()
     width = max(len(m.name) for m in models)
     rows = [f"  {m.name:<{width}}  {m.kind:<9}  {m.filename}" for m in models]
     return "\n".join(
@@ -86,5 +87,22 @@ def explanation(library: Path, abi: str, directory: Path, command: str = "rkllm 
             f'  eval "$({command})"',
             *(f"  {command}" for command in NEXT_STEPS),
             "On a board: unset RKLLM_LIB_PATH RKLLM_MODEL_DIR to use the NPU and your own models again.",
+            *(
+                [f"Note: this machine has an NPU runtime ({real}); the exports point rkllm away from it."]
+                if real
+                else []
+            ),
         ]
     )
+
+
+def _real_runtime() -> Path | None:
+    """The runtime library ``rkllm`` would use without the demo's exports, unless it is a simulator."""
+    from ..errors import LibraryNotFoundError
+    from ..native.library import find_library
+
+    try:
+        found = find_library()
+    except LibraryNotFoundError:
+        return None
+    return None if found.name.startswith("librkllmrt-sim") else found
