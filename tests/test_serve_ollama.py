@@ -365,8 +365,8 @@ def test_the_shutdowns_abort_ends_streams_with_an_error_line(manager: ModelManag
 
 
 def test_the_readme_ollama_curl_examples_work(url: str) -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Ollama's API on the same port", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text(encoding="utf-8")
+    section = page.split("## Ollama's API on the same port", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [c.strip() for c in block.replace("\\\n", " ").replace(",\n", ", ").splitlines() if c.strip()]
     assert len(commands) >= 4 and all(c.startswith("curl") for c in commands)
@@ -375,3 +375,33 @@ def test_the_readme_ollama_curl_examples_work(url: str) -> None:
         out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True).stdout
         body = json.loads(out)
         assert "error" not in body and body, (command, body)
+
+
+def test_keep_alive_unloads_a_model_after_its_request(url: str, manager: ModelManager) -> None:
+    client = ollama.Client(host=url)
+    client.generate(model="gemma3-1b", prompt="stay", keep_alive=-1)
+    reply = client.generate(model="qwen3-0.6b", prompt="then go", keep_alive=0)  # answered, then unloaded
+    assert reply.response == "Echo: then go — ok."
+    end = time.monotonic() + 20
+    while manager.is_loaded("qwen3-0.6b") and time.monotonic() < end:
+        time.sleep(0.01)
+    assert not manager.is_loaded("qwen3-0.6b") and manager.is_loaded("gemma3-1b")
+    [row] = client.ps().models
+    assert row.model.startswith("gemma3-1b") and row.expires_at is not None and row.expires_at.year == 9999
+    client.generate(model="qwen3-0.6b", prompt="", keep_alive="90s")
+    until = {m.model.split(":")[0]: m.expires_at for m in client.ps().models}["qwen3-0.6b"]
+    assert until is not None and 0 < until.timestamp() - time.time() <= 90
+
+
+def test_serve_keep_alive_option_reads_durations() -> None:
+    import argparse
+
+    from rkllm_core.serve.run import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--keep-alive", "5m"]).keep_alive == 300
+    assert parser.parse_args(["--keep-alive", "-1"]).keep_alive == -1
+    assert parser.parse_args([]).keep_alive is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--keep-alive", "soon"])

@@ -543,6 +543,11 @@ class ModelManager:
                 self._pump()
 
     # -- keep-alive: unloading models nobody used for a while ----------------------------------------
+    @property
+    def default_keep_alive(self) -> float | None:
+        """Seconds a model may stay unused before it is unloaded, unless set per model (``None``: no limit)."""
+        return self._keep_default
+
     def keep_alive(self, name: str, seconds: float | None) -> None:
         """Unload ``name`` once it has been unused for ``seconds`` (``None`` or negative: no expiry).
 

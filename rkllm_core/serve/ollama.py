@@ -24,10 +24,9 @@ import asyncio
 import json
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends
@@ -75,29 +74,18 @@ router = APIRouter(route_class=protocol_route(error_response))
 _api = APIRouter(route_class=protocol_route(error_response), dependencies=[Depends(require_api_key)])
 
 
-# -- what the server remembers per app: the keep_alive each model was last asked for ---------------------------
+# -- keep_alive: how long a model stays loaded unused after a request --------------------------------------------
 
 
-class _Expiry:
-    """Until when each model was asked to stay loaded (``/api/ps`` shows it; nothing unloads by it yet)."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, datetime] = {}
-
-    def note(self, model: str, keep_alive: float | None) -> None:
-        if keep_alive is None:
-            return
-        self._until[model] = _NEVER if keep_alive < 0 else datetime.now(UTC) + timedelta(seconds=keep_alive)
-
-    def until(self, model: str) -> datetime:
-        return self._until.get(model, _NEVER)
+def _keep(state: ServerState, name: str, keep_alive: float | None) -> None:
+    """Apply a request's ``keep_alive`` to ``name`` (absent: the server's ``--keep-alive``), as Ollama does."""
+    manager = state.manager
+    manager.keep_alive(name, manager.default_keep_alive if keep_alive is None else keep_alive)
 
 
-_expiries: weakref.WeakKeyDictionary[ServerState, _Expiry] = weakref.WeakKeyDictionary()
-
-
-def _expiry(state: ServerState) -> _Expiry:
-    return _expiries.setdefault(state, _Expiry())
+def _until(state: ServerState, name: str) -> datetime:
+    when = state.manager.expires_at(name)
+    return _NEVER if when is None else datetime.fromtimestamp(when, UTC)
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
@@ -231,9 +219,8 @@ async def show(body: JsonBody, state: State, note: Note) -> Response:
 @_api.get(PREFIX + "/ps")
 async def ps(state: State) -> Response:
     """The loaded models, their memory, and until when their last request asked them to stay."""
-    expiry = _expiry(state)
     loaded = [
-        (e.info, e.memory_mb, _modified(e.info), expiry.until(e.info.name))
+        (e.info, e.memory_mb, _modified(e.info), _until(state, e.info.name))
         for e in state.manager.loaded()
         if not e.loading
     ]
@@ -278,7 +265,7 @@ async def _answer(
         clock=clock,
         name=name,
         keep_alive=req.keep_alive,
-        expiry=_expiry(state),
+        state=state,
         created=_now(),
         chat=chat,
     )
@@ -294,12 +281,12 @@ class _Answer:
     clock: _Clock
     name: str
     keep_alive: float | None
-    expiry: _Expiry
+    state: ServerState
     created: str
     chat: bool
 
     def final(self, done: ChatDone, *, whole: bool) -> dict[str, Any]:
-        self.expiry.note(self.name, self.keep_alive)
+        _keep(self.state, self.name, self.keep_alive)
         final = ow.chat_response if self.chat else ow.generate_response
         return final(done, self.created, self.clock.timings(), whole=whole)
 
@@ -372,7 +359,7 @@ async def _load_or_unload(state: ServerState, name: str, keep_alive: float | Non
     with state.admit(name):
         async with state.manager.alease(name, timeout=cfg.queue_timeout):
             pass
-    _expiry(state).note(name, keep_alive)
+    _keep(state, name, keep_alive)
     return JSONResponse(ow.load_response(name, _now(), "load", chat=chat))
 
 

@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="estimated MB the loaded models may use (default: RKLLM_MEMORY_BUDGET_MB, else the memory available)",
     )
+    parser.add_argument(
+        "--keep-alive",
+        type=_duration,
+        metavar="DURATION",
+        help="unload a model unused this long (e.g. 300, 5m, 1h; -1: never, the default); "
+        "an Ollama request's keep_alive overrides it for its model",
+    )
     parser.add_argument("--board", help="name reported in X-RKLLM-Board (default: the host name)")
     parser.add_argument("--max-waiting", type=int, default=64, help="requests in line before 429 (default 64)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="largest max_tokens accepted (default 8192)")
@@ -76,6 +83,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _duration(text: str) -> float:
+    """``--keep-alive``: seconds, or a duration such as ``5m`` (Ollama's spelling); negative for never."""
+    from .ollama_wire import keep_alive_seconds
+    from .wire import WireError
+
+    try:
+        value = keep_alive_seconds(text)
+    except WireError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (seconds, or e.g. 5m, 1h30m)") from exc
+    assert value is not None
+    return value
+
+
 def _announce(manager: ModelManager, args: argparse.Namespace, api_key: str | None) -> None:
     """One line: where the server listens, which runtime, which models, whether a key is needed."""
     lib = manager.library
@@ -87,7 +107,12 @@ def _announce(manager: ModelManager, args: argparse.Namespace, api_key: str | No
         + ("; API key required" if api_key else "; no API key"),
         flush=True,
     )
-    print(f"rkllm serve: keeps {manager.budget.describe()}", flush=True)
+    keep = manager.default_keep_alive
+    print(
+        f"rkllm serve: keeps {manager.budget.describe()}"
+        + (f"; unloads a model unused for {keep:g} s" if keep is not None and keep >= 0 else ""),
+        flush=True,
+    )
     manager.on_load(_show_load)
 
 
@@ -121,6 +146,7 @@ def serve(args: argparse.Namespace) -> int:
             library=args.lib,
             max_loaded=AUTO if args.max_loaded is None else args.max_loaded,
             memory_budget_mb=AUTO if args.memory_budget_mb is None else args.memory_budget_mb,
+            keep_alive=args.keep_alive,
         )
     except RKLLMError as exc:  # a bad --max-loaded or RKLLM_MAX_LOADED
         print(f"rkllm serve: {exc}", file=sys.stderr, flush=True)
