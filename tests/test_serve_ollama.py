@@ -405,3 +405,36 @@ def test_serve_keep_alive_option_reads_durations() -> None:
     assert parser.parse_args([]).keep_alive is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--keep-alive", "soon"])
+
+
+def test_home_assistant_conversation_calls(start: Callable[..., str]) -> None:
+    """The requests Home Assistant's Ollama integration makes: a URL (and, in recent versions, an optional key).
+
+    Its set-up lists the models (``model`` fields), then each turn streams ``/api/chat`` with tools,
+    ``keep_alive=-1``, ``options={"num_ctx": 8192}`` (its default, above this model's context),
+    ``think=False``, and tool results sent back as ``role: tool`` with a JSON content.
+    """
+
+    async def conversation(url: str, headers: dict[str, str] | None) -> tuple[set[str], list[Any], str]:
+        client = ollama.AsyncClient(host=url, headers=headers)
+        models = {m["model"] for m in (await client.list()).get("models", [])}
+        messages: list[Any] = [
+            ollama.Message(role="system", content="You control a house."),
+            ollama.Message(role="user", content="What is the weather in Paris? use get_weather"),
+        ]
+        common = dict(tools=[WEATHER], stream=True, keep_alive=-1, options={"num_ctx": 8192}, think=False)
+        calls = []
+        async for part in await client.chat(model="qwen3-0.6b:latest", messages=messages, **common):
+            calls += part["message"].get("tool_calls") or []
+        messages.append(ollama.Message(role="assistant", content="", tool_calls=calls))
+        messages.append(ollama.Message(role="tool", content=json.dumps({"data": "sunny, 21 C", "error": None})))
+        text = ""
+        async for part in await client.chat(model="qwen3-0.6b:latest", messages=messages, **common):
+            text += part["message"].get("content") or ""
+        return models, calls, text
+
+    for headers, settings in ((None, {}), ({"Authorization": f"Bearer {KEY}"}, {"api_key": KEY})):
+        models, calls, text = asyncio.run(conversation(start(**settings), headers))
+        assert "qwen3-0.6b:latest" in models
+        assert calls and calls[0]["function"]["name"] == "get_weather" and calls[0]["function"]["arguments"]["city"]
+        assert "sunny, 21 C" in text
