@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
+from llama_index.core import Settings, VectorStoreIndex  # noqa: E402
 from llama_index.core.chat_engine import CondensePlusContextChatEngine  # noqa: E402
-from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, make_llm  # noqa: E402
+from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, load_documents, make_llm  # noqa: E402
 
 from rkllm_core.errors import RKLLMError  # noqa: E402
 
@@ -63,8 +63,9 @@ def main() -> int:
     llm, _ = make_llm(rag=True, max_new_tokens=256)
     Settings.llm = llm
     Settings.embed_model = embed_model(llm)  # on the NPU too, on the LLM's manager
+    Settings.chunk_size = 96  # paragraph-sized chunks: the context holds the passages, not whole files
     recorder = UsageRecorder.install()
-    documents = SimpleDirectoryReader(str(DATA_DIR), required_exts=[".txt"]).load_data()
+    documents = load_documents(DATA_DIR)
     index = VectorStoreIndex.from_documents(documents)
     try:
         print("\n=== part 1: condense-plus-context, default settings ===")

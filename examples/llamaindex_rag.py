@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
-from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, make_llm, reranker  # noqa: E402
+from llama_index.core import Settings, VectorStoreIndex  # noqa: E402
+from llamaindex_setup import DATA_DIR, UsageRecorder, describe, embed_model, load_documents, make_llm, reranker  # noqa: E402
 
 from rkllm_core.errors import RKLLMError  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> int:
     Settings.chunk_size = 96  # paragraph-sized chunks: the reranker picks the passages, not whole files
     recorder = UsageRecorder.install()
 
-    documents = SimpleDirectoryReader(str(DATA_DIR), required_exts=[".txt"]).load_data()
+    documents = load_documents(DATA_DIR)
     index = VectorStoreIndex.from_documents(documents)
     print(f"indexed {len(documents)} files from {DATA_DIR}")
     query_engine = index.as_query_engine(similarity_top_k=4, node_postprocessors=[reranker(llm, 2)], streaming=True)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llama_index.core import Document, SimpleDirectoryReader
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
@@ -35,6 +36,23 @@ from _setup import rag_models, setup  # noqa: E402  (runtime and model selection
 _RAG: list[str] = []  # the embedding model and reranker make_llm(rag=True) found
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def load_documents(data_dir: Path = DATA_DIR) -> list[Document]:
+    """The ``.txt`` files of ``data_dir`` as documents whose chunks are their text alone.
+
+    ``SimpleDirectoryReader`` writes each file's absolute path (metadata ``file_path``) into the
+    text that is embedded and into the text the LLM is given. That text then depends on where the
+    files happen to be: in another folder the splitter cuts other chunks (it leaves room for the
+    metadata in each chunk), other passages are retrieved, and the prompt, which also spends
+    tokens on a path the model cannot use, changes. Here neither the embedding nor the LLM sees
+    the metadata; it stays on the nodes (``node.metadata["file_name"]``) to show the sources.
+    """
+    documents = SimpleDirectoryReader(str(data_dir), required_exts=[".txt"]).load_data()
+    for doc in documents:
+        doc.excluded_embed_metadata_keys = list(doc.metadata)
+        doc.excluded_llm_metadata_keys = list(doc.metadata)
+    return documents
 
 
 def make_llm(*, rag: bool = False, **settings: Any) -> tuple[RKLLM, bool]:

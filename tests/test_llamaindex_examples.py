@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,13 +115,43 @@ def test_examples_fall_back_to_the_simulator_loudly(sim_env: dict[str, str], tmp
     assert "answer: Tool result: 42" in proc.stdout
 
 
+def copy_examples(dest: Path) -> Path:
+    """A copy of examples/ at ``dest``: the examples must not depend on the folder they are in."""
+    shutil.copytree(EXAMPLES, dest, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    return dest
+
+
+# Two folders whose paths differ in length by 60 characters: before the documents' paths were kept out of the
+# prompts, the longer one cut other chunks, retrieved other passages and rebuilt the chat the shorter one reused.
+FOLDERS = {"short": "ex", "long": "examples-in-a-folder-whose-name-is-sixty-characters-longer-x"}
+
+
+def test_documents_read_the_same_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.schema import MetadataMode
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from llamaindex_setup import load_documents
+
+    texts = {}
+    for name, folder in FOLDERS.items():
+        documents = load_documents(copy_examples(tmp_path / folder) / "data")
+        assert sorted(d.metadata["file_name"] for d in documents) == ["boards.txt", "rk3588.txt", "rkllm.txt"]
+        nodes = SentenceSplitter(chunk_size=96, chunk_overlap=20).get_nodes_from_documents(documents)
+        texts[name] = sorted(n.get_content(mode) for n in nodes for mode in (MetadataMode.EMBED, MetadataMode.LLM))
+        assert all(str(tmp_path) not in t for t in texts[name])
+        assert any(t.startswith("The RK3588 is a system-on-chip from Rockchip.") for t in texts[name])  # no header
+    assert texts["short"] == texts["long"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_notebook_runs(sim_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_notebook_runs(sim_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    path = EXAMPLES / "llamaindex_rag.ipynb"
-    nb = nbformat.read(path, as_version=4)
+    examples = copy_examples(tmp_path / FOLDERS[folder])
+    nb = nbformat.read(examples / "llamaindex_rag.ipynb", as_version=4)
     for cell in nb.cells:  # the notebook is stored without outputs
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None
@@ -130,7 +161,7 @@ def test_notebook_runs(sim_env: dict[str, str], tmp_path: Path, monkeypatch: pyt
         if key not in sim_env:
             monkeypatch.delenv(key, raising=False)
     client = nbclient.NotebookClient(
-        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(examples)}}
     )
     client.execute()
     text = "".join(
@@ -142,4 +173,5 @@ def test_notebook_runs(sim_env: dict[str, str], tmp_path: Path, monkeypatch: pyt
     assert "is_function_calling_model=True" in text
     assert text.count("Echo: Context information is below.") == 3
     assert "('rk3588.txt'" in text
-    assert "(KV cache reused)" in text
+    assert "(KV cache reused)" in text  # the follow-up retrieved the same passages: only the question is prefilled
+    assert str(tmp_path) not in text  # no path reached a prompt (the simulator echoes prompts)
