@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 __all__ = [
     "ABIError",
+    "AmbiguousModelFileError",
     "BusyError",
     "CacheError",
+    "ChecksumError",
     "ContextLengthError",
     "HandleClosedError",
     "InitError",
@@ -26,6 +28,7 @@ __all__ = [
     "NativeError",
     "NoModelsFoundError",
     "PreflightError",
+    "PullError",
     "RKLLMError",
     "RunError",
     "UnsupportedRuntimeError",
@@ -200,3 +203,45 @@ class NoModelsFoundError(ModelNotFoundError):
 
 class CacheError(RKLLMError, OSError):
     """A cache file could not be read or written."""
+
+
+class PullError(RKLLMError, OSError):
+    """A model could not be pulled from the Hugging Face Hub, or a pulled model could not be removed.
+
+    Unknown repository or file, no ``.rkllm`` file in the repository, network
+    or disk failure, offline mode, ``huggingface_hub`` not installed. Nothing
+    half-downloaded is ever visible to the registry.
+    """
+
+    def __str__(self) -> str:  # OSError formats args oddly; keep our message
+        return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousModelFileError(PullError):
+    """A repository holds several ``.rkllm`` files and nothing tells which one suits this board.
+
+    Attributes:
+        repo_id: the repository (``OWNER/REPO``).
+        files: the candidate files, as paths inside the repository.
+    """
+
+    def __init__(self, message: str, *, repo_id: str = "", files: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.files: tuple[str, ...] = tuple(files)
+
+
+class ChecksumError(PullError):
+    """A downloaded file does not match the checksum the Hub gives for it; it was deleted.
+
+    Attributes:
+        filename: the file, as a path inside the repository.
+        expected: the Hub's checksum.
+        actual: the checksum of what was received.
+    """
+
+    def __init__(self, message: str, *, filename: str = "", expected: str = "", actual: str = "") -> None:
+        super().__init__(message)
+        self.filename = filename
+        self.expected = expected
+        self.actual = actual
