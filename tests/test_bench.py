@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from rkllm_core.models.manager import ModelManager
 from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.native.library import RuntimeLibrary
 from rkllm_core.sim import SimulatorControl, make_model
+from rkllm_core.tools import bench as bench_module
 from rkllm_core.tools.bench import BenchConfig, compare, find_official, official_table, run_bench, to_markdown
 from rkllm_core.tools.cli import main
 
@@ -83,6 +85,30 @@ def test_interrupt_keeps_partial_results(sim_lib: RuntimeLibrary, sim: Simulator
         report = run_bench(m, ["qwen3-0.6b"], SMALL, on_result=stop_after_first)
     assert report["partial"] and len(report["results"]) == 1
     assert "PARTIAL" in to_markdown(report)
+
+
+def test_interrupt_keeps_the_runs_of_the_point_in_progress(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_model(model_dir, QWEN)
+    real_run = bench_module._one_run
+    calls: list[int] = []
+
+    def interrupted_at_the_third_measured_run(*args: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == (1 + 3) + (1 + 2) + 1:  # point 1 whole; point 2: warm-up, 2 runs, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_run(*args)
+
+    monkeypatch.setattr(bench_module, "_one_run", interrupted_at_the_third_measured_run)
+    config = BenchConfig(prompt_tokens=(32, 64), new_tokens=4, repeat=3, warmup=1)
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+        report = run_bench(m, ["qwen3-0.6b"], config)
+    assert report["partial"]
+    first, second = report["results"]
+    assert len(first["runs"]) == 3 and "partial" not in first
+    assert len(second["runs"]) == 2 and second["partial"] is True and second["prompt_tokens"] == 64
+    assert "| qwen3-0.6b | 64 (partial: 2 runs) |" in to_markdown(report)
 
 
 def test_cli_bench_and_compare(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,49 @@ def test_cli_doctor_without_library(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 1 and "[FAIL] runtime library and ABI" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_embedding_and_reranker_models_get_their_own_step(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, board: Path
+) -> None:
+    make_model(model_dir, "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm")  # sorts first: not the chat model
+    make_model(model_dir, "gemma-3-1b-it_w8a8.rkllm")
+    make_model(model_dir, "Qwen3-Reranker-0.6B-rk3588-w8a8.rkllm", yes_token=9693, no_token=2152)
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib, max_loaded=1) as m:
+        results = {r.name: r for r in run_doctor(m)}
+    assert results["models"].detail.startswith("using gemma3-1b")
+    assert results["stream"].status == "PASS" and results["init"].status == "PASS"
+    assert results["embedding (qwen3-embedding-0.6b)"].status == "PASS", format_report(list(results.values()))
+    assert "256 dimensions" in results["embedding (qwen3-embedding-0.6b)"].detail
+    assert results["reranking (qwen3-reranker-0.6b)"].status == "PASS"
+    assert not any(r.status == "FAIL" for r in results.values()), format_report(list(results.values()))
+
+
+def test_only_an_embedding_model_skips_the_generation_steps_with_the_reason(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path, board: Path
+) -> None:
+    make_model(model_dir, "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm")
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+        results = run_doctor(m, ["qwen3-embedding-0.6b"])
+    names = [r.name for r in results]
+    assert "stream" not in names and "init" not in names
+    [skipped] = [r for r in results if r.status == "SKIP" and "no chat model" in r.detail]
+    assert "qwen3-embedding-0.6b (embedding)" in skipped.detail
+    assert [r.status for r in results if r.name.startswith("embedding")] == ["PASS"]
+    assert "FAILED" not in format_report(results)
+
+
+def test_cli_doctor_cleans_up_and_respects_rkllm_model_dir(sim_paths: dict[str, Path], tmp_path: Path) -> None:
+    scratch, models = tmp_path / "scratch", tmp_path / "models"
+    scratch.mkdir()
+    make_model(models, "Llama-3.2-1B-Instruct-w8a8.rkllm")
+    env = {**os.environ, "TMPDIR": str(scratch), "RKLLM_MODEL_DIR": str(models)}
+    command = [sys.executable, "-m", "rkllm_core.tools.cli", "doctor", "--lib", str(sim_paths["1.3"])]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "using llama3.2-1b" in proc.stdout and "qwen3" not in proc.stdout  # the user's models, no demo ones
+    assert list(scratch.iterdir()) == []
+    env.pop("RKLLM_MODEL_DIR")  # no models named: the demo models, made in a folder that is removed again
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 0 and "using gemma3-1b" in proc.stdout, proc.stdout + proc.stderr
+    assert list(scratch.iterdir()) == []

@@ -82,7 +82,7 @@ def until(expires_at: str | None, now: datetime | None = None) -> str:
 def _rows(models: list[dict[str, Any]]) -> list[dict[str, object]]:
     return [
         {
-            "name": m.get("name") or m.get("model"),
+            "name": str(m.get("name") or m.get("model") or "").removesuffix(":latest"),  # Ollama's tag
             "size_mb": round(float(m.get("size") or 0) / (1024 * 1024), 1),
             "context": m.get("context_length"),
             "until": until(m.get("expires_at")),
