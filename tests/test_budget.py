@@ -258,3 +258,24 @@ def test_keep_alive_per_model_and_zero_unloads_when_idle(app_env: SimulatorContr
         assert manager.expires_at("qwen3-embedding-0.6b") is None
     finally:
         manager.close()
+
+
+def test_the_simulator_keeps_two_models_whatever_the_hosts_memory(
+    app_env: SimulatorControl, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_dir: Path
+) -> None:
+    from rkllm_core import preflight
+
+    make_model(model_dir, CHAT_FILE, size_mb=890)  # sparse, as rkllm demo makes them
+    make_model(model_dir, EMBED_FILE, size_mb=640)
+    monkeypatch.setattr(preflight, "SYSTEM_ROOT", str(meminfo(tmp_path, 300 * 1024)))  # 300 MB available
+    manager = ModelManager()
+    assert manager.budget.from_memory and manager.memory_budget_mb is not None
+    assert manager.memory_budget_mb < 200  # less than either (sparse) demo file claims to be
+    try:
+        for _ in range(3):
+            for name in ("qwen3-0.6b", "qwen3-embedding-0.6b"):
+                with manager.lease(name):
+                    pass
+        assert app_env.counter("inits") == 2
+    finally:
+        manager.close()

@@ -10,9 +10,10 @@ default manager, the adapters' managers) takes its budget from, in order:
    margin), so models are kept while their files fit;
 3. when the available memory cannot be read, two models.
 
-On the simulator, whose files are tiny, that keeps many models. The line still
-frees memory the system lacks before a load (see :mod:`rkllm_core.models.line`),
-so a budget from a snapshot never overcommits.
+On the simulator, whose model files are sparse stand-ins, a budget taken from
+memory always leaves room for at least two models. The line still frees memory
+the system lacks before a load (see :mod:`rkllm_core.models.line`), so a budget
+from a snapshot never overcommits.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Budget:
     max_loaded: int | None
     memory_budget_mb: float | None
     source: str
+    from_memory: bool = False
 
     def describe(self) -> str:
         """``up to 2 models`` / ``up to 6900 MB of models`` / ``no limit``, and why."""
@@ -120,7 +122,7 @@ def resolve_budget(
         if count is not None:
             sources.append("available memory unknown")
     assert not isinstance(count, str) and not isinstance(mb, str)
-    return Budget(count, mb, ", ".join(sources) or "as given")
+    return Budget(count, mb, ", ".join(sources) or "as given", "the memory available now" in sources)
 
 
 SWAP_WINDOW_S: Final = 60.0

@@ -181,6 +181,8 @@ class LinePolicy:
         self.acting: Request | None = None  # the request currently loading or unloading
         self.unloading: dict[LoadedModel, int] = {}  # unload() waits for their leases: none for later arrivals
         self.closed = False
+        self.min_models = 1
+        """Models that fit whatever the memory budget says (the simulator's sparse files: 2)."""
         self._arrivals = 0
         self._load_counter = 0
 
@@ -419,7 +421,7 @@ class LinePolicy:
 
     def _fits(self, count: int, used_mb: float, need_mb: float) -> bool:
         count_ok = self.max_loaded is None or count + 1 <= self.max_loaded
-        mem_ok = self.memory_budget_mb is None or count == 0 or used_mb + need_mb <= self.memory_budget_mb
+        mem_ok = self.memory_budget_mb is None or count < self.min_models or used_mb + need_mb <= self.memory_budget_mb
         return count_ok and mem_ok
 
     def _fits_with_dying(self, req: Request) -> bool:

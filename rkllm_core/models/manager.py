@@ -339,6 +339,8 @@ class ModelManager:
                 if self._library is None:
                     lib_arg = self._library_arg if not isinstance(self._library_arg, RuntimeLibrary) else None
                     self._library = load_library(lib_arg, self._abi_arg)
+        if self._library.is_simulator and self.budget.from_memory:
+            self._policy.min_models = 2  # the simulator's files are sparse: the host's memory says nothing
         return self._library
 
     # -- public ----------------------------------------------------------------------------------
