@@ -23,9 +23,9 @@ import pytest
 
 from rkllm_core.board import detect_board_platform
 from rkllm_core.errors import AmbiguousModelFileError, ChecksumError, PullError
-from rkllm_core.hub import pull as pull_module
+from rkllm_core.hub import download as download_module
+from rkllm_core.hub.download import PullProgress, pull
 from rkllm_core.hub.manifest import MANIFEST_NAME, read_manifest, source_of
-from rkllm_core.hub.pull import PullProgress, pull
 from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.runtime import RKLLMRuntime
 from rkllm_core.sim import make_model
@@ -288,7 +288,7 @@ def fake_board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compatible: byte
     path = tmp_path / "compatible"
     if compatible is not None:
         path.write_bytes(compatible)
-    monkeypatch.setattr(pull_module, "detect_board_platform", lambda: detect_board_platform(path))
+    monkeypatch.setattr(download_module, "detect_board_platform", lambda: detect_board_platform(path))
 
 
 PLATFORM_FILES = ["rk3588/Qwen3-1.7B-w8a8-rk3588.rkllm", "rk3576/Qwen3-1.7B-w8a8-rk3576.rkllm"]

@@ -8,7 +8,7 @@ Accepted forms (``OWNER/REPO`` is a Hugging Face repository id):
   ``.../blob/main/FILE`` or ``.../resolve/main/FILE`` works too);
 * ``hf.co/OWNER/REPO:TAG`` or ``OWNER/REPO:TAG``: TAG picks the ``.rkllm`` file
   whose path contains it, ignoring case (a quantisation such as ``w8a8`` or a
-  platform such as ``rk3576``);
+  platform such as ``rk3576``); ``:latest``, Ollama's default tag, picks nothing;
 * ``OWNER/REPO``: the repository's ``.rkllm`` file that suits this board.
 """
 
@@ -81,6 +81,7 @@ def parse_ref(ref: str, *, filename: str | None = None, revision: str | None = N
     if len(parts) == 2 and ":" in parts[1]:
         parts[1], _, tag = parts[1].partition(":")
         tag = tag.strip() or None
+        tag = None if tag is not None and tag.lower() == "latest" else tag  # Ollama's default tag: no filter
     if len(parts) < 2 or not all(_NAME_RE.match(p) for p in parts[:2]):
         raise InvalidParameterError(f"cannot read {ref!r} as a model reference; use one of: {_FORMS}")
     in_ref = None

@@ -3,7 +3,7 @@
 * ``rkllm pull REF [--dir DIR] [--revision REV] [--file NAME]``: download a
   model from the Hugging Face Hub into its own folder under the first model
   directory (or ``DIR``), checked against the Hub's sha256 before it becomes
-  visible (:mod:`rkllm_core.hub.pull`). A progress bar on a terminal, plain
+  visible (:mod:`rkllm_core.hub.download`). A progress bar on a terminal, plain
   lines otherwise. Ctrl-C keeps the partial download, hidden, for the next
   pull to resume.
 * ``rkllm rm NAME``: delete a pulled model's folder (a model that was not
@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from ..hub.pull import PullProgress, pull
+from ..hub.download import PullProgress, pull
 from ..hub.refs import parse_ref
 from ..hub.store import remove_model
-from ..models.registry import ModelRegistry
+from ..models.registry import ModelRegistry, default_model_dirs
 
 
 def _say(line: str, stream: TextIO | None = None) -> None:
@@ -55,8 +55,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _say("rkllm: the partial download is kept (hidden); run the same command to resume", sys.stderr)
         raise
-    registry = ModelRegistry([result.model_path.parent.parent])
+    home = result.model_path.parent.parent
+    dirs = default_model_dirs()
+    registry = ModelRegistry(dirs if home in dirs else [home])
     name = next((m.name for m in registry.models() if m.path == result.model_path.resolve()), result.model_path.stem)
+    if home not in dirs:
+        _say(f"note: {home} is not a model directory; use it with RKLLM_MODEL_DIR={home} or --model-dir", sys.stderr)
     if result.offline:
         state = "present (offline mode; not checked against the Hub)"
     else:
