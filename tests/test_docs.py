@@ -273,3 +273,24 @@ def test_the_parser_reads_fences_marks_and_indented_blocks() -> None:
     assert (listed.lang, listed.code, listed.runs) == ("python", "print('hi')\n", True)
     assert (console.script(), console.runs) == ("rkllm models", True)
     assert (toml.lang, toml.runs) == ("toml", False)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve() -> None:
+    anchors = {
+        page.name: {_anchor(h) for h in re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)}
+        for page in PAGES
+    }
+    broken = []
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", page.read_text(encoding="utf-8")):
+            name = Path(target).name if target else page.name
+            if target and not (page.parent / target).is_file():
+                broken.append(f"{page.name}: {target} does not exist")
+            elif anchor and name in anchors and anchor not in anchors[name]:
+                broken.append(f"{page.name}: {target}#{anchor} names no heading")
+    assert not broken, "\n".join(broken)
