@@ -10,15 +10,20 @@ Install with ``pip install "boardllm[llamaindex]"``; also importable as
 
 Example::
 
-    from llama_index.core import VectorStoreIndex
+    from llama_index.core import Settings, VectorStoreIndex
     from llamaindex_rkllm import RKLLM, RKLLMEmbedding, RKLLMRerank
 
-    index = VectorStoreIndex.from_documents(documents, embed_model=RKLLMEmbedding(model="qwen3-embedding-0.6b"))
+    Settings.llm = RKLLM(model="qwen3-0.6b", max_tokens=512)
+    Settings.embed_model = RKLLMEmbedding(model_name="qwen3-embedding-0.6b")
+    index = VectorStoreIndex.from_documents(documents)
     query_engine = index.as_query_engine(
-        llm=RKLLM(model="qwen3-0.6b"),
-        similarity_top_k=10,
-        node_postprocessors=[RKLLMRerank(model="qwen3-reranker-0.6b", top_n=3)],
+        similarity_top_k=10, node_postprocessors=[RKLLMRerank(model="qwen3-reranker-0.6b", top_n=3)]
     )
+
+Each class takes its model as the first argument, ``model=`` or ``model_name=``, else from
+``RKLLM_MODEL``, ``RKLLM_EMBED_MODEL`` or ``RKLLM_RERANK_MODEL`` (as the LangChain classes
+do; ``rkllm models`` lists the names). Ollama's ``request_timeout`` is ``timeout``, and the
+LLM's ``max_tokens`` is ``max_new_tokens``.
 """
 
 from llamaindex_rkllm.base import RKLLM

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, field_validator
@@ -22,15 +24,28 @@ class ModelClient(BaseModel, Generic[_E]):
 
     ``manager=`` (a constructor argument, not a field) or ``model_dir``/``library_path`` say where
     models come from; the engine is made on first use, so constructing loads nothing.
+
+    The model is the first argument, ``model=`` or ``model_name=`` (LlamaIndex's spelling for
+    embeddings and Hugging Face models), else the environment variable :attr:`model_env`.
+    Arguments spelled the way other LlamaIndex integrations spell them (:attr:`init_aliases`,
+    e.g. Ollama's ``request_timeout``) set the field they mean; any other argument this class
+    does not know is ignored with a ``UserWarning`` naming it.
     """
 
     engine_class: ClassVar[type[ChatEngine] | type[EmbeddingEngine]]
+    model_env: ClassVar[str] = "RKLLM_MODEL"
+    """The environment variable naming the model when none is passed."""
+    model_example: ClassVar[str] = "qwen3-0.6b"
+    """A model name for the error message when no model is given."""
+    init_aliases: ClassVar[Mapping[str, str]] = {"request_timeout": "timeout"}
+    """Other integrations' names of this class's fields (``request_timeout``: Ollama's ``timeout``)."""
 
     timeout: float | None = Field(
         default=None,
         description=(
             "Seconds to wait for the model when other requests hold it (or every loaded model is busy) "
-            "before raising BusyError (a TimeoutError); None waits as long as needed."
+            "before raising BusyError (a TimeoutError); None waits as long as needed. request_timeout (Ollama's "
+            "name) sets it too."
         ),
     )
     model_dir: str | None = Field(
@@ -51,11 +66,62 @@ class ModelClient(BaseModel, Generic[_E]):
     _manager: ModelManager | None = PrivateAttr(default=None)
     _engine: Any = PrivateAttr(default=None)
 
-    def __init__(self, model: str, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
-        super().__init__(model=model, **kwargs)
+    def __init__(self, model: str | None = None, *, manager: ModelManager | None = None, **kwargs: Any) -> None:
+        kwargs = self._canonical_arguments(kwargs)
+        super().__init__(model=self._model_argument(model, kwargs), **kwargs)
         if manager is not None and not isinstance(manager, ModelManager):
             raise TypeError(f"manager must be an rkllm_core ModelManager, not {type(manager).__name__}")
         self._manager = manager
+
+    @classmethod
+    def _model_argument(cls, model: str | None, kwargs: dict[str, Any]) -> str:
+        """The model to use: ``model`` or ``model_name`` (which must agree), else ``$model_env``.
+
+        ``model_name`` is taken out of ``kwargs`` unless it is a field of the class (embeddings).
+
+        Raises:
+            InvalidParameterError: ``model`` and ``model_name`` differ, or no model is given or set.
+        """
+        name = kwargs.get("model_name") if "model_name" in cls.model_fields else kwargs.pop("model_name", None)
+        if model is not None and name is not None and model != name:
+            raise InvalidParameterError(
+                f"{cls.__name__} got model={model!r} and model_name={name!r}: they are the same setting, pass one"
+            )
+        chosen = model if model is not None else name
+        if chosen is None:
+            chosen = os.environ.get(cls.model_env) or None
+        if chosen is None:
+            raise InvalidParameterError(
+                f"{cls.__name__} needs a model: pass model={cls.model_example!r} (see `rkllm models`) "
+                f"or set {cls.model_env}"
+            )
+        return chosen
+
+    @classmethod
+    def _canonical_arguments(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with other integrations' names (:attr:`init_aliases`) turned into this class's fields.
+
+        Raises:
+            InvalidParameterError: a field is given under two names with different values.
+        """
+        out = dict(kwargs)
+        for alias, field in cls.init_aliases.items():
+            if alias not in out:
+                continue
+            value = out.pop(alias)
+            if field in out and out[field] != value:
+                raise InvalidParameterError(
+                    f"{cls.__name__} got {field}={out[field]!r} and {alias}={value!r}: they are the same setting, "
+                    "pass one"
+                )
+            out[field] = value
+        known = {*cls.model_fields, "model_name"}
+        unknown = sorted(k for k in out if k not in known)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__} ignores unknown argument(s): {', '.join(unknown)}", UserWarning, stacklevel=3
+            )
+        return out
 
     @field_validator("model_dir", "library_path", mode="before")
     @classmethod

@@ -67,7 +67,7 @@ from rkllm_core.chat.engine import (
 from rkllm_core.chat.options import SAMPLING_FIELDS, SETTINGS, ChatOptions
 from rkllm_core.errors import InvalidParameterError, RKLLMError
 
-from ._common import ModelClient
+from ._common import ModelClient, check_model
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -95,9 +95,15 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
         from llama_index.core import Settings
         from llamaindex_rkllm import RKLLM
 
-        Settings.llm = RKLLM(model="qwen3-0.6b", temperature=0.7)
+        Settings.llm = RKLLM(model="qwen3-0.6b", temperature=0.7, max_tokens=512)
         print(Settings.llm.complete("Why is the sky blue?"))
         ```
+
+    The model may also be given as the first argument, as ``model_name=`` (Hugging Face
+    LLM's spelling) or by ``RKLLM_MODEL`` (then ``RKLLM()`` needs no argument). Other
+    integrations' spellings are understood: ``max_tokens`` (OpenAI, Ollama) is
+    ``max_new_tokens``, ``request_timeout`` (Ollama) is ``timeout``; an argument this class
+    does not know is ignored with a ``UserWarning`` naming it.
 
     Per-call keyword arguments override the settings of the same name for one
     request: ``temperature``, ``top_p``, ``top_k``, ``repeat_penalty``,
@@ -106,12 +112,18 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
     ``timeout``, plus ``tools`` and ``tool_choice``.
 
     Args:
-        model: the model (see the ``model`` field).
+        model: the model (see the ``model`` field); default ``$RKLLM_MODEL``.
         manager: a :class:`rkllm_core.models.manager.ModelManager` to take models from
             (budget, swapping); every ``RKLLM`` on one manager shares its loaded models.
             Default: one manager per ``model_dir``/``library_path`` pair, or the
             process-wide manager when neither is set.
-        **kwargs: the other fields.
+        **kwargs: the other fields, and ``model_name``, ``max_tokens``, ``request_timeout``.
+
+    Raises:
+        ValueError: no model is given and ``RKLLM_MODEL`` is not set; ``model`` and
+            ``model_name`` (or ``max_tokens`` and ``max_new_tokens``...) differ; a setting is
+            invalid (pydantic's ``ValidationError`` is a ``ValueError`` too).
+        TypeError: ``manager`` is not a ``ModelManager``.
     """
 
     model: str = Field(
@@ -128,8 +140,9 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
         default=None,
         gt=0,
         description=(
-            "Most tokens generated per answer; None keeps the model's default. Also LlamaIndex's num_output: "
-            "the room left for the answer when prompts are packed (256 when unset)."
+            "Most tokens generated per answer (max_tokens, OpenAI's and Ollama's name, sets it too); None keeps the "
+            "model's default. Also LlamaIndex's num_output: the room left for the answer when prompts are packed "
+            "(256 when unset)."
         ),
     )
     top_p: float | None = Field(
@@ -159,6 +172,13 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
             "in the answer text."
         ),
     )
+    additional_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "More request settings, under any name a per-call keyword argument takes (e.g. mirostat, mirostat_tau, "
+            "mirostat_eta, response_format); per-call arguments override them. An unknown name is refused."
+        ),
+    )
     context_window: int | None = Field(
         default=None,
         gt=0,
@@ -171,6 +191,7 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
     _warned: set[str] = PrivateAttr(default_factory=set)
 
     engine_class = ChatEngine
+    init_aliases = {"request_timeout": "timeout", "max_tokens": "max_new_tokens"}
 
     # -- validation -----------------------------------------------------------------------------
     @field_validator("stop", mode="before")
@@ -180,10 +201,27 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
             return []
         return [value] if isinstance(value, str) else value
 
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return check_model(value)
+
+    @field_validator("additional_kwargs", mode="before")
+    @classmethod
+    def _check_additional_kwargs(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            unknown = sorted(str(k) for k in value if k not in SETTINGS)
+            if unknown:
+                known = ", ".join(sorted(SETTINGS))
+                raise ValueError(f"additional_kwargs: RKLLM does not know {', '.join(unknown)}; it takes: {known}")
+        return value
+
     @model_validator(mode="after")
     def _check_settings(self) -> RKLLM:
         # The same checks the runtime layer makes, so a bad value fails here and not at the first request.
-        ChatOptions.from_settings(self._settings())
+        ChatOptions.from_settings(self._settings(), self._overrides({}))
         return self
 
     @classmethod
@@ -248,15 +286,19 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
         settings["timeout"] = self.timeout
         return settings
 
+    def _overrides(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``additional_kwargs`` with this call's keyword arguments on top (those the core knows)."""
+        overrides = {**self.additional_kwargs, **{k: v for k, v in kwargs.items() if k in SETTINGS}}
+        if overrides.get("tools"):
+            overrides["tools"] = _tool_dicts(overrides["tools"])
+        return overrides
+
     def _options(self, kwargs: Mapping[str, Any]) -> ChatOptions:
-        """The request options: the settings with this call's keyword arguments on top."""
+        """The request options: the settings, then ``additional_kwargs``, then this call's keyword arguments."""
         unknown = sorted(k for k in kwargs if k not in SETTINGS and k not in _IGNORED_KWARGS)
         if unknown:
             logger.debug("RKLLM ignores these keyword arguments: %s", ", ".join(unknown))
-        overrides = {k: v for k, v in kwargs.items() if k in SETTINGS}
-        if overrides.get("tools"):
-            overrides["tools"] = _tool_dicts(overrides["tools"])
-        return ChatOptions.from_settings(self._settings(), overrides)
+        return ChatOptions.from_settings(self._settings(), self._overrides(kwargs))
 
     # -- requests -------------------------------------------------------------------------------
     def _request(self, system: str | None, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> _Request:

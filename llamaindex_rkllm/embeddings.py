@@ -44,12 +44,17 @@ class RKLLMEmbedding(ModelClient[EmbeddingEngine], BaseEmbedding):
         from llama_index.core import VectorStoreIndex
         from llamaindex_rkllm import RKLLMEmbedding
 
-        embed_model = RKLLMEmbedding(model="qwen3-embedding-0.6b")
+        embed_model = RKLLMEmbedding(model_name="qwen3-embedding-0.6b")
         index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
         ```
 
+    ``model_name=`` (LlamaIndex's spelling, as in ``HuggingFaceEmbedding`` and
+    ``OllamaEmbedding``), ``model=`` and the first argument name the model; with none,
+    ``RKLLM_EMBED_MODEL`` does. Ollama's ``request_timeout`` is ``timeout``; an argument
+    this class does not know is ignored with a ``UserWarning`` naming it.
+
     Args:
-        model: the model (see the ``model`` field).
+        model: the model (see the ``model`` field); default ``$RKLLM_EMBED_MODEL``.
         manager: a :class:`rkllm_core.models.manager.ModelManager` to take the model from
             (budget, swapping); share one with :class:`~llamaindex_rkllm.RKLLM` and
             :class:`~llamaindex_rkllm.RKLLMRerank` to keep their models within one budget.
@@ -59,7 +64,8 @@ class RKLLMEmbedding(ModelClient[EmbeddingEngine], BaseEmbedding):
             ``callback_manager``, ``num_workers``, ``embeddings_cache``).
 
     Raises:
-        ValueError: a setting is invalid (pydantic's ``ValidationError`` is one).
+        ValueError: no model is given and ``RKLLM_EMBED_MODEL`` is not set; ``model`` and
+            ``model_name`` differ; a setting is invalid (pydantic's ``ValidationError`` is one).
         TypeError: ``manager`` is not a ``ModelManager``.
     """
 
@@ -113,6 +119,8 @@ class RKLLMEmbedding(ModelClient[EmbeddingEngine], BaseEmbedding):
         return "RKLLMEmbedding"
 
     engine_class = EmbeddingEngine
+    model_env = "RKLLM_EMBED_MODEL"
+    model_example = "qwen3-embedding-0.6b"
 
     # -- embeddings -----------------------------------------------------------------------------
     def _options(self, query: bool) -> EmbedOptions:

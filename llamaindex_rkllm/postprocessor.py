@@ -56,8 +56,12 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
     the cost grows with ``similarity_top_k``: retrieve a few more than ``top_n``,
     not hundreds.
 
+    The model is the first argument, ``model=`` or ``model_name=``; with none,
+    ``RKLLM_RERANK_MODEL`` names it. Ollama's ``request_timeout`` is ``timeout``; an
+    argument this class does not know is ignored with a ``UserWarning`` naming it.
+
     Args:
-        model: the model (see the ``model`` field).
+        model: the model (see the ``model`` field); default ``$RKLLM_RERANK_MODEL``.
         manager: a :class:`rkllm_core.models.manager.ModelManager` to take the model from
             (budget, swapping); share one with :class:`~llamaindex_rkllm.RKLLM` and
             :class:`~llamaindex_rkllm.RKLLMEmbedding` to keep their models within one budget.
@@ -66,7 +70,8 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
         **kwargs: the other fields (and ``callback_manager``).
 
     Raises:
-        ValueError: a setting is invalid (pydantic's ``ValidationError`` is one).
+        ValueError: no model is given and ``RKLLM_RERANK_MODEL`` is not set; ``model`` and
+            ``model_name`` differ; a setting is invalid (pydantic's ``ValidationError`` is one).
         TypeError: ``manager`` is not a ``ModelManager``.
     """
 
@@ -109,6 +114,8 @@ class RKLLMRerank(ModelClient[EmbeddingEngine], BaseNodePostprocessor):
         return "RKLLMRerank"
 
     engine_class = EmbeddingEngine
+    model_env = "RKLLM_RERANK_MODEL"
+    model_example = "qwen3-reranker-0.6b"
 
     # -- postprocessing -------------------------------------------------------------------------
     # The sequence (events, the empty case, choosing the top nodes) is written once, in
