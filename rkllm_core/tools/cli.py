@@ -60,7 +60,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         dirs = ", ".join(str(d) for d in registry.model_dirs)
-        print(f"no .rkllm models found; searched: {dirs}. Put model files there or set RKLLM_MODEL_DIR.")
+        print(
+            f"rkllm: error: no .rkllm models found; searched: {dirs}. Put model files there or set RKLLM_MODEL_DIR.",
+            file=sys.stderr,
+        )
         return 1
     columns = [
         ("name", "NAME"),

@@ -37,6 +37,8 @@ def fetch_ps(url: str, api_key: str | None = None, timeout: float = TIMEOUT_S) -
     Raises:
         ServerUnreachable: nothing answers at ``url``, or the answer is an error or not a model list.
     """
+    if not url.startswith(("http://", "https://")):
+        raise ServerUnreachable(f"{url!r} is not an http:// or https:// URL")
     request = urllib.request.Request(url.rstrip("/") + "/api/ps")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
