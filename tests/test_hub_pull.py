@@ -119,7 +119,7 @@ def test_pull_each_reference_form(tmp_path: Path, hub: FakeHub, models: Path, re
     for name in ("tokenizer.json", "tokenizer_config.json", "README.md"):
         assert (folder / name).read_bytes() == files[name]
     assert not (folder / "config.json").exists()
-    assert sorted(p.name for p in models.iterdir()) == [folder.name]  # the staging is gone
+    assert sorted(p.name for p in models.iterdir()) == [f".{folder.name}.lock", folder.name]  # no staging left
     assert "qwen3-0.6b" in result.stdout and "pulled 4 file(s)" in result.stdout
     assert source_of(folder / MODEL) == f"{hub.url.split('://')[1]}/{REPO}@{hub.repos[REPO].commit[:8]}"
 
@@ -388,10 +388,23 @@ def test_checksum_error_in_process_removes_the_staging(tmp_path: Path, hub: Fake
     with pytest.raises(ChecksumError) as caught:
         pull(REPO, models, endpoint=hub.url, platform=None)
     assert caught.value.filename == "tokenizer.json"
-    assert list(models.iterdir()) == []
+    assert [p.name for p in models.iterdir()] == [f".{MODEL.removesuffix('.rkllm')}.lock"]
 
 
 def test_missing_huggingface_hub_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(PullError, match=r'pip install -e "\.\[hub\]"'):
         pull(REPO, tmp_path)
+
+
+def test_a_second_pull_of_the_same_model_at_once_is_refused(tmp_path: Path, hub: FakeHub, models: Path,
+                                                            online: None) -> None:  # fmt: skip
+    from rkllm_core.hub.store import pull_lock
+
+    hub.add(REPO, chat_repo(tmp_path))
+    models.mkdir()
+    with pull_lock(models / MODEL.removesuffix(".rkllm")):
+        with pytest.raises(PullError, match="another rkllm pull"):
+            pull(REPO, models, endpoint=hub.url, platform=None)
+    assert hub.file_gets() == []
+    assert pull(REPO, models, endpoint=hub.url, platform=None).model_path.is_file()

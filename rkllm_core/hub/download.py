@@ -37,7 +37,7 @@ from ..models.registry import default_model_dirs
 from .manifest import Manifest, ManifestFile, read_manifest, write_manifest
 from .refs import HubRef, parse_ref
 from .select import choose_companions, choose_model_file, library_abi
-from .store import find_pulled, model_folder, staging_folder
+from .store import find_pulled, model_folder, pull_lock, staging_folder
 
 __all__ = ["PullProgress", "PullResult", "pull"]
 
@@ -389,14 +389,14 @@ def _complete_pull(hub: _Hub, ref: HubRef, dest: Path, commit: str, plan: list[_
     old = read_manifest(folder)
     if old is not None and old.repo_id.lower() != ref.repo_id.lower():
         raise PullError(f"{folder} already holds a model pulled from {old.repo_id}; rkllm rm it or use --dir")
-    fetched = _download(hub, ref, commit, plan, folder, show, report)
     files = tuple(ManifestFile(i.repo_path, i.local_name, i.size, i.sha256, i.blob_id) for i in plan)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     manifest = Manifest(ref.repo_id, ref.revision or "main", commit, hub.endpoint, plan[0].local_name, files, now)
-    unchanged = old is not None and (old.commit, old.model, old.files) == (commit, manifest.model, files)
-    if fetched or not unchanged:
-        report(PullProgress("writing manifest"))
-        with _hub_errors(hub, ref):
+    with _hub_errors(hub, ref), pull_lock(folder):
+        fetched = _download(hub, ref, commit, plan, folder, show, report)
+        unchanged = old is not None and (old.commit, old.model, old.files) == (commit, manifest.model, files)
+        if fetched or not unchanged:
+            report(PullProgress("writing manifest"))
             _install(folder, staging_folder(folder), plan, manifest, old)
     report(PullProgress("success" if fetched else "up to date"))
     return PullResult(

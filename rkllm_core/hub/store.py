@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -26,7 +27,7 @@ from ..models.registry import ModelRegistry
 from .manifest import Manifest, read_manifest
 from .refs import HubRef
 
-__all__ = ["find_pulled", "model_folder", "remove_model", "staging_folder"]
+__all__ = ["find_pulled", "model_folder", "pull_lock", "remove_model", "staging_folder"]
 
 _STAGING_SUFFIX: Final = ".partial"
 
@@ -42,6 +43,31 @@ def model_folder(dest: Path, model_repo_path: str) -> Path:
 def staging_folder(folder: Path) -> Path:
     """The hidden folder a model's files are downloaded and checked in before they move to ``folder``."""
     return folder.with_name(f".{folder.name}{_STAGING_SUFFIX}")
+
+
+def _lock_file(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextmanager
+def pull_lock(folder: Path) -> Iterator[None]:
+    """Hold the model's lock for a pull, so two pulls of one model never write the same partial file.
+
+    Raises:
+        PullError: another pull of this model holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = _lock_file(folder)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PullError(f"another rkllm pull of {folder.name} is running (it holds {path})") from None
+        yield
 
 
 def _matches(manifest: Manifest, ref: HubRef) -> bool:
@@ -85,7 +111,7 @@ def _complete(folder: Path, manifest: Manifest) -> bool:
 
 
 def remove_model(name: str, model_dirs: Sequence[str | Path] | None = None) -> Path:
-    """Delete a pulled model's folder: the model, its companion files, its manifest and any staging.
+    """Delete a pulled model's folder: the model, its companion files, its manifest, any staging and its lock.
 
     Args:
         name: the model's name as the registry knows it (friendly name, alias, file name or path).
@@ -111,6 +137,7 @@ def remove_model(name: str, model_dirs: Sequence[str | Path] | None = None) -> P
     try:
         shutil.rmtree(folder)
         shutil.rmtree(staging_folder(folder), ignore_errors=True)
+        _lock_file(folder).unlink(missing_ok=True)
     except OSError as exc:
         raise PullError(f"cannot remove {folder}: {exc}") from exc
     return folder

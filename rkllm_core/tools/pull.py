@@ -29,6 +29,12 @@ def _say(line: str, stream: TextIO | None = None) -> None:
     out.flush()
 
 
+def _size(count: int) -> str:
+    if count >= 2**20:
+        return f"{count / 2**20:.1f} MiB"
+    return f"{count / 2**10:.1f} KiB" if count >= 2**10 else f"{count} B"
+
+
 def _plain_reporter() -> Callable[[PullProgress], None]:
     """Print each new step once, as a plain line on stderr (the bar, when shown, tells the bytes)."""
     said: set[tuple[str, str | None]] = set()
@@ -39,7 +45,7 @@ def _plain_reporter() -> Callable[[PullProgress], None]:
             return
         said.add(key)
         if progress.status.startswith("pulling ") and progress.total is not None:
-            line = f"{progress.status} ({progress.total / 2**20:.1f} MiB)"
+            line = f"{progress.status} ({_size(progress.total)})"
         else:
             line = f"{progress.status}: {progress.file}" if progress.file else progress.status
         _say(line, sys.stderr)
