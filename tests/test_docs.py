@@ -38,7 +38,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"^\s*<!--\s*not run:\s*(?P<reason>.+?)\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 LANGS = {"bash": "bash", "sh": "bash", "shell": "bash", "console": "console", "python": "python"}
-PAGE_TIMEOUT_S = 300
+PAGE_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
