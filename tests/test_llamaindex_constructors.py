@@ -22,6 +22,7 @@ pytest.importorskip("llama_index.core")
 import pytest_socket  # noqa: E402
 from llama_index.core import Document, Settings, VectorStoreIndex  # noqa: E402
 from llama_index.core.bridge.pydantic import ValidationError  # noqa: E402
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler  # noqa: E402
 
 from llamaindex_rkllm import RKLLM, RKLLMEmbedding, RKLLMRerank  # noqa: E402
 from rkllm_core.embed.recipes import QWEN3_RERANKER  # noqa: E402
@@ -232,3 +233,13 @@ def test_an_app_that_names_its_models_in_the_environment(
     Settings.embed_model = RKLLMEmbedding()
     _ask(RKLLMRerank(top_n=1))
     assert (Settings.llm.model, Settings.embed_model.model_name) == (CHAT_NAME, EMBED_NAME)
+
+
+def test_callback_manager_and_system_prompt_given_at_construction(manager: ModelManager, sim: SimulatorControl) -> None:
+    counter = TokenCountingHandler(tokenizer=str.split)
+    llm = RKLLM(CHAT_NAME, manager=manager, callback_manager=CallbackManager([counter]), system_prompt="You are terse.")
+    sim.set("trace", 1)
+    r = llm.complete("hello there")
+    assert counter.completion_llm_token_count == r.raw["usage"]["completion_tokens"] > 0  # read from raw["usage"]
+    slot = [t for t in sim.trace() if t["fn"] == "rkllm_set_chat_template"][-1]["system_prompt"]
+    assert "You are terse." in slot
