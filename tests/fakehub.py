@@ -5,8 +5,9 @@ It serves exactly what ``huggingface_hub`` 2.4.0 asks for when ``rkllm pull`` ru
 * ``GET /api/models/{owner}/{repo}/revision/{rev}?blobs=True``: the repository's
   ``sha`` and ``siblings`` (``rfilename``, ``size``, ``blobId`` and, for LFS
   files, ``lfs`` with ``sha256``/``size``/``pointerSize``);
-* ``GET``/``HEAD /{owner}/{repo}/resolve/{rev}/{path}``: the file, with ``ETag``,
-  ``X-Repo-Commit`` and, for LFS files, ``X-Linked-Etag``/``X-Linked-Size``;
+* ``GET``/``HEAD /{owner}/{repo}/resolve/{rev}/{path}``: a small file itself, with ``ETag``
+  and ``X-Repo-Commit``; for an LFS file, like the Hub, a 302 to a storage address
+  (``/cdn/{owner}/{repo}/{path}`` here) with ``X-Linked-Etag``/``X-Linked-Size``;
   ``Range: bytes=N-`` answers 206 with the rest;
 * errors the way the Hub sends them: 401 with ``X-Error-Code: RepoNotFound`` for an
   unknown repository, 404 with ``RevisionNotFound``/``EntryNotFound``.
@@ -41,6 +42,7 @@ class FakeRepo:
     files: dict[str, bytes]
     served: dict[str, bytes] = field(default_factory=dict)
     commit: str = "0123456789abcdef0123456789abcdef01234567"
+    token: str | None = None  # a private repository: only this Bearer token sees it
 
     def is_lfs(self, path: str) -> bool:
         return path.endswith(LFS_SUFFIXES) or path.rsplit("/", 1)[-1] == "tokenizer.json"
@@ -60,6 +62,7 @@ class Request:
     path: str
     headers: dict[str, str]  # lower-case names
     sent: int = 0  # body bytes sent
+    status: int = 0
 
 
 @dataclass
@@ -90,10 +93,10 @@ class FakeHub:
         return repo
 
     def file_gets(self, path_suffix: str = "") -> list[Request]:
-        """The GETs of files (not of the API) whose path ends with ``path_suffix``."""
+        """The GETs answered with a file's bytes (not redirects, not errors), path ending with ``path_suffix``."""
         with self.lock:
-            return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path
-                    and r.path.endswith(path_suffix)]  # fmt: skip
+            return [r for r in self.requests if r.method == "GET" and r.status in (200, 206)
+                    and "/api/" not in r.path and r.path.endswith(path_suffix)]  # fmt: skip
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -110,6 +113,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             return request
 
         def _error(self, status: int, code: str) -> None:
+            self.request_record.status = status
             body = json.dumps({"error": code}).encode()
             self.send_response(status)
             self.send_header("X-Error-Code", code)
@@ -123,18 +127,26 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.do_GET()
 
         def do_GET(self) -> None:
-            request = self._record()
+            request = self.request_record = self._record()
             parts = request.path.strip("/").split("/")
             if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "revision":
                 self._model_info("/".join(parts[2:4]), parts[5])
             elif len(parts) >= 5 and parts[2] == "resolve":
                 self._resolve(request, "/".join(parts[:2]), parts[3], "/".join(parts[4:]))
+            elif len(parts) >= 4 and parts[0] == "cdn" and "/".join(parts[1:3]) in hub.repos:
+                repo_id, path = "/".join(parts[1:3]), "/".join(parts[3:])
+                self._resolve(request, repo_id, hub.repos[repo_id].commit, path, from_storage=True)
             else:
                 self._error(404, "NotFound")
 
+        def _visible(self, repo: FakeRepo | None) -> bool:
+            if repo is None:
+                return False
+            return repo.token is None or self.headers.get("Authorization") == f"Bearer {repo.token}"
+
         def _model_info(self, repo_id: str, revision: str) -> None:
             repo = hub.repos.get(repo_id)
-            if repo is None:
+            if repo is None or not self._visible(repo):
                 return self._error(401, "RepoNotFound")
             if revision not in ("main", repo.commit):
                 return self._error(404, "RevisionNotFound")
@@ -146,14 +158,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _resolve(self, request: Request, repo_id: str, revision: str, path: str) -> None:
+        def _resolve(
+            self, request: Request, repo_id: str, revision: str, path: str, from_storage: bool = False
+        ) -> None:
             repo = hub.repos.get(repo_id)
-            if repo is None:
+            if repo is None or not (from_storage or self._visible(repo)):
                 return self._error(401, "RepoNotFound")
             if revision not in ("main", repo.commit):
                 return self._error(404, "RevisionNotFound")
             if path not in repo.files:
                 return self._error(404, "EntryNotFound")
+            if repo.is_lfs(path) and not from_storage:
+                return self._redirect(request, repo, repo_id, path)
             data = repo.served.get(path, repo.files[path])
             cut = hub.cuts.get(path)
             if self.command == "GET" and cut is not None and cut.done and cut.refuse:
@@ -161,15 +177,23 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             start = int(self.headers["Range"].split("=")[1].split("-")[0]) if "Range" in self.headers else 0
             self._send_file(request, repo, path, data, start, cut)
 
+        def _redirect(self, request: Request, repo: FakeRepo, repo_id: str, path: str) -> None:
+            request.status = 302
+            self.send_response(302)
+            self.send_header("Location", f"/cdn/{repo_id}/{path}")
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(repo.files[path]).hexdigest()}"')
+            self.send_header("X-Linked-Size", str(len(repo.files[path])))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         def _send_file(self, request: Request, repo: FakeRepo, path: str, data: bytes, start: int,
                        cut: Cut | None) -> None:  # fmt: skip
-            self.send_response(206 if start else 200)
+            request.status = 206 if start else 200
+            self.send_response(request.status)
             etag = hashlib.sha256(repo.files[path]).hexdigest() if repo.is_lfs(path) else git_blob_id(repo.files[path])
             self.send_header("ETag", f'"{etag}"')
             self.send_header("X-Repo-Commit", repo.commit)
-            if repo.is_lfs(path):
-                self.send_header("X-Linked-Etag", f'"{etag}"')
-                self.send_header("X-Linked-Size", str(len(data)))
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.send_header("Content-Length", str(len(data) - start))

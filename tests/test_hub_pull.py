@@ -166,6 +166,22 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, hub: FakeHub, models: Path,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("where", ["HF_TOKEN", "HF_HOME"])
+def test_a_private_repository_needs_the_token(tmp_path: Path, hub: FakeHub, models: Path, where: str) -> None:
+    hub.add(REPO, chat_repo(tmp_path), token="hf_secret")
+    env = cli_env(tmp_path, hub.url, models)
+    refused = run_cli(env, "pull", REPO, cwd=tmp_path)
+    assert refused.returncode == 2 and "HF_TOKEN" in refused.stderr and "Traceback" not in refused.stderr
+    if where == "HF_TOKEN":
+        env["HF_TOKEN"] = "hf_secret"
+    else:  # the token `hf auth login` saves under HF_HOME
+        Path(env["HF_HOME"]).mkdir(parents=True)
+        (Path(env["HF_HOME"]) / "token").write_text("hf_secret")
+    result = run_cli(env, "pull", REPO, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (models / MODEL.removesuffix(".rkllm") / MODEL).is_file()
+
+
 def test_offline_mode(tmp_path: Path, hub: FakeHub, models: Path, online: None) -> None:
     hub.add(REPO, chat_repo(tmp_path))
     env = cli_env(tmp_path, hub.url, models, HF_HUB_OFFLINE="1")
@@ -256,6 +272,7 @@ def test_interrupted_transfer_resumes_with_a_range_request(
     gets = hub.file_gets(MODEL)
     assert gets[0].sent == 5000 and "range" not in gets[0].headers
     assert gets[-1].headers["range"] == "bytes=5000-" and gets[-1].sent == len(files[MODEL]) - 5000
+    assert any(r.status == 302 and r.headers.get("range") == "bytes=5000-" for r in hub.requests)  # via storage
     assert hashlib.sha256(result.model_path.read_bytes()).hexdigest() == hashlib.sha256(files[MODEL]).hexdigest()
 
 
@@ -408,3 +425,16 @@ def test_a_second_pull_of_the_same_model_at_once_is_refused(tmp_path: Path, hub:
             pull(REPO, models, endpoint=hub.url, platform=None)
     assert hub.file_gets() == []
     assert pull(REPO, models, endpoint=hub.url, platform=None).model_path.is_file()
+
+
+def test_not_enough_disk_space_is_said_before_downloading(tmp_path: Path, hub: FakeHub, models: Path, online: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import shutil
+    from collections import namedtuple
+
+    hub.add(REPO, chat_repo(tmp_path))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(PullError, match="not enough disk space"):
+        pull(REPO, models, endpoint=hub.url, platform=None)
+    assert hub.file_gets() == [] and visible_models(models) == []
