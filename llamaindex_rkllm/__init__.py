@@ -4,7 +4,7 @@
 * :class:`RKLLMEmbedding`: an embedding model (documents and queries);
 * :class:`RKLLMRerank`: a node postprocessor that reranks with a reranker model.
 
-Install with ``pip install "boardllm[llamaindex]"``; also importable as
+Install from a checkout with ``pip install -e ".[llamaindex]"``; also importable as
 ``llama_index.llms.rkllm``, ``llama_index.embeddings.rkllm`` and
 ``llama_index.postprocessor.rkllm_rerank``.
 
