@@ -154,7 +154,7 @@ def _hub_errors(hub: _Hub, ref: HubRef, staging: Path | None = None) -> Iterator
             f"no repository {ref.repo_id} {where} (check the spelling; a private repository needs HF_TOKEN)"
         ) from exc
     except errors.RevisionNotFoundError as exc:
-        raise PullError(f"{ref.repo_id} {where} has no revision {ref.revision!r}") from exc
+        raise PullError(f"{ref.repo_id} {where} has no revision {ref.revision or 'main'!r}") from exc
     except errors.EntryNotFoundError as exc:
         raise PullError(f"a file of {ref.repo_id} vanished from {hub.endpoint} while pulling; try again") from exc
     except errors.OfflineModeIsEnabled as exc:
@@ -181,8 +181,8 @@ def _plan(hub: _Hub, ref: HubRef, platform: str | None) -> tuple[str, list[_Remo
         sibling = siblings[path]
         lfs = sibling.lfs
         size = lfs.size if lfs is not None else sibling.size
-        if size is None:
-            raise PullError(f"{hub.endpoint} gave no size for {ref.repo_id}/{path}; cannot check it")
+        if size is None or (path == model and lfs is None and sibling.blob_id is None):
+            raise PullError(f"{hub.endpoint} gives no size or checksum for {ref.repo_id}/{path}; it cannot be checked")
         name = path.rsplit("/", 1)[-1]
         plan.append(_Remote(path, name, int(size), lfs.sha256 if lfs is not None else None, sibling.blob_id))
     return str(info.sha or ref.revision or "main"), plan
