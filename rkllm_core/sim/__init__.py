@@ -71,6 +71,9 @@ COUNTERS = (
     "destroy_while_running",
     "resident_handles",
     "max_resident_handles",
+    "batched_runs",
+    "batch_steps",
+    "batch_refusals",
 )
 
 _CFLAGS = ("-std=c11", "-O2", "-shared", "-fPIC", "-pthread")
@@ -256,7 +259,11 @@ class SimulatorControl:
     Settings (``set``): ``token_delay_ms``, ``prefill_ms_per_token``,
     ``init_delay_ms``, ``destroy_delay_ms``, ``error_after_tokens``,
     ``finish_after_abort``, ``waiting_text``, ``split_utf8_normal``,
-    ``trace``, ``banner``.
+    ``trace``, ``banner``, and for handles with ``n_batch > 1``
+    ``batch_step_cost`` (a decode step costs ``token_delay_ms * (1 +
+    batch_step_cost * (active slots - 1))``, default 0.15) and
+    ``batch_finish`` (the shape of the closing callback: 0 an array of
+    results, 1 a single result, 2 none; see the C source's top comment).
     """
 
     def __init__(self, library_path: str | os.PathLike[str]) -> None:

@@ -52,6 +52,29 @@
  *    then one NORMAL callback carrying the buffer, then FINISH. The buffer is freed once the callback
  *    returns; on 1.3 a callback returning 2 ("release the buffer early") just continues the run.
  *
+ * Batched runs (extend_param.n_batch = N > 1; the runtime's documented contract, SDK manual 3.2.14):
+ *  - rkllm_run takes an array of N RKLLMInput (the ABI's stride) and one RKLLMInferParam for all of them;
+ *    every slot must hold a valid input (an empty slot is not documented: the run is refused, -1).
+ *  - Each slot has its own KV cache. rkllm_get_kv_cache_size fills N ints; rkllm_clear_kv_cache's start/end
+ *    arrays have one entry per slot (a slot whose start >= end follows keep_system_prompt).
+ *  - Refused (-1, counted in "errors" and "batch_refusals", no callback), being undocumented for batches:
+ *    keep_history = 1 (whether a slot keeps its own conversation is not documented), modes other than
+ *    generation, saving a prompt cache. N above 100 is an init error (the runtime's documented range).
+ *  - The slots are prefilled one after another (each costs what a single run's prefill costs). Then every
+ *    step calls back once with an array of N RKLLMResult (stride sizeof(RKLLMResult)): an active slot's next
+ *    token (token_id >= 0; text NULL, or "" with waiting_text, while it holds back an incomplete UTF-8
+ *    character, unless split_utf8_normal), a finished slot's token_id -1 with text NULL. The state is
+ *    WAITING when every slot of the step holds back, else NORMAL. A slot finishes at the end of its reply,
+ *    at max_new_tokens or when its cache is full; the run returns when every slot has finished.
+ *  - Cost model (an assumption, setting batch_step_cost, default 0.15): a step costs
+ *    token_delay_ms * (1 + batch_step_cost * (active slots - 1)); finished slots cost nothing.
+ *  - The FINISH shape is not documented; setting batch_finish chooses it: 0 (default) an array of N results,
+ *    token_id -1, each with its slot's perf; 1 a single result with the run's totals, followed in memory by
+ *    poison results (token_id > 0, text "[[sim:poison]]") that a binding reading an array would deliver;
+ *    2 no FINISH callback (the return is the end). ERROR uses shape 0 or 1 likewise.
+ *  - rkllm_abort stops the whole run. A one-shot error_after_tokens or a "[[sim:error]]" prompt in any slot
+ *    fails the whole run (ERROR, -1). Counters: "batched_runs", "batch_steps" (step callbacks), "batch_refusals".
+ *
  * Tokens: a special token "<|name|>" (name: 1-64 ASCII letters, digits, '_') is one token; otherwise
  * a run of up to 4 ASCII alphanumerics (with an optional single leading space), else one UTF-8 code
  * point. A token's id is a hash of its bytes. Words: maximal runs of ASCII letters/digits and bytes
@@ -454,6 +477,8 @@ SIM_SIZE(RKLLMInferParam, 32); SIM_OFF(RKLLMInferParam, keep_history, 24);
 #define SIM_TRACE_CAP ((size_t)32 << 20)
 #define SIM_DEFAULT_SYSTEM "You are a helpful assistant."
 #define SIM_HIDDEN_SIZE 256
+#define SIM_MAX_BATCH 100
+#define SIM_POISON "[[sim:poison]]"
 #define JSON_MAX_DEPTH 64
 
 /* ---------------------------------------------------------------- small utilities ---- */
@@ -1492,7 +1517,8 @@ enum {
     C_PREFILLED_TOKENS, C_GENERATED_TOKENS, C_CALLBACKS, C_ABORTS, C_PAUSES, C_ERRORS, C_KV_CLEARS,
     C_PC_SAVES, C_PC_LOADS, C_PC_RELEASES, C_PC_HIT_TOKENS, C_LORA_LOADS, C_TEMPLATE_SETS, C_TOOLS_SETS,
     C_CONTEXT_SHIFTS, C_BUSY_NS, C_INVALID_HANDLE_CALLS, C_CONCURRENT_RUN_VIOLATIONS,
-    C_DESTROY_WHILE_RUNNING, C_TRACE_DROPPED, C_RESIDENT_HANDLES, C_MAX_RESIDENT_HANDLES, C_COUNT
+    C_DESTROY_WHILE_RUNNING, C_TRACE_DROPPED, C_RESIDENT_HANDLES, C_MAX_RESIDENT_HANDLES, C_BATCHED_RUNS,
+    C_BATCH_STEPS, C_BATCH_REFUSALS, C_COUNT
 };
 
 static const char *const counter_names[C_COUNT] = {
@@ -1501,13 +1527,14 @@ static const char *const counter_names[C_COUNT] = {
     "prompt_cache_saves", "prompt_cache_loads", "prompt_cache_releases", "prompt_cache_hit_tokens",
     "lora_loads", "template_sets", "tools_sets", "context_shifts", "busy_ns", "invalid_handle_calls",
     "concurrent_run_violations", "destroy_while_running", "trace_dropped", "resident_handles",
-    "max_resident_handles",
+    "max_resident_handles", "batched_runs", "batch_steps", "batch_refusals",
 };
 
 typedef struct {
     double token_delay_ms, prefill_ms_per_token, init_delay_ms, destroy_delay_ms;
     double error_after_tokens; /* one-shot, < 0 = off */
     double finish_after_abort, waiting_text, split_utf8_normal, trace, banner;
+    double batch_step_cost, batch_finish; /* n_batch > 1: see the top comment */
 } sim_settings;
 
 static const struct {
@@ -1524,6 +1551,8 @@ static const struct {
     {"split_utf8_normal", NULL, offsetof(sim_settings, split_utf8_normal)},
     {"trace", "RKLLM_SIM_TRACE", offsetof(sim_settings, trace)},
     {"banner", NULL, offsetof(sim_settings, banner)},
+    {"batch_step_cost", "RKLLM_SIM_BATCH_STEP_COST", offsetof(sim_settings, batch_step_cost)},
+    {"batch_finish", "RKLLM_SIM_BATCH_FINISH", offsetof(sim_settings, batch_finish)},
 };
 
 /* The KV cache: the bytes of every cached token plus each token's byte length (0 for tokens that
@@ -1559,7 +1588,8 @@ typedef struct sim_handle {
     char *prefix, *postfix;
     char *tools_json; /* NULL = no tools */
     char *tool_tag; /* NULL = "tool_response" */
-    sim_kv kv;
+    sim_kv kv; /* slot 0's cache (the only one unless n_batch > 1) */
+    sim_kv *slot_kv; /* n_batch > 1: the caches of slots 1 .. n_batch-1 */
     char *pcache_text; /* loaded prompt cache, or NULL */
     sim_lora *loras;
     size_t n_loras;
@@ -1577,7 +1607,7 @@ static struct {
 } G = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .cond = PTHREAD_COND_INITIALIZER,
-    .set = {.error_after_tokens = -1, .banner = 1},
+    .set = {.error_after_tokens = -1, .banner = 1, .batch_step_cost = 0.15},
 };
 
 static void lock(void) { pthread_mutex_lock(&G.lock); }
@@ -1701,6 +1731,9 @@ static void kv_make_room(sim_kv *kv, size_t need, size_t max_ctx, int n_keep) {
 
 /* ---------------------------------------------------------------------- handles ---- */
 
+/* The KV cache of batch slot i (0 <= i < n_batch). */
+static sim_kv *kv_of(sim_handle *h, int i) { return i == 0 ? &h->kv : &h->slot_kv[i - 1]; }
+
 static sim_handle *handle_find_locked(LLMHandle handle) {
     size_t id = handle_decode(handle);
     return (id && id < G.table_len) ? G.table[id] : NULL;
@@ -1734,6 +1767,11 @@ static void handle_free(sim_handle *h) {
     free(h->tool_tag);
     sb_free(&h->kv.text);
     free(h->kv.lens);
+    for (int i = 0; h->slot_kv && i < h->n_batch - 1; i++) {
+        sb_free(&h->slot_kv[i].text);
+        free(h->slot_kv[i].lens);
+    }
+    free(h->slot_kv);
     free(h->pcache_text);
     for (size_t i = 0; i < h->n_loras; i++) {
         free(h->loras[i].name);
@@ -1975,8 +2013,11 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     }
     limit = model_ctx_limit(param->model_path, &mi);
     ctx = param->max_context_len <= 0 ? limit : param->max_context_len;
-    if (ctx > limit) {
-        sim_log("max_context[%d] must be less than the model's max_context_limit[%d]", ctx, limit);
+    if (ctx > limit || param->extend_param.n_batch > SIM_MAX_BATCH) {
+        if (ctx > limit)
+            sim_log("max_context[%d] must be less than the model's max_context_limit[%d]", ctx, limit);
+        else
+            sim_log("The n_batch must be between 1 and %d", SIM_MAX_BATCH);
         resident_add(-1);
         count_add(C_INIT_FAILURES, 1);
         return -1;
@@ -1994,6 +2035,10 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     h->max_new_tokens = param->max_new_tokens;
     h->n_keep = param->n_keep;
     h->n_batch = param->extend_param.n_batch ? param->extend_param.n_batch : 1;
+    if (h->n_batch > 1) {
+        h->slot_kv = xmalloc((size_t)(h->n_batch - 1) * sizeof *h->slot_kv);
+        memset(h->slot_kv, 0, (size_t)(h->n_batch - 1) * sizeof *h->slot_kv);
+    }
     h->cb = cb;
     h->cb_userdata = cb_userdata;
     lock();
@@ -2519,9 +2564,15 @@ static void *run_worker(void *arg) {
     return NULL;
 }
 
-static void trace_run(const char *fn, LLMHandle handle, const RKLLMInput *in, const RKLLMInferParam *ip) {
+/* One line per run, or with n_batch > 1 one line per slot (slot >= 0, with "slot" and "n_batch"). */
+static void trace_run(const char *fn, LLMHandle handle, const RKLLMInput *in, const RKLLMInferParam *ip, int slot,
+                      int n_batch) {
     sbuf b = {0};
     if (!trace_begin(&b, fn, true, handle)) return;
+    if (slot >= 0) {
+        tr_int(&b, "slot", slot);
+        tr_int(&b, "n_batch", n_batch);
+    }
     if (in) {
         tr_str(&b, "role", in->role);
         tr_bool(&b, "enable_thinking", in->enable_thinking);
@@ -2646,11 +2697,392 @@ static sim_job *job_from_input(const RKLLMInput *in, const RKLLMInferParam *ip, 
     return j;
 }
 
+/* ------------------------------------------------------------------- batched runs ---- */
+
+/* One slot of a batched run: its job (input), its prefill and its reply's progress. */
+typedef struct {
+    sim_job *j;
+    sbuf pre, pending;
+    int *lens;
+    size_t ntext, total, hit, sys_bytes, rlen, pos;
+    char *reply;
+    int err_at, emitted;
+    bool was_empty, done;
+} sim_slot;
+
+/* A batched run (n_batch > 1): one RKLLMInferParam for n slots, one callback per step for all of them. */
+typedef struct {
+    sim_handle *h;
+    bool async;
+    int n;
+    sim_slot *slots;
+    LLMResultCallback cb;
+    void *userdata;
+    sim_settings set; /* snapshot taken when the run starts */
+    int err_after, max_new_tokens, ret;
+    /* filled by the worker */
+    char *tools, *pcache;
+    bool custom, think;
+    size_t max_ctx;
+    int n_keep;
+    float mem_mb;
+    int64_t t_pre0, t_pre1, t_gen0;
+} sim_batch;
+
+static void batch_free(sim_batch *b) {
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        if (s->j) job_free(s->j);
+        sb_free(&s->pre);
+        sb_free(&s->pending);
+        free(s->lens);
+        free(s->reply);
+    }
+    free(b->slots);
+    free(b->tools);
+    free(b->pcache);
+    free(b);
+}
+
+/* What the batched contract does not cover (refused, not guessed at); NULL if the run may start. */
+static const char *batch_refusal(const RKLLMInferParam *ip) {
+    if (ip->keep_history) return "rkllm_run: keep_history must be 0 with n_batch > 1 (per-slot history is undocumented)";
+    if (ip->mode != RKLLM_INFER_GENERATE) return "rkllm_run: only text generation is simulated with n_batch > 1";
+    if (ip->prompt_cache_params && ip->prompt_cache_params->save_prompt_cache)
+        return "rkllm_run: saving a prompt cache is not simulated with n_batch > 1";
+    return NULL;
+}
+
+/* Copy the n inputs (an array of RKLLMInput) into jobs; NULL and *why if any is invalid. */
+static sim_batch *batch_from_input(const sim_handle *h, const RKLLMInput *in, const RKLLMInferParam *ip,
+                                   const char **why) {
+    if (!in || !ip) {
+        *why = "rkllm_run: input and infer_param must not be NULL";
+        return NULL;
+    }
+    if ((*why = batch_refusal(ip)) != NULL) return NULL;
+    sim_batch *b = xmalloc(sizeof *b);
+    memset(b, 0, sizeof *b);
+    b->n = h->n_batch;
+    b->slots = xmalloc((size_t)b->n * sizeof *b->slots);
+    memset(b->slots, 0, (size_t)b->n * sizeof *b->slots);
+    for (int i = 0; i < b->n && !*why; i++) b->slots[i].j = job_from_input(in + i, ip, why);
+    if (*why) {
+        batch_free(b);
+        return NULL;
+    }
+    return b;
+}
+
+static bool lora_loaded_locked(const sim_handle *h, const char *name) {
+    for (size_t i = 0; i < h->n_loras; i++)
+        if (strcmp(h->loras[i].name, name) == 0) return true;
+    return false;
+}
+
+/* 1. Every slot's prefill text (under the lock: template state may change concurrently), reply and error point. */
+static void batch_prepare(sim_batch *b) {
+    sim_handle *h = b->h;
+    lock();
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        s->was_empty = kv_of(h, i)->n == 0;
+        if (s->j->prompt) {
+            if (s->was_empty) {
+                append_system_part(&s->pre, h);
+                s->sys_bytes = s->pre.n;
+            }
+            append_turn(&s->pre, h, s->j->role, s->j->prompt, s->j->enable_thinking);
+        }
+        if (h->custom_template && h->postfix) {
+            static const char hdr[] = "<|im_start|>assistant\n";
+            size_t pl = strlen(h->postfix), hl = sizeof hdr - 1;
+            s->j->custom_thinks = pl >= hl && strcmp(h->postfix + pl - hl, hdr) == 0;
+        }
+    }
+    b->tools = xstrdup(h->tools_json);
+    b->pcache = xstrdup(h->pcache_text);
+    b->custom = h->custom_template;
+    b->think = h->think;
+    b->max_ctx = (size_t)h->max_context_len;
+    b->n_keep = h->n_keep;
+    b->mem_mb = (float)(h->memory_mb >= 0 ? h->memory_mb : (h->model_size + (1 << 20) - 1) >> 20) +
+                (float)b->n * (float)h->max_context_len / 1024.0f; /* n caches */
+    unlock();
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        s->ntext = tokenize(s->pre.p ? s->pre.p : "", s->pre.n, &s->lens);
+        s->total = s->ntext + s->j->extra_tokens;
+        if (b->pcache && s->was_empty && s->j->prompt) {
+            size_t l = 0;
+            while (l < s->pre.n && b->pcache[l] == s->pre.p[l]) l++;
+            s->hit = tokens_within(s->lens, s->ntext, l);
+        }
+        s->reply = build_reply(s->j, b->tools, b->custom, b->think, s->j->lora != NULL, &s->err_at);
+        s->rlen = strlen(s->reply);
+        if (b->err_after >= 0 && (s->err_at < 0 || b->err_after < s->err_at)) s->err_at = b->err_after;
+    }
+}
+
+/* 2. Prefill the slots one after another (each costs what a single run's prefill costs). True if aborted. */
+static bool batch_prefill(sim_batch *b) {
+    sim_handle *h = b->h;
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        sim_kv *kv = kv_of(h, i);
+        lock();
+        kv_make_room(kv, s->total, b->max_ctx, b->n_keep);
+        unlock();
+        if (sleep_abortable(h, (double)(s->total - s->hit) * b->set.prefill_ms_per_token)) return true;
+        lock();
+        size_t off = 0;
+        for (size_t t = 0; t < s->ntext; off += (size_t)s->lens[t++]) kv_push(kv, s->pre.p + off, s->lens[t]);
+        for (size_t t = 0; t < s->j->extra_tokens; t++) kv_push(kv, NULL, 0);
+        if (s->was_empty) kv->sys_tokens = tokens_within(s->lens, s->ntext, s->sys_bytes);
+        G.counters[C_PREFILLED_TOKENS] += (long long)(s->total - s->hit);
+        G.counters[C_PC_HIT_TOKENS] += (long long)s->hit;
+        bool traced = G.set.trace >= 2;
+        char *context = traced ? xstrdup(kv->text.p ? kv->text.p : "") : NULL;
+        unlock();
+        if (traced) trace_context(h->id, context);
+        free(context);
+    }
+    return false;
+}
+
+/* Which slots still generate; -1 if a slot reached its forced error, else how many are active. */
+static int batch_active(sim_batch *b) {
+    int active = 0;
+    lock();
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        if (s->done) continue;
+        if (s->err_at >= 0 && s->emitted >= s->err_at) {
+            active = -1;
+            break;
+        }
+        if (s->pos >= s->rlen || kv_of(b->h, i)->n >= b->max_ctx ||
+            (b->max_new_tokens > 0 && s->emitted >= b->max_new_tokens))
+            s->done = true;
+        else
+            active++;
+    }
+    unlock();
+    return active;
+}
+
+/* One step: the next token of every active slot, all in one callback (an array of n results). A finished slot
+ * has token_id -1 and text NULL; a slot whose text ends inside a UTF-8 character holds it back (text NULL, or ""
+ * with waiting_text) unless split_utf8_normal; the state is WAITING when every slot of the step holds back.
+ * Returns the callback's value. */
+static int batch_step(sim_batch *b, RKLLMResult *res, char **texts) {
+    int produced = 0, held = 0;
+    memset(res, 0, (size_t)b->n * sizeof *res);
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        if (s->done) {
+            res[i].token_id = -1;
+            continue;
+        }
+        size_t clen = s->rlen - s->pos < 4 ? s->rlen - s->pos : 4;
+        const char *chunk = s->reply + s->pos;
+        s->pos += clen;
+        lock();
+        kv_push(kv_of(b->h, i), chunk, (int)clen);
+        G.counters[C_GENERATED_TOKENS]++;
+        unlock();
+        s->emitted++;
+        produced++;
+        sb_add(&s->pending, chunk, clen);
+        res[i].token_id = token_id_of(chunk, clen);
+        if (!b->set.split_utf8_normal && utf8_incomplete_tail(s->pending.p, s->pending.n)) {
+            res[i].text = b->set.waiting_text ? "" : NULL;
+            held++;
+        } else
+            res[i].text = texts[i] = sb_take(&s->pending);
+    }
+    count_add(C_BATCH_STEPS, 1);
+    count_add(C_CALLBACKS, 1);
+    int r = b->cb ? b->cb(res, b->userdata, held == produced ? RKLLM_RUN_WAITING : RKLLM_RUN_NORMAL) : 0;
+    for (int i = 0; i < b->n; i++) {
+        free(texts[i]);
+        texts[i] = NULL;
+    }
+    return r;
+}
+
+/* 3. Generation. A step costs token_delay_ms * (1 + batch_step_cost * (active slots - 1)).
+ * *outcome: 0 all slots finished, 1 aborted, 2 paused (the callback returned 1), 3 a forced error. */
+static void batch_generate(sim_batch *b, int *outcome) {
+    RKLLMResult *res = xmalloc((size_t)b->n * sizeof *res);
+    char **texts = xmalloc((size_t)b->n * sizeof *texts);
+    memset(texts, 0, (size_t)b->n * sizeof *texts);
+    *outcome = 0;
+    for (;;) {
+        if (abort_requested(b->h)) {
+            *outcome = 1;
+            break;
+        }
+        int active = batch_active(b);
+        if (active < 0) *outcome = 3;
+        if (active <= 0) break;
+        if (sleep_abortable(b->h, b->set.token_delay_ms * (1.0 + b->set.batch_step_cost * (active - 1)))) {
+            *outcome = 1;
+            break;
+        }
+        if (batch_step(b, res, texts) == 1) {
+            *outcome = 2;
+            break;
+        }
+    }
+    free(texts);
+    free(res);
+}
+
+/* 4. The closing callback. Shape (setting batch_finish): 0 an array of n results, each slot's own perf;
+ * 1 one result with the run's totals, followed in memory by poison results (token_id > 0, text SIM_POISON) that a
+ * binding reading an array would deliver as text; 2 no FINISH at all (the return is the end; ERROR as 0). */
+static void batch_close(sim_batch *b, LLMCallState st) {
+    int shape = (int)b->set.batch_finish;
+    if (st == RKLLM_RUN_FINISH && shape == 2) return;
+    RKLLMResult *res = xmalloc((size_t)b->n * sizeof *res);
+    memset(res, 0, (size_t)b->n * sizeof *res);
+    float gen_ms = (float)(now_ns() - b->t_gen0) / 1e6f, pre_ms = (float)(b->t_pre1 - b->t_pre0) / 1e6f;
+    for (int i = 0; i < b->n; i++) {
+        sim_slot *s = &b->slots[i];
+        RKLLMResult *r = shape == 1 ? &res[0] : &res[i];
+        r->token_id = -1;
+        r->perf.prefill_time_ms = pre_ms;
+        r->perf.prefill_tokens += (int)(s->total - s->hit);
+        r->perf.generate_time_ms = gen_ms;
+        r->perf.generate_tokens += s->emitted;
+        r->perf.memory_usage_mb = b->mem_mb;
+    }
+    for (int i = 1; shape == 1 && i < b->n; i++) {
+        res[i].text = SIM_POISON;
+        res[i].token_id = 0x5eed;
+        res[i].perf.prefill_tokens = res[i].perf.generate_tokens = -777;
+    }
+    count_add(C_CALLBACKS, 1);
+    if (b->cb) b->cb(res, b->userdata, st);
+    free(res);
+}
+
+static void *batch_worker(void *arg) {
+    sim_batch *b = arg;
+    sim_handle *h = b->h;
+    int64_t t_start = now_ns();
+    batch_prepare(b);
+    int outcome = 0; /* see batch_generate */
+    bool too_long = false;
+    for (int i = 0; i < b->n; i++) too_long = too_long || b->slots[i].total > b->max_ctx;
+    b->t_pre0 = b->t_pre1 = b->t_gen0 = now_ns();
+    if (too_long) {
+        sim_log("a slot's prompt exceeds max_context_len %zu", b->max_ctx);
+        outcome = 3;
+    } else if (batch_prefill(b)) {
+        outcome = 1;
+        b->t_pre1 = b->t_gen0 = now_ns();
+    } else {
+        b->t_pre1 = b->t_gen0 = now_ns();
+        batch_generate(b, &outcome);
+    }
+    bool forced = false; /* like a single run: a pending one-shot or [[sim:error]] fails a run that ends normally */
+    for (int i = 0; i < b->n; i++) forced = forced || b->slots[i].err_at >= 0;
+    bool errored = outcome == 3 || (outcome == 0 && forced);
+    if (outcome == 2) count_add(C_PAUSES, 1);
+    if (errored)
+        batch_close(b, RKLLM_RUN_ERROR);
+    else if (outcome == 0 || (outcome == 1 && b->set.finish_after_abort))
+        batch_close(b, RKLLM_RUN_FINISH);
+    lock();
+    for (int i = 0; outcome != 2 && i < b->n; i++) kv_clear(kv_of(h, i)); /* keep_history is always 0 */
+    if (errored) G.counters[C_ERRORS]++;
+    G.counters[C_BUSY_NS] += now_ns() - t_start;
+    G.counters[C_ACTIVE_RUNS]--;
+    h->running = false;
+    h->abort_flag = false;
+    unlock();
+    b->ret = errored ? -1 : 0;
+    if (b->async) {
+        batch_free(b);
+        handle_release(h);
+    }
+    return NULL;
+}
+
+/* rkllm_run / rkllm_run_async on a handle with n_batch > 1: `in` is an array of n_batch inputs. */
+static int start_batch(const char *fn, sim_handle *h, RKLLMInput *in, RKLLMInferParam *ip, void *userdata,
+                       bool async) {
+    const char *why = NULL;
+    sim_batch *b = batch_from_input(h, in, ip, &why);
+    lock();
+    if (b && b->slots[0].j->lora && !lora_loaded_locked(h, b->slots[0].j->lora))
+        why = "rkllm_run: the requested LoRA adapter is not loaded";
+    if (why || G.table[h->id] != h || h->running) {
+        if (why) {
+            G.counters[C_ERRORS]++;
+            G.counters[C_BATCH_REFUSALS]++;
+        } else if (G.table[h->id] != h)
+            G.counters[C_INVALID_HANDLE_CALLS]++;
+        else
+            G.counters[C_CONCURRENT_RUN_VIOLATIONS]++;
+        bool violation = !why && h->running;
+        unlock();
+        if (why)
+            sim_log("%s", why);
+        else if (violation)
+            sim_log("%s: a run is already active on this handle", fn);
+        if (b) batch_free(b);
+        handle_release(h);
+        return -1;
+    }
+    b->h = h;
+    b->async = async;
+    b->cb = h->cb;
+    b->userdata = userdata ? userdata : h->cb_userdata;
+    b->max_new_tokens = b->slots[0].j->max_new_tokens > 0 ? b->slots[0].j->max_new_tokens : h->max_new_tokens;
+    b->set = G.set;
+    b->err_after = G.set.error_after_tokens >= 0 ? (int)G.set.error_after_tokens : -1;
+    G.set.error_after_tokens = -1; /* one-shot */
+    h->running = true;
+    h->abort_flag = false;
+    G.counters[C_RUNS]++;
+    G.counters[C_BATCHED_RUNS]++;
+    if (++G.counters[C_ACTIVE_RUNS] > G.counters[C_MAX_ACTIVE_RUNS])
+        G.counters[C_MAX_ACTIVE_RUNS] = G.counters[C_ACTIVE_RUNS];
+    unlock();
+
+    pthread_t t;
+    if (pthread_create(&t, NULL, batch_worker, b) != 0) {
+        lock();
+        h->running = false;
+        G.counters[C_ACTIVE_RUNS]--;
+        G.counters[C_ERRORS]++;
+        unlock();
+        sim_log("%s: cannot start a worker thread", fn);
+        batch_free(b);
+        handle_release(h);
+        return -1;
+    }
+    if (async) {
+        pthread_detach(t); /* the worker frees the batch and releases the handle */
+        return 0;
+    }
+    pthread_join(t, NULL);
+    int ret = b->ret;
+    batch_free(b);
+    handle_release(h);
+    return ret;
+}
+
 static int start_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *userdata,
                      bool async) {
-    trace_run(fn, handle, in, ip);
     sim_handle *h = handle_acquire(handle);
+    int n = (h && in) ? h->n_batch : 1; /* n_batch never changes after init */
+    for (int i = 0; i < n; i++) trace_run(fn, handle, in ? in + i : NULL, ip, n > 1 ? i : -1, n);
     if (!h) return -1;
+    if (n > 1) return start_batch(fn, h, in, ip, userdata, async);
     const char *why = NULL;
     sim_job *j = job_from_input(in, ip, &why);
     lock();
@@ -2765,14 +3197,16 @@ SIM_API int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *
     if (!h) return -1;
     int rc = 0;
     lock();
-    if (h->running)
-        rc = -1;
-    else if (start_pos && end_pos && start_pos[0] < end_pos[0])
-        kv_remove(&h->kv, start_pos[0] > 0 ? (size_t)start_pos[0] : 0, (size_t)end_pos[0]);
-    else if (keep_system_prompt)
-        kv_remove(&h->kv, h->kv.sys_tokens, h->kv.n);
-    else
-        kv_clear(&h->kv);
+    for (int i = 0; !h->running && i < h->n_batch; i++) { /* the arrays hold one entry per slot */
+        sim_kv *kv = kv_of(h, i);
+        if (start_pos && end_pos && start_pos[i] < end_pos[i])
+            kv_remove(kv, start_pos[i] > 0 ? (size_t)start_pos[i] : 0, (size_t)end_pos[i]);
+        else if (keep_system_prompt)
+            kv_remove(kv, kv->sys_tokens, kv->n);
+        else
+            kv_clear(kv);
+    }
+    if (h->running) rc = -1;
     if (rc == 0) G.counters[C_KV_CLEARS]++;
     unlock();
     if (rc) sim_log("rkllm_clear_kv_cache: the handle is running");
@@ -2786,7 +3220,7 @@ SIM_API int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
     if (!h) return -1;
     if (cache_sizes) {
         lock();
-        for (int i = 0; i < h->n_batch; i++) cache_sizes[i] = (int)h->kv.n;
+        for (int i = 0; i < h->n_batch; i++) cache_sizes[i] = (int)kv_of(h, i)->n;
         unlock();
     }
     handle_release(h);
