@@ -297,3 +297,11 @@ def test_links_between_the_pages_resolve() -> None:
             elif anchor and name in anchors and anchor not in anchors[name]:
                 broken.append(f"{page.name}: {target}#{anchor} names no heading")
     assert not broken, "\n".join(broken)
+
+
+def test_the_readme_stays_a_landing_page_and_never_installs_from_pypi() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200, "README.md is the landing page: move the details to docs/"
+    for page in PAGES:  # boardllm is not published on PyPI: installs are from a checkout
+        hits = re.findall(r"pip install [\"']?boardllm\b", page.read_text(encoding="utf-8"))
+        assert not hits, f"{page.name}: {hits}"
