@@ -438,3 +438,54 @@ def test_home_assistant_conversation_calls(start: Callable[..., str]) -> None:
         assert "qwen3-0.6b:latest" in models
         assert calls and calls[0]["function"]["name"] == "get_weather" and calls[0]["function"]["arguments"]["city"]
         assert "sunny, 21 C" in text
+
+
+# -- /api/pull: rkllm pull's code behind Ollama's endpoint, against a local fake Hub ----------------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as constants
+
+    from .fakehub import serve
+
+    with serve() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)  # read when a pull starts, as a service's environment is
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield hub
+
+
+def test_api_pull_streams_progress_and_the_model_serves(
+    url: str, fake_hub: Any, tmp_path: Path, model_dir: Path, manager: ModelManager
+) -> None:
+    data = make_model(tmp_path / "upstream", "Qwen3-1.7B-rk3588-w8a8.rkllm").read_bytes()
+    fake_hub.add("acme/Qwen3-1.7B-rkllm", {"Qwen3-1.7B-rk3588-w8a8.rkllm": data, "README.md": b"# a model"})
+    client = ollama.Client(host=url)
+    assert "qwen3-1.7b:latest" not in {m.model for m in client.list().models}
+    steps = list(client.pull("hf.co/acme/Qwen3-1.7B-rkllm", stream=True))
+    assert steps[-1].status == "success"
+    model_steps = [s for s in steps if s.digest == "Qwen3-1.7B-rk3588-w8a8.rkllm"]
+    assert model_steps[-1].completed == model_steps[-1].total == len(data)  # the client's own progress fields
+    assert "qwen3-1.7b:latest" in {m.model for m in client.list().models}
+    assert client.generate(model="qwen3-1.7b", prompt="pulled").response == "Echo: pulled — ok."
+    assert client.pull("hf.co/acme/Qwen3-1.7B-rkllm", stream=False).status == "success"  # again: nothing to fetch
+    assert len(fake_hub.file_gets(".rkllm")) == 1
+    assert client.pull("qwen3-0.6b:latest").status == "success"  # a model the server has: nothing to do
+
+
+def test_api_pull_errors_are_ollama_errors(url: str, fake_hub: Any) -> None:
+    client = ollama.Client(host=url)
+    with pytest.raises(ollama.ResponseError, match="no repository acme/nothing"):
+        list(client.pull("hf.co/acme/nothing", stream=True))  # an error line after the stream began
+    with pytest.raises(ollama.ResponseError, match="no repository acme/nothing") as whole:
+        client.pull("hf.co/acme/nothing", stream=False)
+    assert whole.value.status_code == 502
+    with pytest.raises(ollama.ResponseError) as unknown:
+        client.pull("llama3.2:latest")  # not here, and not a Hugging Face reference
+    assert unknown.value.status_code == 404
+    reply = httpx.post(f"{url}/api/pull", json={"stream": False})
+    assert reply.status_code == 400 and "model" in reply.json()["error"]

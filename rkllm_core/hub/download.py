@@ -21,6 +21,7 @@ present and anything else is refused.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -126,7 +127,8 @@ def _connect(endpoint: str | None, token: str | None) -> _Hub:
         import huggingface_hub.utils
     except ImportError as exc:
         raise PullError(_INSTALL_HINT) from exc
-    chosen = (endpoint or huggingface_hub.constants.ENDPOINT).rstrip("/")
+    # HF_ENDPOINT as it is now: huggingface_hub read it once, when it was first imported
+    chosen = (endpoint or os.environ.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT).rstrip("/")
     return _Hub(huggingface_hub, chosen, token)
 
 

@@ -36,11 +36,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..chat.engine import ChatDone, ChatEngine, ReasoningDelta, TextDelta, ToolCallDelta
 from ..embed import EmbeddingEngine
 from ..errors import (
+    AmbiguousModelFileError,
     BusyError,
     ContextLengthError,
     InvalidParameterError,
     ModelKindError,
     ModelNotFoundError,
+    PullError,
     RKLLMError,
 )
 from ..models.manager import ModelManager
@@ -346,6 +348,10 @@ def problem_of(exc: BaseException) -> Problem:
         return Problem(429, msg, "rate_limit_error", code=f"busy_{exc.reason}", headers={"Retry-After": "1"})
     if isinstance(exc, RequestValidationError):
         return _invalid(exc)
+    if isinstance(exc, AmbiguousModelFileError):
+        return Problem(400, msg, param="model", code="ambiguous_model_file")
+    if isinstance(exc, PullError):  # the Hub, the network or the disk
+        return Problem(502, msg, "server_error", code="pull_failed")
     if isinstance(exc, ShutdownError):
         return Problem(503, msg, "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, HTTPException):

@@ -36,6 +36,7 @@ from starlette.background import BackgroundTask
 from .. import __version__
 from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCallDelta
 from ..errors import RKLLMError
+from ..hub import PullProgress
 from ..models.registry import ModelInfo
 from . import ollama_wire as ow
 from .admission import Place
@@ -51,6 +52,7 @@ from .deps import (
     protocol_route,
     require_api_key,
 )
+from .pulls import PullJob
 from .wire import WireError
 
 __all__ = ["PREFIX", "error_response", "router"]
@@ -344,6 +346,55 @@ class _Answer:
 
 def _kv_header(reused: bool) -> dict[str, str]:
     return {"X-RKLLM-KV-Reused": "true" if reused else "false"}
+
+
+# -- pull: a model from the Hugging Face Hub, as rkllm pull does it ---------------------------------------------
+
+
+@_api.post(PREFIX + "/pull")
+async def pull_model(body: JsonBody, state: State, note: Note) -> Response:
+    """Pull ``model`` (a Hugging Face reference) into the first model directory; progress as NDJSON.
+
+    A name this server already has is pulled at once (nothing to download). The pulled model is then
+    listed by ``/api/tags`` under its friendly name.
+    """
+    req = ow.pull_request(body)
+    note.model = req.model
+    registry = state.manager.registry
+    if "/" not in req.model:  # a name, not a reference: the server has it, or it is not on any Hub
+        state.manager.resolve(ow.model_name({"model": req.model}))
+        done: AsyncGenerator[PullProgress, None] | None = None
+    else:
+        job = PullJob(req.model, registry.model_dirs[0])
+        done = state.stopping.until_abort(job.events())
+    if not req.stream:
+        if done is not None:
+            async for _ in done:
+                pass
+            _pulled(state)
+        return JSONResponse(ow.pull_status("success"))
+    return StreamingResponse(_pull_lines(state, done), media_type=_NDJSON)
+
+
+async def _pull_lines(state: ServerState, events: AsyncGenerator[PullProgress, None] | None) -> AsyncIterator[bytes]:
+    if events is not None:
+        try:
+            async for step in events:
+                yield _line(ow.pull_status(step.status, step.file, step.total, step.completed))
+        except RKLLMError as exc:  # after the headers: one error line, as Ollama does
+            yield _line({"error": str(exc)})
+            return
+        finally:
+            await events.aclose()
+        if state.stopping.aborted:
+            yield _line({"error": _SHUTDOWN})
+            return
+        _pulled(state)
+    yield _line(ow.pull_status("success"))
+
+
+def _pulled(state: ServerState) -> None:
+    state.manager.registry.refresh(force=True)  # list the new model at once
 
 
 def _line(obj: dict[str, Any]) -> bytes:

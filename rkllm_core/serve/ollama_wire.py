@@ -634,3 +634,47 @@ def ps_response(loaded: Sequence[tuple[ModelInfo, float, datetime, datetime]]) -
         entry.update(size=size, expires_at=rfc3339(expires), size_vram=size, context_length=info.context_size)
         models.append(entry)
     return {"models": models}
+
+
+# -- pull ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PullRequest:
+    """An ``/api/pull`` request.
+
+    Attributes:
+        model: what to pull: a Hugging Face reference (``hf.co/OWNER/REPO[/FILE]``, ``hf.co/OWNER/REPO:TAG``,
+            ``OWNER/REPO[/FILE.rkllm]``) or the name of a model this server has already.
+        stream: progress as NDJSON lines (the default), or one object at the end.
+    """
+
+    model: str
+    stream: bool
+
+
+def pull_request(body: Any) -> PullRequest:
+    """Read an ``/api/pull`` body: ``model`` (or ``name``, as older clients send) and ``stream``.
+
+    Raises:
+        WireError: no model, or not a string.
+    """
+    body = _object(body)
+    model = body.get("model", body.get("name"))
+    if not isinstance(model, str) or not model.strip():
+        raise WireError("'model' is required: a Hugging Face reference such as hf.co/OWNER/REPO", "model")
+    return PullRequest(model.strip(), body.get("stream") is not False)
+
+
+def pull_status(
+    status: str, file: str | None = None, total: int | None = None, completed: int | None = None
+) -> dict[str, Any]:
+    """One ``/api/pull`` progress object: ``status``; while a file downloads, its ``digest``, ``total``, ``completed``.
+
+    Ollama's ``digest`` names a layer; here it names the file being downloaded, which is what clients use it for
+    (telling the progress of one download from another's).
+    """
+    line: dict[str, Any] = {"status": status}
+    if file is not None and total is not None:
+        line.update(digest=file, total=total, completed=completed or 0)
+    return line
