@@ -99,7 +99,7 @@ def test_bad_input_is_a_message_not_a_traceback(
 
 
 def test_ctrl_c_while_the_model_loads(places: dict[str, str]) -> None:
-    env = {**os.environ, "RKLLM_SIM_INIT_DELAY_MS": "60000"}
+    env = {**os.environ, "RKLLM_SIM_INIT_DELAY_MS": "20000"}
     args = ["chat", "qwen3-0.6b", "--lib", places["lib"], "--model-dir", places["models"]]
     proc = subprocess.Popen(
         [sys.executable, "-m", "rkllm_core.tools", *args],
@@ -128,3 +128,45 @@ def test_ctrl_c_while_the_model_loads(places: dict[str, str]) -> None:
     reader.join(10)
     err = "".join(seen)
     assert proc.returncode == 130 and "rkllm: error: interrupted" in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_at_the_prompt_keeps_the_chat(places: dict[str, str]) -> None:
+    args = ["chat", "qwen3-0.6b", "--lib", places["lib"], "--model-dir", places["models"]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rkllm_core.tools", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    seen: list[str] = []
+    prompts = [threading.Event(), threading.Event()]
+
+    def read() -> None:
+        count = 0
+        for chunk in iter(lambda: proc.stdout.read(1), ""):  # type: ignore[union-attr]
+            seen.append(chunk)
+            if "".join(seen[-2:]) == "> " and count < len(prompts):
+                prompts[count].set()
+                count += 1
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert prompts[0].wait(60), "".join(seen)
+    # At the prompt Ctrl-C gives a new prompt, not the end. A signal that lands between the prompt and
+    # the read the prompt waits in is only seen at the next input, as for any program: send it again.
+    for _ in range(60):
+        proc.send_signal(signal.SIGINT)
+        if prompts[1].wait(1):
+            break
+    assert prompts[1].is_set(), "".join(seen)
+    proc.stdin.write("hello\n/exit\n")
+    proc.stdin.flush()
+    proc.stdin.close()
+    proc.wait(timeout=60)
+    reader.join(10)
+    err = proc.stderr.read() if proc.stderr is not None else ""
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "Echo: hello — ok." in "".join(seen)
