@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +223,19 @@ def test_cli_bench_without_library(tmp_path: Path, model_dir: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "missing.so" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_each_load_is_shown_on_a_line_of_its_own(
+    sim_lib: RuntimeLibrary, sim: SimulatorControl, model_dir: Path
+) -> None:
+    make_model(model_dir, QWEN, size_mb=2)
+    make_model(model_dir, "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm")
+    progress = io.StringIO()
+    config = BenchConfig(prompt_tokens=(16,), new_tokens=4, repeat=1, warmup=1)
+    with ModelManager(ModelRegistry([model_dir], platform=None), library=sim_lib) as m:
+        run_bench(m, [], config, progress=progress)
+    lines = progress.getvalue().split("\n")
+    loads = [line for line in lines if "loading" in line]
+    assert [line.split(" (")[0] for line in loads] == ["loading qwen3-0.6b", "loading qwen3-embedding-0.6b"], lines
+    assert all(line.startswith("loading ") and re.search(r"… \d+\.\d s$", line) for line in loads), lines
+    assert "loading qwen3-0.6b (2 MB)" in loads[0]

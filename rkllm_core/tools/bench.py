@@ -29,6 +29,7 @@ stats), ``prefill_tps_wall`` / ``decode_tps_wall`` (wall clock),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -48,6 +49,7 @@ from ..filenames import friendly_name, parse_model_filename
 from ..models.manager import ModelManager
 from ..models.registry import CHAT_KINDS, ModelInfo
 from ..params import InitParams
+from .loading import show_loads
 
 SCHEMA = 1
 METRICS = (
@@ -196,27 +198,28 @@ def run_bench(
         if on_result is not None:
             on_result(report)
 
-    try:
-        for info in chat_infos:
-            bar.break_line()  # the model's loading line goes on a line of its own
-            load_s = _load_alone(manager, info, config.new_tokens)
-            official = find_official(info, table)
-            for tokens in config.prompt_tokens:
-                run = partial(_one_run, manager, info.name, make_prompt(tokens), config.new_tokens)
-                row = partial(_chat_result, info, tokens, load_s, official=official)
-                point(report["results"], f"{info.name} prompt {tokens}", run, row)
-        engine = EmbeddingEngine(manager)
-        for info in retrieval_infos:
-            for tokens in config.prompt_tokens:
-                run = partial(_retrieval_run, engine, info, tokens)
-                point(
-                    report["retrieval"],
-                    f"{info.name} {tokens}-token texts",
-                    run,
-                    partial(_retrieval_result, info, tokens),
-                )
-    except KeyboardInterrupt:
-        report["partial"] = True
+    loads = show_loads(manager, progress, bar.break_line) if progress is not None else contextlib.nullcontext()
+    with loads:
+        try:
+            for info in chat_infos:
+                load_s = _load_alone(manager, info, config.new_tokens)
+                official = find_official(info, table)
+                for tokens in config.prompt_tokens:
+                    run = partial(_one_run, manager, info.name, make_prompt(tokens), config.new_tokens)
+                    row = partial(_chat_result, info, tokens, load_s, official=official)
+                    point(report["results"], f"{info.name} prompt {tokens}", run, row)
+            engine = EmbeddingEngine(manager)
+            for info in retrieval_infos:
+                for tokens in config.prompt_tokens:
+                    run = partial(_retrieval_run, engine, info, tokens)
+                    point(
+                        report["retrieval"],
+                        f"{info.name} {tokens}-token texts",
+                        run,
+                        partial(_retrieval_result, info, tokens),
+                    )
+        except KeyboardInterrupt:
+            report["partial"] = True
     bar.end()
     return report
 

@@ -164,7 +164,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..models.manager import ModelManager
     from .bench import BenchConfig, run_bench, to_markdown, write_outputs
-    from .loading import show_loads
 
     if args.models[:1] == ["compare"]:
         return _bench_compare(args.models[1:])
@@ -177,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path, md_path = out_dir / f"rkllm-bench-{stamp}.json", out_dir / f"rkllm-bench-{stamp}.md"
-    with ModelManager(registry, library=args.lib) as manager, show_loads(manager):
+    with ModelManager(registry, library=args.lib) as manager:
         report = run_bench(
             manager,
             args.models,

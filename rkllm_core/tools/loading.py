@@ -23,10 +23,12 @@ class LoadFeedback:
 
     Args:
         out: where to print (the command's stderr).
+        before: called before a load's line starts (a progress bar ends its line there).
     """
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, before: Callable[[], None] | None = None) -> None:
         self._out = out
+        self._before = before
         self._lock = threading.Lock()
         self._open: str | None = None  # the model whose line waits for its time
 
@@ -35,6 +37,8 @@ class LoadFeedback:
         with self._lock:
             if event.phase == "start":
                 self._finish_line()
+                if self._before is not None:
+                    self._before()
                 self._out.write(f"loading {event.name} ({event.size_mb:.0f} MB)… ")
                 self._open = event.name
             elif event.phase == "done":
@@ -58,18 +62,21 @@ class LoadFeedback:
 
 
 @contextlib.contextmanager
-def show_loads(manager: ModelManager, out: TextIO | None = None) -> Iterator[None]:
+def show_loads(
+    manager: ModelManager, out: TextIO | None = None, before: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Print the loads ``manager`` does while the block runs (nothing when it cannot tell them).
 
     Args:
         manager: the manager whose loads to show.
         out: where to print (default: stderr).
+        before: called before each load's line starts.
     """
     subscribe: Callable[[Callable[[Any], None]], Callable[[], None]] | None = getattr(manager, "on_load", None)
     if subscribe is None:
         yield
         return
-    unsubscribe = subscribe(LoadFeedback(out if out is not None else sys.stderr))
+    unsubscribe = subscribe(LoadFeedback(out if out is not None else sys.stderr, before))
     try:
         yield
     finally:
