@@ -472,6 +472,13 @@ def test_api_pull_streams_progress_and_the_model_serves(
     assert model_steps[-1].completed == model_steps[-1].total == len(data)  # the client's own progress fields
     assert "qwen3-1.7b:latest" in {m.model for m in client.list().models}
     assert client.generate(model="qwen3-1.7b", prompt="pulled").response == "Echo: pulled — ok."
+    # named the way it was pulled, as Home Assistant and Open WebUI go on naming it
+    as_pulled = "hf.co/acme/Qwen3-1.7B-rkllm:latest"
+    assert client.chat(model=as_pulled, messages=[{"role": "user", "content": "x"}]).message.content == "Echo: x — ok."
+    assert client.show(as_pulled).modelinfo
+    with pytest.raises(ollama.ResponseError) as never_pulled:
+        client.chat(model="hf.co/acme/other:latest", messages=[{"role": "user", "content": "x"}])
+    assert never_pulled.value.status_code == 404
     assert client.pull("hf.co/acme/Qwen3-1.7B-rkllm", stream=False).status == "success"  # again: nothing to fetch
     assert len(fake_hub.file_gets(".rkllm")) == 1
     assert client.pull("qwen3-0.6b:latest").status == "success"  # a model the server has: nothing to do

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -36,7 +36,8 @@ from starlette.background import BackgroundTask
 from .. import __version__
 from ..chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCallDelta
 from ..errors import RKLLMError
-from ..hub import PullProgress
+from ..hub import PullProgress, parse_ref
+from ..hub.store import find_pulled
 from ..models.registry import ModelInfo
 from . import ollama_wire as ow
 from .admission import Place
@@ -74,6 +75,40 @@ def error_response(exc: Exception) -> JSONResponse:
 
 router = APIRouter(route_class=protocol_route(error_response))
 _api = APIRouter(route_class=protocol_route(error_response), dependencies=[Depends(require_api_key)])
+
+
+# -- names: a model may be named the way it was pulled -----------------------------------------------------------
+
+
+def _by_reference(state: ServerState, body: Any) -> Any:
+    """``body`` with a pulled model's reference (``hf.co/OWNER/REPO[:latest]``) replaced by its registry name.
+
+    Ollama's clients name a model the way they pulled it. Only the manifests of models pulled into
+    this server's model directories are read; any other name goes on as it is (a path is refused later).
+    """
+    if not isinstance(body, dict):
+        return body
+    key = "model" if "model" in body else "name"
+    name = body.get(key)
+    if not isinstance(name, str) or "/" not in name:
+        return body
+    try:
+        ref = parse_ref(name)
+    except RKLLMError:
+        return body
+    registry = state.manager.registry
+    for directory in registry.model_dirs:
+        for folder, manifest in find_pulled(directory, ref):
+            return {**body, key: registry.get(folder / manifest.model).name}
+    return body
+
+
+async def _named_body(body: JsonBody, state: State) -> Any:
+    return _by_reference(state, body)
+
+
+NamedBody = Annotated[Any, Depends(_named_body)]
+"""A request body whose model may be named by the reference it was pulled with."""
 
 
 # -- keep_alive: how long a model stays loaded unused after a request --------------------------------------------
@@ -211,7 +246,7 @@ async def tags(state: State) -> Response:
 
 
 @_api.post(PREFIX + "/show")
-async def show(body: JsonBody, state: State, note: Note) -> Response:
+async def show(body: NamedBody, state: State, note: Note) -> Response:
     """One model's details, ``model_info`` (with ``<family>.context_length``) and capabilities."""
     note.model = ow.show_request(body)
     info = state.manager.resolve(note.model)
@@ -233,7 +268,7 @@ async def ps(state: State) -> Response:
 
 
 @_api.post(PREFIX + "/chat")
-async def chat(body: JsonBody, state: State, note: Note) -> Response:
+async def chat(body: NamedBody, state: State, note: Note) -> Response:
     """A chat turn, streamed as NDJSON (the default) or whole; no messages loads or unloads the model."""
     req = ow.chat_request(body, max_tokens_limit=state.settings.max_tokens)
     if len(req.messages) > state.settings.max_messages:
@@ -242,7 +277,7 @@ async def chat(body: JsonBody, state: State, note: Note) -> Response:
 
 
 @_api.post(PREFIX + "/generate")
-async def generate(body: JsonBody, state: State, note: Note) -> Response:
+async def generate(body: NamedBody, state: State, note: Note) -> Response:
     """A completion of ``prompt`` (through the chat template); an empty prompt loads or unloads the model."""
     req = ow.generate_request(body, max_tokens_limit=state.settings.max_tokens)
     return await _answer(state, note, req, chat=False)
@@ -418,7 +453,7 @@ async def _load_or_unload(state: ServerState, name: str, keep_alive: float | Non
 
 
 @_api.post(PREFIX + "/embed")
-async def embed(body: JsonBody, state: State, note: Note) -> Response:
+async def embed(body: NamedBody, state: State, note: Note) -> Response:
     """Embeddings of one text or a list (``truncate`` defaults to true)."""
     req = ow.embed_request(body)
     note.model = req.model
@@ -434,7 +469,7 @@ async def embed(body: JsonBody, state: State, note: Note) -> Response:
 
 
 @_api.post(PREFIX + "/embeddings")
-async def embeddings(body: JsonBody, state: State, note: Note) -> Response:
+async def embeddings(body: NamedBody, state: State, note: Note) -> Response:
     """The older single-text endpoint: ``{"embedding": [...]}``."""
     req = ow.embeddings_request(body)
     note.model = req.model
