@@ -302,8 +302,9 @@ class Backend:
 
     # -- calls on a handle (plain values in, return codes out) --------------------------------------------
     def run(self, handle: int, inp: Any, infer: Any, userdata: int) -> int:
-        """``rkllm_run`` (blocks until the run ends)."""
-        return int(self.functions.rkllm_run(handle, ctypes.byref(inp), ctypes.byref(infer), userdata))
+        """``rkllm_run`` (blocks until the run ends); ``inp`` is one ``RKLLMInput`` or an array of them (batched)."""
+        ref = inp if isinstance(inp, ctypes.Array) else ctypes.byref(inp)
+        return int(self.functions.rkllm_run(handle, ref, ctypes.byref(infer), userdata))
 
     def abort(self, handle: int) -> int:
         """``rkllm_abort``."""
@@ -322,6 +323,12 @@ class Backend:
         sizes = (ctypes.c_int * max(1, n_batch))()
         rc = int(self.functions.rkllm_get_kv_cache_size(handle, sizes))
         return rc, int(sizes[0])
+
+    def kv_cache_sizes(self, handle: int, n_batch: int) -> tuple[int, list[int]]:
+        """``rkllm_get_kv_cache_size``: (return code, positions of every batch slot)."""
+        sizes = (ctypes.c_int * max(1, n_batch))()
+        rc = int(self.functions.rkllm_get_kv_cache_size(handle, sizes))
+        return rc, [int(v) for v in sizes]
 
     def set_chat_template(self, handle: int, system: bytes, prefix: bytes, postfix: bytes) -> int:
         """``rkllm_set_chat_template``."""
@@ -347,11 +354,37 @@ class Backend:
     # -- runs -----------------------------------------------------------------------------------------
     def run_structs(self, req: RunRequest) -> tuple[Any, Any, tuple[Any, ...]]:
         """``RKLLMInput`` and ``RKLLMInferParam`` for a run, and what must outlive it."""
-        m = self._module
-        inp = m.RKLLMInput()
+        inp = self._module.RKLLMInput()
+        keep: list[Any] = [inp]
+        self._fill_input(inp, req, keep)
+        infer = self._infer_param(req, keep)
+        return inp, infer, tuple(keep)
+
+    def batch_structs(self, reqs: Sequence[RunRequest]) -> tuple[Any, Any, tuple[Any, ...]]:
+        """An array of ``RKLLMInput`` (one per slot) and the one ``RKLLMInferParam`` they share, for a batched run.
+
+        The infer param is built from the first request: the slots of a batched run share
+        mode, sampling, ``max_new_tokens`` and LoRA by the runtime's contract, and
+        ``keep_history`` is always 0 (per-slot history is not documented).
+
+        Raises:
+            InvalidParameterError: no request, or one that keeps history or does not generate text.
+        """
+        if not reqs:
+            raise InvalidParameterError("a batched run needs at least one input")
+        if any(r.keep_history or r.mode != RKLLMInferMode.RKLLM_INFER_GENERATE or r.save_prompt_cache for r in reqs):
+            raise InvalidParameterError("batched runs generate text without keep_history or save_prompt_cache")
+        inputs = (self._module.RKLLMInput * len(reqs))()
+        keep: list[Any] = [inputs]
+        for slot, req in zip(inputs, reqs, strict=True):
+            self._fill_input(slot, req, keep)
+        infer = self._infer_param(reqs[0], keep)
+        return inputs, infer, tuple(keep)
+
+    def _fill_input(self, inp: Any, req: RunRequest, keep: list[Any]) -> None:
+        """Write ``req``'s role, thinking switch and prompt (or token ids) into ``inp``; keep what it points to."""
         inp.role = req.role
         inp.enable_thinking = req.enable_thinking
-        keep: list[Any] = [inp]
         if req.prompt is not None:
             inp.input_type = RKLLMInputType.RKLLM_INPUT_PROMPT
             inp.prompt_input = req.prompt
@@ -363,7 +396,10 @@ class Backend:
             inp.token_input.input_ids = ids
             inp.token_input.n_tokens = len(req.token_ids)
             keep.append(ids)
-        infer = m.RKLLMInferParam()
+
+    def _infer_param(self, req: RunRequest, keep: list[Any]) -> Any:
+        """The ``RKLLMInferParam`` of ``req`` (kept alive through ``keep``, with what it points to)."""
+        infer = self._module.RKLLMInferParam()
         infer.mode = req.mode
         infer.keep_history = 1 if req.keep_history else 0
         keep.append(infer)
@@ -376,7 +412,7 @@ class Backend:
             infer.prompt_cache_params = ctypes.pointer(pc)
             keep.append(pc)
         self._per_run(infer, req, keep)
-        return inp, infer, tuple(keep)
+        return infer
 
     def _per_run(self, infer: Any, req: RunRequest, keep: list[Any]) -> None:
         self.check_run_settings(req.sampling, req.max_new_tokens)

@@ -57,6 +57,8 @@ _HIDDEN_OFFSET = field_offset(RKLLMResult, "last_hidden_layer")
 _LOGITS_OFFSET = field_offset(RKLLMResult, "logits")
 
 _PERF_SIZE = ctypes.sizeof(RKLLMPerfStat)
+_RESULT_SIZE = ctypes.sizeof(RKLLMResult)
+"""The stride of the result array a batched run's callback receives."""
 _string_at = ctypes.string_at
 
 
@@ -186,7 +188,106 @@ class RunChannel:
             return item
 
 
+class BatchChannel:
+    """Carries a batched run's events (``n_batch`` > 1: an array of results per callback) to per-slot channels.
+
+    Each slot has a :class:`RunChannel` of its own (``slots[i]``) that receives what a single
+    run's channel would: ``NORMAL``/``WAITING`` items, ``LIMIT``, ``ERROR`` and ``END``. A
+    slot's stream ends at its own end: the first negative ``token_id`` the runtime reports
+    for it posts ``(END, 0, None)`` to that slot at once (the binding's own limit,
+    ``stop_after``, does the same after ``LIMIT``); a slot still going when the run ends gets
+    the run's end marker. A slot whose consumer is gone is *detached*: its tokens are dropped.
+    When no slot is wanted any more (every one finished or detached) while the runtime is still
+    generating, ``on_unwanted`` is called once (it must not block: it schedules the abort).
+
+    Reading only what the contract documents: step results are read as an array of ``n``
+    (stride ``sizeof(RKLLMResult)``); ``text`` may be NULL (a slot holding back an incomplete
+    UTF-8 character, or a finished one) and is never read for a negative ``token_id``; a
+    FINISH callback's shape is undocumented, so only its first result is read (``perf``,
+    the run's stats as reported). In a WAITING callback no slot's text is a delta.
+    """
+
+    __slots__ = ("_lock", "_unwanted_sent", "finished", "on_end", "on_unwanted", "perf", "slots", "wanted")
+
+    def __init__(
+        self,
+        slots: list[RunChannel],
+        on_unwanted: Callable[[], object] | None = None,
+        on_end: Callable[[list[int]], object] | None = None,
+    ) -> None:
+        self.slots = slots
+        self.wanted = [True] * len(slots)
+        """Per slot: somebody still reads it and it has not ended."""
+        self.finished = [False] * len(slots)
+        """Per slot: its end marker was posted."""
+        self.on_unwanted = on_unwanted
+        self.on_end = on_end
+        """Called with the slots the run's end marker is about to end (they did not end on their own)."""
+        self.perf: RKLLMPerfStat | None = None
+        self._lock = threading.Lock()
+        self._unwanted_sent = False
+
+    def detach(self, slot: int) -> None:
+        """Slot ``slot``'s consumer is gone: drop its tokens from now on (any thread)."""
+        with self._lock:
+            self.wanted[slot] = False
+            fire = self._take_unwanted()
+        if fire and self.on_unwanted is not None:
+            self.on_unwanted()
+
+    def end_slot(self, slot: int) -> None:
+        """Post ``slot``'s end marker now (its last token has been posted), once."""
+        with self._lock:
+            if self.finished[slot]:
+                return
+            self.finished[slot] = True
+            self.wanted[slot] = False
+            fire = self._take_unwanted()
+        self.slots[slot].put((END, 0, None))
+        if fire and self.on_unwanted is not None:
+            self.on_unwanted()
+
+    def _take_unwanted(self) -> bool:
+        if self._unwanted_sent or any(self.wanted):
+            return False
+        self._unwanted_sent = True
+        return True
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        """Post a run-level item (``ERROR``, ``END``) to every slot that has not ended (any thread)."""
+        with self._lock:
+            if item[0] == END:
+                targets = [i for i, done in enumerate(self.finished) if not done]
+                for i in targets:
+                    self.finished[i] = True
+            else:
+                targets = [i for i, done in enumerate(self.finished) if not done]
+        if item[0] == END and self.on_end is not None:
+            self.on_end(targets)
+        for i in targets:
+            self.slots[i].put(item)
+
+    def step(self, result: int, waiting: bool) -> None:
+        """One NORMAL or WAITING callback: deliver every slot's token (called by the result callback)."""
+        for i, channel in enumerate(self.slots):
+            head = _head_at(result + i * _RESULT_SIZE)
+            token = head.token_id
+            if token < 0:
+                self.end_slot(i)
+                continue
+            if self.finished[i] or not self.wanted[i]:
+                continue  # ended, past the binding's limit, or nobody reads it
+            text = None if waiting else head.text
+            channel.put((WAITING, token) if text is None else (NORMAL, text, token))
+            if channel.stop_after:
+                channel.count += 1
+                if channel.count >= channel.stop_after:
+                    channel.put((LIMIT,))
+                    self.end_slot(i)
+
+
 _channels: dict[int, RunChannel] = {}
+_batches: dict[int, BatchChannel] = {}
 _channels_lock = threading.Lock()
 _ids = itertools.count(1)
 
@@ -208,10 +309,32 @@ def open_channel(
     return run_id, channel
 
 
+def open_batch_channel(
+    n: int,
+    stop_after: int = 0,
+    on_unwanted: Callable[[], object] | None = None,
+    on_end: Callable[[list[int]], object] | None = None,
+) -> tuple[int, BatchChannel]:
+    """Register a channel for a batched run of ``n`` slots; return its id (the run's ``userdata``) and the channel.
+
+    Args:
+        n: the number of slots (the handle's ``n_batch``).
+        stop_after: the binding's own token limit per slot (0: none): a slot ends after that many.
+        on_unwanted: what stops the run once no slot is wanted any more (it must not block).
+        on_end: called with the slots the run's end ends (see :attr:`BatchChannel.on_end`).
+    """
+    channel = BatchChannel([RunChannel(0, stop_after) for _ in range(n)], on_unwanted, on_end)
+    with _channels_lock:
+        run_id = next(_ids)
+        _batches[run_id] = channel
+    return run_id, channel
+
+
 def close_channel(run_id: int) -> None:
-    """Unregister a channel; later callbacks for this id are ignored."""
+    """Unregister a channel (single or batched); later callbacks for this id are ignored."""
     with _channels_lock:
         _channels.pop(run_id, None)
+        _batches.pop(run_id, None)
 
 
 class _ResultHead(ctypes.Structure):
@@ -229,6 +352,8 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
     try:
         channel = _channels.get(userdata or 0)
         if channel is None or not result:
+            if result and userdata in _batches:
+                _on_batch_result(_batches[userdata], result, state)
             return 0
         if state == NORMAL and channel.tensor:
             _copy_tensor(channel, result)
@@ -260,6 +385,16 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
     return 0
 
 
+def _on_batch_result(batch: BatchChannel, result: int, state: int) -> None:
+    """A batched run's callback: ``result`` points to an array of results (see :class:`BatchChannel`)."""
+    if state == NORMAL or state == WAITING:
+        batch.step(result, state == WAITING)
+    elif state == FINISH:
+        batch.perf = RKLLMPerfStat.from_buffer_copy(_string_at(result + _PERF_OFFSET, _PERF_SIZE))
+    elif state == ERROR:
+        batch.put((ERROR,))
+
+
 def _copy_tensor(channel: RunChannel, result: int) -> None:
     """Copy the hidden states (all rows) or logits (the last row) out of the runtime's buffer."""
     if channel.tensor == HIDDEN:
@@ -284,7 +419,7 @@ def _report_failure(userdata: int | None) -> None:
     """A bug in the callback: fail the run visibly (an ERROR marker) and log, at most every 10 s."""
     global _last_failure_log
     try:
-        channel = _channels.get(userdata or 0)
+        channel = _channels.get(userdata or 0) or _batches.get(userdata or 0)
         if channel is not None:
             channel.put((ERROR,))
         now = time.monotonic()

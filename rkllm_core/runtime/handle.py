@@ -75,6 +75,7 @@ from ..native.backend import encode_path as _c_path
 from ..native.backend import encode_text as _c_text
 from ..native.library import RuntimeLibrary, load_library
 from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, context_len
+from .batch import FILLER_PROMPT, BatchInput, BatchOptions, BatchRun, plan_batch
 from .run import ABORT_WAIT_S, Run, RunStream, RunWorker, astream_run
 from .setup import ChatSetup, ChatTemplate, FunctionTools
 
@@ -224,7 +225,7 @@ class _HandleState:
         with self.mutex:
             if self.current is run:
                 self.current = None
-            if run.cut:  # tokens past the cut may be in the cache: nobody may claim to know what it holds
+            if run.cut or run.batched:  # past a cut, or after a batch, nobody may claim to know what it holds
                 self.kv_unknown_epoch = self.kv.epoch
             unlock = self._take_pending()
         if unlock:
@@ -593,13 +594,13 @@ class Session:
     # -- runs ---------------------------------------------------------------------------------------------
     def _start(self, req: RunRequest) -> Run:
         state = self._ready()
+        if state.n_batch > 1:  # the runtime would read n_batch inputs where one was given
+            raise InvalidParameterError(
+                f"{state.name} was initialised with n_batch={state.n_batch}: every run takes "
+                f"{state.n_batch} inputs; use batch() (a single run needs n_batch=1)"
+            )
         inp, infer, keep = state.backend.run_structs(req)
-        max_new = state.max_new_tokens
-        if req.max_new_tokens is not None and req.max_new_tokens > 0:
-            max_new = req.max_new_tokens
-        if req.stop_after:
-            max_new = req.stop_after if max_new <= 0 else min(max_new, req.stop_after)
-        run = Run(max_new, keep)
+        run = Run(_run_limit(state.max_new_tokens, req), keep)
         with state.mutex:
             state.current = run
         self._moved(None)
@@ -610,6 +611,31 @@ class Session:
                 state.current = None
             raise
         return run
+
+    def _start_batch(self, reqs: list[RunRequest], n_prompts: int) -> BatchRun:
+        """Start a batched run of ``reqs`` (see :func:`~rkllm_core.runtime.batch.plan_batch`)."""
+        state = self._ready()
+        inputs, infer, keep = state.backend.batch_structs(reqs)
+        host = Run(_run_limit(state.max_new_tokens, reqs[0]), keep)
+        host.batched = True  # keep_history is 0: afterwards the cache holds nothing reusable
+        with state.mutex:
+            state.current = host  # first: an abort from a slot detached at once finds the run
+        self._moved(None)
+        try:
+            batch = BatchRun(host, n_prompts, len(reqs), reqs[0].stop_after, state.abort_run, state.abort_soon)
+            state.worker.enqueue(state, host, batch.run_id, batch.channel, inputs, infer)
+        except BaseException:
+            with state.mutex:
+                state.current = None
+            raise
+        return batch
+
+    def batch(
+        self, prompts: Sequence[str | BatchInput], *, filler: str = FILLER_PROMPT, **options: Unpack[BatchOptions]
+    ) -> BatchRun:
+        """Start a batched run in this session (see :meth:`RKLLMRuntime.batch`)."""
+        reqs = plan_batch(self._state.request, prompts, self._state.n_batch, filler, options)
+        return self._start_batch(reqs, len(prompts))
 
     def stream(self, prompt: str | None = None, **options: Unpack[RunOptions]) -> RunStream:
         """Start a run in this session and return its chunk stream (see :meth:`RKLLMRuntime.stream`)."""
@@ -982,6 +1008,54 @@ class RKLLMRuntime:
         async for chunk in astream_run(run, self._state.abort_soon):
             yield chunk
 
+    def batch(
+        self,
+        prompts: Sequence[str | BatchInput],
+        *,
+        timeout: float | None = None,
+        filler: str = FILLER_PROMPT,
+        **options: Unpack[BatchOptions],
+    ) -> BatchRun:
+        """Decode several prompts together in one batched run (a handle made with ``InitParams(n_batch=N)``).
+
+        Waits in line for the handle (like :meth:`stream`), starts the run and returns at
+        once; the handle is handed on when the runtime returns. Each prompt gets a stream
+        of its own (:attr:`BatchRun.slots`); see :mod:`rkllm_core.runtime.batch` for the
+        contract (``keep_history`` is 0, the filler policy, detaching).
+
+        Args:
+            prompts: 1 to ``n_batch`` prompts (``str`` or :class:`~rkllm_core.runtime.batch.BatchInput`).
+            timeout: seconds to wait for the handle before raising ``BusyError``.
+            filler: the prompt of the slots no prompt needs (its output is dropped).
+            **options: shared by every slot: ``sampling`` (1.3), ``max_new_tokens``, ``lora``.
+
+        Raises:
+            InvalidParameterError: bad arguments (nothing reaches the runtime).
+            HandleClosedError: the handle was closed.
+        """
+        reqs = plan_batch(self._state.request, prompts, self._state.n_batch, filler, options)
+        session = Session(self, timeout).acquire()
+        try:
+            return session._start_batch(reqs, len(prompts))
+        finally:
+            session.release()  # takes effect when the run ends
+
+    async def abatch(
+        self,
+        prompts: Sequence[str | BatchInput],
+        *,
+        timeout: float | None = None,
+        filler: str = FILLER_PROMPT,
+        **options: Unpack[BatchOptions],
+    ) -> BatchRun:
+        """Async :meth:`batch`: waits for the handle without a thread; cancelling leaves the line at once."""
+        reqs = plan_batch(self._state.request, prompts, self._state.n_batch, filler, options)
+        session = await Session(self, timeout).acquire_async()
+        try:
+            return session._start_batch(reqs, len(prompts))
+        finally:
+            session.release()
+
     # -- other native calls (each in a session of its own) -----------------------------------------
     def clear_kv_cache(self, keep_system_prompt: bool = False, *, timeout: float | None = None) -> None:
         """Empty the KV cache (optionally keeping the system prompt)."""
@@ -1028,6 +1102,16 @@ class RKLLMRuntime:
         """Load a LoRA adapter; apply it to a run with ``lora=name``."""
         with self.session(timeout) as s:
             s.load_lora(path, name, scale)
+
+
+def _run_limit(init_limit: int, req: RunRequest) -> int:
+    """The token limit a run's finish reason is judged by: the request's, the binding's own cut, else the init value."""
+    limit = init_limit
+    if req.max_new_tokens is not None and req.max_new_tokens > 0:
+        limit = req.max_new_tokens
+    if req.stop_after:
+        limit = req.stop_after if limit <= 0 else min(limit, req.stop_after)
+    return limit
 
 
 def _collect(stream: RunStream) -> Completion:

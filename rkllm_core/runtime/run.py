@@ -33,6 +33,7 @@ from ..native.callback import (
     NORMAL,
     TENSOR,
     WAITING,
+    BatchChannel,
     RunChannel,
     close_channel,
     open_channel,
@@ -78,6 +79,7 @@ class Run:
         self.channel: RunChannel | None = None
         self.tensor: Tensor | None = None  # what a hidden-state or logits run returned
         self.limit_reached = False  # the binding ended the run at its own token limit (stop_after)
+        self.batched = False  # a batched run (n_batch > 1): the KV cache holds nothing reusable afterwards
 
     @property
     def returned(self) -> bool:
@@ -211,7 +213,7 @@ class RunHost(Protocol):
         """Abort ``run`` without blocking the caller (from the core's executor)."""
 
 
-_Job = tuple[RunHost, Run, int, RunChannel, Any, Any]
+_Job = tuple[RunHost, Run, int, RunChannel | BatchChannel, Any, Any]
 
 
 class RunWorker:
@@ -244,6 +246,17 @@ class RunWorker:
         """
         on_limit = (lambda: host.abort_soon(run)) if stop_after else None
         run_id, channel = open_channel(tensor, stop_after, on_limit)
+        run.channel = channel
+        self.enqueue(host, run, run_id, channel, inp, infer)
+
+    def enqueue(
+        self, host: RunHost, run: Run, run_id: int, channel: RunChannel | BatchChannel, inp: Any, infer: Any
+    ) -> None:
+        """Hand a run whose channel is registered as ``run_id`` to the worker thread (the channel is closed on failure).
+
+        Raises:
+            HandleClosedError: the worker was stopped (the handle is closing).
+        """
         with self._mutex:
             if self._stopped:
                 close_channel(run_id)
@@ -256,7 +269,6 @@ class RunWorker:
                     close_channel(run_id)
                     raise
                 self._thread = thread
-            run.channel = channel
             self._jobs.put((host, run, run_id, channel, inp, infer))
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -289,7 +301,7 @@ class RunWorker:
             del job  # let the run, its inputs and its handle go while waiting for the next one
 
 
-def _execute(host: RunHost, run: Run, run_id: int, channel: RunChannel, inp: Any, infer: Any) -> None:
+def _execute(host: RunHost, run: Run, run_id: int, channel: RunChannel | BatchChannel, inp: Any, infer: Any) -> None:
     """Make one run's ``rkllm_run`` call; then hand the handle on and post the end marker, always."""
     rc = -1
     exc: BaseException | None = None
