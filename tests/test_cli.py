@@ -190,3 +190,16 @@ def test_bench_compare_names_the_bad_file(tmp_path: Path) -> None:
         assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = rkllm("bench", "compare", str(tmp_path / "none.json"), str(good))
     assert proc.returncode == 2 and "none.json" in proc.stderr
+
+
+def test_a_bad_registry_value_is_told_once_and_the_rest_of_its_entry_applies(
+    sim_paths: dict[str, Path], tmp_path: Path
+) -> None:
+    make_model(tmp_path)
+    (tmp_path / "rkllm-models.toml").write_text('[models."qwen3-0.6b"]\naliases = ["small"]\ntemperature = -5\n')
+    listed = rkllm("models", "--model-dir", str(tmp_path))
+    assert listed.returncode == 0 and listed.stderr.count("temperature") == 1, listed.stderr
+    assert listed.stderr.startswith("rkllm: warning: ") and "(ignored)" in listed.stderr
+    chat = rkllm("chat", "small", "--lib", str(sim_paths["1.3"]), "--model-dir", str(tmp_path), stdin="hi\n")
+    assert chat.returncode == 0 and "chatting with qwen3-0.6b" in chat.stdout  # the alias applies
+    assert chat.stderr.count("temperature") == 1, chat.stderr

@@ -366,8 +366,10 @@ def _log_to_stderr() -> None:
 
 
 class _CliFormatter(logging.Formatter):
+    """A logged problem is one the library went on from (``rkllm: error:`` is kept for the command's end)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"rkllm: {record.levelname.lower()}: {record.getMessage()}"
+        return f"rkllm: warning: {record.getMessage()}"
 
 
 if __name__ == "__main__":
