@@ -47,6 +47,8 @@ CASES = [
     ("no server", ["ps", "--url", "http://127.0.0.1:9"], 1, "no rkllm server"),
     ("not a URL", ["ps", "--url", "localhost:8080"], 1, "is not an http"),
     ("garbage model file", ["chat", "{garbage_model}", "--lib", "{lib}"], 2, "rkllm_init failed"),
+    ("port out of range", ["serve", "--port", "99999", "--lib", "{lib}", "--model-dir", "{models}"], 2, "0-65535"),
+    ("port not a number", ["serve", "--port", "http"], 2, "not a port number"),
 ]
 
 

@@ -38,10 +38,21 @@ _GRACE = 5.0
 """Seconds uvicorn waits past ``--shutdown-timeout`` for aborted streams to send their end."""
 
 
+def _port(text: str) -> int:
+    """A TCP port number (0-65535), for argparse."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rkllm serve`` / ``python -m rkllm_core.serve``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    parser.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument("--model-dir", action="append", help="a model directory (repeatable; default RKLLM_MODEL_DIR)")
     parser.add_argument("--lib", help="runtime library path (default: RKLLM_LIB_PATH, then the usual places)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${ENV_API_KEY}, else none)")
