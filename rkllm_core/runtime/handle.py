@@ -26,6 +26,10 @@ Thread and task model:
   caller holds it). The garbage-collection safety net never waits: if the handle
   is in use, the caller that lets go of it destroys it. ``rkllm_destroy`` is never
   called while a run is going or a native call is in flight.
+* **Batched runs.** A handle made with ``InitParams(n_batch=N)``, N > 1, takes N inputs
+  in every run, so it runs only :meth:`RKLLMRuntime.batch` (see :mod:`.batch`); a
+  single run there is refused. A batched run is a run like any other for the rules
+  above, and afterwards the KV state is unknown (``keep_history`` is always 0).
 * **Exit.** Every run is aborted and waited for before Python joins non-daemon
   threads; after that, a handle still held by code that can never run again (a
   generator left suspended, a task whose loop stopped) is destroyed.
