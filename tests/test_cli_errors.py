@@ -172,3 +172,19 @@ def test_ctrl_c_at_the_prompt_keeps_the_chat(places: dict[str, str]) -> None:
     err = proc.stderr.read() if proc.stderr is not None else ""
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "Echo: hello — ok." in "".join(seen)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8:strict", "utf-8:surrogateescape"])
+def test_a_line_that_is_not_text_is_refused_alone(places: dict[str, str], encoding: str) -> None:
+    args = ["chat", "qwen3-0.6b", "--lib", places["lib"], "--model-dir", places["models"]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rkllm_core.tools", *args],
+        input=b"caf\xe9\na\x00b\nhi\n",
+        capture_output=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": encoding},
+    )
+    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "Echo: hi — ok." in out and err.count("not valid text") == 1 and "NUL character" in err

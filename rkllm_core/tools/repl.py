@@ -101,6 +101,8 @@ class _Chat:
 
     def loop(self) -> None:
         """Read prompts until end of input or ``/exit``."""
+        if hasattr(sys.stdin, "reconfigure"):  # a line that is not text is refused alone, not with the next ones
+            sys.stdin.reconfigure(errors="surrogateescape")
         while True:
             try:
                 line = input("> ")
@@ -109,6 +111,9 @@ class _Chat:
                 return
             except KeyboardInterrupt:
                 print()
+                continue
+            except UnicodeDecodeError as exc:  # bytes that are not text in the terminal's encoding
+                print(f"error: the line is not valid text ({exc.reason}); not sent", file=sys.stderr)
                 continue
             text = line.strip()
             if text in ("/exit", "/quit"):
@@ -137,21 +142,28 @@ class _Chat:
         from ..chat.messages import ChatMessage
         from ..chat.options import ChatOptions
 
-        self.history.append(ChatMessage("user", text))
-        messages = ([ChatMessage("system", self.system)] if self.system else []) + self.history
-        stream = self.engine.stream(self.model, messages, ChatOptions(enable_thinking=self.thinking))
+        stream = None
         try:
+            self.history.append(ChatMessage("user", text))  # refused when it is not valid text
+            messages = ([ChatMessage("system", self.system)] if self.system else []) + self.history
+            stream = self.engine.stream(self.model, messages, ChatOptions(enable_thinking=self.thinking))
             self._show(stream)
             self.answered += 1
         except KeyboardInterrupt:
-            stream.close()  # aborts the generation on the NPU; the program goes on
-            self.history.pop()
+            if stream is not None:
+                stream.close()  # aborts the generation on the NPU; the program goes on
+            self._drop_question()
             self.answered += 1  # stopped by the user, not failed
             print(f"{self.reset}\n(stopped)")
         except RKLLMError as exc:
-            self.history.pop()
+            self._drop_question()
             self.failed += 1
             print(f"{self.reset}\nerror: {exc}", file=sys.stderr)
+
+    def _drop_question(self) -> None:
+        """Forget the question of an answer that did not come."""
+        if self.history and self.history[-1].role == "user":
+            self.history.pop()
 
     def _show(self, events: Iterable[ChatEvent]) -> None:
         """Print the events of one answer: reasoning dimmed, tool calls in brackets, usage at the end."""
