@@ -338,3 +338,39 @@ def test_closing_the_runtime_aborts_a_batched_run(
     reasons = [[c.finish_reason for c in s][-1] for s in run.slots]
     assert reasons == ["abort", "abort"]
     assert rt.destroyed
+
+
+def test_async_races_with_cancels(batched: Callable[[int], RKLLMRuntime], batch_sim: SimulatorControl) -> None:
+    batch_sim.set("token_delay_ms", 0.2)
+    rt = batched(3)
+    cancelled: list[int] = []
+
+    async def one(i: int) -> None:
+        prompts = ["count to 300", f"round {i} ✓", "count to 50"]
+        run = await rt.abatch(prompts)
+
+        async def read(k: int) -> str:
+            return "".join([c.text async for c in run.slots[k]])
+
+        tasks = [asyncio.create_task(read(k)) for k in range(3)]
+        victim = tasks[i % 3]
+        await asyncio.sleep(0)  # every reader starts (a task cancelled before it runs never reads its slot)
+        if i % 2:
+            await asyncio.sleep(0.002)  # sometimes before the first chunk, sometimes after
+        victim.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for k, result in enumerate(results):
+            if tasks[k] is victim and isinstance(result, asyncio.CancelledError):
+                assert run.slots[k].state is SlotState.DETACHED
+                cancelled.append(i)
+            else:
+                assert result == echo(prompts[k])
+        await asyncio.to_thread(run.wait, 30)
+
+    async def main() -> None:
+        for i in range(20):
+            await one(i)
+
+    asyncio.run(main())
+    assert batch_sim.counter("batched_runs") == 20
+    assert cancelled  # the loop did exercise cancels mid-run
