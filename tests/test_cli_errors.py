@@ -46,6 +46,8 @@ CASES = [
     ("bad library (info)", ["info", "--lib", "{garbage}"], 0, ""),
     ("no server", ["ps", "--url", "http://127.0.0.1:9"], 1, "no rkllm server"),
     ("not a URL", ["ps", "--url", "localhost:8080"], 1, "is not an http"),
+    ("broken URL", ["ps", "--url", "http://[::1"], 1, "is not a usable URL"),
+    ("bad port in URL", ["ps", "--url", "http://127.0.0.1:port"], 1, "is not a usable URL"),
     ("garbage model file", ["chat", "{garbage_model}", "--lib", "{lib}"], 2, "rkllm_init failed"),
     ("port out of range", ["serve", "--port", "99999", "--lib", "{lib}", "--model-dir", "{models}"], 2, "0-65535"),
     ("port not a number", ["serve", "--port", "http"], 2, "not a port number"),

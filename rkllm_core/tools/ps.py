@@ -9,6 +9,7 @@ The server is ``--url``, else ``RKLLM_SERVER_URL``, else ``http://127.0.0.1:8080
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -39,18 +40,24 @@ def fetch_ps(url: str, api_key: str | None = None, timeout: float = TIMEOUT_S) -
     """
     if not url.startswith(("http://", "https://")):
         raise ServerUnreachable(f"{url!r} is not an http:// or https:// URL")
-    request = urllib.request.Request(url.rstrip("/") + "/api/ps")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
     try:
+        request = urllib.request.Request(url.rstrip("/") + "/api/ps")
+        if api_key:
+            request.add_header("Authorization", f"Bearer {api_key}")
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) URL of the user
-            body = json.loads(response.read().decode("utf-8"))
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         hint = " (set RKLLM_API_KEY)" if exc.code == 401 else ""
         raise ServerUnreachable(f"{url} answered HTTP {exc.code} {exc.reason}{hint}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ServerUnreachable(f"no rkllm server at {url} ({reason}); start one with `rkllm serve`") from exc
+    except (ValueError, http.client.InvalidURL) as exc:  # a bad port, a broken IPv6 address
+        raise ServerUnreachable(f"{url!r} is not a usable URL: {exc}") from exc
+    except http.client.HTTPException as exc:
+        raise ServerUnreachable(f"{url} did not answer as an HTTP server ({type(exc).__name__})") from exc
+    try:
+        body = json.loads(raw.decode("utf-8"))
     except ValueError as exc:
         raise ServerUnreachable(f"{url} did not answer with JSON: {exc}") from exc
     models = body.get("models") if isinstance(body, dict) else None
