@@ -352,8 +352,9 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
     try:
         channel = _channels.get(userdata or 0)
         if channel is None or not result:
-            if result and userdata in _batches:
-                _on_batch_result(_batches[userdata], result, state)
+            batch = _batches.get(userdata or 0) if result else None
+            if batch is not None:
+                _on_batch_result(batch, result, state)
             return 0
         if state == NORMAL and channel.tensor:
             _copy_tensor(channel, result)
