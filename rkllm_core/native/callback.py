@@ -352,8 +352,8 @@ def _on_result(result: int | None, userdata: int | None, state: int) -> int:
     try:
         channel = _channels.get(userdata or 0)
         if channel is None or not result:
-            batch = _batches.get(userdata or 0) if result else None
-            if batch is not None:
+            batch = _batches.get(userdata or 0)
+            if batch is not None and result:
                 _on_batch_result(batch, result, state)
             return 0
         if state == NORMAL and channel.tensor:
