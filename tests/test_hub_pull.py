@@ -9,6 +9,7 @@ request leaves for the real Hub).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -122,6 +123,20 @@ def test_pull_each_reference_form(tmp_path: Path, hub: FakeHub, models: Path, re
     assert sorted(p.name for p in models.iterdir()) == [f".{folder.name}.lock", folder.name]  # no staging left
     assert "qwen3-0.6b" in result.stdout and "pulled 4 file(s)" in result.stdout
     assert source_of(folder / MODEL) == f"{hub.url.split('://')[1]}/{REPO}@{hub.repos[REPO].commit[:8]}"
+
+
+def test_rkllm_models_says_where_a_pulled_model_came_from(tmp_path: Path, hub: FakeHub, models: Path) -> None:
+    hub.add(REPO, chat_repo(tmp_path))
+    env = cli_env(tmp_path, hub.url, models)
+    make_model(models, "gemma-3-1b-it_w8a8.rkllm")  # put there by hand: no source
+    assert "SOURCE" not in run_cli(env, "models", cwd=tmp_path).stdout
+    assert run_cli(env, "pull", REPO, cwd=tmp_path).returncode == 0
+    table = run_cli(env, "models", cwd=tmp_path).stdout.splitlines()
+    source = f"{hub.url.split('://')[1]}/{REPO}@{hub.repos[REPO].commit[:8]}"
+    assert "SOURCE" in table[0]
+    assert [line.split()[-1] for line in table if line.startswith("qwen3-0.6b")] == [source]
+    rows = {row["name"]: row for row in json.loads(run_cli(env, "models", "--json", cwd=tmp_path).stdout)}
+    assert rows["qwen3-0.6b"]["source"] == source and rows["gemma3-1b"]["source"] is None
 
 
 def test_checksum_mismatch_installs_nothing(tmp_path: Path, hub: FakeHub, models: Path) -> None:

@@ -31,11 +31,12 @@ import time
 from collections.abc import Sequence
 
 from ..errors import RKLLMError
+from ..hub.manifest import source_of
 from ..models.registry import ModelInfo, ModelRegistry
 from .repl import cmd_chat
 from .table import table as _table
 
-JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb")
+JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb", "source")
 
 
 def _model_row(info: ModelInfo) -> dict[str, object]:
@@ -48,6 +49,7 @@ def _model_row(info: ModelInfo) -> dict[str, object]:
         "dtype": info.dtype,
         "platform": info.platform,
         "size_mb": round(info.size_mb, 1),
+        "source": source_of(info.path),  # where rkllm pull took it from, if it did
     }
 
 
@@ -74,6 +76,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         ("platform", "PLATFORM"),
         ("size_mb", "SIZE_MB"),
     ]
+    if any(row["source"] for row in rows):
+        columns.append(("source", "SOURCE"))
     print(_table(rows, columns))  # problems in registry files were logged when they were read
     return 0
 
