@@ -11,9 +11,9 @@ import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TextIO
 
-from ..models.manager import ModelManager
+from ..models.manager import LoadEvent, ModelManager
 
 __all__ = ["LoadFeedback", "show_loads"]
 
@@ -32,8 +32,8 @@ class LoadFeedback:
         self._lock = threading.Lock()
         self._open: str | None = None  # the model whose line waits for its time
 
-    def __call__(self, event: Any) -> None:
-        """Show one load event (a :class:`~rkllm_core.models.manager.LoadEvent`)."""
+    def __call__(self, event: LoadEvent) -> None:
+        """Show one load event."""
         with self._lock:
             if event.phase == "start":
                 self._finish_line()
@@ -65,18 +65,14 @@ class LoadFeedback:
 def show_loads(
     manager: ModelManager, out: TextIO | None = None, before: Callable[[], None] | None = None
 ) -> Iterator[None]:
-    """Print the loads ``manager`` does while the block runs (nothing when it cannot tell them).
+    """Print the loads ``manager`` does while the block runs.
 
     Args:
         manager: the manager whose loads to show.
         out: where to print (default: stderr).
         before: called before each load's line starts.
     """
-    subscribe: Callable[[Callable[[Any], None]], Callable[[], None]] | None = getattr(manager, "on_load", None)
-    if subscribe is None:
-        yield
-        return
-    unsubscribe = subscribe(LoadFeedback(out if out is not None else sys.stderr, before))
+    unsubscribe = manager.on_load(LoadFeedback(out if out is not None else sys.stderr, before))
     try:
         yield
     finally:
