@@ -187,7 +187,7 @@ class InitParams:
         _check_int("n_keep", self.n_keep, -1, 1 << 20)
         _check_int("enabled_cpus_num", self.enabled_cpus_num, 0, 8)
         _check_int("enabled_cpus_mask", self.enabled_cpus_mask, 0, 0xFF)
-        _check_int("n_batch", self.n_batch, 1, 255)
+        _check_int("n_batch", self.n_batch, 1, 100)  # the runtime refuses more at init
         _check_int("base_domain_id", self.base_domain_id, 0, 1 << 16)
 
 

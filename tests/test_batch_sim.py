@@ -177,9 +177,23 @@ def test_step_cost_grows_with_active_slots(raw: Any, sim: SimulatorControl) -> N
 
 
 def test_n_batch_above_100_is_an_init_error(sim_lib: RuntimeLibrary, sim: SimulatorControl, model_path: Path) -> None:
-    from rkllm_core.errors import InitError
-    from rkllm_core.runtime import RKLLMRuntime
+    from rkllm_core.errors import InvalidParameterError
 
-    with pytest.raises(InitError):
-        RKLLMRuntime(model_path, params=InitParams(n_batch=101), library=sim_lib)
+    with pytest.raises(InvalidParameterError, match="n_batch"):
+        InitParams(n_batch=101)  # the binding refuses it before any native call
+    backend = sim_lib.backend
+    param = backend.default_param()
+    path = os.fsencode(model_path)
+    param.model_path = path
+    backend.apply_init(param, InitParams(n_batch=100))
+    param.extend_param.n_batch = 101  # and the runtime itself refuses it at init
+    handle = LLMHandle()
+    cb = LLMResultCallback(Steps(1))
+    if sim_lib.abi == "1.3":
+        cbs = sim_lib.functions.rkllm_init.argtypes[2]._type_()
+        cbs.result_callback = cb
+        rc = sim_lib.functions.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(cbs))
+    else:
+        rc = sim_lib.functions.rkllm_init(ctypes.byref(handle), ctypes.byref(param), cb)
+    assert rc != 0 and not handle.value
     assert sim.counter("init_failures") == 1
