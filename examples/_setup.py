@@ -1,6 +1,6 @@
 """Shared set-up for the examples: the runtime (NPU or simulator) and the model to use.
 
-On a board the examples use ``librkllmrt.so`` and your ``.rkllm`` models (see the README).
+On a board the examples use ``librkllmrt.so`` and your ``.rkllm`` models (see docs/board.md).
 Without the runtime they say loudly that they run on the **simulator** (the banner of
 ``examples/quickstart.py``), build it, and write the demo models of ``rkllm demo`` (in the same
 place, ``~/.cache/rkllm/demo/models``) when no models are found, so they run on any laptop.

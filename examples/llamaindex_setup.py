@@ -1,6 +1,6 @@
 """Shared set-up for the LlamaIndex examples: the runtime (NPU or simulator), the LLM, embeddings, reranker.
 
-On a board, the examples use ``librkllmrt.so`` and your ``.rkllm`` models (see the README).
+On a board, the examples use ``librkllmrt.so`` and your ``.rkllm`` models (see docs/board.md).
 Without the runtime they say loudly that they run on the **simulator** (like
 ``examples/quickstart.py``), build it, and create a demo model file, so they run on any
 laptop. Simulated answers are deterministic echoes of the prompt, not real answers.

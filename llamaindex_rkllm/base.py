@@ -420,7 +420,7 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
         """Turn LlamaIndex tools into the request: OpenAI-style definitions and a tool choice.
 
         ``tool_required`` becomes ``tool_choice="required"``: the model is told to answer
-        with a call (it cannot be forced token by token; see the README).
+        with a call (it cannot be forced token by token; see docs/llamaindex.md).
         """
         del verbose, allow_parallel_tool_calls
         tool_specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
