@@ -21,6 +21,15 @@ in another's context. In async code the short native set-up calls run on the
 core's own executor, never on the event loop; cancelling a request aborts its
 generation and leaves every line it stood in at once.
 
+**Batched models.** A model whose instance was loaded with ``n_batch`` > 1 (see
+:doc:`batching`) serves each request through the handle's batch scheduler
+(:mod:`rkllm_core.runtime.scheduler`): the request is planned as a rebuild (its whole
+conversation, no KV reuse, no prompt cache — a batched run keeps no history), queued
+with its group (chat setup, sampling, ``max_new_tokens``) and read from its own slot of
+a shared run. A lone request is a batch of one plus filler slots: keeping a second,
+``n_batch = 1`` instance for it would hold the model's weights twice. Usage then says
+``prefilled_tokens == input_tokens`` (estimated from the text: a slot gets no perf stats).
+
 Events: text and reasoning deltas, tool-call deltas and complete tool calls,
 then one :class:`ChatDone` with the finish reason, the assistant message and
 token usage.
@@ -39,7 +48,8 @@ from ..errors import InvalidParameterError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
 from ..models.registry import CHAT_KINDS
 from ..params import InitParams, PerfStats, StreamChunk
-from ..runtime import Session
+from ..runtime import BatchInput, KVState, Session
+from ..runtime.scheduler import BatchPolicy, Ticket, scheduler_for
 from .messages import ChatMessage, ToolCallRequest, append_instruction, validate_messages
 from .options import ChatOptions, json_instruction
 from .parse import (
@@ -53,6 +63,7 @@ from .parse import (
     ToolCallDelta,
 )
 from .planner import PROMPT_CACHE_MIN_TOKENS, Plan, Planner
+from .templates import estimate_tokens
 
 if TYPE_CHECKING:
     from .promptcache import PromptCacheStore
@@ -175,6 +186,8 @@ class ChatEngine:
         prompt_cache_min_tokens: smallest (estimated) system prompt worth caching.
         reuse_kv: keep conversations in the KV cache between requests (turn off only
             to measure what re-prefilling every turn costs).
+        batch_policy: when the batch scheduler of an ``n_batch`` model starts a run (its
+            gather window); ``None`` keeps each handle's scheduler as it is (20 ms by default).
     """
 
     def __init__(
@@ -184,8 +197,11 @@ class ChatEngine:
         prompt_cache: PromptCacheStore | Literal[False] | None = None,
         prompt_cache_min_tokens: int = PROMPT_CACHE_MIN_TOKENS,
         reuse_kv: bool = True,
+        batch_policy: BatchPolicy | None = None,
     ) -> None:
         self._manager = manager
+        self._batch_policy = batch_policy
+        self._batch_planner = Planner(None, prompt_cache_min_tokens=prompt_cache_min_tokens, reuse_kv=False)
         if prompt_cache is None:
             from .promptcache import PromptCacheStore
 
@@ -232,6 +248,9 @@ class ChatEngine:
         msgs = _request_messages(messages, opts)
         deadline = Deadline(opts.timeout)
         with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
+            if _batched(lease):
+                yield from self._stream_batched(lease, msgs, opts, deadline, on_start)
+                return
             with lease.runtime.session(deadline.remaining()) as session:
                 plan = self._prepare(session, lease, msgs, opts)
                 if on_start is not None:
@@ -267,6 +286,11 @@ class ChatEngine:
         msgs = _request_messages(messages, opts)
         deadline = Deadline(opts.timeout)
         async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
+            if _batched(lease):
+                async with aclosing(self._astream_batched(lease, msgs, opts, deadline, on_start)) as batched:
+                    async for event in batched:
+                        yield event
+                return
             async with lease.runtime.session(deadline.remaining()) as session:
                 plan = await session.call(self._prepare, session, lease, msgs, opts)
                 if on_start is not None:
@@ -299,6 +323,74 @@ class ChatEngine:
     def context_window(self, model: str) -> int:
         """The context size of ``model`` (from the registry)."""
         return self.manager.resolve(model).context_size
+
+    # -- batched models -----------------------------------------------------------------------------
+    def _submit(
+        self, lease: Lease, msgs: list[ChatMessage], opts: ChatOptions, deadline: Deadline
+    ) -> tuple[Plan, Ticket]:
+        """Plan a batched request (a rebuild: the whole conversation) and queue it with the handle's scheduler."""
+        rt = lease.runtime
+        plan = self._batch_planner.plan(KVState(tokens=None), rt.max_context_len, ("", ""), lease.info, msgs, opts)
+        assert plan.setup is not None
+        run = rt.library.backend.place_generation(None, opts.sampling, opts.max_new_tokens).run
+        shared = {k: v for k, v in run.items() if k in ("sampling", "max_new_tokens")}
+        item = BatchInput(plan.prompt, role=plan.role, enable_thinking=plan.native and plan.enable_thinking)
+        lease.give_up_turn()  # the scheduler's dispatcher takes the handle's turns
+        ticket = scheduler_for(rt, self._batch_policy).submit(
+            item,
+            group=(plan.setup, tuple(sorted((k, repr(v)) for k, v in shared.items()))),
+            prepare=_installer(plan),
+            options=shared,  # type: ignore[arg-type]
+            timeout=deadline.remaining(),
+        )
+        return plan, ticket
+
+    def _stream_batched(
+        self,
+        lease: Lease,
+        msgs: list[ChatMessage],
+        opts: ChatOptions,
+        deadline: Deadline,
+        on_start: Callable[[bool], None] | None,
+    ) -> Generator[ChatEvent, None, None]:
+        plan, ticket = self._submit(lease, msgs, opts, deadline)
+        if on_start is not None:
+            on_start(False)
+        tracker = _Tracker(opts)
+        with ticket.slot() as slot:  # leaving early detaches the slot; the other slots go on
+            for chunk in slot:
+                yield from tracker.feed(chunk)
+                if tracker.take_stop_request():
+                    break
+        done = _batched_done(lease, plan, tracker)
+        yield from tracker.flushed
+        yield done
+
+    async def _astream_batched(
+        self,
+        lease: Lease,
+        msgs: list[ChatMessage],
+        opts: ChatOptions,
+        deadline: Deadline,
+        on_start: Callable[[bool], None] | None,
+    ) -> AsyncGenerator[ChatEvent, None]:
+        plan, ticket = self._submit(lease, msgs, opts, deadline)
+        if on_start is not None:
+            on_start(False)
+        tracker = _Tracker(opts)
+        slot = await ticket.aslot()
+        try:
+            async for chunk in slot:
+                for event in tracker.feed(chunk):
+                    yield event
+                if tracker.take_stop_request():
+                    break
+        finally:
+            slot.detach()  # a cancelled or closed request leaves its slot; the run goes on for the others
+        done = _batched_done(lease, plan, tracker)
+        for event in tracker.flushed:
+            yield event
+        yield done
 
     # -- inside the session ----------------------------------------------------------------------
     def _prepare(self, session: Session, lease: Lease, msgs: list[ChatMessage], opts: ChatOptions) -> Plan:
@@ -371,6 +463,42 @@ class ChatEngine:
     def _discard(self, plan: Plan) -> None:
         if plan.cache_save is not None and self._store is not None:
             self._store.discard(plan.cache_save)
+
+
+def _batched(lease: Lease) -> bool:
+    """True when the leased instance runs batched (``n_batch`` > 1): its requests go through the scheduler."""
+    return (lease.runtime.params.n_batch or 1) > 1
+
+
+def _installer(plan: Plan) -> Callable[[Session], None]:
+    """What brings a batched handle to the plan's setup before its run (skipped when already installed)."""
+    setup = plan.setup
+    assert setup is not None
+
+    def install(session: Session) -> None:
+        if session.chat_setup != setup:
+            setup.install(session)
+
+    return install
+
+
+def _batched_done(lease: Lease, plan: Plan, tracker: _Tracker) -> ChatDone:
+    """The last event of a batched request: its own finish reason; usage from the text (a slot has no stats)."""
+    tracker.flush()
+    assert plan.setup is not None
+    input_tokens = estimate_tokens("".join(plan.setup.parts)) + estimate_tokens(plan.prompt)
+    usage = Usage(input_tokens, tracker.tokens, input_tokens + tracker.tokens, input_tokens)
+    return ChatDone(
+        finish_reason=tracker.finish_reason(),
+        message=tracker.message(),
+        reasoning=tracker.pipeline.reasoning,
+        usage=usage,
+        stats=None,
+        model=lease.info.name,
+        invalid_tool_calls=tuple(tracker.pipeline.invalid_tool_calls),
+        kv_reused=False,
+        sampling_policy=lease.sampling_policy,
+    )
 
 
 def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> list[ChatMessage]:

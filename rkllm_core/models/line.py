@@ -29,7 +29,7 @@ from ..params import InitParams
 from ..runtime.handle import RKLLMRuntime
 from .registry import ModelInfo
 
-__all__ = ["Decision", "LinePolicy", "LoadedModel", "Request", "RequestState"]
+__all__ = ["KV_BYTES_PER_TOKEN", "Decision", "LinePolicy", "LoadedModel", "Request", "RequestState", "batch_kv_mb"]
 
 Key = tuple[str, InitParams]
 
@@ -72,6 +72,26 @@ class LoadedModel:
     def key(self) -> Key:
         """(friendly name, init settings): what identifies the instance in the line."""
         return self.info.name, self.init if self.slot is None else self.slot
+
+
+KV_BYTES_PER_TOKEN = 32 * 1024
+"""The estimate of one slot's KV cache per context token: fp16 keys and values of a 0.5-3B model
+with grouped-query attention (e.g. 28 layers x 2 x 256 x 2 bytes = 28 KiB for Qwen2.5-1.5B), rounded up."""
+
+
+def batch_kv_mb(info: ModelInfo, params: InitParams | None) -> float:
+    """The memory a batched instance needs beyond a single one: ``(n_batch - 1)`` more KV caches, in MB.
+
+    A single instance's KV cache is inside the file-size estimate (and the runtime's
+    measured peak); each extra slot holds one more cache of the instance's context
+    length (``params.max_context_len``, else the model's), estimated at
+    :data:`KV_BYTES_PER_TOKEN` per token.
+    """
+    slots = (params.n_batch if params is not None else None) or 1
+    if params is None or slots < 2:
+        return 0.0
+    context = params.max_context_len or info.context_size
+    return (slots - 1) * context * KV_BYTES_PER_TOKEN / (1024 * 1024)
 
 
 class RequestState(enum.Enum):
@@ -191,7 +211,7 @@ class LinePolicy:
         """Put ``req`` in line, or raise ``BusyError`` if only its own chain could ever make room."""
         mine = [e for e in self.entries.values() if e in req.chain]
         if mine and req.key not in self.entries:
-            if not self._fits(len(mine), sum(e.memory_mb for e in mine), self.estimate_mb(req.info)):
+            if not self._fits(len(mine), sum(e.memory_mb for e in mine), self.estimate_mb(req.info, req.params)):
                 raise BusyError(self._deadlock_message(req), reason="deadlock")
         self._arrivals += 1
         req.seq = self._arrivals
@@ -388,7 +408,7 @@ class LinePolicy:
                 init=req.params,
                 slot=req.key[1] if req.key[1] != req.params else None,
                 load_order=self._load_counter,
-                estimated_mb=self.estimate_mb(req.info),
+                estimated_mb=self.estimate_mb(req.info, req.params),
             )
             self.entries[req.key] = entry
             self._assign(req, ("load", entry))
@@ -426,7 +446,7 @@ class LinePolicy:
 
     def _fits_with_dying(self, req: Request) -> bool:
         present = [*self.entries.values(), *self.dying]
-        return self._fits(len(present), sum(e.memory_mb for e in present), self.estimate_mb(req.info))
+        return self._fits(len(present), sum(e.memory_mb for e in present), self.estimate_mb(req.info, req.params))
 
     def _choose_victims(self, req: Request) -> list[LoadedModel] | None:
         """[] if the model fits beside what is loaded; the models to unload for it; None if only its own could.
@@ -435,9 +455,9 @@ class LinePolicy:
         memory the load needs (if unloading them can cover it).
         """
         entries = list(self.entries.values())
-        need = self.estimate_mb(req.info)
+        need = self.estimate_mb(req.info, req.params)
         count, used = len(entries), sum(e.memory_mb for e in entries)
-        short = self._shortfall_mb(req.info)
+        short = self._shortfall_mb(req.info) + batch_kv_mb(req.info, req.params)
         if self._fits(count, used, need) and short <= 0:
             return []
         waiting = {r.owner for r in self.line if r.state is RequestState.WAITING}
@@ -469,12 +489,18 @@ class LinePolicy:
         )
 
     # -- facts ------------------------------------------------------------------------------------------
-    def estimate_mb(self, info: ModelInfo) -> float:
-        """The memory ``info`` takes: measured on an instance of it when known, else its file size."""
+    def estimate_mb(self, info: ModelInfo, params: InitParams | None = None) -> float:
+        """The memory ``info`` takes: measured on an instance of it when known, else its file size.
+
+        An instance loaded with ``params.n_batch`` slots also counts the KV caches of its
+        extra slots (:func:`batch_kv_mb`); a measurement counts only for an instance with as
+        many slots.
+        """
+        n_batch = (params.n_batch if params is not None else None) or 1
         for (name, _), e in self.entries.items():
-            if name == info.name and e.measured_mb is not None:
+            if name == info.name and e.measured_mb is not None and (e.init.n_batch or 1) == n_batch:
                 return e.measured_mb
-        return info.file_size / (1024 * 1024)
+        return info.file_size / (1024 * 1024) + batch_kv_mb(info, params)
 
     def describe(self) -> str:
         """What is loaded and how busy, for messages."""

@@ -172,6 +172,17 @@ class Lease:
             hold(self._booking)
         return self
 
+    def give_up_turn(self) -> None:
+        """Give up the handle's turn this lease booked (idempotent); the model stays leased.
+
+        For a request served by the handle's batch scheduler, whose dispatcher takes the
+        handle's turns itself: a booking nobody claims would hold the handle for nobody.
+        """
+        if self._booking is not None:
+            unhold(self._booking)
+            self._booking.cancel()
+            self._booking = None
+
     def release(self) -> None:
         """Give the model back (idempotent, any thread; never blocks on native code)."""
         if not self._released:
@@ -246,6 +257,10 @@ class ModelManager:
             instance per model, re-initialised when a request's sampling differs.
         keep_alive: seconds a model may stay loaded unused before it is unloaded (``None`` or
             negative: until the budget needs its room); :meth:`keep_alive` sets it per model.
+        n_batch: experimental batched decoding for chat models that set no ``n_batch`` of their
+            own (registry file): their instances are loaded with this many slots, and concurrent
+            requests share runs (see :mod:`rkllm_core.runtime.scheduler`). ``None`` or 1: off.
+            The memory estimate counts the extra slots' KV caches (:func:`~.line.batch_kv_mb`).
     """
 
     def __init__(
@@ -259,7 +274,12 @@ class ModelManager:
         preflight: bool | None = None,
         sampling_policy: SamplingPolicy = "reload",
         keep_alive: float | None = None,
+        n_batch: int | None = None,
     ) -> None:
+        if n_batch is not None:
+            InitParams(n_batch=n_batch)  # the runtime's range, checked before anything loads
+        self.n_batch = n_batch if n_batch is not None and n_batch > 1 else None
+        """Slots of chat instances whose model sets no ``n_batch`` (``None``: batching off)."""
         if sampling_policy not in SAMPLING_POLICIES:
             raise InvalidParameterError(
                 f"sampling_policy must be one of {', '.join(SAMPLING_POLICIES)}, got {sampling_policy!r}"
@@ -359,7 +379,16 @@ class ModelManager:
         max_new = init.max_new_tokens if init.max_new_tokens is not None else d.max_new_tokens
         if max_new is None and not self.library.backend.per_run_sampling:
             max_new = requested  # 1.2 fixes it at init: the largest useful value; runs stop earlier themselves
-        return replace(init, max_context_len=requested, sampling=sampling, max_new_tokens=max_new)
+        n_batch = init.n_batch if init.n_batch is not None else d.n_batch
+        if n_batch is None and info.kind == "chat":
+            n_batch = self.n_batch
+        return replace(
+            init,
+            max_context_len=requested,
+            sampling=sampling,
+            max_new_tokens=max_new,
+            n_batch=n_batch if n_batch is not None and n_batch > 1 else None,
+        )
 
     def sampling_policy_for(self, name_or_info: str | ModelInfo) -> str:
         """How requests' sampling is served for a model: ``run`` on 1.3, else its :data:`SamplingPolicy`."""

@@ -16,6 +16,7 @@ A model directory (not its subdirectories) may hold a registry file::
     mirostat_eta = 0.1
     max_new_tokens = 512             # -1: no limit
     max_context_len = 8192           # also the context size when the file name has none
+    n_batch = 4                      # experimental: serve up to 4 requests in one batched run
     chat_template = { system = "...", prefix = "...", postfix = "..." }
     kind = "embedding"               # chat, embedding, reranker or vision
     sampling_policy = "reload"       # runtime 1.2: instance, reload or fixed
@@ -82,6 +83,8 @@ class ModelDefaults:
         max_new_tokens: generation limit (-1 for none).
         system_prompt: default system prompt.
         max_context_len: context length to initialise the model with.
+        n_batch: slots of a batched instance (experimental; see the batching docs): up to
+            ``n_batch`` concurrent requests share one run; 1 turns batching off for the model.
         chat_template: ``(system, prefix, postfix)`` strings for
             ``rkllm_set_chat_template``.
         kind: what the model is for, overriding its file name.
@@ -95,6 +98,7 @@ class ModelDefaults:
     max_new_tokens: int | None = None
     system_prompt: str | None = None
     max_context_len: int | None = None
+    n_batch: int | None = None
     chat_template: tuple[str, str, str] | None = None
     kind: ModelKind | None = None
     sampling_policy: SamplingPolicy | None = None
@@ -157,7 +161,7 @@ class RegistryEntry:
 _FLOAT_FIELDS: Final = frozenset(
     name for name, hint in get_type_hints(SamplingParams).items() if float in get_args(hint)
 )
-_INIT_FIELDS: Final = ("max_new_tokens", "max_context_len")
+_INIT_FIELDS: Final = ("max_new_tokens", "max_context_len", "n_batch")
 _TEMPLATE_KEYS: Final = ("system", "prefix", "postfix")
 # The recipe fields a registry file may set, with their types (see rkllm_core.embed.recipes).
 _RECIPE_FIELDS: Final[dict[str, dict[str, type]]] = {
