@@ -96,7 +96,10 @@ class SchedulerStats:
     cancelled: int = 0
     """Requests whose waiter gave up (before or after getting a slot)."""
     max_overtaken: int = 0
-    """The most later requests one request saw served before it (the fairness bound, measured)."""
+    """The most later requests one request saw served before it."""
+    unfair: int = 0
+    """Requests overtaken more than the fairness bound allows: (N - 1) later requests per request that
+    was already waiting when it arrived (only a run headed by an older request takes later ones)."""
 
 
 class Ticket:
@@ -119,6 +122,8 @@ class Ticket:
         self.deadline = deadline
         self.arrived = time.monotonic()
         self.overtaken = 0
+        self.ahead = 0
+        """Requests already waiting when this one arrived."""
         self.future: Future[BatchSlot] = Future()
         self._lock = threading.Lock()
         self._abandoned = False
@@ -234,6 +239,7 @@ class BatchScheduler:
                 raise HandleClosedError(f"the runtime handle for {self.name} is closed")
             self._seq += 1
             ticket = Ticket(self._seq, item, group, prepare, dict(options or {}), Deadline(timeout))  # type: ignore[arg-type]
+            ticket.ahead = len(self._queue)
             self._queue.append(ticket)
             self._cond.notify_all()
             if self._thread is None:
@@ -293,6 +299,7 @@ class BatchScheduler:
                     if t.seq < last:
                         t.overtaken += sum(1 for x in taken if x.seq > t.seq)
                         self.stats.max_overtaken = max(self.stats.max_overtaken, t.overtaken)
+                        self.stats.unfair += t.overtaken > (self.n_batch - 1) * t.ahead
             return taken
 
     def _serve(self, head: Ticket) -> None:
@@ -355,4 +362,3 @@ def scheduler_for(runtime: RKLLMRuntime, policy: BatchPolicy | None = None) -> B
         elif policy is not None:
             sched.policy = policy
         return sched
-
