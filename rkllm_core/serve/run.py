@@ -73,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unload a model unused this long (e.g. 300, 5m, 1h; -1: never, the default); "
         "an Ollama request's keep_alive overrides it for its model",
     )
+    parser.add_argument(
+        "--n-batch",
+        type=_n_batch,
+        metavar="N",
+        help="experimental: serve up to N concurrent requests per chat model in one batched run "
+        "(models with their own n_batch in rkllm-models.toml keep it; default: off)",
+    )
     parser.add_argument("--board", help="name reported in X-RKLLM-Board (default: the host name)")
     parser.add_argument("--max-waiting", type=int, default=64, help="requests in line before 429 (default 64)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="largest max_tokens accepted (default 8192)")
@@ -92,6 +99,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="do not log a line per request"
     )
+
+
+def _n_batch(text: str) -> int:
+    """``--n-batch``: the runtime's range, 1 (off) to 100."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 1 (off) and 100, got {value}")
+    return value
 
 
 def _duration(text: str) -> float:
@@ -124,6 +142,12 @@ def _announce(manager: ModelManager, args: argparse.Namespace, api_key: str | No
         + (f"; unloads a model unused for {keep:g} s" if keep is not None and keep >= 0 else ""),
         flush=True,
     )
+    if manager.n_batch:
+        print(
+            f"rkllm serve: batched decoding (experimental): up to {manager.n_batch} requests per chat model "
+            "share one run; each batched turn prefills its whole conversation",
+            flush=True,
+        )
     manager.on_load(_show_load)
 
 
@@ -158,6 +182,7 @@ def serve(args: argparse.Namespace) -> int:
             max_loaded=AUTO if args.max_loaded is None else args.max_loaded,
             memory_budget_mb=AUTO if args.memory_budget_mb is None else args.memory_budget_mb,
             keep_alive=args.keep_alive,
+            n_batch=getattr(args, "n_batch", None),
         )
     except RKLLMError as exc:  # a bad --max-loaded or RKLLM_MAX_LOADED
         print(f"rkllm serve: {exc}", file=sys.stderr, flush=True)
