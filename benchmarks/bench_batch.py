@@ -13,12 +13,22 @@ unknown until measured there; the same script runs against a real runtime with
 not applied). Wall-clock numbers from shared machines are indicative; the ratio is the
 result.
 
-Usage: python benchmarks/bench_batch.py [--abi 1.3] [--token-ms 25] [--tokens 48] [--repeat 3] [--json out.json]
+With ``--clients C`` (default 8) it then measures what requests see through the chat
+engine: C concurrent streaming clients (asyncio tasks, one single-turn request each)
+against a model served unbatched (``n_batch`` off: one request at a time, the
+manager's line) and with ``n_batch = N`` for each N (the batch scheduler gathers
+them): aggregate tokens/s, per-client tokens/s, time to first token p50/p95, and the
+prefill tokens spent (the simulator's counter). The target on the simulator's cost
+model: aggregate tokens/s at N = 4 with 8 clients >= 2.5x unbatched, TTFT p95 <= 2x.
+
+Usage: python benchmarks/bench_batch.py [--abi 1.3] [--token-ms 25] [--tokens 48] [--repeat 3]
+       [--clients 8] [--engine-only] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -29,6 +39,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rkllm_core.chat.engine import ChatEngine, TextDelta
+from rkllm_core.chat.messages import ChatMessage
+from rkllm_core.chat.options import ChatOptions
+from rkllm_core.models.manager import ModelManager
+from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.native.library import RuntimeLibrary, load_library
 from rkllm_core.params import InitParams
 from rkllm_core.runtime import RKLLMRuntime
@@ -119,6 +134,102 @@ def measure_sequential(lib: RuntimeLibrary, model: Path, n: int, tokens: int, re
     return Point(f"{n} sequential single runs", 1, total, wall, total / wall, total / wall, 1000 * ttft)
 
 
+@dataclass
+class EnginePoint:
+    """C concurrent streaming clients through the chat engine, for one n_batch setting."""
+
+    label: str
+    n_batch: int
+    clients: int
+    tokens: int
+    seconds: float
+    aggregate_tps: float
+    per_client_tps: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    prefill_tokens: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def client(engine: ChatEngine, model: str, i: int, tokens: int, t0: float) -> tuple[float, float, int]:
+    """One streaming request; returns (TTFT s, end s, output tokens)."""
+    first = 0.0
+    out = 0
+    opts = ChatOptions(max_new_tokens=tokens)
+    async for event in engine.astream(model, [ChatMessage("user", f"count to {5000 + i}")], opts):
+        if isinstance(event, TextDelta) and not first:
+            first = time.perf_counter() - t0
+        elif not isinstance(event, TextDelta):
+            out = getattr(getattr(event, "usage", None), "output_tokens", out)
+    return first, time.perf_counter() - t0, out
+
+
+def measure_engine(
+    lib: RuntimeLibrary, model_dir: Path, n_batch: int | None, clients: int, tokens: int, ctl: SimulatorControl | None
+) -> EnginePoint:
+    """C clients at once through a ChatEngine whose manager loads the model with ``n_batch``."""
+    manager = ModelManager(ModelRegistry([model_dir], platform=None), library=lib, max_loaded=1, n_batch=n_batch)
+    engine = ChatEngine(manager, prompt_cache=False)
+    model = manager.registry.models()[0].name
+    try:
+        engine.chat(model, [ChatMessage("user", "warm up")], ChatOptions(max_new_tokens=2))  # load outside the clock
+        before = ctl.counter("prefilled_tokens") if ctl is not None else 0
+
+        async def everyone() -> list[tuple[float, float, int]]:
+            t0 = time.perf_counter()
+            return await asyncio.gather(*(client(engine, model, i, tokens, t0) for i in range(clients)))
+
+        t0 = time.perf_counter()
+        results = asyncio.run(everyone())
+        wall = time.perf_counter() - t0
+        prefill = (ctl.counter("prefilled_tokens") - before) if ctl is not None else -1
+    finally:
+        manager.close()
+    total = sum(r[2] for r in results)
+    ttfts = [1000 * r[0] for r in results]
+    label = f"engine, n_batch={n_batch}" if n_batch else "engine, unbatched"
+    return EnginePoint(
+        label,
+        n_batch or 1,
+        clients,
+        total,
+        wall,
+        total / wall,
+        statistics.mean(r[2] / r[1] for r in results),
+        percentile(ttfts, 50),
+        percentile(ttfts, 95),
+        prefill,
+    )
+
+
+def report_engine(points: list[EnginePoint]) -> tuple[float, float]:
+    """Print the engine table; return (aggregate ratio, TTFT p95 ratio) of N=4 against unbatched."""
+    print(
+        "\n| clients through the chat engine | clients | tokens | wall s | aggregate tok/s | per-client tok/s "
+        "| TTFT p50 ms | TTFT p95 ms | prefill tokens |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in points:
+        print(
+            f"| {p.label} | {p.clients} | {p.tokens} | {p.seconds:.2f} | {p.aggregate_tps:.1f} | "
+            f"{p.per_client_tps:.1f} | {p.ttft_p50_ms:.0f} | {p.ttft_p95_ms:.0f} | {p.prefill_tokens} |"
+        )
+    base = points[0]
+    four = next((p for p in points[1:] if p.n_batch == 4), None)
+    if four is None:
+        return float("nan"), float("nan")
+    agg, ttft = four.aggregate_tps / base.aggregate_tps, four.ttft_p95_ms / base.ttft_p95_ms
+    print(f"\nN=4 with {four.clients} clients vs unbatched: {agg:.2f}x aggregate tokens/s, TTFT p95 {ttft:.2f}x")
+    return agg, ttft
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--abi", default="1.3", choices=["1.2", "1.3"])
@@ -130,11 +241,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="tokens each slot generates")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sizes", default="1,2,4,8")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent streaming clients through the chat engine")
+    ap.add_argument("--engine-only", action="store_true", help="skip the raw runtime comparison")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
     lib = load_library(args.lib or build_simulator(args.abi), args.abi if not args.lib else None)
     model = Path(args.model) if args.model else make_model(tempfile.mkdtemp(prefix="bench-batch-"))
+    ctl: SimulatorControl | None = None
     if lib.is_simulator:
         ctl = SimulatorControl(lib.path)
         for key, value in (
@@ -145,26 +259,33 @@ def main() -> None:
         ):
             ctl.set(key, value)
 
-    points = [measure_batched(lib, model, n, args.tokens, args.repeat) for n in map(int, args.sizes.split(","))]
-    sequential = measure_sequential(lib, model, 4, args.tokens, args.repeat)
-    four = next((p for p in points if p.slots == 4), None)
-    ratio = four.aggregate_tps / sequential.aggregate_tps if four else float("nan")
-
+    sizes = [int(n) for n in args.sizes.split(",")]
     where = "simulator" if lib.is_simulator else f"runtime {lib.path}"
     print(f"Machine: {machine()}; {where}, ABI {lib.abi}")
     if lib.is_simulator:
         expected = 4 / (1 + args.step_cost * 3)
         print(f"Simulator pace: {args.token_ms} ms/step, step cost +{args.step_cost:.0%} per extra slot")
         print(f"{args.tokens} tokens per slot, median of {args.repeat}; expected N=4 ratio {expected:.2f}x\n")
-    print("| configuration | tokens | wall s | aggregate tok/s | per-slot tok/s | TTFT ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for p in [*points, sequential]:
-        row = f"| {p.label} | {p.tokens} | {p.seconds:.2f} | {p.aggregate_tps:.1f} | {p.per_slot_tps:.1f} |"
-        print(f"{row} {p.ttft_ms:.0f} |")
-    print(f"\nN=4 batched vs 4 sequential single runs: {ratio:.2f}x aggregate tokens/s")
+    report: dict[str, object] = {"machine": machine(), "abi": lib.abi, "simulator": lib.is_simulator}
+    if not args.engine_only:
+        points = [measure_batched(lib, model, n, args.tokens, args.repeat) for n in sizes]
+        sequential = measure_sequential(lib, model, 4, args.tokens, args.repeat)
+        four = next((p for p in points if p.slots == 4), None)
+        ratio = four.aggregate_tps / sequential.aggregate_tps if four else float("nan")
+        print("| configuration | tokens | wall s | aggregate tok/s | per-slot tok/s | TTFT ms |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for p in [*points, sequential]:
+            row = f"| {p.label} | {p.tokens} | {p.seconds:.2f} | {p.aggregate_tps:.1f} | {p.per_slot_tps:.1f} |"
+            print(f"{row} {p.ttft_ms:.0f} |")
+        print(f"\nN=4 batched vs 4 sequential single runs: {ratio:.2f}x aggregate tokens/s")
+        report.update(ratio_n4=ratio, points=[asdict(p) for p in [*points, sequential]])
+    if args.clients > 0:
+        model_dir = model.parent
+        engine_points = [measure_engine(lib, model_dir, None, args.clients, args.tokens, ctl)]
+        engine_points += [measure_engine(lib, model_dir, n, args.clients, args.tokens, ctl) for n in sizes if n > 1]
+        agg, ttft = report_engine(engine_points)
+        report.update(engine_ratio_n4=agg, engine_ttft_p95_ratio_n4=ttft, engine=[asdict(p) for p in engine_points])
     if args.json:
-        report = {"machine": machine(), "abi": lib.abi, "simulator": lib.is_simulator, "ratio_n4": ratio}
-        report["points"] = [asdict(p) for p in [*points, sequential]]
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
