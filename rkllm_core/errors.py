@@ -19,6 +19,7 @@ __all__ = [
     "ChecksumError",
     "ContextLengthError",
     "HandleClosedError",
+    "ImageError",
     "InitError",
     "InvalidParameterError",
     "LibraryNotFoundError",
@@ -30,8 +31,10 @@ __all__ = [
     "PreflightError",
     "PullError",
     "RKLLMError",
+    "RKNNError",
     "RunError",
     "UnsupportedRuntimeError",
+    "VisionUnavailableError",
 ]
 
 
@@ -78,6 +81,10 @@ class NativeError(RKLLMError, RuntimeError):
 
 class InitError(NativeError):
     """``rkllm_init`` failed (bad model file, context above the limit, driver, permissions)."""
+
+
+class RKNNError(NativeError):
+    """A ``librknnrt`` call (the vision encoder's runtime) returned a failure code; ``function`` names it."""
 
 
 class RunError(NativeError):
@@ -245,3 +252,23 @@ class ChecksumError(PullError):
         self.filename = filename
         self.expected = expected
         self.actual = actual
+
+
+class ImageError(InvalidParameterError):
+    """An image could not be used; nothing was sent to the encoder.
+
+    Not an image, truncated, an undecodable format (SVG), too large, or a URL that is not allowed,
+    too large or too slow.
+
+    Attributes:
+        reason: a short machine-readable cause (``"not-an-image"``, ``"truncated"``, ``"too-large"``,
+            ``"remote-disabled"``, ``"remote-too-large"``, ``"remote-timeout"``, ...).
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class VisionUnavailableError(RKLLMError, ImportError):
+    """Image support needs Pillow, which is not installed (the ``vision`` extra)."""

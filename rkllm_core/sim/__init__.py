@@ -6,6 +6,10 @@ on a machine without an NPU, through the very code path used on a board.
 It is compiled on first use with the system C compiler into a per-user cache
 keyed by the hash of its source, so rebuilding is automatic and cheap.
 
+A second simulator, of ``librknnrt.so`` (the runtime of vision encoders), is
+built by :func:`build_rknn_simulator`; :func:`make_encoder` writes ``.rknn``
+files for it and :class:`RKNNSimulatorControl` reads its counters.
+
 Run ``python -m rkllm_core.sim`` to build both ABIs and print the paths, or
 ``rkllm demo`` to build one and write the demo models (:data:`DEMO_MODELS`,
 made by :func:`make_demo_models`) that the ``rkllm`` commands then find.
@@ -33,12 +37,15 @@ from ..errors import RKLLMError
 __all__ = [
     "DEMO_MODELS",
     "DemoModel",
+    "RKNNSimulatorControl",
     "SimulatorBuildError",
     "SimulatorControl",
+    "build_rknn_simulator",
     "build_simulator",
     "default_cache_dir",
     "default_demo_dir",
     "make_demo_models",
+    "make_encoder",
     "make_model",
 ]
 
@@ -340,3 +347,154 @@ def main(argv: list[str] | None = None) -> int:
         "which sets both for this shell, with demo models (add --abi 1.2 for the 1.2 one).\n"
     )
     return 0
+
+
+# ---------------------------------------------------------------------------
+# The librknnrt simulator (vision encoders)
+# ---------------------------------------------------------------------------
+
+RKNN_COUNTERS = (
+    "live_contexts",
+    "inits",
+    "init_failures",
+    "destroys",
+    "runs",
+    "core_mask_sets",
+    "last_core_mask",
+    "outputs_gets",
+    "outputs_outstanding",
+    "outputs_released",
+    "outputs_leaked_at_destroy",
+    "struct_size_violations",
+    "input_violations",
+    "output_violations",
+    "invalid_context_calls",
+    "concurrent_run_violations",
+    "destroy_while_running",
+    "active_runs",
+    "max_active_runs",
+    "errors",
+)
+"""The counters of the RKNN simulator (see the top comment of ``rknn_sim.c``)."""
+
+
+def build_rknn_simulator(
+    *, cache_dir: str | os.PathLike[str] | None = None, cc: str | None = None, force: bool = False
+) -> Path:
+    """Compile the ``librknnrt.so`` simulator (once per source version) and return its path.
+
+    Point ``RKNN_LIB_PATH`` at the result to run vision encoders without a board.
+
+    Args:
+        cache_dir: where to keep built libraries (default :func:`default_cache_dir`).
+        cc: the C compiler (default ``$CC``, then ``cc``, ``gcc``, ``clang``).
+        force: rebuild even when a cached build exists.
+
+    Raises:
+        SimulatorBuildError: no compiler, or compilation failed (with its output).
+    """
+    compiler = _compiler(cc)
+    source = resources.files("rkllm_core.sim").joinpath("rknn_sim.c").read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_CFLAGS).encode()]))
+    out_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = out_dir / key.hexdigest()[:16] / "librknnrt-sim.so"
+    with _build_lock:
+        if target.is_file() and not force:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src = Path(tmp) / "rknn_sim.c"
+            src.write_bytes(source)
+            built = Path(tmp) / target.name
+            cmd = [compiler, *_CFLAGS, str(src), "-o", str(built)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SimulatorBuildError(f"building the RKNN simulator failed: {' '.join(cmd)}\n{proc.stderr}")
+            os.replace(built, target)
+    return target
+
+
+def make_encoder(
+    directory: str | os.PathLike[str],
+    filename: str = "qwen2_5_vl_3b_vision_rk3588.rknn",
+    *,
+    height: int = 448,
+    width: int = 448,
+    fmt: str = "nhwc",
+    input_type: str = "uint8",
+    tokens: int = 196,
+    embed: int = 64,
+    outputs: int = 1,
+    platform: str = "rk3588",
+    size_mb: float = 0.0,
+) -> Path:
+    """Write a vision encoder file the RKNN simulator accepts (sparse when ``size_mb`` is given).
+
+    The simulated encoder reports ``[1, height, width, 3]`` (``fmt="nhwc"``) or ``[1, 3, height, width]``
+    (``"nchw"``) as its input and ``outputs`` outputs of ``[1, tokens, embed]``; it accepts ``uint8``
+    pixels, or ``float32`` ones (host-normalised) with ``input_type="float32"``. Each token is the mean
+    colour of one region of the image (see ``rknn_sim.c``).
+
+    Args:
+        directory: where to write it.
+        filename: the file name.
+        height: the input height in pixels.
+        width: the input width in pixels.
+        fmt: ``"nhwc"`` or ``"nchw"``.
+        input_type: ``"uint8"`` or ``"float32"``.
+        tokens: tokens per image (output dim 1).
+        embed: the embedding width per output (output dim 2).
+        outputs: the number of outputs (4 for a Qwen3-VL "deepstack" encoder).
+        platform: the SoC it was converted for (decides the valid core masks).
+        size_mb: the apparent file size.
+    """
+    if fmt not in ("nhwc", "nchw") or input_type not in ("uint8", "float32"):
+        raise ValueError("fmt must be 'nhwc' or 'nchw' and input_type 'uint8' or 'float32'")
+    path = Path(directory) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    facts = dict(height=height, width=width, fmt=fmt, input=input_type, tokens=tokens, embed=embed)
+    facts.update(outputs=outputs, platform=platform)
+    header = ("RKNNSIM 1\n" + "".join(f"{k}={v}\n" for k, v in facts.items()) + "\n").encode()
+    size = max(len(header), int(size_mb * 1024 * 1024))
+    if not _holds(path, header, size):
+        with open(path, "wb") as f:
+            f.write(header)
+            f.truncate(size)
+    return path
+
+
+class RKNNSimulatorControl:
+    """Read the RKNN simulator's counters and change its settings.
+
+    Settings (``set``): ``run_delay_ms`` (each ``rknn_run`` takes this long), ``fail_core_mask``,
+    ``fail_run`` and ``fail_outputs_get`` (non-zero: that call returns ``RKNN_ERR_FAIL``).
+    """
+
+    SETTINGS = ("run_delay_ms", "fail_core_mask", "fail_run", "fail_outputs_get")
+
+    def __init__(self, library_path: str | os.PathLike[str]) -> None:
+        self._lib = ctypes.CDLL(os.fspath(library_path))
+        lib = self._lib
+        lib.rknn_sim_counter.restype, lib.rknn_sim_counter.argtypes = ctypes.c_longlong, [ctypes.c_char_p]
+        lib.rknn_sim_set.restype, lib.rknn_sim_set.argtypes = ctypes.c_int, [ctypes.c_char_p, ctypes.c_double]
+        lib.rknn_sim_reset_counters.restype, lib.rknn_sim_reset_counters.argtypes = None, []
+
+    def counter(self, name: str) -> int:
+        """Return one counter (see :data:`RKNN_COUNTERS`)."""
+        value = int(self._lib.rknn_sim_counter(name.encode()))
+        if value < 0:
+            raise KeyError(name)
+        return value
+
+    def counters(self) -> dict[str, int]:
+        """Return all counters."""
+        return {name: self.counter(name) for name in RKNN_COUNTERS}
+
+    def reset(self) -> None:
+        """Reset the counters (not ``live_contexts``, ``outputs_outstanding`` or ``active_runs``)."""
+        self._lib.rknn_sim_reset_counters()
+
+    def set(self, key: str, value: float) -> None:
+        """Change a setting (see the class docstring)."""
+        if self._lib.rknn_sim_set(key.encode(), float(value)) != 0:
+            raise KeyError(key)
