@@ -250,3 +250,15 @@ def test_race_cancel_while_waiting_never_leaks_a_slot(
     for d in done:
         assert d.text.startswith("Echo: p") and d.finish_reason == "stop"
     assert len({d.text for d in done}) == len(done)
+
+
+def test_rkllm_bench_concurrency_measures_both_configurations(
+    models: Path, sim_lib: RuntimeLibrary, batch_sim: SimulatorControl
+) -> None:
+    from rkllm_core.tools.bench_concurrency import run_concurrency, to_table
+
+    points = run_concurrency(ModelRegistry([models], platform=None), sim_lib, "mymodel-1b", [2], 4, 8)
+    assert [p.label for p in points] == ["unbatched", "n_batch=2"]
+    assert all(p.tokens == 4 * 8 and p.clients == 4 and p.prefill_tokens > 0 for p in points)
+    assert batch_sim.counter("batched_runs") >= 2  # 4 clients in runs of 2 slots (after the warm-up)
+    assert "| n_batch=2 | 4 | 32 |" in to_table(points)

@@ -171,6 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.models[:1] == ["compare"]:
         return _bench_compare(args.models[1:])
+    if args.concurrency is not None or args.n_batch is not None:
+        return _bench_concurrency(args)
     if any(n < 1 for n in args.prompt_tokens) or args.new_tokens < 1 or args.repeat < 1 or args.warmup < 0:
         print("rkllm: error: token counts and --repeat must be positive", file=sys.stderr)
         return 2
@@ -192,6 +194,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(to_markdown(report), end="")
     print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
     return 130 if report["partial"] else 0
+
+
+def _bench_concurrency(args: argparse.Namespace) -> int:
+    """``rkllm bench MODEL --concurrency C [--n-batch N]``: C streaming clients, unbatched and batched."""
+    from .bench_concurrency import run_concurrency, to_table
+
+    clients = args.concurrency if args.concurrency is not None else 8
+    n_batch = args.n_batch if args.n_batch is not None else 4
+    if len(args.models) != 1 or clients < 1 or not 1 <= n_batch <= 100 or args.new_tokens < 1:
+        print("usage: rkllm bench MODEL --concurrency C [--n-batch N] (C >= 1, 1 <= N <= 100)", file=sys.stderr)
+        return 2
+    registry = ModelRegistry(args.model_dir or None)
+    points = run_concurrency(registry, args.lib, args.models[0], [n_batch], clients, args.new_tokens)
+    print(to_table(points), end="")
+    return 0
 
 
 def _bench_compare(paths: Sequence[str]) -> int:
@@ -285,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (64)")
     p.add_argument("--repeat", type=int, default=3, help="measured runs per point (3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (1)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="C",
+        help="C concurrent streaming clients through the chat engine, unbatched and with --n-batch (one MODEL)",
+    )
+    p.add_argument("--n-batch", type=int, metavar="N", help="slots of the batched configuration (4; experimental)")
     p.add_argument("--out", default=".", help="directory for the JSON and markdown reports")
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
