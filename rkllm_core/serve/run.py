@@ -162,6 +162,18 @@ def _show_load(event: LoadEvent) -> None:
         print(f"{stamp} loading {event.name} failed: {event.error}", file=sys.stderr, flush=True)
 
 
+def _manager(args: argparse.Namespace) -> ModelManager:
+    """The server's model manager, as the command line configures it."""
+    return ModelManager(
+        ModelRegistry(args.model_dir or None),
+        library=args.lib,
+        max_loaded=AUTO if args.max_loaded is None else args.max_loaded,
+        memory_budget_mb=AUTO if args.memory_budget_mb is None else args.memory_budget_mb,
+        keep_alive=args.keep_alive,
+        n_batch=getattr(args, "n_batch", None),
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     """Start the server and block until it is stopped (Ctrl-C / SIGTERM: finish or abort, then close)."""
     try:
@@ -176,14 +188,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     api_key = args.api_key or os.environ.get(ENV_API_KEY) or None
     try:
-        manager = ModelManager(
-            ModelRegistry(args.model_dir or None),
-            library=args.lib,
-            max_loaded=AUTO if args.max_loaded is None else args.max_loaded,
-            memory_budget_mb=AUTO if args.memory_budget_mb is None else args.memory_budget_mb,
-            keep_alive=args.keep_alive,
-            n_batch=getattr(args, "n_batch", None),
-        )
+        manager = _manager(args)
     except RKLLMError as exc:  # a bad --max-loaded or RKLLM_MAX_LOADED
         print(f"rkllm serve: {exc}", file=sys.stderr, flush=True)
         return 2
