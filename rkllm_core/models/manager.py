@@ -43,7 +43,8 @@ requests, served by these rules (the fairness policy):
 The rules themselves are :class:`~rkllm_core.models.line.LinePolicy`, pure state
 tested without threads; this module does the loading, unloading and waking they
 decide on. Two requests for one model share one load; a load that fails fails
-every request waiting for it. Memory is estimated from the file size until a run reports the
+every request waiting for it. Memory is estimated from the file size (plus the extra KV caches of
+an ``n_batch`` instance, :func:`~rkllm_core.models.line.batch_kv_mb`) until a run reports the
 runtime's peak memory while that model was the only one loaded. On the 1.2 ABI
 sampling and ``max_new_tokens`` are fixed at ``rkllm_init``: instances are keyed by
 (model, init settings), so a request with other settings loads another instance.
