@@ -60,9 +60,9 @@ def test_context_is_pointer_sized() -> None:
 def test_enum_values_are_the_headers() -> None:
     assert [rknn.RKNNQueryCmd.RKNN_QUERY_IN_OUT_NUM, rknn.RKNNQueryCmd.RKNN_QUERY_INPUT_ATTR] == [0, 1]
     assert [rknn.RKNNQueryCmd.RKNN_QUERY_OUTPUT_ATTR, rknn.RKNNQueryCmd.RKNN_QUERY_SDK_VERSION] == [2, 5]
-    assert rknn.RKNNTensorType.RKNN_TENSOR_UINT8 == 3 and rknn.RKNNTensorType.RKNN_TENSOR_FLOAT32 == 0
-    assert rknn.RKNNTensorFormat.RKNN_TENSOR_NCHW == 0 and rknn.RKNNTensorFormat.RKNN_TENSOR_NHWC == 1
-    assert rknn.RKNNCoreMask.RKNN_NPU_CORE_0_1 == 3 and rknn.RKNNCoreMask.RKNN_NPU_CORE_0_1_2 == 7
+    assert [int(rknn.RKNNTensorType.RKNN_TENSOR_UINT8), int(rknn.RKNNTensorType.RKNN_TENSOR_FLOAT32)] == [3, 0]
+    assert [int(rknn.RKNNTensorFormat.RKNN_TENSOR_NCHW), int(rknn.RKNNTensorFormat.RKNN_TENSOR_NHWC)] == [0, 1]
+    assert [int(rknn.RKNNCoreMask.RKNN_NPU_CORE_0_1), int(rknn.RKNNCoreMask.RKNN_NPU_CORE_0_1_2)] == [3, 7]
     assert sorted(rknn.ERROR_NAMES) == list(range(-13, 1))
 
 
