@@ -128,6 +128,8 @@ def fetch_image_url(url: str, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout: fl
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise _too_large(url, max_bytes)
             return _read_limited(response, url, max_bytes, deadline, timeout)
+    except ImageError:
+        raise
     except TimeoutError as exc:
         raise _too_slow(url, timeout) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
