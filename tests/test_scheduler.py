@@ -262,3 +262,18 @@ def test_rkllm_bench_concurrency_measures_both_configurations(
     assert all(p.tokens == 4 * 8 and p.clients == 4 and p.prefill_tokens > 0 for p in points)
     assert batch_sim.counter("batched_runs") >= 2  # 4 clients in runs of 2 slots (after the warm-up)
     assert "| n_batch=2 | 4 | 32 |" in to_table(points)
+
+
+def test_doctor_batch_step_compares_each_batched_answer_with_its_single_run(
+    models: Path, sim_lib: RuntimeLibrary, batch_sim: SimulatorControl, tmp_path: Path
+) -> None:
+    from rkllm_core.tools.doctor import BATCH_PROMPTS, _answers_match, run_doctor
+
+    with ModelManager(ModelRegistry([models], platform=None), library=sim_lib, max_loaded=1) as manager:
+        results = run_doctor(manager, ["mymodel-1b"], work_dir=tmp_path, batch=True)
+    step = next(r for r in results if r.name.startswith("batched run"))
+    assert step.status == "PASS", step.detail
+    assert batch_sim.counter("batched_runs") == 1
+    singles = [echo(p) for p in BATCH_PROMPTS]
+    with pytest.raises(AssertionError, match="1 of 3 batched answers differ"):
+        _answers_match(singles, [*singles[:2], "something else"])

@@ -265,9 +265,48 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             make_model(work, "gemma-3-1b-it_w8a8.rkllm")
             model_dirs = [work]
         with default_manager_for(model_dirs, args.lib) as manager:
-            results = run_doctor(manager, args.models, work_dir=work)
+            results = run_doctor(manager, args.models, work_dir=work, batch=args.batch)
     print(format_report(results, header))
     return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``rkllm bench``: its arguments."""
+    p = sub.add_parser(
+        "bench",
+        help="benchmark models (TTFT, prefill/decode tok/s, memory) or compare two reports",
+        description="rkllm bench [MODEL ...] | rkllm bench compare A.json B.json",
+    )
+    p.add_argument("models", nargs="*", help="friendly names (default: every model found), or 'compare A B'")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 1024], help="prompt lengths (128 1024)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (64)")
+    p.add_argument("--repeat", type=int, default=3, help="measured runs per point (3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (1)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="C",
+        help="C concurrent streaming clients through the chat engine, unbatched and with --n-batch (one MODEL)",
+    )
+    p.add_argument("--n-batch", type=int, metavar="N", help="slots of the batched configuration (4; experimental)")
+    p.add_argument("--out", default=".", help="directory for the JSON and markdown reports")
+    p.add_argument("--lib", help="runtime library path")
+    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``rkllm doctor``: its arguments."""
+    p = sub.add_parser("doctor", help="validate runtime, ABI, init, stream, abort, swap and prompt cache")
+    p.add_argument("models", nargs="*", help="one or two models to use (default: the first two found)")
+    p.add_argument("--lib", help="runtime library path")
+    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
+    p.add_argument(
+        "--batch",
+        action="store_true",
+        help="also check batched decoding (n_batch, experimental): short prompts in one run against single runs",
+    )
+    p.set_defaults(func=cmd_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,37 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lib", help="runtime library path")
     p.add_argument("--model-dir", help="model directory")
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser(
-        "bench",
-        help="benchmark models (TTFT, prefill/decode tok/s, memory) or compare two reports",
-        description="rkllm bench [MODEL ...] | rkllm bench compare A.json B.json",
-    )
-    p.add_argument("models", nargs="*", help="friendly names (default: every model found), or 'compare A B'")
-    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 1024], help="prompt lengths (128 1024)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (64)")
-    p.add_argument("--repeat", type=int, default=3, help="measured runs per point (3)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (1)")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        metavar="C",
-        help="C concurrent streaming clients through the chat engine, unbatched and with --n-batch (one MODEL)",
-    )
-    p.add_argument("--n-batch", type=int, metavar="N", help="slots of the batched configuration (4; experimental)")
-    p.add_argument("--out", default=".", help="directory for the JSON and markdown reports")
-    p.add_argument("--lib", help="runtime library path")
-    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
-    p.set_defaults(func=cmd_bench)
+    _add_bench_parser(sub)
     p = sub.add_parser("serve", help="an OpenAI- and Ollama-compatible HTTP server (needs the server extra)")
     from ..serve.run import add_arguments, serve
 
     add_arguments(p)
     p.set_defaults(func=serve)
-    p = sub.add_parser("doctor", help="validate runtime, ABI, init, stream, abort, swap and prompt cache")
-    p.add_argument("models", nargs="*", help="one or two models to use (default: the first two found)")
-    p.add_argument("--lib", help="runtime library path")
-    p.add_argument("--model-dir", action="append", help="a model directory (repeatable)")
-    p.set_defaults(func=cmd_doctor)
+    _add_doctor_parser(sub)
     from . import demo, ps, pull
 
     ps.add_parser(sub)

@@ -7,6 +7,12 @@ generation steps use chat models; an embedding or reranker model among the
 models gets an embedding (or reranking) step instead. Each step passes, fails
 (with the error), warns, or is skipped (with the reason); on the simulator the
 same steps run against simulated models.
+
+With ``batch=True`` (``rkllm doctor --batch``) one more step checks batched decoding
+(``n_batch``, experimental): a few short prompts are answered one by one, then together
+in one batched run, both greedily (``top_k = 1``) on fresh handles, and every batched
+answer must equal its single-run answer — the board check that this runtime's batching
+behaves as its manual documents.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +30,8 @@ from .. import preflight
 from ..models.manager import ModelManager
 from ..models.registry import CHAT_KINDS, ModelInfo, ModelRegistry
 from ..native import functions, structs
+from ..params import InitParams, SamplingParams
+from ..runtime import RKLLMRuntime
 
 __all__ = ["CheckResult", "EXPECTED_SIZES", "run_doctor"]
 
@@ -61,8 +69,12 @@ def run_doctor(
     models: Sequence[str] = (),
     *,
     work_dir: str | Path | None = None,
+    batch: bool = False,
 ) -> list[CheckResult]:
-    """Run every step and return the results (never raises for a failing step)."""
+    """Run every step and return the results (never raises for a failing step).
+
+    ``batch`` adds the batched-decoding step (see the module docs).
+    """
     checkup = _Checkup(manager, models, work_dir)
     checkup.step("struct layouts", check_layouts)
     if checkup.step("runtime library and ABI", checkup.library) and checkup.step("models", checkup.pick):
@@ -74,6 +86,8 @@ def run_doctor(
             checkup.step("abort mid-stream", checkup.abort)
             checkup.step("swap between two models", checkup.swap)
             checkup.step("prompt cache save and load", checkup.prompt_cache)
+            if batch:
+                checkup.step(f"batched run (n_batch={len(BATCH_PROMPTS)})", checkup.batch)
         for info in checkup.retrieval:
             step = "embedding" if info.kind == "embedding" else "reranking"
             checkup.step(f"{step} ({info.name})", partial(checkup.retrieve, info))
@@ -81,6 +95,8 @@ def run_doctor(
 
 
 _CHAT_STEPS = "init, stream, abort, swap, prompt cache"
+BATCH_PROMPTS = ("Reply with the word one.", "Name a colour.", "What is 2 + 3? count to 5")
+"""The short prompts of the batched-run step: answered singly, then in one batched run."""
 
 
 class _Checkup:
@@ -221,6 +237,21 @@ class _Checkup:
             raise AssertionError(f"expected only {model} loaded after the swap, found {loaded}")
         return f"{model} → {other} → {model}; loaded now: {', '.join(loaded)}"
 
+    def batch(self) -> str:
+        """Answer :data:`BATCH_PROMPTS` singly, then in one batched run (greedy, fresh handles); compare."""
+        info = self.manager.resolve(self.model)
+        self.manager.unload(info.name)  # room for the test handles: one at a time
+        lib = self.manager.library
+        params = InitParams(
+            max_context_len=min(1024, info.context_size), max_new_tokens=24, sampling=SamplingParams(top_k=1)
+        )
+        with RKLLMRuntime(info.path, params=params, library=lib) as rt:
+            singles = [rt.generate(p).text for p in BATCH_PROMPTS]
+        with RKLLMRuntime(info.path, params=replace(params, n_batch=len(BATCH_PROMPTS)), library=lib) as rt:
+            with rt.batch(BATCH_PROMPTS) as run:
+                answers = ["".join(c.text for c in slot) for slot in run.slots]
+        return _answers_match(singles, answers)
+
     def prompt_cache(self) -> str:
         with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             path = Path(tmp) / "system.cache"
@@ -234,6 +265,15 @@ class _Checkup:
                 rt.generate("Hello again.")
                 rt.release_prompt_cache()
             return f"saved {path.stat().st_size} bytes, loaded and released"
+
+
+def _answers_match(singles: Sequence[str], batched: Sequence[str]) -> str:
+    """The step's detail when every batched answer equals its single-run answer; else AssertionError."""
+    wrong = [i for i, (a, b) in enumerate(zip(singles, batched, strict=True)) if a != b]
+    if wrong:
+        shown = "; ".join(f"prompt {i + 1}: single {singles[i][:40]!r}, batched {batched[i][:40]!r}" for i in wrong)
+        raise AssertionError(f"{len(wrong)} of {len(singles)} batched answers differ from their single runs: {shown}")
+    return f"{len(singles)} prompts in one run; every answer equals its single run"
 
 
 def format_report(results: Sequence[CheckResult], header: str = "") -> str:
