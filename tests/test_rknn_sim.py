@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rkllm_core.errors import HandleClosedError
 from rkllm_core.native import rknn
 from rkllm_core.native.rknn import RKNNFunctions, RKNNLibrary
 from rkllm_core.sim import RKNNSimulatorControl, make_encoder
@@ -175,3 +176,15 @@ def test_core_masks_follow_the_platform(
         assert fns.rknn_set_core_mask(handle.value, mask) == code
     finally:
         fns.rknn_destroy(handle.value)
+
+
+def test_a_destroyed_context_wrapper_refuses_use_and_destroys_once(
+    rknn_lib: RKNNLibrary, rknn_sim: RKNNSimulatorControl, tmp_path: Path
+) -> None:
+    context = rknn.RKNNContext(rknn_lib, make_encoder(tmp_path, "enc.rknn", height=8, width=8, tokens=4, embed=3))
+    assert context.in_out_num() == (1, 1) and not context.closed
+    context.destroy()
+    context.destroy()
+    assert context.closed and rknn_sim.counter("destroys") == 1
+    with pytest.raises(HandleClosedError):
+        context.sdk_version()

@@ -27,12 +27,14 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Final
 
-from ..errors import LibraryNotFoundError, RKNNError
+from ..errors import HandleClosedError, LibraryNotFoundError, RKNNError
 
 __all__ = [
     "LIBRARY_NAME",
+    "RKNNContext",
     "RKNNFunctions",
     "RKNNLibrary",
+    "TensorAttr",
     "check",
     "error_name",
     "find_rknn_library",
@@ -429,3 +431,144 @@ def load_rknn_library(path: str | os.PathLike[str] | None = None) -> RKNNLibrary
         lib = RKNNLibrary(lib_path, RKNNFunctions(cdll), cdll)
         _loaded[key] = lib
         return lib
+
+
+# ---------------------------------------------------------------------------
+# One wrapper per native object
+# ---------------------------------------------------------------------------
+
+_F32: Final = ctypes.sizeof(c_float)
+
+
+@dataclass(frozen=True)
+class TensorAttr:
+    """What ``rknn_query`` reports about one input or output (a plain copy of ``rknn_tensor_attr``)."""
+
+    index: int
+    dims: tuple[int, ...]
+    fmt: int
+    type: int
+    name: str
+    n_elems: int
+    size: int
+
+
+class RKNNContext:
+    """One ``rknn_context``, from ``rknn_init`` to :meth:`destroy`; not thread-safe (its owner serialises calls).
+
+    Args:
+        library: the loaded runtime.
+        model: the ``.rknn`` file (passed by path: ``size == 0``).
+
+    Raises:
+        RKNNError: ``rknn_init`` failed.
+    """
+
+    def __init__(self, library: RKNNLibrary, model: Path) -> None:
+        self._fns = library.functions
+        self.model = model
+        ctx = rknn_context(0)
+        path = ctypes.c_char_p(os.fsencode(model))
+        check(self._fns.rknn_init(ctypes.byref(ctx), path, 0, 0, None), "rknn_init", str(model))
+        self._ctx: int | None = int(ctx.value)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`destroy`."""
+        return self._ctx is None
+
+    def _handle(self) -> int:
+        if self._ctx is None:
+            raise HandleClosedError(f"the rknn_context of {self.model.name} is destroyed")
+        return self._ctx
+
+    def set_core_mask(self, mask: int) -> None:
+        """``rknn_set_core_mask``, its return code checked."""
+        check(self._fns.rknn_set_core_mask(self._handle(), mask), "rknn_set_core_mask", f"core mask {mask}")
+
+    def query(self, cmd: RKNNQueryCmd, info: ctypes.Structure) -> None:
+        """``rknn_query`` into ``info`` (its size passed as ``sizeof``), checked."""
+        code = self._fns.rknn_query(self._handle(), int(cmd), ctypes.byref(info), ctypes.sizeof(info))
+        check(code, "rknn_query", cmd.name)
+
+    def in_out_num(self) -> tuple[int, int]:
+        """The numbers of inputs and outputs."""
+        io = rknn_input_output_num()
+        self.query(RKNNQueryCmd.RKNN_QUERY_IN_OUT_NUM, io)
+        return int(io.n_input), int(io.n_output)
+
+    def tensor_attr(self, index: int, *, output: bool) -> TensorAttr:
+        """The attributes of input or output ``index``."""
+        attr = rknn_tensor_attr(index=index)
+        self.query(RKNNQueryCmd.RKNN_QUERY_OUTPUT_ATTR if output else RKNNQueryCmd.RKNN_QUERY_INPUT_ATTR, attr)
+        dims = tuple(int(d) for d in attr.dims[: min(attr.n_dims, RKNN_MAX_DIMS)])
+        name = attr.name.decode(errors="replace")
+        return TensorAttr(int(attr.index), dims, int(attr.fmt), int(attr.type), name, int(attr.n_elems), int(attr.size))
+
+    def sdk_version(self) -> tuple[str, str]:
+        """``RKNN_QUERY_SDK_VERSION``: the runtime API version and the NPU driver version."""
+        version = rknn_sdk_version()
+        self.query(RKNNQueryCmd.RKNN_QUERY_SDK_VERSION, version)
+        return version.api_version.decode(errors="replace"), version.drv_version.decode(errors="replace")
+
+    def mem_size(self) -> tuple[int, int]:
+        """``RKNN_QUERY_MEM_SIZE``: the weights' and the working memory's sizes in bytes."""
+        mem = rknn_mem_size()
+        self.query(RKNNQueryCmd.RKNN_QUERY_MEM_SIZE, mem)
+        return int(mem.total_weight_size), int(mem.total_internal_size)
+
+    def run_interleaved(
+        self, pixels: bytes, *, tensor_type: int, fmt: int, n_outputs: int, n_tokens: int, embed_width: int
+    ) -> bytes:
+        """Set the one input, run, and copy every output as float32, interleaved per token; outputs always released.
+
+        The result holds ``n_tokens`` rows of ``embed_width * n_outputs`` floats; row ``i`` is output
+        0's row ``i``, then output 1's, and so on (``out[i*(n*E) + j*E + k] = output_j[i*E + k]``, as
+        Rockchip's multimodal demo lays out "deepstack" encoders). Every output is released, also
+        when copying fails.
+
+        Raises:
+            RKNNError: a call failed, or an output is smaller than ``n_tokens × embed_width`` floats.
+        """
+        ctx = self._handle()
+        buffer = ctypes.create_string_buffer(pixels, len(pixels))
+        inp = rknn_input(
+            index=0, buf=ctypes.addressof(buffer), size=len(pixels), pass_through=0, type=tensor_type, fmt=fmt
+        )
+        check(self._fns.rknn_inputs_set(ctx, 1, ctypes.byref(inp)), "rknn_inputs_set")
+        check(self._fns.rknn_run(ctx, None), "rknn_run")
+        outputs = (rknn_output * n_outputs)()
+        for j in range(n_outputs):
+            outputs[j].index, outputs[j].want_float, outputs[j].is_prealloc = j, 1, 0
+        check(self._fns.rknn_outputs_get(ctx, n_outputs, outputs, None), "rknn_outputs_get")
+        try:
+            data = _interleave(outputs, n_tokens, embed_width * _F32)
+        finally:
+            released = self._fns.rknn_outputs_release(ctx, n_outputs, outputs)
+        check(released, "rknn_outputs_release")
+        return data
+
+    def destroy(self) -> None:
+        """``rknn_destroy``; idempotent."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            check(self._fns.rknn_destroy(ctx), "rknn_destroy", str(self.model))
+
+
+def _interleave(outputs: ctypes.Array[rknn_output], n_tokens: int, row: int) -> bytes:
+    for j, out in enumerate(outputs):
+        if not out.buf or out.size < n_tokens * row:
+            raise RKNNError(
+                f"rknn_outputs_get gave output {j} of {out.size} bytes, expected {n_tokens * row}",
+                code=None,
+                function="rknn_outputs_get",
+            )
+    sources = [int(out.buf or 0) for out in outputs]
+    if len(sources) == 1:
+        return ctypes.string_at(sources[0], row * n_tokens)
+    result = ctypes.create_string_buffer(row * n_tokens * len(sources))
+    base = ctypes.addressof(result)
+    for i in range(n_tokens):
+        for j, source in enumerate(sources):
+            ctypes.memmove(base + (i * len(sources) + j) * row, source + i * row, row)
+    return result.raw

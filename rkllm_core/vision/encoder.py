@@ -13,7 +13,6 @@ most ``timeout`` seconds (:class:`~rkllm_core.errors.BusyError` after that).
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import os
 import threading
@@ -45,7 +44,7 @@ CORE_MASKS: Final = {
 DEFAULT_TIMEOUT: Final = 60.0
 """Seconds :meth:`ImageEncoder.encode` and :meth:`ImageEncoder.close` wait for a run in progress."""
 
-_F32: Final = ctypes.sizeof(ctypes.c_float)
+_F32: Final = 4  # bytes per float32 value
 
 
 def core_mask_for(soc: str | None) -> int:
@@ -118,52 +117,39 @@ class ImageEmbedding:
         return memoryview(self.data).cast("f")
 
 
-def _query(fns: rknn.RKNNFunctions, ctx: int, cmd: rknn.RKNNQueryCmd, info: ctypes.Structure) -> None:
-    code = fns.rknn_query(ctx, int(cmd), ctypes.byref(info), ctypes.sizeof(info))
-    rknn.check(code, "rknn_query", cmd.name)
-
-
-def _input_geometry(attr: rknn.rknn_tensor_attr, path: Path) -> tuple[int, int, str]:
-    dims = list(attr.dims[: attr.n_dims])
+def _input_geometry(attr: rknn.TensorAttr, path: Path) -> tuple[int, int, str]:
+    dims = attr.dims
     if attr.fmt == rknn.RKNNTensorFormat.RKNN_TENSOR_NHWC and len(dims) == 4 and dims[3] == 3:
         return dims[1], dims[2], "nhwc"
     if attr.fmt == rknn.RKNNTensorFormat.RKNN_TENSOR_NCHW and len(dims) == 4 and dims[1] == 3:
         return dims[2], dims[3], "nchw"
-    raise ModelFileError(f"{path}: input 0 is not an RGB image tensor (dims {dims}, format {attr.fmt})")
+    raise ModelFileError(f"{path}: input 0 is not an RGB image tensor (dims {list(dims)}, format {attr.fmt})")
 
 
-def _output_geometry(attr: rknn.rknn_tensor_attr, path: Path) -> tuple[int, int]:
-    dims = list(attr.dims[: attr.n_dims])
-    for i, d in enumerate(dims[:-1]):
+def _output_geometry(attr: rknn.TensorAttr, path: Path) -> tuple[int, int]:
+    for i, d in enumerate(attr.dims[:-1]):
         if d > 1:
-            return d, dims[i + 1]
-    raise ModelFileError(f"{path}: output {attr.index} has no token dimension (dims {dims})")
+            return d, attr.dims[i + 1]
+    raise ModelFileError(f"{path}: output {attr.index} has no token dimension (dims {list(attr.dims)})")
 
 
-def read_geometry(fns: rknn.RKNNFunctions, ctx: int, path: Path) -> EncoderGeometry:
-    """Query an initialised context's inputs and outputs and derive its :class:`EncoderGeometry`.
+def read_geometry(context: rknn.RKNNContext, path: Path) -> EncoderGeometry:
+    """Query a context's inputs and outputs and derive its :class:`EncoderGeometry`.
 
     Raises:
         RKNNError: a query failed.
         ModelFileError: the model is not an image encoder (not one RGB input; outputs that disagree).
     """
-    io = rknn.rknn_input_output_num()
-    _query(fns, ctx, rknn.RKNNQueryCmd.RKNN_QUERY_IN_OUT_NUM, io)
-    if io.n_input != 1 or io.n_output < 1:
-        raise ModelFileError(f"{path}: an image encoder has 1 input and outputs, this has {io.n_input}/{io.n_output}")
-    attr = rknn.rknn_tensor_attr(index=0)
-    _query(fns, ctx, rknn.RKNNQueryCmd.RKNN_QUERY_INPUT_ATTR, attr)
+    n_input, n_output = context.in_out_num()
+    if n_input != 1 or n_output < 1:
+        raise ModelFileError(f"{path}: an image encoder has 1 input and outputs, this has {n_input}/{n_output}")
+    attr = context.tensor_attr(0, output=False)
     height, width, layout = _input_geometry(attr, path)
-    input_type = int(attr.type)
-    shapes = []
-    for index in range(io.n_output):
-        out = rknn.rknn_tensor_attr(index=index)
-        _query(fns, ctx, rknn.RKNNQueryCmd.RKNN_QUERY_OUTPUT_ATTR, out)
-        shapes.append(_output_geometry(out, path))
+    shapes = [_output_geometry(context.tensor_attr(i, output=True), path) for i in range(n_output)]
     if len(set(shapes)) != 1:
         raise ModelFileError(f"{path}: the outputs' token shapes differ ({shapes}); cannot interleave them")
     n_tokens, embed_width = shapes[0]
-    return EncoderGeometry(height, width, layout, input_type, n_tokens, embed_width, io.n_output)
+    return EncoderGeometry(height, width, layout, attr.type, n_tokens, embed_width, n_output)
 
 
 class ImageEncoder:
@@ -196,14 +182,15 @@ class ImageEncoder:
         if not self.path.is_file():
             raise ModelFileError(f"vision encoder file {self.path} does not exist")
         self.library = library if isinstance(library, rknn.RKNNLibrary) else rknn.load_rknn_library(library)
-        self._fns = self.library.functions
         self._lock = threading.Lock()
         self.core_mask = core_mask if core_mask is not None else core_mask_for(soc or detect_board_platform())
-        self._ctx = self._init_context()
+        self._context = rknn.RKNNContext(self.library, self.path)
         self.state = EncoderState.OPEN
         try:
-            self.geometry = read_geometry(self._fns, self._ctx, self.path)
-            self.sdk_version = self._read_sdk_version()
+            self._context.set_core_mask(self.core_mask)
+            self.geometry = read_geometry(self._context, self.path)
+            api, driver = self._context.sdk_version()
+            self.sdk_version = SDKVersion(api, driver)
             self.memory_bytes = self._read_memory()
         except BaseException:
             self._destroy()
@@ -211,31 +198,13 @@ class ImageEncoder:
         self.family = family
         self.pixel_spec = self._pixel_spec(family)
 
-    def _init_context(self) -> int:
-        ctx = rknn.rknn_context(0)
-        model = ctypes.c_char_p(os.fsencode(self.path))
-        rknn.check(self._fns.rknn_init(ctypes.byref(ctx), model, 0, 0, None), "rknn_init", str(self.path))
-        try:
-            code = self._fns.rknn_set_core_mask(ctx.value, self.core_mask)
-            rknn.check(code, "rknn_set_core_mask", f"core mask {self.core_mask}")
-        except BaseException:
-            self._fns.rknn_destroy(ctx.value)
-            raise
-        return int(ctx.value)
-
-    def _read_sdk_version(self) -> SDKVersion:
-        version = rknn.rknn_sdk_version()
-        _query(self._fns, self._ctx, rknn.RKNNQueryCmd.RKNN_QUERY_SDK_VERSION, version)
-        return SDKVersion(version.api_version.decode(errors="replace"), version.drv_version.decode(errors="replace"))
-
     def _read_memory(self) -> int:
-        """Weights plus working memory as the runtime reports them; the file size if it cannot say."""
-        mem = rknn.rknn_mem_size()
+        """Weights plus working memory as the runtime reports them; at least the file's size."""
         try:
-            _query(self._fns, self._ctx, rknn.RKNNQueryCmd.RKNN_QUERY_MEM_SIZE, mem)
+            weights, internal = self._context.mem_size()
         except RKNNError:
             return self.path.stat().st_size
-        return max(mem.total_weight_size + mem.total_internal_size, self.path.stat().st_size)
+        return max(weights + internal, self.path.stat().st_size)
 
     def _pixel_spec(self, family: VisionFamily | None) -> PixelSpec:
         g = self.geometry
@@ -301,47 +270,19 @@ class ImageEncoder:
         return self.encode(pixels, timeout=timeout)
 
     def _run(self, pixels: bytes) -> ImageEmbedding:
-        g, fns, ctx = self.geometry, self._fns, self._ctx
-        buffer = ctypes.create_string_buffer(pixels, len(pixels))
+        g = self.geometry
         f32 = self.pixel_spec.dtype == "float32"
         tensor_type = rknn.RKNNTensorType.RKNN_TENSOR_FLOAT32 if f32 else rknn.RKNNTensorType.RKNN_TENSOR_UINT8
         fmt = rknn.RKNNTensorFormat.RKNN_TENSOR_NHWC if g.layout == "nhwc" else rknn.RKNNTensorFormat.RKNN_TENSOR_NCHW
-        inp = rknn.rknn_input(
-            index=0, buf=ctypes.addressof(buffer), size=len(pixels), pass_through=0, type=int(tensor_type), fmt=int(fmt)
+        data = self._context.run_interleaved(
+            pixels,
+            tensor_type=int(tensor_type),
+            fmt=int(fmt),
+            n_outputs=g.n_outputs,
+            n_tokens=g.n_tokens,
+            embed_width=g.embed_width,
         )
-        rknn.check(fns.rknn_inputs_set(ctx, 1, ctypes.byref(inp)), "rknn_inputs_set")
-        rknn.check(fns.rknn_run(ctx, None), "rknn_run")
-        outputs = (rknn.rknn_output * g.n_outputs)()
-        for j in range(g.n_outputs):
-            outputs[j].index, outputs[j].want_float, outputs[j].is_prealloc = j, 1, 0
-        rknn.check(fns.rknn_outputs_get(ctx, g.n_outputs, outputs, None), "rknn_outputs_get")
-        try:
-            data = self._interleave(outputs)
-        finally:
-            released = fns.rknn_outputs_release(ctx, g.n_outputs, outputs)
-        rknn.check(released, "rknn_outputs_release")
         return ImageEmbedding(data, g.n_tokens, g.row_width)
-
-    def _interleave(self, outputs: ctypes.Array[rknn.rknn_output]) -> bytes:
-        """``out[i*(n*E) + j*E + k] = output_j[i*E + k]``: each token's outputs side by side."""
-        g = self.geometry
-        chunk = g.embed_width * _F32
-        for j, out in enumerate(outputs):
-            if not out.buf or out.size < g.n_tokens * chunk:
-                raise RKNNError(
-                    f"rknn_outputs_get gave output {j} of {out.size} bytes, expected {g.n_tokens * chunk}",
-                    code=None,
-                    function="rknn_outputs_get",
-                )
-        sources = [int(out.buf or 0) for out in outputs]
-        if g.n_outputs == 1:
-            return ctypes.string_at(sources[0], g.n_tokens * chunk)
-        result = ctypes.create_string_buffer(g.n_tokens * chunk * g.n_outputs)
-        base = ctypes.addressof(result)
-        for i in range(g.n_tokens):
-            for j, source in enumerate(sources):
-                ctypes.memmove(base + (i * g.n_outputs + j) * chunk, source + i * chunk, chunk)
-        return result.raw
 
     def close(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Destroy the context (after a run in progress ends); idempotent.
@@ -370,4 +311,4 @@ class ImageEncoder:
         if self.state is EncoderState.CLOSED:
             return
         self.state = EncoderState.CLOSED
-        rknn.check(self._fns.rknn_destroy(self._ctx), "rknn_destroy", str(self.path))
+        self._context.destroy()

@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import os
+import struct
 import sys
 import time
 import urllib.error
@@ -232,6 +233,10 @@ def image_bytes(
     return _read_path(Path(os.fspath(source)).expanduser(), max_bytes)
 
 
+# What Pillow's decoders raise on damaged data (struct.error and IndexError from malformed EXIF, among others).
+_DECODE_ERRORS: Final = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
+
+
 def _looks_like_svg(data: bytes) -> bool:
     head = data[:1024].lstrip().lower()
     return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head) or b"<svg" in head[:256]
@@ -269,7 +274,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
         image.load()
         upright: Image = pil.ImageOps.exif_transpose(image).convert("RGB")
         return upright
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageError(f"the image is truncated or corrupt: {exc}", reason="truncated") from exc
 
 
