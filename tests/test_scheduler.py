@@ -277,3 +277,37 @@ def test_doctor_batch_step_compares_each_batched_answer_with_its_single_run(
     singles = [echo(p) for p in BATCH_PROMPTS]
     with pytest.raises(AssertionError, match="1 of 3 batched answers differ"):
         _answers_match(singles, [*singles[:2], "something else"])
+
+
+def test_chatml_conversations_with_different_histories_share_a_run(
+    make_engine: Callable[..., ChatEngine], batch_sim: SimulatorControl
+) -> None:
+    """Earlier turns travel in the prompt (the setup holds only the system block), so the group is the same."""
+    engine = make_engine(n_batch=2, gather_s=5.0)
+    a = [U("first question"), ChatMessage("assistant", "first answer"), U("follow-up A")]
+    b = [U("other question"), ChatMessage("assistant", "other answer"), U("follow-up B")]
+
+    async def main() -> list[ChatDone]:
+        return list(await asyncio.gather(engine.achat("qwen3-0.6b", a), engine.achat("qwen3-0.6b", b)))
+
+    done_a, done_b = asyncio.run(main())
+    assert batch_sim.counter("batched_runs") == 1
+    # the simulator echoes the run's prompt: each holds its own history, then its own new turn
+    assert "first answer" in done_a.text and done_a.text.endswith("follow-up A — ok.") and "other" not in done_a.text
+    assert "other answer" in done_b.text and done_b.text.endswith("follow-up B — ok.") and "first" not in done_b.text
+
+
+def test_native_template_conversations_with_different_histories_run_apart(
+    make_engine: Callable[..., ChatEngine], batch_sim: SimulatorControl
+) -> None:
+    """Without a ChatML template the history is part of the handle's setup: different ones cannot share a run."""
+    engine = make_engine(n_batch=2, gather_s=0.2)
+    a = [U("first question"), ChatMessage("assistant", "first answer"), U("follow-up A")]
+    b = [U("other question"), ChatMessage("assistant", "other answer"), U("follow-up B")]
+
+    async def main() -> list[ChatDone]:
+        return list(await asyncio.gather(engine.achat("mymodel-1b", a), engine.achat("mymodel-1b", b)))
+
+    done_a, done_b = asyncio.run(main())
+    assert (done_a.text, done_b.text) == (echo("follow-up A"), echo("follow-up B"))
+    assert batch_sim.counter("batched_runs") == 2

@@ -24,9 +24,10 @@ generation and leaves every line it stood in at once.
 **Batched models.** A model whose instance was loaded with ``n_batch`` > 1 (see
 :doc:`batching`) serves each request through the handle's batch scheduler
 (:mod:`rkllm_core.runtime.scheduler`): the request is planned as a rebuild (its whole
-conversation, no KV reuse, no prompt cache — a batched run keeps no history), queued
-with its group (chat setup, sampling, ``max_new_tokens``) and read from its own slot of
-a shared run. A lone request is a batch of one plus filler slots: keeping a second,
+conversation, no KV reuse, no prompt cache — a batched run keeps no history; with a
+ChatML template the earlier turns travel in the prompt, see
+:meth:`~.planner.Planner.plan_batched`), queued with its group (chat setup, sampling,
+``max_new_tokens``) and read from its own slot of a shared run. A lone request is a batch of one plus filler slots: keeping a second,
 ``n_batch = 1`` instance for it would hold the model's weights twice. Usage then says
 ``prefilled_tokens == input_tokens`` (estimated from the text: a slot gets no perf stats).
 
@@ -48,7 +49,7 @@ from ..errors import InvalidParameterError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
 from ..models.registry import CHAT_KINDS
 from ..params import InitParams, PerfStats, StreamChunk
-from ..runtime import BatchInput, KVState, Session
+from ..runtime import BatchInput, Session
 from ..runtime.scheduler import BatchPolicy, Ticket, scheduler_for
 from .messages import ChatMessage, ToolCallRequest, append_instruction, validate_messages
 from .options import ChatOptions, json_instruction
@@ -330,7 +331,7 @@ class ChatEngine:
     ) -> tuple[Plan, Ticket]:
         """Plan a batched request (a rebuild: the whole conversation) and queue it with the handle's scheduler."""
         rt = lease.runtime
-        plan = self._batch_planner.plan(KVState(tokens=None), rt.max_context_len, ("", ""), lease.info, msgs, opts)
+        plan = self._batch_planner.plan_batched(rt.max_context_len, lease.info, msgs, opts)
         assert plan.setup is not None
         run = rt.library.backend.place_generation(None, opts.sampling, opts.max_new_tokens).run
         shared = {k: v for k, v in run.items() if k in ("sampling", "max_new_tokens")}

@@ -173,6 +173,29 @@ class Planner:
             self._look_up_prompt_cache(plan, setup, info, runtime_id)
         return plan
 
+    def plan_batched(self, limit: int, info: ModelInfo, msgs: Sequence[ChatMessage], opts: ChatOptions) -> Plan:
+        """Plan a request for a batched run: always a rebuild, and no prompt cache.
+
+        The chat setup is installed once per handle for every slot of a run, so it is what
+        requests must share to share a run. With a ChatML template the earlier turns go into
+        the prompt instead of the setup (an empty prefix; the same text reaches the model), so
+        conversations that share a system prompt and tools share runs whatever their history.
+
+        Raises:
+            ContextLengthError: the system prompt and the newest input cannot fit.
+        """
+        req = _take_apart(info, msgs, opts)
+        setup, history, dropped = _fit(req, limit, info.name)
+        prompt = req.prompt
+        if req.template is not None and history:
+            tools = _tools_list(req.tools_json)
+            setup = ChatTemplate(req.template.system_block(req.system, tools), "", req.template.postfix(req.thinking))
+            prompt = req.template.render_turns(history) + req.template.prefix() + req.prompt
+        kv_after = (*(m.fingerprint() for m in history), *(m.fingerprint() for m in req.inputs))
+        return Plan(
+            False, prompt, req.role, req.thinking, req.native, setup, req.setup_key, kv_after, dropped_turns=dropped
+        )
+
     def _look_up_prompt_cache(self, plan: Plan, setup: ChatSetup, info: ModelInfo, runtime_id: tuple[str, str]) -> None:
         """A fresh conversation with a long system prompt loads its prefill from disk, or saves it there."""
         if self.store is None or estimate_tokens(setup.system) < self.prompt_cache_min_tokens:
@@ -278,10 +301,7 @@ def _setup_for(
     earlier turns); without it they follow the template's system text.
     """
     if template is not None:
-        tools_list = (
-            [json.dumps(t, ensure_ascii=False, sort_keys=True) for t in json.loads(tools_json)] if tools_json else []
-        )
-        slot = template.system_block(system, tools_list) + template.render_turns(history)
+        slot = template.system_block(system, _tools_list(tools_json)) + template.render_turns(history)
         return ChatTemplate(slot, template.prefix(), template.postfix(thinking))
     slot = "\n\n".join(part for part in (system, render_transcript(history) if history else "") if part)
     if custom is not None:
@@ -289,6 +309,11 @@ def _setup_for(
         text = head.replace("{system}", slot) if "{system}" in head else head + slot
         return ChatTemplate(text, prefix, postfix)
     return FunctionTools(slot, tools_json or "[]", "tool_response")
+
+
+def _tools_list(tools_json: str) -> list[str]:
+    """The tools of a ChatML system block, one canonical JSON text each."""
+    return [json.dumps(t, ensure_ascii=False, sort_keys=True) for t in json.loads(tools_json)] if tools_json else []
 
 
 def _render_inputs(
