@@ -216,3 +216,13 @@ def test_only_http_urls_are_fetched() -> None:
     with pytest.raises(ImageError) as info:
         fetch_image_url("file:///etc/hostname")
     assert info.value.reason == "remote-scheme"
+
+
+def test_a_large_jpeg_may_be_decoded_smaller_but_never_below_the_encoder_size() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (0, 128, 255)).save(out, "JPEG")
+    assert decode_image(out.getvalue()).size == (1600, 1200)
+    reduced = decode_image(out.getvalue(), min_side=300)
+    assert reduced.size == (400, 300)  # 1/4 scale: both sides still >= 300
+    assert decode_image(out.getvalue(), min_side=301).size == (800, 600)
+    assert decode_image(png(FOUR), min_side=1).size == (2, 2)  # other formats decode as they are
