@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from rkllm_core.errors import BusyError, HandleClosedError, InvalidParameterError, ModelFileError, RKNNError
-from rkllm_core.native.rknn import RKNNLibrary
+from rkllm_core.native.rknn import RKNNLibrary, RKNNTensorFormat, TensorAttr
 from rkllm_core.sim import RKNNSimulatorControl, make_encoder
 from rkllm_core.vision import encoder as encoder_module
 from rkllm_core.vision.encoder import EncoderGeometry, ImageEmbedding, ImageEncoder, core_mask_for
@@ -260,3 +260,26 @@ def test_an_encoder_that_is_not_an_image_encoder_is_refused(
     with pytest.raises(ModelFileError):
         make()
     assert rknn_sim.counter("live_contexts") == 0  # the context made before the check was destroyed
+
+
+@pytest.mark.parametrize(
+    ("dims", "expected"),
+    [((1, 196, 2048), (196, 2048)), ((1, 1, 256, 896), (256, 896)), ((196, 1536), (196, 1536))],
+)
+def test_tokens_are_the_first_dimension_above_one_and_the_width_follows(
+    dims: tuple[int, ...], expected: tuple[int, int]
+) -> None:
+    attr = TensorAttr(0, dims, 3, 1, "out", 0, 0)
+    assert encoder_module._output_geometry(attr, Path("enc.rknn")) == expected
+
+
+def test_input_geometry_follows_the_reported_format() -> None:
+    nhwc, nchw = int(RKNNTensorFormat.RKNN_TENSOR_NHWC), int(RKNNTensorFormat.RKNN_TENSOR_NCHW)
+    geometry = encoder_module._input_geometry
+    assert geometry(TensorAttr(0, (1, 448, 392, 3), nhwc, 1, "in", 0, 0), Path("e")) == (448, 392, "nhwc")
+    assert geometry(TensorAttr(0, (1, 3, 476, 470), nchw, 0, "in", 0, 0), Path("e")) == (476, 470, "nchw")
+    for dims, fmt in [((1, 448, 448, 4), nhwc), ((1, 448, 448, 3), nchw), ((448, 448, 3), nhwc)]:
+        with pytest.raises(ModelFileError, match="not an RGB image tensor"):
+            geometry(TensorAttr(0, dims, fmt, 1, "in", 0, 0), Path("e"))
+    with pytest.raises(ModelFileError, match="no token dimension"):
+        encoder_module._output_geometry(TensorAttr(0, (1, 1, 1), 3, 1, "out", 0, 0), Path("e"))
