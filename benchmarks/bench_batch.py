@@ -172,12 +172,13 @@ async def client(engine: ChatEngine, model: str, i: int, tokens: int, t0: float)
 
 
 def measure_engine(
-    lib: RuntimeLibrary, model_dir: Path, n_batch: int | None, clients: int, tokens: int, ctl: SimulatorControl | None
+    lib: RuntimeLibrary, model_file: Path, n_batch: int | None, clients: int, tokens: int, ctl: SimulatorControl | None
 ) -> EnginePoint:
     """C clients at once through a ChatEngine whose manager loads the model with ``n_batch``."""
-    manager = ModelManager(ModelRegistry([model_dir], platform=None), library=lib, max_loaded=1, n_batch=n_batch)
+    registry = ModelRegistry([model_file.parent], platform=None)
+    manager = ModelManager(registry, library=lib, max_loaded=1, n_batch=n_batch)
     engine = ChatEngine(manager, prompt_cache=False)
-    model = manager.registry.models()[0].name
+    model = next(m.name for m in registry.models() if m.path.resolve() == model_file.resolve())
     try:
         engine.chat(model, [ChatMessage("user", "warm up")], ChatOptions(max_new_tokens=2))  # load outside the clock
         before = ctl.counter("prefilled_tokens") if ctl is not None else 0
@@ -280,9 +281,8 @@ def main() -> None:
         print(f"\nN=4 batched vs 4 sequential single runs: {ratio:.2f}x aggregate tokens/s")
         report.update(ratio_n4=ratio, points=[asdict(p) for p in [*points, sequential]])
     if args.clients > 0:
-        model_dir = model.parent
-        engine_points = [measure_engine(lib, model_dir, None, args.clients, args.tokens, ctl)]
-        engine_points += [measure_engine(lib, model_dir, n, args.clients, args.tokens, ctl) for n in sizes if n > 1]
+        engine_points = [measure_engine(lib, model, None, args.clients, args.tokens, ctl)]
+        engine_points += [measure_engine(lib, model, n, args.clients, args.tokens, ctl) for n in sizes if n > 1]
         agg, ttft = report_engine(engine_points)
         report.update(engine_ratio_n4=agg, engine_ttft_p95_ratio_n4=ttft, engine=[asdict(p) for p in engine_points])
     if args.json:
