@@ -311,3 +311,26 @@ def test_native_template_conversations_with_different_histories_run_apart(
     done_a, done_b = asyncio.run(main())
     assert (done_a.text, done_b.text) == (echo("follow-up A"), echo("follow-up B"))
     assert batch_sim.counter("batched_runs") == 2
+
+
+def test_n_batch_from_the_registry_file_and_the_manager_default(model_dir: Path, sim_lib: RuntimeLibrary) -> None:
+    from rkllm_core.models.registry_file import load_registry_file
+
+    make_model(model_dir, QWEN)
+    make_model(model_dir, OTHER, think=False)
+    make_model(model_dir, "Qwen3-Embedding-0.6B-rk3588-w8a8.rkllm")
+    toml = model_dir / "rkllm-models.toml"
+    toml.write_text('[models."qwen3-0.6b"]\nn_batch = 1\n[models."mymodel-1b"]\nn_batch = 3\n', encoding="utf-8")
+    assert [e.defaults.n_batch for e in load_registry_file(toml)] == [1, 3]
+    registry = ModelRegistry([model_dir], platform=None)
+    with ModelManager(registry, library=sim_lib, n_batch=4) as manager:
+        assert manager.init_params_for(registry.get("mymodel-1b")).n_batch == 3  # its own setting wins
+        assert manager.init_params_for(registry.get("qwen3-0.6b")).n_batch is None  # 1: off for this model
+        assert manager.init_params_for(registry.get("qwen3-embedding-0.6b")).n_batch is None  # chat models only
+    with ModelManager(registry, library=sim_lib) as manager:
+        assert manager.init_params_for(registry.get("qwen3-0.6b")).n_batch is None  # off by default
+    toml.write_text('[models."mymodel-1b"]\nn_batch = 0\n', encoding="utf-8")
+    with pytest.raises(InvalidParameterError, match="n_batch"):
+        load_registry_file(toml)
+    with pytest.raises(InvalidParameterError):
+        ModelManager(registry, library=sim_lib, n_batch=101)
