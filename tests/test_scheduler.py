@@ -144,7 +144,7 @@ def test_a_cancelled_request_leaves_the_others_complete(
     make_engine: Callable[..., ChatEngine], batch_sim: SimulatorControl
 ) -> None:
     batch_sim.set("token_delay_ms", 2)
-    engine = make_engine(n_batch=4, gather_s=0.05)
+    engine = make_engine(n_batch=4, gather_s=5.0)  # the run starts when all 4 wait
 
     async def main() -> tuple[list[ChatDone], int]:
         started = asyncio.Event()
