@@ -27,8 +27,9 @@ generation and leaves every line it stood in at once.
 conversation, no KV reuse, no prompt cache — a batched run keeps no history; with a
 ChatML template the earlier turns travel in the prompt, see
 :meth:`~.planner.Planner.plan_batched`), queued with its group (chat setup, sampling,
-``max_new_tokens``) and read from its own slot of a shared run. A lone request is a batch of one plus filler slots: keeping a second,
-``n_batch = 1`` instance for it would hold the model's weights twice. Usage then says
+``max_new_tokens``) and read from its own slot of a shared run. A lone request is a
+batch of one plus filler slots: keeping a second, ``n_batch = 1`` instance for it would
+hold the model's weights twice. Usage then says
 ``prefilled_tokens == input_tokens`` (estimated from the text: a slot gets no perf stats).
 
 Events: text and reasoning deltas, tool-call deltas and complete tool calls,
