@@ -38,6 +38,13 @@ in :attr:`ModelRegistry.errors` as an
 :class:`~rkllm_core.errors.InvalidParameterError`. An alias that is already
 another model's name, file name or alias is refused with a warning; an alias
 may claim an ambiguous friendly name for one of the models that share it.
+
+Image encoders: a ``.rknn`` file in the same folder as a ``.rkllm`` is paired with it by the
+model words of the two names, or when it is the only pair in the folder (the rules, and which of
+several encoders is taken, are in :mod:`rkllm_core.models.pairing`); a registry file's
+``vision_encoder`` overrides the pairing. A model with an encoder is of kind ``vision``
+(:attr:`ModelInfo.encoder`, :attr:`ModelInfo.vision_family`); a ``vision`` model without one
+serves text only (:attr:`ModelInfo.text_only`, and a warning once per file).
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -70,6 +78,7 @@ from ..filenames import (
     friendly_name,
     parse_model_filename,
 )
+from .pairing import ENCODER_SUFFIX, EncoderFile, list_encoders, pick_encoder
 from .registry_file import REGISTRY_FILENAME, ModelDefaults, RegistryEntry, _parse_registry_bytes
 
 __all__ = [
@@ -127,6 +136,12 @@ class ModelInfo:
         file_size: the file's size in bytes.
         aliases: extra names from the registry file.
         defaults: per-model defaults from the registry file.
+        encoder: the ``.rknn`` image encoder paired with the model (see "Image encoders" in
+            :mod:`rkllm_core.models.registry`), or None.
+        encoder_size: the encoder file's size in bytes (0 without one, or when it is missing).
+        vision_family: the vision-language family (``qwen3-vl``): the registry file's
+            ``vision.family``, else the family key its file name belongs to; None for text models
+            and unrecognised names.
     """
 
     name: str
@@ -138,11 +153,19 @@ class ModelInfo:
     file_size: int = 0
     aliases: tuple[str, ...] = ()
     defaults: ModelDefaults = ModelDefaults()
+    encoder: Path | None = None
+    encoder_size: int = 0
+    vision_family: str | None = None
 
     @property
     def kind(self) -> ModelKind:
-        """What the model is for: the registry file's ``kind``, else what the file name says."""
-        return self.defaults.kind or self.facts.kind
+        """What the model is for: the registry file's ``kind``, else ``vision`` with an encoder, else its name's."""
+        return self.defaults.kind or ("vision" if self.encoder is not None else self.facts.kind)
+
+    @property
+    def text_only(self) -> bool:
+        """True for a ``vision`` model without an image encoder: it serves text, and refuses images."""
+        return self.kind == "vision" and self.encoder is None
 
     @property
     def dtype(self) -> str | None:
@@ -234,15 +257,16 @@ def _is_model_file(name: str) -> bool:
     return name.lower().endswith(_SUFFIX)
 
 
-def _scan(dirs: Sequence[Path]) -> tuple[list[tuple[Path, str, Path, int]], list[Path]]:
+def _scan(dirs: Sequence[Path]) -> tuple[list[tuple[Path, str, Path, int, Path]], list[Path]]:
     """List the model files under ``dirs`` and one level below.
 
     Returns:
-        ``(resolved path, file name, model dir, size)`` per distinct file in
+        ``(resolved path, file name, model dir, size, folder)`` per distinct file in
         discovery order, and the subdirectories that were listed. The file
-        name is the directory entry's (a symlink's own name, not its target's).
+        name is the directory entry's (a symlink's own name, not its target's);
+        the folder is the directory the entry is in.
     """
-    found: list[tuple[Path, str, Path, int]] = []
+    found: list[tuple[Path, str, Path, int, Path]] = []
     seen: set[Path] = set()
     subdirs: list[Path] = []
 
@@ -257,7 +281,7 @@ def _scan(dirs: Sequence[Path]) -> tuple[list[tuple[Path, str, Path, int]], list
             return
         if resolved not in seen:
             seen.add(resolved)
-            found.append((resolved, entry.name, home, size))
+            found.append((resolved, entry.name, home, size, Path(entry.path).parent))
 
     def listing(directory: Path) -> list[os.DirEntry[str]]:
         try:
@@ -300,6 +324,7 @@ class _Found:
     home: Path  # the model directory it was found under
     size: int
     facts: ModelFacts
+    folder: Path  # the directory the entry is in (its encoders are looked for there)
 
 
 def _normalise(key: str) -> str:
@@ -469,6 +494,56 @@ def _make_info(
     )
 
 
+def _pair_encoders(
+    found: Sequence[_Found], defaults: Sequence[ModelDefaults], errors: list[InvalidParameterError]
+) -> list[EncoderFile | Path | None]:
+    """Each file's image encoder: the registry file's ``vision_encoder``, else by :mod:`.pairing`'s rules.
+
+    A ``vision_encoder`` that does not exist is kept (loading the model then fails with a clear
+    error) and reported in ``errors``.
+    """
+    folders: dict[Path, list[EncoderFile]] = {}
+    models_in = Counter(item.folder for item in found)
+    paired: list[EncoderFile | Path | None] = []
+    for item, d in zip(found, defaults, strict=True):
+        if d.vision_encoder is not None:
+            path = Path(d.vision_encoder)
+            if not path.is_file():
+                errors.append(
+                    InvalidParameterError(f"{item.filename}: vision_encoder {d.vision_encoder!r} is not a file")
+                )
+            paired.append(path)
+            continue
+        if item.folder not in folders:
+            folders[item.folder] = list_encoders(item.folder)
+        paired.append(pick_encoder(item.facts, d.kind, folders[item.folder], models_in[item.folder]))
+    return paired
+
+
+def _with_vision(info: ModelInfo, encoder: EncoderFile | Path | None) -> ModelInfo:
+    """``info`` with its encoder and vision family set."""
+    if isinstance(encoder, Path):
+        given = encoder
+        try:
+            encoder = EncoderFile(given.resolve(), given.name, given.stat().st_size, info.facts)
+        except OSError:
+            encoder = EncoderFile(given, given.name, 0, info.facts)
+    vision = dict(info.defaults.vision or ())
+    family = vision.get("family")
+    if family is None and (encoder is not None or info.kind == "vision"):
+        from ..vision.families import family_key  # the vision package only for vision models
+
+        family = family_key(info.facts.family)
+    if encoder is None and family is None:
+        return info
+    return replace(
+        info,
+        encoder=encoder.path if encoder is not None else None,
+        encoder_size=encoder.size if encoder is not None else 0,
+        vision_family=family,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     models: tuple[ModelInfo, ...] = ()
@@ -530,6 +605,7 @@ class ModelRegistry:
         # Models looked up by a path outside the model directories, by path; their names resolve
         # to them from then on (see get()).
         self._outside: dict[Path, ModelInfo] = {}
+        self._text_only_said: set[Path] = set()  # vision models said to serve text only
 
     # -- properties -----------------------------------------------------
 
@@ -694,6 +770,7 @@ class ModelRegistry:
         while unique in taken or unique.lower() in self._snapshot.index:
             unique, counter = f"{name}-{counter}", counter + 1
         info = _make_info(unique, path, filename, facts, size)
+        info = _with_vision(info, pick_encoder(facts, None, list_encoders(path.parent), 1))
         self._outside[path] = info
         return info
 
@@ -776,7 +853,10 @@ class ModelRegistry:
         self._watched = (*self._dirs, *subdirs, *registry_files)
         self._signature = self._current_signature()
         self._racy = any(len(item) > 1 and item[1] > started - _RACY_NS for item in self._signature)
-        found = [_Found(path, name, home, size, parse_model_filename(name)) for path, name, home, size in files]
+        found = [
+            _Found(path, name, home, size, parse_model_filename(name), folder)
+            for path, name, home, size, folder in files
+        ]
         self._snapshot = self._build(found, registry_files)
         self._loaded = True
         self._generation += 1
@@ -821,10 +901,15 @@ class ModelRegistry:
         names, shared = _assign_names(found)
         entries, errors = self._read_registry_files(registry_files)
         defaults, aliases = _apply_registry(found, names, entries, self._warn_once)
+        encoders = _pair_encoders(found, defaults, errors)
         infos = [
-            _make_info(names[i], item.path, item.filename, item.facts, item.size, aliases[i], defaults[i])
+            _with_vision(
+                _make_info(names[i], item.path, item.filename, item.facts, item.size, aliases[i], defaults[i]),
+                encoders[i],
+            )
             for i, item in enumerate(found)
         ]
+        self._say_text_only(infos)
 
         # A shared friendly name means the one file built for this board, if
         # exactly one is; otherwise it stays ambiguous.
@@ -843,6 +928,20 @@ class ModelRegistry:
             by_path={info.path: info for info in infos},
             errors=tuple(errors),
         )
+
+    def _say_text_only(self, infos: Sequence[ModelInfo]) -> None:
+        """Log once per file that a vision model without an image encoder serves text only."""
+        for info in infos:
+            if info.text_only and info.path not in self._text_only_said:
+                self._text_only_said.add(info.path)
+                logger.warning(
+                    "%s is a vision-language model without an image encoder (%s file) beside it: it serves text "
+                    'only; put its encoder in %s or name it with vision_encoder = "..." in %s',
+                    info.name,
+                    ENCODER_SUFFIX,
+                    info.path.parent,
+                    self._registry_filename,
+                )
 
     def _warn_collision(self, base: str, members: list[ModelInfo], chosen: ModelInfo | None, board: str | None) -> None:
         key = (base, tuple(sorted(info.path for info in members)))

@@ -23,12 +23,21 @@ A model directory (not its subdirectories) may hold a registry file::
     embedding = { pooling = "last", normalize = true, task = "...", suffix = "<|endoftext|>" }
     reranker = { template = "...{instruction}...{query}...{document}...", instruction = "...",
                  yes_token = "yes", no_token = "no", yes_id = 9693, no_id = 2152 }
+    vision_encoder = "qwen3-vl-2b_vision_672_rk3588.rknn"   # relative to this file's directory
+    vision = { family = "qwen3-vl", fill = [128, 128, 128] }  # family and preprocessing overrides
 
 Every key is optional. ``kind`` overrides the kind the file name gives (see
 :data:`~rkllm_core.filenames.ModelKind`), for a model whose name does not
 say what it is for. ``embedding`` and ``reranker`` override fields of the
 model family's recipe, or declare one for a family that has none (see
-:mod:`rkllm_core.embed.recipes`). Sampling values and the two limits must be what
+:mod:`rkllm_core.embed.recipes`). ``vision_encoder`` names the ``.rknn`` image encoder of a
+vision-language model (a path relative to the registry file's directory), overriding the pairing
+by file names (see :mod:`rkllm_core.models.registry`). ``vision`` holds the family (``family``)
+and overrides of its facts (``image_size``, ``tokens_per_image``, ``embed_width``, ``fill``,
+``mean``, ``std``, ``img_start``, ``img_end``, ``img_content``, ``multi_image_abi12``; see
+:func:`rkllm_core.vision.families.vision_family`); it is checked when the file is read, and an
+unknown family without a complete set of facts is an error (the rest of the entry applies).
+Sampling values and the two limits must be what
 :class:`~rkllm_core.params.SamplingParams` and
 :class:`~rkllm_core.params.InitParams` accept (the same checks run), so a
 registry file can never hold a value the runtime would refuse.
@@ -92,6 +101,9 @@ class ModelDefaults:
             :data:`~rkllm_core.params.SamplingPolicy`), overriding the manager's.
         embedding: overrides of the embedding recipe, as ``(field, value)`` pairs.
         reranker: overrides of the reranking recipe, as ``(field, value)`` pairs.
+        vision_encoder: the image encoder file (absolute: resolved against the registry file's
+            directory), overriding the pairing by file names.
+        vision: the vision family (``family``) and overrides of its facts, as ``(field, value)`` pairs.
     """
 
     sampling: SamplingParams = SamplingParams()
@@ -104,6 +116,13 @@ class ModelDefaults:
     sampling_policy: SamplingPolicy | None = None
     embedding: tuple[tuple[str, Any], ...] | None = None
     reranker: tuple[tuple[str, Any], ...] | None = None
+    vision_encoder: str | None = None
+    vision: tuple[tuple[str, Any], ...] | None = None
+
+    @property
+    def vision_overrides(self) -> dict[str, Any]:
+        """The ``vision`` table without its ``family``: overrides of the family's facts."""
+        return {k: v for k, v in self.vision or () if k != "family"}
 
     def as_dict(self) -> dict[str, object]:
         """The settings that are set, named as in the registry file.
@@ -248,6 +267,31 @@ def _sampling_policy(where: str, name: str, value: object) -> object:
     return value
 
 
+def _vision_encoder(where: str, name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidParameterError(f"{where}: vision_encoder must be a file name or path, got {value!r}")
+    return check_text(value.strip(), f"{where}: vision_encoder")
+
+
+def _vision(where: str, name: str, value: object) -> tuple[tuple[str, Any], ...]:
+    """Check a ``vision`` table with the family facts it overrides; stored as ``(field, value)`` pairs."""
+    from ..vision.families import FAMILIES, vision_family  # the vision package only when a file uses it
+
+    if not isinstance(value, dict) or not value:
+        raise InvalidParameterError(f"{where}: vision must be a table (family = ..., overrides), got {value!r}")
+    family = value.get("family")
+    if family is not None and (not isinstance(family, str) or not family.strip()):
+        raise InvalidParameterError(f"{where}: vision.family must be a family name, got {family!r}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items() if k != "family"}
+    try:
+        # Without a family the model's file name gives it: only the overrides can be checked here.
+        vision_family(family if family is not None else next(iter(FAMILIES)), overrides, model=where)
+    except (InvalidParameterError, TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"{where}: vision: {exc}") from exc
+    pairs = (("family", family.strip().lower()),) if family is not None else ()
+    return pairs + tuple(overrides.items())
+
+
 def _aliases(where: str, name: str, value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(a, str) and a.strip() for a in items):
@@ -268,6 +312,8 @@ _CHECKS: Final[dict[str, _Check]] = {
     "sampling_policy": _sampling_policy,
     "embedding": _parse_recipe,
     "reranker": _parse_recipe,
+    "vision_encoder": _vision_encoder,
+    "vision": _vision,
     "aliases": _aliases,
 }
 
@@ -296,6 +342,8 @@ def _parse_entry(key: str, table: object, source: Path) -> tuple[RegistryEntry, 
         except InvalidParameterError as exc:
             errors.append(exc)
     aliases: tuple[str, ...] = values.pop("aliases", ())
+    if "vision_encoder" in values:
+        values["vision_encoder"] = str(source.parent / Path(values["vision_encoder"]).expanduser())
     sampling = SamplingParams(**{name: values.pop(name) for name in SAMPLING_FIELDS if name in values})
     defaults = ModelDefaults(sampling=sampling, **values)
     return RegistryEntry(key=key.strip().lower(), aliases=aliases, defaults=defaults, source=source), errors
