@@ -209,3 +209,32 @@ def test_a_model_looked_up_by_a_path_outside_the_directories_is_paired_too(tmp_p
     (tmp_path / "models").mkdir()
     info = registry(tmp_path / "models").get(str(tmp_path / "elsewhere" / "qwen3-vl-2b-instruct_w8a8_rk3588.rkllm"))
     assert info.encoder is not None and info.encoder.name == "qwen3-vl-2b_vision_rk3588.rknn"
+
+
+def test_rkllm_models_shows_the_encoder_column_only_when_a_model_has_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rkllm_core.tools.cli import main
+
+    touch(tmp_path / "text", "Qwen3-0.6B-w8a8-rk3588.rkllm")
+    assert main(["models", "--model-dir", str(tmp_path)]) == 0
+    assert "ENCODER" not in capsys.readouterr().out
+    touch(tmp_path / "vl", "qwen3-vl-2b-instruct_w8a8_rk3588.rkllm", "qwen3-vl-2b_vision_rk3588.rknn")
+    assert main(["models", "--model-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "ENCODER"
+    vl = next(line for line in lines if line.startswith("qwen3-vl-2b"))
+    assert vl.split()[1] == "vision" and vl.split()[-1] == "qwen3-vl-2b_vision_rk3588.rknn"
+
+
+def test_rkllm_models_json_always_has_the_encoder_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from rkllm_core.tools.cli import main
+
+    touch(tmp_path / "text", "Qwen3-0.6B-w8a8-rk3588.rkllm")
+    touch(tmp_path / "vl", "qwen3-vl-2b-instruct_w8a8_rk3588.rkllm", "qwen3-vl-2b_vision_rk3588.rknn")
+    assert main(["models", "--json", "--model-dir", str(tmp_path)]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["qwen3-0.6b"]["encoder"] is None
+    assert rows["qwen3-vl-2b"]["encoder"] == str((tmp_path / "vl" / "qwen3-vl-2b_vision_rk3588.rknn").resolve())

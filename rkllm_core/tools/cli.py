@@ -36,7 +36,18 @@ from ..models.registry import ModelInfo, ModelRegistry
 from .repl import cmd_chat
 from .table import table as _table
 
-JSON_KEYS = ("name", "kind", "filename", "path", "context_size", "dtype", "platform", "size_mb", "source")
+JSON_KEYS = (
+    "name",
+    "kind",
+    "filename",
+    "path",
+    "context_size",
+    "dtype",
+    "platform",
+    "size_mb",
+    "source",
+    "encoder",
+)
 
 
 def _model_row(info: ModelInfo) -> dict[str, object]:
@@ -50,6 +61,7 @@ def _model_row(info: ModelInfo) -> dict[str, object]:
         "platform": info.platform,
         "size_mb": round(info.size_mb, 1),
         "source": source_of(info.path),  # where rkllm pull took it from, if it did
+        "encoder": str(info.encoder) if info.encoder is not None else None,  # the paired image encoder
     }
 
 
@@ -78,6 +90,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     ]
     if any(row["source"] for row in rows):
         columns.append(("source", "SOURCE"))
+    if any(row["encoder"] for row in rows):
+        columns.append(("encoder", "ENCODER"))
+        rows = [{**row, "encoder": os.path.basename(str(row["encoder"] or ""))} for row in rows]
     print(_table(rows, columns))  # problems in registry files were logged when they were read
     return 0
 
