@@ -6,6 +6,10 @@ tested by driving it step by step. :class:`~rkllm_core.models.manager.ModelManag
 calls it under its mutex and does the I/O it decides on: loading, unloading,
 waking waiters.
 
+A vision model's image encoder belongs to its instance (one unit): its memory counts in the
+instance's :attr:`LoadedModel.memory_mb` from the start of the load until the instance is
+destroyed, and the two go together.
+
 The budget (``max_loaded``, ``memory_budget_mb``) counts every model in memory:
 the loaded ones, the one loading, and the *dying* ones — taken out of service but
 not yet destroyed (an unload in progress, a handle its user closed while a run was
@@ -21,13 +25,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .._sync import Waiter, describe_owner
 from ..errors import BusyError
 from ..params import InitParams
 from ..runtime.handle import RKLLMRuntime
 from .registry import ModelInfo
+
+if TYPE_CHECKING:
+    from ..vision.encoder import ImageEncoder
 
 __all__ = ["KV_BYTES_PER_TOKEN", "Decision", "LinePolicy", "LoadedModel", "Request", "RequestState", "batch_kv_mb"]
 
@@ -39,6 +46,8 @@ class LoadedModel:
     """Book-keeping for one instance in memory (read-only for callers).
 
     It is *loading* until its runtime is set; its lease count is the sum of its holders'.
+    A vision model's image encoder (``encoder``) is loaded and unloaded with it; ``encoder_mb``
+    is its share of the memory: the encoder file's size until the loaded encoder reports its own.
     """
 
     info: ModelInfo
@@ -52,6 +61,8 @@ class LoadedModel:
     estimated_mb: float = 0.0
     measured_mb: float | None = None
     runs: int = 0
+    encoder: ImageEncoder | None = None
+    encoder_mb: float = 0.0
 
     @property
     def loading(self) -> bool:
@@ -65,8 +76,8 @@ class LoadedModel:
 
     @property
     def memory_mb(self) -> float:
-        """Measured memory when known, else the estimate."""
-        return self.measured_mb if self.measured_mb is not None else self.estimated_mb
+        """The language model's measured memory when known, else its estimate; plus the encoder's."""
+        return (self.measured_mb if self.measured_mb is not None else self.estimated_mb) + self.encoder_mb
 
     @property
     def key(self) -> Key:
@@ -243,8 +254,21 @@ class LinePolicy:
         return action
 
     # -- what the I/O reports -------------------------------------------------------------------------
-    def loaded(self, req: Request, entry: LoadedModel, runtime: RKLLMRuntime, load_time_s: float) -> None:
-        """A load assigned to ``req`` succeeded."""
+    def loaded(
+        self,
+        req: Request,
+        entry: LoadedModel,
+        runtime: RKLLMRuntime,
+        load_time_s: float,
+        encoder: ImageEncoder | None = None,
+    ) -> None:
+        """A load assigned to ``req`` succeeded (with the model's image encoder, for a vision model).
+
+        The encoder's own report of its memory (``memory_bytes``) replaces the file-size estimate.
+        """
+        if encoder is not None:
+            entry.encoder = encoder
+            entry.encoder_mb = encoder.memory_bytes / (1024 * 1024)
         entry.runtime = runtime
         entry.load_time_s = load_time_s
         entry.last_used = self._clock()
@@ -408,7 +432,8 @@ class LinePolicy:
                 init=req.params,
                 slot=req.key[1] if req.key[1] != req.params else None,
                 load_order=self._load_counter,
-                estimated_mb=self.estimate_mb(req.info, req.params),
+                estimated_mb=self.estimate_mb(req.info, req.params) - self.encoder_estimate_mb(req.info),
+                encoder_mb=self.encoder_estimate_mb(req.info),
             )
             self.entries[req.key] = entry
             self._assign(req, ("load", entry))
@@ -494,13 +519,23 @@ class LinePolicy:
 
         An instance loaded with ``params.n_batch`` slots also counts the KV caches of its
         extra slots (:func:`batch_kv_mb`); a measurement counts only for an instance with as
-        many slots.
+        many slots. A model with an image encoder adds :meth:`encoder_estimate_mb`.
         """
         n_batch = (params.n_batch if params is not None else None) or 1
+        encoder_mb = self.encoder_estimate_mb(info)
         for (name, _), e in self.entries.items():
             if name == info.name and e.measured_mb is not None and (e.init.n_batch or 1) == n_batch:
-                return e.measured_mb
-        return info.file_size / (1024 * 1024) + batch_kv_mb(info, params)
+                return e.measured_mb + encoder_mb
+        return info.file_size / (1024 * 1024) + batch_kv_mb(info, params) + encoder_mb
+
+    def encoder_estimate_mb(self, info: ModelInfo) -> float:
+        """The memory ``info``'s image encoder takes: as a loaded instance's encoder reported it, else its file size."""
+        if info.encoder is None:
+            return 0.0
+        for (name, _), e in self.entries.items():
+            if name == info.name and e.encoder is not None:
+                return e.encoder_mb
+        return info.encoder_size / (1024 * 1024)
 
     def describe(self) -> str:
         """What is loaded and how busy, for messages."""

@@ -43,9 +43,19 @@ requests, served by these rules (the fairness policy):
 The rules themselves are :class:`~rkllm_core.models.line.LinePolicy`, pure state
 tested without threads; this module does the loading, unloading and waking they
 decide on. Two requests for one model share one load; a load that fails fails
-every request waiting for it. Memory is estimated from the file size (plus the extra KV caches of
-an ``n_batch`` instance, :func:`~rkllm_core.models.line.batch_kv_mb`) until a run reports the
-runtime's peak memory while that model was the only one loaded. On the 1.2 ABI
+every request waiting for it. A vision model with an image encoder (:attr:`ModelInfo.encoder
+<rkllm_core.models.registry.ModelInfo.encoder>`) is one unit: its
+:class:`~rkllm_core.vision.encoder.ImageEncoder` is loaded with it (before it: a missing or
+corrupt encoder fails the load in milliseconds, before the language model's long init), counts
+in its memory, and goes with it on eviction, :meth:`ModelManager.unload`, keep-alive expiry and
+:meth:`ModelManager.close`: the encoder is closed once the language model's handle is destroyed.
+A text-only request to such a model does not use the encoder, which stays resident all the same
+(the unit is never split). :attr:`Lease.encoder` gives it to the chat layer.
+Memory is estimated from the file size (plus the extra KV caches of
+an ``n_batch`` instance, :func:`~rkllm_core.models.line.batch_kv_mb`, and the encoder file's
+size) until a run reports the runtime's peak memory while that model was the only one loaded; a
+loaded encoder reports its own (``ImageEncoder.memory_bytes``), which is added to the runtime's
+figure (an overestimate if that figure already holds it: safe for the budget). On the 1.2 ABI
 sampling and ``max_new_tokens`` are fixed at ``rkllm_init``: instances are keyed by
 (model, init settings), so a request with other settings loads another instance.
 On 1.3 they are per run and one instance serves every setting. Handles are closed
@@ -71,7 +81,7 @@ import weakref
 from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import preflight
 from .._sync import NESTED_GRACE_TURNS, Deadline, Reservation, Waiter, held_items, hold, offload, unhold
@@ -83,6 +93,11 @@ from ..runtime.handle import RKLLMRuntime
 from .budget import AUTO, Budget, SwapWatch, resolve_budget
 from .line import Action, LinePolicy, LoadedModel, Request
 from .registry import ModelInfo, ModelRegistry, require_kind
+
+if TYPE_CHECKING:
+    from ..native.rknn import RKNNLibrary
+    from ..vision.encoder import ImageEncoder
+    from ..vision.families import VisionFamily
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +166,15 @@ class Lease:
     def init(self) -> InitParams:
         """The init settings the instance was loaded with."""
         return self._entry.init
+
+    @property
+    def encoder(self) -> ImageEncoder | None:
+        """The image encoder loaded with a vision model, else None (text models, vision models without one).
+
+        It stays loaded while the lease is held; one image runs at a time on it
+        (:meth:`~rkllm_core.vision.encoder.ImageEncoder.encode` waits for the others).
+        """
+        return self._entry.encoder
 
     @property
     def released(self) -> bool:
@@ -262,6 +286,9 @@ class ModelManager:
             own (registry file): their instances are loaded with this many slots, and concurrent
             requests share runs (see :mod:`rkllm_core.runtime.scheduler`). ``None`` or 1: off.
             The memory estimate counts the extra slots' KV caches (:func:`~.line.batch_kv_mb`).
+        rknn_library: the RKNN runtime (``librknnrt.so``) for vision models' image encoders, or its
+            path (default: ``RKNN_LIB_PATH``, then the usual places; looked up at the first
+            encoder load).
     """
 
     def __init__(
@@ -276,7 +303,9 @@ class ModelManager:
         sampling_policy: SamplingPolicy = "reload",
         keep_alive: float | None = None,
         n_batch: int | None = None,
+        rknn_library: RKNNLibrary | str | os.PathLike[str] | None = None,
     ) -> None:
+        self._rknn_library = rknn_library
         if n_batch is not None:
             InitParams(n_batch=n_batch)  # the runtime's range, checked before anything loads
         self.n_batch = n_batch if n_batch is not None and n_batch > 1 else None
@@ -663,7 +692,7 @@ class ModelManager:
                     req.waiter.wake()
         for e in entries:
             if e.runtime is not None:
-                e.runtime.close()
+                self._close_unit(e, e.runtime)
 
     def __enter__(self) -> ModelManager:
         return self
@@ -751,11 +780,12 @@ class ModelManager:
     def _load(self, req: Request, entry: LoadedModel) -> None:
         """Load ``entry`` and publish the outcome, whatever interrupts it (the line must never stall)."""
         info = entry.info
-        logger.info("loading %s (%.0f MB)…", info.name, info.size_mb)
+        encoding = f" with its image encoder {info.encoder.name}" if _has_encoder(info) and info.encoder else ""
+        logger.info("loading %s (%.0f MB)%s…", info.name, info.size_mb, encoding)
         self._tell(LoadEvent(info.name, info.size_mb, "start"))
         t0 = time.perf_counter()
         try:
-            runtime = RKLLMRuntime(info.path, params=entry.init, library=self.library, preflight=self._preflight)
+            runtime, encoder = self._open_unit(entry)
         except BaseException as exc:
             self._tell(LoadEvent(info.name, info.size_mb, "failed", time.perf_counter() - t0, exc))
             self._load_failed(entry, exc)
@@ -763,12 +793,43 @@ class ModelManager:
                 raise
             return
         try:
-            self._publish(req, entry, runtime, t0)
+            self._publish(req, entry, runtime, t0, encoder)
         except BaseException as exc:  # interrupted before the instance was in service: close it again
-            runtime.close()
+            entry.encoder = encoder
+            self._close_unit(entry, runtime)
             self._load_failed(entry, exc)
             raise
         self._tell(LoadEvent(info.name, info.size_mb, "done", entry.load_time_s))
+
+    def _open_unit(self, entry: LoadedModel) -> tuple[RKLLMRuntime, ImageEncoder | None]:
+        """Load the model and, for a vision model, its image encoder; on a failure nothing stays loaded.
+
+        The encoder loads first: a missing or corrupt one fails in milliseconds, before the
+        language model's init, which takes seconds.
+        """
+        info = entry.info
+        encoder = self._open_encoder(info)
+        try:
+            runtime = RKLLMRuntime(info.path, params=entry.init, library=self.library, preflight=self._preflight)
+        except BaseException:
+            if encoder is not None:
+                encoder.close()
+            raise
+        return runtime, encoder
+
+    def _open_encoder(self, info: ModelInfo) -> ImageEncoder | None:
+        """The image encoder of a vision model, loaded (None for a model without one)."""
+        if not _has_encoder(info) or info.encoder is None:
+            return None
+        from ..vision.encoder import ImageEncoder  # librknnrt and the vision package only for vision models
+
+        return ImageEncoder(info.encoder, family=_vision_facts(info), library=self._rknn_library)
+
+    def _close_unit(self, entry: LoadedModel, runtime: RKLLMRuntime) -> None:
+        """Close an instance's handle, then its encoder once the handle is destroyed (now, or after its run)."""
+        if entry.encoder is not None and runtime.when_destroyed(lambda: _close_encoder(entry)):
+            _close_encoder(entry)
+        runtime.close()
 
     def _load_failed(self, entry: LoadedModel, exc: BaseException) -> None:
         """Everyone waiting for ``entry`` gets the failure (an interruption as an ``RKLLMError``)."""
@@ -780,10 +841,12 @@ class ModelManager:
         for waiter in failed:
             waiter.wake()
 
-    def _publish(self, req: Request, entry: LoadedModel, runtime: RKLLMRuntime, t0: float) -> None:
+    def _publish(
+        self, req: Request, entry: LoadedModel, runtime: RKLLMRuntime, t0: float, encoder: ImageEncoder | None = None
+    ) -> None:
         with self._mutex:
             self.stats["loads"] += 1
-            self._policy.loaded(req, entry, runtime, time.perf_counter() - t0)
+            self._policy.loaded(req, entry, runtime, time.perf_counter() - t0, encoder)
             logger.info("loaded %s in %.2f s", entry.info.name, entry.load_time_s)
             swapping = self._swaps.loaded(entry.info.name, time.monotonic())
             closed = self._policy.closed
@@ -793,7 +856,7 @@ class ModelManager:
         if swapping:
             logger.warning("%s", swapping)
         if closed:
-            runtime.close()
+            self._close_unit(entry, runtime)
 
     def _close_entries(self, entries: list[LoadedModel]) -> None:
         """Destroy retired instances; each stays counted against the budget until its handle is gone."""
@@ -811,16 +874,24 @@ class ModelManager:
             logger.info("unloaded %s", entry.info.name)
 
     def _watch_destroy(self, entry: LoadedModel) -> None:
-        """Free ``entry``'s room in the budget once its handle is destroyed (called with the lock held)."""
+        """Free ``entry``'s room in the budget once its handle is destroyed (called with the lock held).
+
+        A vision model's encoder is closed first (outside the lock: it may wait for an image
+        being encoded); its memory counts until then.
+        """
         assert entry.runtime is not None
 
         def destroyed() -> None:
+            _close_encoder(entry)
             with self._mutex:
                 self._policy.destroyed(entry)
                 self._pump()
 
         if entry.runtime.when_destroyed(destroyed):
-            self._policy.destroyed(entry)
+            if entry.encoder is None:
+                self._policy.destroyed(entry)
+            else:  # destroyed already (closed by its user): close the encoder off this locked thread
+                threading.Thread(target=destroyed, name="rkllm-encoder-close", daemon=True).start()
 
     def _pump(self) -> None:
         """Let the policy serve the line, then do what it decided (called with the lock held).
@@ -852,7 +923,8 @@ class ModelManager:
         if not on:
             return 0.0
         available = preflight.memory_available_mb(preflight.SYSTEM_ROOT)
-        return 0.0 if available is None else preflight.memory_needed_mb(info.file_size) - available
+        size = info.file_size + (info.encoder_size if _has_encoder(info) else 0)
+        return 0.0 if available is None else preflight.memory_needed_mb(size) - available
 
     def _release(self, entry: LoadedModel, owner: Hashable) -> None:
         with self._mutex:
@@ -887,6 +959,38 @@ class ModelManager:
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+def _has_encoder(info: ModelInfo) -> bool:
+    """Whether ``info`` loads with an image encoder: a vision model with one paired."""
+    return info.encoder is not None and info.kind == "vision"
+
+
+def _vision_facts(info: ModelInfo) -> VisionFamily | None:
+    """The family facts the encoder pads and normalises with; None when the family is not known."""
+    from ..vision.families import vision_family
+
+    overrides = info.defaults.vision_overrides
+    if info.vision_family is None and not overrides:
+        return None
+    try:
+        return vision_family(info.vision_family, overrides, model=info.name)
+    except InvalidParameterError as exc:  # the registry reported it; the encoder pads with its default
+        logger.debug("%s: %s", info.name, exc)
+        return None
+
+
+def _close_encoder(entry: LoadedModel) -> None:
+    """Close an instance's image encoder, if it has one (idempotent; problems are logged)."""
+    encoder = entry.encoder
+    if encoder is None:
+        return
+    try:
+        encoder.close()
+    except RKLLMError:
+        logger.exception("closing the image encoder of %s failed", entry.info.name)
+    else:
+        logger.debug("closed the image encoder of %s", entry.info.name)
 
 
 def _close_at_exit(ref: weakref.ReferenceType[ModelManager]) -> None:
