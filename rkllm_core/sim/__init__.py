@@ -81,6 +81,7 @@ COUNTERS = (
     "batched_runs",
     "batch_steps",
     "batch_refusals",
+    "multimodal_violations",
 )
 
 _CFLAGS = ("-std=c11", "-O2", "-shared", "-fPIC", "-pthread")
@@ -160,6 +161,7 @@ def make_model(
     max_context: int | None = None,
     yes_token: int | None = None,
     no_token: int | None = None,
+    hidden_size: int | None = None,
 ) -> Path:
     """Write a model file the simulator accepts.
 
@@ -174,6 +176,10 @@ def make_model(
     logits favour ``yes_token`` the more of the query's words (after the last
     ``<Query>:``) the document (after the last ``<Document>:``) contains.
     In hidden-state mode every model is a bag-of-words embedding model.
+
+    ``hidden_size`` makes it a vision-language model: multimodal runs read
+    ``n_image * n_image_tokens * hidden_size`` floats of image embeddings and
+    answer with the dominant colour of each image (see ``rkllm_sim.c``).
     """
     if (yes_token is None) != (no_token is None):
         raise ValueError("yes_token and no_token must be given together")
@@ -188,6 +194,8 @@ def make_model(
     if yes_token is not None and no_token is not None:
         lines.append(f"yes_token={int(yes_token)}")
         lines.append(f"no_token={int(no_token)}")
+    if hidden_size is not None:
+        lines.append(f"hidden_size={int(hidden_size)}")
     header = ("\n".join(lines) + "\n\n").encode()
     size = max(len(header), int(size_mb * 1024 * 1024)) if size_mb > 0 else len(header)
     if _holds(path, header, size):

@@ -15,7 +15,7 @@
  * prototypes (the C test driver uses this).
  *
  * Model file: a first line "RKLLMSIM 1", then key=value lines (max_context, memory_mb, family, think,
- * yes_token, no_token) up to an empty line; only the first 4 KiB are read. The context limit is ctx<N>
+ * yes_token, no_token, hidden_size) up to an empty line; only the first 4 KiB are read. The context limit is ctx<N>
  * in the file name, else max_context, else 4096. yes_token=<id> and no_token=<id> (both, distinct, in
  * [0, 151936)) make the model a reranker for RKLLM_INFER_GET_LOGITS (see below).
  * Replies (first match wins): "[[sim:error]]" -> ERROR after 2 tokens; a declared tool named in a user
@@ -41,6 +41,13 @@
  *    extra counter "trace_dropped". With trace >= 2 every run also records a "prefilled" line: the KV
  *    cache's text once its input is prefilled, i.e. what the answer is conditioned on.
  *  - rkllm_clear_kv_cache() while the handle is running returns -1.
+ *  - Multimodal input (RKLLM_INPUT_MULTIMODAL): n_image must equal the "<image>" tags in the prompt, and
+ *    with images the embedding pointer, n_image_tokens, image_width/height and the tags (RKLLMParam at
+ *    init on 1.2, image.* per run on 1.3; content non-empty) must be set, and the model file must declare
+ *    hidden_size=<W>: the run reads n_image * n_image_tokens * W floats. A violation is counted in
+ *    "multimodal_violations" and the run fails (-1). The reply starts "I see a mostly <colour> image. "
+ *    (one clause per image), the colour named from the mean of each token row's first three values;
+ *    image tokens count as prefilled tokens.
  *  - With RKLLM_SIM_REPORT=<path> the counters are written to <path> as JSON when the library is
  *    unloaded (at process exit).
  *  - After an ERROR the KV cache follows keep_history like a normal run.
@@ -1518,7 +1525,7 @@ enum {
     C_PC_SAVES, C_PC_LOADS, C_PC_RELEASES, C_PC_HIT_TOKENS, C_LORA_LOADS, C_TEMPLATE_SETS, C_TOOLS_SETS,
     C_CONTEXT_SHIFTS, C_BUSY_NS, C_INVALID_HANDLE_CALLS, C_CONCURRENT_RUN_VIOLATIONS,
     C_DESTROY_WHILE_RUNNING, C_TRACE_DROPPED, C_RESIDENT_HANDLES, C_MAX_RESIDENT_HANDLES, C_BATCHED_RUNS,
-    C_BATCH_STEPS, C_BATCH_REFUSALS, C_COUNT
+    C_BATCH_STEPS, C_BATCH_REFUSALS, C_MULTIMODAL_VIOLATIONS, C_COUNT
 };
 
 static const char *const counter_names[C_COUNT] = {
@@ -1527,7 +1534,7 @@ static const char *const counter_names[C_COUNT] = {
     "prompt_cache_saves", "prompt_cache_loads", "prompt_cache_releases", "prompt_cache_hit_tokens",
     "lora_loads", "template_sets", "tools_sets", "context_shifts", "busy_ns", "invalid_handle_calls",
     "concurrent_run_violations", "destroy_while_running", "trace_dropped", "resident_handles",
-    "max_resident_handles", "batched_runs", "batch_steps", "batch_refusals",
+    "max_resident_handles", "batched_runs", "batch_steps", "batch_refusals", "multimodal_violations",
 };
 
 typedef struct {
@@ -1578,6 +1585,8 @@ typedef struct sim_handle {
     int memory_mb; /* from the header, or -1 */
     bool think; /* family supports <think> */
     int yes_token, no_token; /* a reranker's answer tokens, or -1 */
+    int hidden_size; /* the width of one image-embedding row, or 0 when the model declares none */
+    char *img_start, *img_end, *img_content; /* 1.2: the image tags from RKLLMParam at init (NULL = unset) */
     /* init parameters */
     int max_context_len, max_new_tokens, n_keep, n_batch;
     LLMResultCallback cb;
@@ -1760,6 +1769,9 @@ static void handle_release(sim_handle *h) {
 
 static void handle_free(sim_handle *h) {
     free(h->model_path);
+    free(h->img_start);
+    free(h->img_end);
+    free(h->img_content);
     free(h->system_prompt);
     free(h->prefix);
     free(h->postfix);
@@ -1854,6 +1866,7 @@ typedef struct {
     long long size;
     int header_ctx, memory_mb, think;
     int yes_token, no_token; /* a reranker's answer tokens, or -1 */
+    int hidden_size;
 } model_info;
 
 static int read_model(const char *path, model_info *mi) {
@@ -1882,6 +1895,7 @@ static int read_model(const char *path, model_info *mi) {
     mi->memory_mb = -1;
     mi->think = 1;
     mi->yes_token = mi->no_token = -1;
+    mi->hidden_size = 0;
     char *line = strchr(buf, '\n');
     while (line && *++line && *line != '\n' && *line != '\r') {
         char *eol = strchr(line, '\n');
@@ -1899,6 +1913,8 @@ static int read_model(const char *path, model_info *mi) {
                 mi->yes_token = atoi(v);
             else if (strncmp(line, "no_token=", 9) == 0)
                 mi->no_token = atoi(v);
+            else if (strncmp(line, "hidden_size=", 12) == 0)
+                mi->hidden_size = atoi(v);
         }
         line = eol;
     }
@@ -1979,6 +1995,11 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
             tr_int(&b, "n_keep", param->n_keep);
             tr_bool(&b, "is_async", param->is_async);
             tr_int(&b, "n_batch", param->extend_param.n_batch);
+#if RKLLM_SIM_ABI == 12
+            tr_str(&b, "img_start", param->img_start);
+            tr_str(&b, "img_end", param->img_end);
+            tr_str(&b, "img_content", param->img_content);
+#endif
         } else
             sb_adds(&b, ",\"param\":null");
         trace_end(&b);
@@ -2031,6 +2052,12 @@ static int init_common(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     h->think = mi.think != 0;
     h->yes_token = mi.yes_token;
     h->no_token = mi.no_token;
+    h->hidden_size = mi.hidden_size > 0 ? mi.hidden_size : 0;
+#if RKLLM_SIM_ABI == 12
+    h->img_start = xstrdup(param->img_start);
+    h->img_end = xstrdup(param->img_end);
+    h->img_content = xstrdup(param->img_content);
+#endif
     h->max_context_len = ctx;
     h->max_new_tokens = param->max_new_tokens;
     h->n_keep = param->n_keep;
@@ -2221,6 +2248,7 @@ typedef struct {
     bool custom_thinks; /* custom template whose turn ends in a bare assistant header (no empty think block) */
     size_t extra_tokens; /* tokens without text: ids, embeddings, images, video frames */
     int32_t *ids; /* token input: the ids (extra_tokens of them), else NULL */
+    char *images; /* multimodal input: what the "model" sees in the images, else NULL */
     int mode, keep_history, max_new_tokens;
     char *lora;
     bool save_pcache;
@@ -2234,6 +2262,7 @@ typedef struct {
 
 static void job_free(sim_job *j) {
     free(j->ids);
+    free(j->images);
     free(j->role);
     free(j->prompt);
     free(j->reply_prompt);
@@ -2292,6 +2321,7 @@ static char *build_reply(const sim_job *j, const char *tools, bool custom, bool 
     size_t len = strlen(prompt), cut = len < 160 ? len : 160;
     while (cut > 0 && cut < len && ((unsigned char)prompt[cut] & 0xC0) == 0x80) cut--;
     if (lora_prefix) sb_addf(&out, "[lora:%s] ", j->lora);
+    if (j->images) sb_adds(&out, j->images);
     sb_adds(&out, "Echo: ");
     sb_add(&out, prompt, cut);
     sb_adds(&out, " \xE2\x80\x94 ok.");
@@ -2587,6 +2617,13 @@ static void trace_run(const char *fn, LLMHandle handle, const RKLLMInput *in, co
             tr_str(&b, "prompt", in->multimodal_input.prompt);
             tr_int(&b, "n_image", (long long)SIM_MM_IMAGE(in->multimodal_input).n_image);
             tr_int(&b, "n_image_tokens", (long long)SIM_MM_IMAGE(in->multimodal_input).n_image_tokens);
+            tr_int(&b, "image_width", (long long)SIM_MM_IMAGE(in->multimodal_input).image_width);
+            tr_int(&b, "image_height", (long long)SIM_MM_IMAGE(in->multimodal_input).image_height);
+#if RKLLM_SIM_ABI >= 13
+            tr_str(&b, "image_start", in->multimodal_input.image.image_start);
+            tr_str(&b, "image_end", in->multimodal_input.image.image_end);
+            tr_str(&b, "image_content", in->multimodal_input.image.image_content);
+#endif
         }
     } else
         sb_adds(&b, ",\"input\":null");
@@ -2624,8 +2661,70 @@ static void trace_run(const char *fn, LLMHandle handle, const RKLLMInput *in, co
     trace_end(&b);
 }
 
+/* ------------------------------------------------------------------ multimodal input ---- */
+
+/* How many times "<image>" occurs in s. */
+static size_t count_image_tags(const char *s) {
+    size_t n = 0;
+    for (const char *p = s ? strstr(s, "<image>") : NULL; p; p = strstr(p + 7, "<image>")) n++;
+    return n;
+}
+
+/* Why a multimodal input breaks the contract (counted in "multimodal_violations"), or NULL. The "model"
+ * reads n_image * n_image_tokens rows of hidden_size floats (hidden_size= in the model file). */
+static const char *multimodal_refusal(const sim_handle *h, const RKLLMMultiModalInput *mm) {
+#if RKLLM_SIM_ABI == 12
+    const char *start = h->img_start, *end = h->img_end, *content = h->img_content;
+#else
+    const char *start = mm->image.image_start, *end = mm->image.image_end, *content = mm->image.image_content;
+#endif
+    if (!mm->prompt) return "rkllm_run: multimodal prompt is NULL";
+    if (count_image_tags(mm->prompt) != SIM_MM_IMAGE(*mm).n_image)
+        return "rkllm_run: n_image differs from the number of <image> tags in the prompt";
+    if (SIM_MM_IMAGE(*mm).n_image == 0) return NULL;
+    if (!SIM_MM_IMAGE(*mm).image_embed || SIM_MM_IMAGE(*mm).n_image_tokens == 0)
+        return "rkllm_run: image_embed is NULL or n_image_tokens is 0";
+    if (SIM_MM_IMAGE(*mm).image_width == 0 || SIM_MM_IMAGE(*mm).image_height == 0)
+        return "rkllm_run: image_width and image_height must not be 0";
+    if (!start || !end || !content || !*content)
+        return "rkllm_run: the image tags (start, end, content) are not set";
+    if (h->hidden_size <= 0) return "rkllm_run: the model takes no images (no hidden_size in its file)";
+    return NULL;
+}
+
+/* A colour's name from its mean RGB (0-1 scale for uint8 encoders). */
+static const char *colour_name(const double rgb[3]) {
+    int top = 0;
+    double lo = rgb[0], hi = rgb[0];
+    for (int k = 1; k < 3; k++) {
+        if (rgb[k] > rgb[top]) top = k;
+        lo = rgb[k] < lo ? rgb[k] : lo;
+        hi = rgb[k] > hi ? rgb[k] : hi;
+    }
+    if (hi - lo < 0.15) return hi > 0.8 ? "white" : hi < 0.2 ? "black" : "grey";
+    static const char *const names[3] = {"red", "green", "blue"};
+    return names[top];
+}
+
+/* What the "model" sees: per image, the colour of the mean of each token row's first three values
+ * (the RKNN simulator's encoder puts a region's mean R, G, B there). */
+static char *describe_images(const float *embed, size_t n_image, size_t n_tokens, size_t width) {
+    sbuf out = {0};
+    sb_adds(&out, n_image == 1 ? "I see " : "I see images: ");
+    for (size_t i = 0; i < n_image; i++) {
+        double rgb[3] = {0, 0, 0};
+        for (size_t t = 0; t < n_tokens; t++)
+            for (size_t k = 0; k < 3 && k < width; k++) rgb[k] += embed[(i * n_tokens + t) * width + k];
+        for (int k = 0; k < 3; k++) rgb[k] /= (double)n_tokens;
+        sb_addf(&out, "%sa mostly %s image", i ? ", " : "", colour_name(rgb));
+    }
+    sb_adds(&out, ". ");
+    return sb_take(&out);
+}
+
 /* Copy the caller's input into a job (the caller's buffers may vanish after run_async returns). */
-static sim_job *job_from_input(const RKLLMInput *in, const RKLLMInferParam *ip, const char **why) {
+static sim_job *job_from_input(const sim_handle *h, const RKLLMInput *in, const RKLLMInferParam *ip,
+                               const char **why) {
     if (!in || !ip) {
         *why = "rkllm_run: input and infer_param must not be NULL";
         return NULL;
@@ -2673,7 +2772,11 @@ static sim_job *job_from_input(const RKLLMInput *in, const RKLLMInferParam *ip, 
         j->prompt = xstrdup(mm->prompt ? mm->prompt : "");
         j->reply_prompt = xstrdup(j->prompt);
         j->extra_tokens = SIM_MM_IMAGE(*mm).n_image * SIM_MM_IMAGE(*mm).n_image_tokens;
-        if (j->extra_tokens && !SIM_MM_IMAGE(*mm).image_embed) *why = "rkllm_run: image_embed is NULL";
+        if ((*why = multimodal_refusal(h, mm)) != NULL)
+            count_add(C_MULTIMODAL_VIOLATIONS, 1);
+        else if (SIM_MM_IMAGE(*mm).n_image > 0)
+            j->images = describe_images(SIM_MM_IMAGE(*mm).image_embed, SIM_MM_IMAGE(*mm).n_image,
+                                        SIM_MM_IMAGE(*mm).n_image_tokens, (size_t)h->hidden_size);
 #if RKLLM_SIM_ABI >= 13
         j->extra_tokens += mm->video.n_video * mm->video.n_frame_per_video * mm->video.n_frame_tokens;
 #endif
@@ -2766,7 +2869,7 @@ static sim_batch *batch_from_input(const sim_handle *h, const RKLLMInput *in, co
     b->n = h->n_batch;
     b->slots = xmalloc((size_t)b->n * sizeof *b->slots);
     memset(b->slots, 0, (size_t)b->n * sizeof *b->slots);
-    for (int i = 0; i < b->n && !*why; i++) b->slots[i].j = job_from_input(in + i, ip, why);
+    for (int i = 0; i < b->n && !*why; i++) b->slots[i].j = job_from_input(h, in + i, ip, why);
     if (*why) {
         batch_free(b);
         return NULL;
@@ -3084,7 +3187,7 @@ static int start_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMInfe
     if (!h) return -1;
     if (n > 1) return start_batch(fn, h, in, ip, userdata, async);
     const char *why = NULL;
-    sim_job *j = job_from_input(in, ip, &why);
+    sim_job *j = job_from_input(h, in, ip, &why);
     lock();
     if (j && j->lora) {
         size_t i = 0;

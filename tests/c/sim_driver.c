@@ -276,6 +276,57 @@ static int wait_idle(LLMHandle h) {
 /* --------------------------------------------------------------------------- tests ---- */
 static char model[4096], model2[4096];
 
+/* Multimodal input: refused (and counted) when it breaks the contract; else images are prefilled and seen. */
+static void test_multimodal(LLMHandle h, RKLLMInferParam *ip, rec_t *r) {
+    float embed[2 * 10 * 3];
+    for (int i = 0; i < 60; i++) embed[i] = (i % 3 == 2) ? 0.9f : 0.1f; /* every token blue */
+    RKLLMInput mm;
+    memset(&mm, 0, sizeof mm);
+    mm.role = "user";
+    mm.input_type = RKLLM_INPUT_MULTIMODAL;
+    mm.multimodal_input.prompt = "<image>what?";
+    SIM_MM_IMAGE(mm.multimodal_input).image_embed = embed;
+    SIM_MM_IMAGE(mm.multimodal_input).n_image = 2;
+    SIM_MM_IMAGE(mm.multimodal_input).n_image_tokens = 10;
+    SIM_MM_IMAGE(mm.multimodal_input).image_width = SIM_MM_IMAGE(mm.multimodal_input).image_height = 4;
+#if RKLLM_SIM_ABI >= 13
+    mm.multimodal_input.image.image_start = "<s>";
+    mm.multimodal_input.image.image_end = "</s>";
+    mm.multimodal_input.image.image_content = "<c>";
+#endif
+    long long v0 = C("multimodal_violations");
+    rec_reset(r);
+    check(api.run(h, &mm, ip, r) != 0 && C("multimodal_violations") == v0 + 1,
+          "multimodal: n_image != <image> tags is refused and counted");
+    char *vision = path_in("vision-model.rkllm");
+    write_file(vision, "RKLLMSIM 1\nhidden_size=3\n\n");
+    RKLLMParam p = api.createDefaultParam();
+    p.model_path = vision;
+    p.max_context_len = 1024;
+#if RKLLM_SIM_ABI == 12
+    p.img_start = "<s>";
+    p.img_end = "</s>";
+    p.img_content = "<c>";
+#endif
+    LLMHandle vh = NULL;
+#if RKLLM_SIM_ABI >= 13
+    RKLLMCallback cb;
+    memset(&cb, 0, sizeof cb);
+    cb.result_callback = on_result;
+    cb.result_userdata = &default_rec;
+    check(api.init(&vh, &p, &cb) == 0, "vision model init");
+#else
+    check(api.init(&vh, &p, on_result) == 0, "vision model init");
+#endif
+    mm.multimodal_input.prompt = "<image><image>what?";
+    rec_reset(r);
+    check(api.run(vh, &mm, ip, r) == 0 && r->perf.prefill_tokens > 20, "multimodal: images count as prefill");
+    check_str(rec_text(r), "I see images: a mostly blue image, a mostly blue image. Echo: <image><image>what? "
+              "\xE2\x80\x94 ok.", "multimodal reply names the colour");
+    check(C("multimodal_violations") == v0 + 1, "a valid multimodal input is no violation");
+    api.destroy(vh);
+}
+
 static void test_basics(void) {
     check(api.sim_abi() == RKLLM_SIM_ABI, "rkllm_sim_abi() == %d", RKLLM_SIM_ABI);
     check_str(api.sim_version(), RKLLM_SIM_ABI >= 13 ? "1.3.0" : "1.2.3", "rkllm_sim_version()");
@@ -410,18 +461,7 @@ static void test_stream(void) {
     rec_reset(&r);
     check(api.run(h, &tin, &ip, &r) == 0 && r.perf.prefill_tokens == 3, "token input: prefill = n_tokens");
     check_str(rec_text(&r), "Echo: <3 tokens> \xE2\x80\x94 ok.", "token input reply");
-    float embed[4] = {0};
-    RKLLMInput mm;
-    memset(&mm, 0, sizeof mm);
-    mm.role = "user";
-    mm.input_type = RKLLM_INPUT_MULTIMODAL;
-    mm.multimodal_input.prompt = "<image>what?";
-    SIM_MM_IMAGE(mm.multimodal_input).image_embed = embed;
-    SIM_MM_IMAGE(mm.multimodal_input).n_image = 2;
-    SIM_MM_IMAGE(mm.multimodal_input).n_image_tokens = 10;
-    rec_reset(&r);
-    check(api.run(h, &mm, &ip, &r) == 0 && r.perf.prefill_tokens > 20, "multimodal: images count as prefill");
-    check_str(rec_text(&r), "Echo: <image>what? \xE2\x80\x94 ok.", "multimodal reply");
+    test_multimodal(h, &ip, &r);
     RKLLMInferParam hp = infer(0);
     hp.mode = RKLLM_INFER_GET_LAST_HIDDEN_LAYER;
     rec_reset(&r);
