@@ -14,6 +14,7 @@ FinishReason = Literal["stop", "length", "abort"]
 
 __all__ = [
     "FinishReason",
+    "ImageTags",
     "check_text",
     "context_len",
     "estimate_tokens",
@@ -161,6 +162,32 @@ def context_len(requested: int | None, limit: int | None, model: str, source: st
 
 
 @dataclass(frozen=True, slots=True)
+class ImageTags:
+    """The text around an image's tokens in a vision-language prompt; compared by value.
+
+    The runtime expands each ``<image>`` of the prompt to ``start`` + ``content`` × image
+    tokens + ``end``. The 1.2 ABI takes them once at ``rkllm_init`` (so they belong to the
+    instance, :attr:`InitParams.image_tags`); 1.3 takes them with every run.
+
+    Attributes:
+        start: the tag before an image (may be empty, as for DeepSeek-OCR).
+        end: the tag after it (may be empty).
+        content: the token that stands for each image token (never empty).
+    """
+
+    start: str
+    end: str
+    content: str
+
+    def __post_init__(self) -> None:
+        """Refuse a tag that is not a NUL-free text, and an empty ``content``."""
+        for name in ("start", "end", "content"):
+            check_text(getattr(self, name), f"image tag {name}")
+        if not self.content:
+            raise InvalidParameterError("image tag content must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
 class InitParams:
     """Settings applied at ``rkllm_init`` on top of ``rkllm_createDefaultParam()``.
 
@@ -179,6 +206,9 @@ class InitParams:
     n_batch: int | None = None
     embed_flash: bool | None = None
     base_domain_id: int | None = None
+    image_tags: ImageTags | None = None
+    """The image tags of a vision-language model: set at init on 1.2 (so they are part of
+    the instance); on 1.3 the default of runs that set none."""
 
     def __post_init__(self) -> None:
         """Validate the integer settings."""

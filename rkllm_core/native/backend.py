@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ..errors import InvalidParameterError
-from ..params import InitParams, SamplingParams, check_text
+from ..params import ImageTags, InitParams, SamplingParams, check_text
 from . import abi12, abi13
 from .callback import HIDDEN, LOGITS, RESULT_CALLBACK
 from .functions import RuntimeFunctions
+from .multimodal import ImageInput, MultimodalRequest, check_image_count, multimodal_request
 from .structs import (
     LLMHandle,
     RKLLMInferMode,
@@ -53,6 +54,8 @@ class RunRequest:
     stop_after: int = 0
     """Per-run limit the binding enforces (1.2, whose runtime fixes ``max_new_tokens`` at init):
     the callback counts tokens and the run is aborted after this many (0: none)."""
+    multimodal: MultimodalRequest | None = None
+    """The images of a multimodal run (``RKLLM_INPUT_MULTIMODAL``), or ``None``."""
 
     @property
     def tensor(self) -> int:
@@ -204,6 +207,7 @@ class Backend:
         token_ids: Sequence[int] | None = None,
         mode: InferMode = "generate",
         base_sampling: SamplingParams | None = None,
+        multimodal: MultimodalRequest | None = None,
     ) -> RunRequest:
         """Validate a run's arguments and put them in a :class:`RunRequest`: the one place run input is checked.
 
@@ -220,6 +224,7 @@ class Backend:
             token_ids: token input instead of a prompt.
             mode: what the run produces (see :data:`InferMode`).
             base_sampling: the instance's sampling with every value set (what a run uses when it sets none).
+            multimodal: the run's images, from :meth:`image_request` (its prompt is ``prompt``).
 
         Raises:
             InvalidParameterError: anything wrong (nothing reaches the runtime).
@@ -241,7 +246,45 @@ class Backend:
             save_prompt_cache=encode_path(save_prompt_cache, "save_prompt_cache") if save_prompt_cache else None,
             mode=_MODES[mode],
             stop_after=max_new_tokens if by_binding and max_new_tokens is not None else 0,
+            multimodal=multimodal,
         )
+
+    def image_request(
+        self,
+        prompt: str | None,
+        images: Sequence[ImageInput],
+        *,
+        image_size: tuple[int, int] | None = None,
+        image_tags: ImageTags | None = None,
+        image_digests: Sequence[str] | None = None,
+        multi_image_abi12: bool = True,
+        init_image_tags: ImageTags | None = None,
+    ) -> MultimodalRequest:
+        """Check a run's images and put them in a :class:`~.multimodal.MultimodalRequest` (for :meth:`run_request`).
+
+        Args:
+            prompt: the text, with one ``<image>`` per image.
+            images: image embeddings, in prompt order (see :mod:`.multimodal`).
+            image_size: the encoder's input (height, width).
+            image_tags: the tags of this run (1.3; on 1.2 they are the instance's and must match).
+            image_digests: one digest per image for the KV tag (default: SHA-256 of each embedding).
+            multi_image_abi12: False for a family that takes one image per prompt on 1.2.
+            init_image_tags: the instance's tags (:attr:`InitParams.image_tags`).
+
+        Raises:
+            ImageError: the images do not fit the prompt, the runtime or the family (nothing ran).
+            InvalidParameterError: no prompt, missing or conflicting tags, a bad ``image_size``.
+        """
+        if prompt is None:
+            raise InvalidParameterError("images need a prompt (with one <image> per image), not token_ids")
+        check_image_count(self.abi, len(images), multi_image_abi12=multi_image_abi12)
+        tags = self._run_image_tags(image_tags, init_image_tags)
+        return multimodal_request(
+            check_text(prompt, "prompt"), images, image_size=image_size, tags=tags, digests=image_digests
+        )
+
+    def _run_image_tags(self, run: ImageTags | None, init: ImageTags | None) -> ImageTags | None:  # pragma: no cover
+        raise NotImplementedError
 
     def check_run_settings(self, sampling: SamplingParams | None, max_new_tokens: int | None) -> None:
         """Refuse per-run sampling where the runtime has none (1.2); ``max_new_tokens`` works on both.
@@ -278,6 +321,11 @@ class Backend:
             value = getattr(init, name)
             if value is not None:
                 setattr(ext, name, int(value))
+        if init.image_tags is not None:
+            self._set_image_tags(param, init.image_tags)
+
+    def _set_image_tags(self, param: Any, tags: ImageTags) -> None:
+        """Write the image tags into ``RKLLMParam`` (1.2); on 1.3 they go with each run."""
 
     def _set_ignore_eos(self, param: Any, value: bool) -> None:
         raise InvalidParameterError(f"ignore_eos_token needs the 1.3 runtime (this one has ABI {self.abi})")
@@ -385,7 +433,10 @@ class Backend:
         """Write ``req``'s role, thinking switch and prompt (or token ids) into ``inp``; keep what it points to."""
         inp.role = req.role
         inp.enable_thinking = req.enable_thinking
-        if req.prompt is not None:
+        if req.multimodal is not None:
+            assert req.prompt is not None
+            self._fill_multimodal(inp, req.prompt, req.multimodal, keep)
+        elif req.prompt is not None:
             inp.input_type = RKLLMInputType.RKLLM_INPUT_PROMPT
             inp.prompt_input = req.prompt
             keep.append(req.prompt)
@@ -396,6 +447,23 @@ class Backend:
             inp.token_input.input_ids = ids
             inp.token_input.n_tokens = len(req.token_ids)
             keep.append(ids)
+
+    def _fill_multimodal(self, inp: Any, prompt: bytes, m: MultimodalRequest, keep: list[Any]) -> None:
+        """Write a multimodal input; the embedding is copied into a buffer that ``keep`` holds for the run."""
+        buf = (ctypes.c_float * (len(m.embed) // 4)).from_buffer_copy(m.embed)
+        keep.extend((prompt, buf))
+        inp.input_type = RKLLMInputType.RKLLM_INPUT_MULTIMODAL
+        mm = inp.multimodal_input
+        mm.prompt = prompt
+        part = self._image_part(mm, m, keep)
+        part.image_embed = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
+        part.n_image_tokens = m.n_image_tokens
+        part.n_image = m.n_image
+        part.image_width = m.image_width
+        part.image_height = m.image_height
+
+    def _image_part(self, mm: Any, m: MultimodalRequest, keep: list[Any]) -> Any:  # pragma: no cover - per ABI
+        raise NotImplementedError
 
     def _infer_param(self, req: RunRequest, keep: list[Any]) -> Any:
         """The ``RKLLMInferParam`` of ``req`` (kept alive through ``keep``, with what it points to)."""
@@ -427,6 +495,25 @@ class _Backend12(Backend):
         rc = self.functions.rkllm_init(ctypes.byref(handle), ctypes.byref(param), RESULT_CALLBACK)
         return rc, (param,)
 
+    def _set_image_tags(self, param: Any, tags: ImageTags) -> None:
+        param.img_start = tags.start.encode()
+        param.img_end = tags.end.encode()
+        param.img_content = tags.content.encode()
+
+    def _run_image_tags(self, run: ImageTags | None, init: ImageTags | None) -> ImageTags | None:
+        if init is None:
+            raise InvalidParameterError(
+                "the RKLLM 1.2 runtime takes the image tags at init: load the model with InitParams(image_tags=...)"
+            )
+        if run is not None and run != init:
+            raise InvalidParameterError(
+                f"the RKLLM 1.2 runtime fixed the image tags at init ({init}); this run asks for {run}"
+            )
+        return None
+
+    def _image_part(self, mm: Any, m: MultimodalRequest, keep: list[Any]) -> Any:
+        return mm
+
 
 class _Backend13(Backend):
     abi = "1.3"
@@ -441,6 +528,19 @@ class _Backend13(Backend):
         cb.result_callback = RESULT_CALLBACK
         rc = self.functions.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(cb))
         return rc, (param, cb)
+
+    def _run_image_tags(self, run: ImageTags | None, init: ImageTags | None) -> ImageTags | None:
+        tags = run if run is not None else init
+        if tags is None:
+            raise InvalidParameterError("a run with images needs image_tags (or InitParams.image_tags)")
+        return tags
+
+    def _image_part(self, mm: Any, m: MultimodalRequest, keep: list[Any]) -> Any:
+        part = mm.image
+        assert m.tags is not None
+        keep.append(m.tags)
+        part.image_start, part.image_end, part.image_content = m.tags
+        return part
 
     def _per_run(self, infer: Any, req: RunRequest, keep: list[Any]) -> None:
         if req.sampling is not None:

@@ -78,7 +78,17 @@ from ..native.backend import Backend, InferMode, RunRequest
 from ..native.backend import encode_path as _c_path
 from ..native.backend import encode_text as _c_text
 from ..native.library import RuntimeLibrary, load_library
-from ..params import FinishReason, InitParams, PerfStats, SamplingParams, StreamChunk, Tensor, context_len
+from ..native.multimodal import ImageInput, check_image_count
+from ..params import (
+    FinishReason,
+    ImageTags,
+    InitParams,
+    PerfStats,
+    SamplingParams,
+    StreamChunk,
+    Tensor,
+    context_len,
+)
 from .batch import FILLER_PROMPT, BatchInput, BatchOptions, BatchRun, plan_batch
 from .run import ABORT_WAIT_S, Run, RunStream, RunWorker, astream_run
 from .setup import ChatSetup, ChatTemplate, FunctionTools
@@ -99,6 +109,9 @@ __all__ = [
     "Session",
     "SessionState",
 ]
+
+
+_IMAGE_OPTIONS = ("image_size", "image_tags", "image_digests", "multi_image_abi12")
 
 
 class RunOptions(TypedDict, total=False):
@@ -122,6 +135,18 @@ class RunOptions(TypedDict, total=False):
     """Token input instead of a prompt."""
     mode: InferMode
     """``"generate"`` (text), or ``"hidden"`` / ``"logits"``: no text, the run returns a :class:`Tensor`."""
+    images: Sequence[ImageInput]
+    """Image embeddings (:class:`rkllm_core.vision.ImageEmbedding`), one per ``<image>`` of the prompt, in
+    order; the run goes as multimodal input (the embeddings concatenated image after image)."""
+    image_size: tuple[int, int] | None
+    """With ``images``: the encoder's input (height, width) in pixels (``EncoderGeometry``)."""
+    image_tags: ImageTags | None
+    """With ``images`` on 1.3: the family's tags (default :attr:`InitParams.image_tags`); on 1.2 the
+    tags are the instance's (set at init) and a different value is refused."""
+    image_digests: Sequence[str] | None
+    """One digest per image for :attr:`KVState.images` (default: SHA-256 of each embedding)."""
+    multi_image_abi12: bool
+    """False for a family that takes one image per prompt on the 1.2 runtime (Qwen3-VL): several are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +168,14 @@ class KVState:
         tag: what the last session declared the cache holds after its run (:meth:`Session.mark_kv`);
             ``None`` when unknown (anything touched the cache since).
         tokens: positions in the cache when last read, or ``None`` when unknown.
+        images: the digests of the images the cache holds, in order, declared with ``tag``: a
+            follow-up turn that finds its tag and its images here need not prefill them again.
     """
 
     epoch: int = 0
     tag: Hashable | None = None
     tokens: int | None = 0
+    images: tuple[str, ...] = ()
 
 
 class _HandleState:
@@ -167,8 +195,10 @@ class _HandleState:
         max_new_tokens: int = -1,
         n_batch: int = 1,
         base_sampling: SamplingParams | None = None,
+        image_tags: ImageTags | None = None,
     ) -> None:
         self.backend = backend
+        self.image_tags = image_tags  # the instance's image tags (1.2: set at init; 1.3: runs' default)
         self.fns = backend.functions
         self.handle = handle
         self.keepalive = keepalive  # the param struct, the model path, the 1.3 callback struct
@@ -190,6 +220,7 @@ class _HandleState:
         self.prompt_cache: str | None = None  # the loaded prompt cache file
         self.on_destroyed: list[Callable[[], None]] = []  # called once the native handle is gone
         self.kv_unknown_epoch = -1  # the KV epoch in which a run was cut by the binding's own limit
+        self.run_images: tuple[str, ...] = ()  # the images the cache holds after the current epoch's run
 
     # -- runs and jobs ----------------------------------------------------------------------------
     def request(self, prompt: str | None, **options: Unpack[RunOptions]) -> RunRequest:
@@ -201,7 +232,15 @@ class _HandleState:
         """
         if self.closed:
             raise HandleClosedError(f"the runtime handle for {self.name} is closed")
-        return self.backend.run_request(prompt, base_sampling=self.base_sampling, **options)
+        opts: dict[str, Any] = dict(options)
+        images = opts.pop("images", ())
+        image_opts = {k: opts.pop(k) for k in _IMAGE_OPTIONS if k in opts}
+        multimodal = None
+        if images:
+            multimodal = self.backend.image_request(prompt, images, init_image_tags=self.image_tags, **image_opts)
+        elif any(v is not None for k, v in image_opts.items() if k != "multi_image_abi12"):
+            raise InvalidParameterError(f"{', '.join(image_opts)} given without images")
+        return self.backend.run_request(prompt, base_sampling=self.base_sampling, multimodal=multimodal, **opts)
 
     def abort_run(self, run: Run) -> bool:
         """Abort ``run`` if it is still the current run (never another caller's later run)."""
@@ -575,7 +614,8 @@ class Session:
         state = self._state
         if state.kv_unknown_epoch == state.kv.epoch:
             tag = None
-        state.kv = KVState(state.kv.epoch, tag, state.kv.tokens if tokens is None else tokens)
+        images = state.run_images if tag is not None else ()
+        state.kv = KVState(state.kv.epoch, tag, state.kv.tokens if tokens is None else tokens, images)
 
     def _ready(self) -> _HandleState:
         state = self._state
@@ -587,8 +627,10 @@ class Session:
             raise BusyError(f"a run is still going on {state.name}; finish or close its stream first", reason="busy")
         return state
 
-    def _moved(self, tokens: int | None) -> None:
+    def _moved(self, tokens: int | None, images: tuple[str, ...] = ()) -> None:
+        """Move the KV epoch on; ``images``: what the cache holds after the run that moved it."""
         state = self._state
+        state.run_images = images
         state.kv = KVState(state.kv.epoch + 1, None, tokens)
 
     def _check(self, rc: int, name: str) -> None:
@@ -607,7 +649,7 @@ class Session:
         run = Run(_run_limit(state.max_new_tokens, req), keep)
         with state.mutex:
             state.current = run
-        self._moved(None)
+        self._moved(None, _images_after(state.kv, req))
         try:
             state.worker.submit(state, run, inp, infer, req.tensor, req.stop_after)
         except BaseException:
@@ -857,6 +899,7 @@ class RKLLMRuntime:
                 max_new_tokens=self.max_new_tokens,
                 n_batch=self.params.n_batch or 1,
                 base_sampling=base_sampling,
+                image_tags=self.params.image_tags,
             )
             self._finalizer = weakref.finalize(self, _finalize, self._state)
             _live.add(self._state)
@@ -940,6 +983,19 @@ class RKLLMRuntime:
         if self._state.closed:
             return None
         return self._state.lock.reserve(owner, release=self._state.unlock)
+
+    def check_images(self, n_images: int, *, multi_image_abi12: bool = True, family: str = "") -> None:
+        """Refuse a prompt's images before anything runs where this runtime and family cannot take them.
+
+        Args:
+            n_images: images in the prompt.
+            multi_image_abi12: the family's ``VisionFamily.multi_image_abi12``.
+            family: the family's name, for the message.
+
+        Raises:
+            ImageError: several images for a family that takes one per prompt on the 1.2 runtime.
+        """
+        check_image_count(self.abi, n_images, multi_image_abi12=multi_image_abi12, family=family)
 
     def session(self, timeout: float | None = None) -> Session:
         """Exclusive use of this handle: ``with rt.session() as s`` or ``async with rt.session() as s``.
@@ -1106,6 +1162,14 @@ class RKLLMRuntime:
         """Load a LoRA adapter; apply it to a run with ``lora=name``."""
         with self.session(timeout) as s:
             s.load_lora(path, name, scale)
+
+
+def _images_after(kv: KVState, req: RunRequest) -> tuple[str, ...]:
+    """The images the cache holds after ``req``: a declared history's, then the run's own (if it keeps its turn)."""
+    if not req.keep_history:
+        return ()
+    own = req.multimodal.digests if req.multimodal is not None else ()
+    return (kv.images if kv.tag is not None else ()) + own
 
 
 def _run_limit(init_limit: int, req: RunRequest) -> int:
