@@ -254,3 +254,57 @@ def test_two_threads_use_the_vision_model_while_another_swaps_text_models(
     assert counters["inits"] == counters["destroys"] >= 1 and counters["live_contexts"] == 0
     assert counters["concurrent_run_violations"] == 0 and counters["runs"] == 2 * rounds
     assert sim.counter("live_handles") == 0
+
+
+def test_the_policy_plans_room_for_the_encoder_too(vl_dir: Path) -> None:
+    """Pure state: the line counts the encoder file before the load and the encoder's report after it."""
+    from rkllm_core._sync import Waiter
+    from rkllm_core.models.line import LinePolicy, Request
+    from rkllm_core.params import InitParams
+
+    registry = ModelRegistry([vl_dir], platform=None)
+    vl, text = registry.get("qwen3-vl-2b"), registry.get("qwen3-0.6b")
+    assert vl.encoder_size == 20 * MiB
+    policy = LinePolicy(max_loaded=None, memory_budget_mb=35)
+    assert policy.estimate_mb(vl) == pytest.approx(30) and policy.estimate_mb(text) == pytest.approx(10)
+    req = Request(vl, InitParams(), Waiter(owner="a"), set())
+    policy.arrive(req)
+    policy.pump()
+    action = policy.take_action(req)
+    assert action is not None and action[0] == "load"
+    entry = action[1]
+    assert (entry.estimated_mb, entry.encoder_mb, entry.memory_mb) == pytest.approx((10, 20, 30))
+
+    class Reported:
+        memory_bytes = 24 * MiB
+
+    policy.loaded(req, entry, object(), 0.1, Reported())  # type: ignore[arg-type]
+    assert entry.memory_mb == pytest.approx(34) and policy.estimate_mb(vl) == pytest.approx(34)
+
+
+def test_a_handle_closed_by_its_user_takes_the_encoder_with_it(
+    manager_factory: Factory, rknn_sim: RKNNSimulatorControl
+) -> None:
+    manager = manager_factory()
+    with manager.lease("qwen3-vl-2b") as lease:
+        first = lease.encoder
+        assert first is not None
+        closed = threading.Event()
+        original = first.close
+
+        def close(**kwargs: float) -> None:
+            original(**kwargs)
+            closed.set()
+
+        first.close = close  # type: ignore[method-assign]  # observe the close, which still runs
+        lease.runtime.close()
+    with manager.lease("qwen3-vl-2b") as again:  # reloaded, with a fresh encoder
+        assert again.encoder is not None and again.encoder is not first
+        assert closed.wait(30) and first.state is EncoderState.CLOSED
+        assert rknn_sim.counter("live_contexts") == 1
+
+
+async def test_an_async_lease_gives_the_encoder(manager_factory: Factory) -> None:
+    manager = manager_factory()
+    async with manager.alease("qwen3-vl-2b") as lease:
+        assert lease.encoder is not None and encode_once(lease.encoder) == SHAPE["tokens"]
