@@ -8,7 +8,9 @@ both native layers. Every test also checks that the simulator saw no multimodal 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -242,20 +244,23 @@ def test_the_kv_state_names_the_images_the_cache_holds(encoder: ImageEncoder, vl
     with rt.session() as s:
         s.generate("<image>describe", images=[red], image_size=size, keep_history=True)
         s.mark_kv("conversation")
-        assert s.kv.tag == "conversation" and s.kv.images == (hashlib.sha256(red.data).hexdigest(),)
+        held: list[tuple[str, ...]] = [s.kv.images]
+        assert s.kv.tag == "conversation"
         s.generate("and now?", keep_history=True)
         s.mark_kv("conversation+1")
         s.generate("<image>this one", images=[blue], image_size=size, keep_history=True, image_digests=["blue.png"])
-        assert s.kv.images == ()  # nothing declared for this epoch yet
+        held.append(s.kv.images)  # nothing declared for this epoch yet
         s.mark_kv("conversation+2")
-        assert s.kv.images == (hashlib.sha256(red.data).hexdigest(), "blue.png")
+        held.append(s.kv.images)
         s.generate("<image>forget", images=[red], image_size=size)  # keep_history=False empties the cache
         s.mark_kv("fresh")
-        assert s.kv.images == ()
+        held.append(s.kv.images)
         s.generate("<image>again", images=[red], image_size=size, keep_history=True)
         s.clear_kv_cache()
         s.mark_kv("cleared")
-        assert s.kv.images == ()
+        held.append(s.kv.images)
+    red_digest = hashlib.sha256(red.data).hexdigest()
+    assert held == [(red_digest,), (), (red_digest, "blue.png"), (), ()]
 
 
 def test_the_simulator_counts_what_breaks_the_multimodal_contract(
@@ -277,9 +282,20 @@ def test_the_simulator_counts_what_breaks_the_multimodal_contract(
             multimodal = replace(multimodal, embed=multimodal.embed * 2)
         req = backend.run_request("<image>", multimodal=multimodal)
         with rt.session() as s, pytest.raises(RunError):
-            list(RunStream(lambda req=req, s=s: s._start(req), rt._state.abort_run))
+            list(RunStream(functools.partial(s._start, req), rt._state.abort_run))
         assert sim.counter("multimodal_violations") == before + 1
     no_width = vlm(hidden_size=0)
     with pytest.raises(RunError):
         no_width.generate("<image>", images=[emb], image_size=size_of(encoder))
     sim.reset()  # the violations above were deliberate
+
+
+def test_async_runs_take_images_too(encoder: ImageEncoder, vlm: Callable[..., RKLLMRuntime]) -> None:
+    rt = vlm()
+    emb = encoder.encode_image(png(BLUE))
+
+    async def main() -> str:
+        parts = [c.text async for c in rt.astream("<image>colour?", images=[emb], image_size=size_of(encoder))]
+        return "".join(parts)
+
+    assert asyncio.run(main()).startswith("I see a mostly blue image.")

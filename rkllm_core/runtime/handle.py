@@ -30,6 +30,15 @@ Thread and task model:
   in every run, so it runs only :meth:`RKLLMRuntime.batch` (see :mod:`.batch`); a
   single run there is refused. A batched run is a run like any other for the rules
   above, and afterwards the KV state is unknown (``keep_history`` is always 0).
+* **Images.** ``stream(prompt, images=[...], image_size=(h, w))`` (and every run method,
+  sync or async) sends a multimodal run: one ``<image>`` per image in ``prompt``, the
+  embeddings (:class:`rkllm_core.vision.ImageEmbedding`) concatenated image after image,
+  ``image_size`` the encoder's input. Tags are :attr:`InitParams.image_tags` (set at init on
+  1.2, so part of the instance; on 1.3 the default of ``image_tags=`` per run). Counts, sizes
+  and one-image families on 1.2 (``multi_image_abi12=False``, or :meth:`RKLLMRuntime.check_images`)
+  are refused before any native call; the embedding buffer lives until ``rkllm_run`` returns.
+  After :meth:`Session.mark_kv`, :attr:`KVState.images` lists the digests of the images the
+  cache holds (``image_digests=``, default SHA-256 of each embedding).
 * **Exit.** Every run is aborted and waited for before Python joins non-daemon
   threads; after that, a handle still held by code that can never run again (a
   generator left suspended, a task whose loop stopped) is destroyed.
@@ -1023,10 +1032,12 @@ class RKLLMRuntime:
             timeout: seconds to wait for the handle before raising ``BusyError``.
             **options: see :class:`RunOptions` (``role``, ``enable_thinking``,
                 ``keep_history``, ``sampling``, ``max_new_tokens``, ``lora``,
-                ``save_prompt_cache``, ``token_ids``).
+                ``save_prompt_cache``, ``token_ids``, ``mode``; for images ``images``,
+                ``image_size``, ``image_tags``, ``image_digests``, ``multi_image_abi12``).
 
         Raises:
-            InvalidParameterError: bad arguments (nothing reaches the runtime).
+            InvalidParameterError: bad arguments (nothing reaches the runtime); an
+                :class:`~rkllm_core.errors.ImageError` for images that do not fit the prompt.
             HandleClosedError: the handle was closed.
         """
         req = self._state.request(prompt, **options)
