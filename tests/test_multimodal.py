@@ -299,3 +299,15 @@ def test_async_runs_take_images_too(encoder: ImageEncoder, vlm: Callable[..., RK
         return "".join(parts)
 
     assert asyncio.run(main()).startswith("I see a mostly blue image.")
+
+
+def test_a_deepstack_encoders_interleaved_rows_reach_the_model(
+    rknn_lib: RKNNLibrary, rknn_sim: RKNNSimulatorControl, tmp_path: Path, vlm: Callable[..., RKLLMRuntime]
+) -> None:
+    path = make_encoder(tmp_path, "deepstack.rknn", height=32, width=32, tokens=9, embed=WIDTH, outputs=4)
+    with ImageEncoder(path, family=FAMILIES["qwen3-vl"], library=rknn_lib, soc="rk3588") as enc:
+        emb = enc.encode_image(png(GREEN))
+        size = (enc.geometry.height, enc.geometry.width)
+    assert emb.width == 4 * WIDTH
+    rt = vlm(hidden_size=4 * WIDTH)
+    assert rt.generate("<image>", images=[emb], image_size=size).text.startswith("I see a mostly green image.")
