@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._sync import Deadline
-from ..errors import InvalidParameterError, NativeError
+from ..errors import InvalidParameterError, ModelKindError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
 from ..models.registry import CHAT_KINDS
 from ..params import InitParams, PerfStats, StreamChunk
@@ -505,6 +505,8 @@ def _batched_done(lease: Lease, plan: Plan, tracker: _Tracker) -> ChatDone:
 
 def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> list[ChatMessage]:
     msgs = validate_messages(messages)
+    if any(m.images for m in msgs):  # never dropped silently
+        raise ModelKindError("images in chat requests are not served yet: the chat engine takes text only")
     if opts.response_format is not None:
         msgs = append_instruction(msgs, json_instruction(opts.response_format))
     return msgs

@@ -6,6 +6,7 @@ engine maps them onto what the runtime accepts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..params import check_text
 
 __all__ = [
     "ChatMessage",
+    "ImagePart",
     "MessageRole",
     "ToolCallRequest",
     "append_instruction",
@@ -51,6 +53,39 @@ class ToolCallRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image in a user message: its encoded bytes, or where to read them.
+
+    Exactly one of the two is given. The image is decoded only when a vision model
+    answers (``rkllm_core.vision``); a text model refuses it.
+
+    Attributes:
+        data: the encoded image (PNG, JPEG, WebP, ...).
+        url: a ``data:`` URL, a local path or ``file:`` URL (in-process use only: the server
+            never passes one on), or an ``http(s)`` URL, fetched only when the request's
+            :attr:`ChatOptions.allow_remote_images <rkllm_core.chat.options.ChatOptions>` says so.
+    """
+
+    data: bytes | None = None
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        """Check that exactly one of ``data`` and ``url`` is given, of the right type."""
+        if (self.data is None) == (self.url is None):
+            raise InvalidParameterError("an image needs exactly one of data (bytes) and url")
+        if self.data is not None and not isinstance(self.data, bytes | bytearray | memoryview):
+            raise InvalidParameterError(f"image data must be bytes, got {type(self.data).__name__}")
+        if self.url is not None and (not isinstance(self.url, str) or not self.url):
+            raise InvalidParameterError("an image url must be a non-empty string")
+
+    def key(self) -> str:
+        """What identifies this image in a conversation: the sha256 of its bytes, or its url."""
+        if self.data is not None:
+            return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        return "url:" + str(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     """One message of a conversation.
 
@@ -60,6 +95,7 @@ class ChatMessage:
         name: an optional speaker name (rendered as ``name: content`` for user messages).
         tool_calls: the calls an assistant message made.
         tool_call_id: for a ``tool`` message, the call it answers.
+        images: images of a ``user`` message; in the prompt they come before its text, in order.
     """
 
     role: MessageRole
@@ -67,6 +103,7 @@ class ChatMessage:
     name: str | None = None
     tool_calls: tuple[ToolCallRequest, ...] = ()
     tool_call_id: str | None = None
+    images: tuple[ImagePart, ...] = ()
 
     def __post_init__(self) -> None:
         """Check the role, and that every text is text the runtime can take."""
@@ -77,6 +114,10 @@ class ChatMessage:
             check_text(self.name, f"{self.role} message name")
         if self.tool_calls and self.role != "assistant":
             raise InvalidParameterError("only assistant messages can carry tool_calls")
+        if self.images and self.role != "user":
+            raise InvalidParameterError("only user messages can carry images")
+        if not all(isinstance(image, ImagePart) for image in self.images):
+            raise InvalidParameterError("message images must be ImagePart values")
 
     def fingerprint(self) -> tuple[Any, ...]:
         """What must match for this message to count as already in the KV cache.
@@ -88,6 +129,7 @@ class ChatMessage:
             self.content.strip(),
             self.name,
             tuple(c.canonical() for c in self.tool_calls),
+            tuple(image.key() for image in self.images),
         )
 
 

@@ -74,6 +74,8 @@ class ChatOptions:
             for JSON (decoding cannot be constrained).
         timeout: seconds to wait for the model (its turn on the handle, room to load it)
             before ``BusyError``; the generation itself is bounded by ``max_new_tokens``.
+        allow_remote_images: fetch ``http(s)`` image URLs (with size and time limits); off by
+            default, and the server turns it on only when told to.
     """
 
     sampling: SamplingParams | None = None
@@ -84,6 +86,7 @@ class ChatOptions:
     tool_choice: ToolChoice = None
     response_format: Mapping[str, Any] | None = None
     timeout: float | None = None
+    allow_remote_images: bool = False
 
     def __post_init__(self) -> None:
         """Validate limits, stops, tools, tool choice and response format."""
