@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,7 +19,7 @@ from langchain_core.messages import (
 )
 
 from rkllm_core.chat.messages import ChatMessage as CoreMessage
-from rkllm_core.chat.messages import MessageRole, ToolCallRequest
+from rkllm_core.chat.messages import ImagePart, MessageRole, ToolCallRequest
 from rkllm_core.errors import InvalidParameterError
 
 __all__ = ["UnsupportedContentError", "to_core_messages"]
@@ -35,6 +37,7 @@ _MODALITIES: dict[str, str] = {
     "video": "video",
     "video_url": "video",
 }
+_IMAGE_BLOCKS = frozenset(kind for kind, modality in _MODALITIES.items() if modality == "image")
 _TEXT_BLOCKS = frozenset({"text", "input_text", "output_text"})
 # Blocks an assistant message may carry next to its text: tool calls travel in ``tool_calls``,
 # reasoning is never sent back to the model.
@@ -66,7 +69,7 @@ _CHAT_ROLES: dict[str, MessageRole] = {
 
 
 class UnsupportedContentError(InvalidParameterError):
-    """A message carries content the RKLLM runtime cannot take (image, audio, file, video).
+    """A message carries content ChatRKLLM cannot pass on (audio, file, video, or an image outside a user message).
 
     A ``ValueError``; nothing reached the runtime.
 
@@ -83,12 +86,15 @@ def _describe(index: int, message: BaseMessage) -> str:
     return f"message {index} ({type(message).__name__})"
 
 
-def _text_of(content: str | list[Any], *, index: int, message: BaseMessage, assistant: bool) -> str:
+def _text_of(
+    content: str | list[Any], *, index: int, message: BaseMessage, assistant: bool, images: bool = False
+) -> str:
     """The text of a message: a string, or the text blocks of a block list joined.
 
     Assistant blocks are joined without a separator (they are pieces of one reply, as
     ``AIMessage.text`` joins them); blocks of other messages are separate parts and are
-    joined with a newline.
+    joined with a newline. With ``images`` (a user message), image blocks are skipped here:
+    :func:`_images_of` reads them.
     """
     if isinstance(content, str):
         return content
@@ -107,13 +113,10 @@ def _text_of(content: str | list[Any], *, index: int, message: BaseMessage, assi
             if not isinstance(text, str):
                 raise InvalidParameterError(f"{_describe(index, message)}: a text block's 'text' must be a str")
             parts.append(text)
+        elif images and kind in _IMAGE_BLOCKS:
+            continue
         elif isinstance(kind, str) and kind in _MODALITIES:
-            modality = _MODALITIES[kind]
-            raise UnsupportedContentError(
-                f"ChatRKLLM cannot take {modality} input: the RKLLM runtime takes text only "
-                f"(a {kind!r} content block in {_describe(index, message)})",
-                modality=modality.split(" ")[0],
-            )
+            raise _refusal(kind, index, message)
         elif assistant and kind in _AI_SKIPPED_BLOCKS:
             continue
         elif kind is None and isinstance(message, ToolMessage):
@@ -121,9 +124,72 @@ def _text_of(content: str | list[Any], *, index: int, message: BaseMessage, assi
         else:
             raise InvalidParameterError(
                 f"{_describe(index, message)}: unsupported content block type {kind!r}; "
-                "ChatRKLLM takes text blocks only"
+                "ChatRKLLM takes text blocks (and image blocks in user messages)"
             )
     return ("" if assistant else "\n").join(parts)
+
+
+def _refusal(kind: str, index: int, message: BaseMessage) -> UnsupportedContentError:
+    modality = _MODALITIES[kind]
+    if modality == "image":
+        return UnsupportedContentError(
+            f"ChatRKLLM cannot take image input here: images go in user (human) messages only "
+            f"(a {kind!r} content block in {_describe(index, message)})",
+            modality="image",
+        )
+    return UnsupportedContentError(
+        f"ChatRKLLM cannot take {modality} input: the RKLLM runtime takes text and images only "
+        f"(a {kind!r} content block in {_describe(index, message)})",
+        modality=modality.split(" ")[0],
+    )
+
+
+def _has_images(content: str | list[Any]) -> bool:
+    return not isinstance(content, str) and any(
+        isinstance(block, Mapping) and block.get("type") in _IMAGE_BLOCKS for block in content
+    )
+
+
+def _image_part(block: Mapping[str, Any], where: str) -> ImagePart:
+    """One image block (standard v1, or an OpenAI ``image_url`` LangChain left as non-standard) as an ImagePart."""
+    if block.get("type") == "non_standard":
+        value = block.get("value")
+        url = value.get("image_url") if isinstance(value, Mapping) else None
+        if isinstance(url, Mapping):
+            url = url.get("url")
+        if not isinstance(url, str) or not url:
+            raise InvalidParameterError(f"{where}: an image block needs a url, got {dict(block)!r:.120}")
+        return ImagePart(url=url)
+    if isinstance(block.get("base64"), str):
+        try:
+            return ImagePart(data=base64.b64decode(block["base64"], validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidParameterError(f"{where}: the image block's base64 is invalid ({exc})") from exc
+    if isinstance(block.get("url"), str) and block["url"]:
+        return ImagePart(url=block["url"])
+    if block.get("file_id") is not None:
+        raise UnsupportedContentError(
+            f"{where}: an image given by file_id (a provider's upload) cannot be read here; "
+            "pass its bytes (base64) or a url",
+            modality="image",
+        )
+    raise InvalidParameterError(f"{where}: an image block needs base64 data or a url")
+
+
+def _images_of(message: BaseMessage, index: int) -> tuple[ImagePart, ...]:
+    """The images of a user message, in order, from LangChain's normalised ``content_blocks``."""
+    if not _has_images(message.content):
+        return ()
+    where = _describe(index, message)
+    parts = []
+    for block in message.content_blocks:
+        if block.get("type") == "image":
+            parts.append(_image_part(block, where))
+        elif block.get("type") == "non_standard":
+            value = block.get("value")
+            if isinstance(value, Mapping) and value.get("type") in _IMAGE_BLOCKS:
+                parts.append(_image_part(block, where))
+    return tuple(parts)
 
 
 def _tool_calls(message: AIMessage) -> tuple[ToolCallRequest, ...]:
@@ -139,8 +205,12 @@ def _tool_calls(message: AIMessage) -> tuple[ToolCallRequest, ...]:
 def to_core_messages(messages: Sequence[BaseMessage]) -> list[CoreMessage]:
     """Translate LangChain messages into ``rkllm_core`` chat messages.
 
-    Names are kept; text content blocks are joined; an image, audio, file or video
-    block raises :class:`UnsupportedContentError`.
+    Names are kept; text content blocks are joined. Image blocks of user (human) messages
+    become :class:`~rkllm_core.chat.messages.ImagePart` values: LangChain's ``{"type": "image",
+    "base64" | "url": ...}`` blocks, OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``
+    (a ``data:`` URL or an http(s) one) and the older ``source_type`` blocks, all read through
+    ``message.content_blocks``. An image anywhere else, or an audio, file or video block, raises
+    :class:`UnsupportedContentError`.
 
     Raises:
         InvalidParameterError: an unknown message type or role, or an unsupported block.
@@ -152,7 +222,8 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[CoreMessage]:
             text = _text_of(m.content, index=i, message=m, assistant=True)
             out.append(CoreMessage("assistant", text, name=name, tool_calls=_tool_calls(m)))
         elif isinstance(m, HumanMessage):
-            out.append(CoreMessage("user", _text_of(m.content, index=i, message=m, assistant=False), name=name))
+            text = _text_of(m.content, index=i, message=m, assistant=False, images=True)
+            out.append(CoreMessage("user", text, name=name, images=_images_of(m, i)))
         elif isinstance(m, SystemMessage):
             out.append(CoreMessage("system", _text_of(m.content, index=i, message=m, assistant=False), name=name))
         elif isinstance(m, ToolMessage):
@@ -166,8 +237,8 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[CoreMessage]:
                 raise InvalidParameterError(
                     f"{_describe(i, m)}: unknown role {m.role!r}; use one of {', '.join(sorted(_CHAT_ROLES))}"
                 )
-            text = _text_of(m.content, index=i, message=m, assistant=role == "assistant")
-            out.append(CoreMessage(role, text, name=name))
+            text = _text_of(m.content, index=i, message=m, assistant=role == "assistant", images=role == "user")
+            out.append(CoreMessage(role, text, name=name, images=_images_of(m, i) if role == "user" else ()))
         else:
             raise InvalidParameterError(f"{_describe(i, m)}: ChatRKLLM cannot send this message type")
     return out

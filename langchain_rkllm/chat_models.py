@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
+from dataclasses import replace
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -167,6 +168,26 @@ class ChatRKLLM(ModelClient[ChatEngine], BaseChatModel):
         the generation on the NPU. Concurrent requests for one model queue in
         arrival order (one generation per model at a time).
 
+    Image input:
+        ```python
+        import base64
+
+        from langchain_core.messages import HumanMessage
+
+        vl = ChatRKLLM(model="qwen2.5-vl-3b")  # a vision model with its .rknn image encoder beside it
+        png = base64.b64encode(open("photo.png", "rb").read()).decode()
+        vl.invoke([HumanMessage([
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image", "base64": png, "mime_type": "image/png"},
+        ])])
+        ```
+
+        User (human) messages take LangChain's image blocks (``"base64"`` or ``"url"``),
+        OpenAI's ``{"type": "image_url", "image_url": {"url": "data:..."}}`` and the older
+        ``source_type`` blocks; a ``url`` may be a ``data:`` URL or a local path. ``http(s)``
+        URLs are fetched only with ``allow_remote_images=True``. An image in any other
+        message, and audio, PDF or video blocks, raise ``UnsupportedContentError``.
+
     Tool calling:
         ```python
         from pydantic import BaseModel, Field
@@ -296,6 +317,10 @@ class ChatRKLLM(ModelClient[ChatEngine], BaseChatModel):
     streaming: bool = False
     """Stream tokens through ``invoke`` too (for callbacks); ``stream()`` always streams."""
 
+    allow_remote_images: bool = False
+    """Fetch images given by an ``http(s)`` URL (with size and time limits). Off by default: only
+    image bytes, ``data:`` URLs and local paths are read."""
+
     engine_class = ChatEngine
 
     # -- validation ----------------------------------------------------------------------------------------------
@@ -366,7 +391,10 @@ class ChatRKLLM(ModelClient[ChatEngine], BaseChatModel):
         overrides = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS and k != "model"}
         overrides["stop"] = stop
         overrides["tools"] = [convert_to_openai_tool(t) for t in kwargs.get("tools") or ()]  # as-is from bind_tools
-        return model, to_core_messages(messages), ChatOptions.from_settings(self._settings(), overrides)
+        options = ChatOptions.from_settings(self._settings(), overrides)
+        if self.allow_remote_images:
+            options = replace(options, allow_remote_images=True)
+        return model, to_core_messages(messages), options
 
     # -- generation ----------------------------------------------------------------------------------------------
     def _chunks(
