@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import aclosing, closing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
+    ImageBlock,
     LLMMetadata,
     MessageRole,
     TextBlock,
@@ -179,6 +180,13 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
             "mirostat_eta, response_format); per-call arguments override them. An unknown name is refused."
         ),
     )
+    allow_remote_images: bool = Field(
+        default=False,
+        description=(
+            "Fetch ImageBlock images given by an http(s) URL (with size and time limits). Off by default: "
+            "image bytes, paths and data: URLs are read."
+        ),
+    )
     context_window: int | None = Field(
         default=None,
         gt=0,
@@ -298,7 +306,8 @@ class RKLLM(ModelClient[ChatEngine], FunctionCallingLLM):
         unknown = sorted(k for k in kwargs if k not in SETTINGS and k not in _IGNORED_KWARGS)
         if unknown:
             logger.debug("RKLLM ignores these keyword arguments: %s", ", ".join(unknown))
-        return ChatOptions.from_settings(self._settings(), self._overrides(kwargs))
+        options = ChatOptions.from_settings(self._settings(), self._overrides(kwargs))
+        return replace(options, allow_remote_images=True) if self.allow_remote_images else options
 
     # -- requests -------------------------------------------------------------------------------
     def _request(self, system: str | None, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> _Request:
@@ -485,10 +494,13 @@ def to_core_messages(messages: Sequence[ChatMessage]) -> list[core.ChatMessage]:
     Assistant tool calls (``ToolCallBlock`` blocks, else ``additional_kwargs["tool_calls"]``)
     become :class:`~rkllm_core.chat.messages.ToolCallRequest` objects and tool results keep their
     ``tool_call_id``, so a conversation sent back unchanged matches the one in the KV cache.
-    Thinking blocks are dropped (earlier reasoning is not part of the prompt).
+    Thinking blocks are dropped (earlier reasoning is not part of the prompt). ``ImageBlock``
+    blocks of user messages become :class:`~rkllm_core.chat.messages.ImagePart` values: bytes
+    and paths are read here, a URL is passed on (http(s) is fetched only with
+    ``allow_remote_images``).
 
     Raises:
-        ValueError: a message carries images, audio, video or documents (text only).
+        ValueError: an image outside a user message, or audio, video or documents.
     """
     out = []
     for m in messages:
@@ -503,9 +515,28 @@ def to_core_messages(messages: Sequence[ChatMessage]) -> list[core.ChatMessage]:
         elif role == "tool":
             call_id = extra.get("tool_call_id")
             out.append(core.ChatMessage("tool", text, name=name, tool_call_id=str(call_id) if call_id else None))
+        elif role == "user":
+            out.append(core.ChatMessage("user", text, name=name, images=_images_of(m)))
         else:
-            out.append(core.ChatMessage(role, text, name=name if role == "user" else None))
+            out.append(core.ChatMessage(role, text))
     return out
+
+
+def _images_of(message: ChatMessage) -> tuple[core.ImagePart, ...]:
+    """The ``ImageBlock`` images of a user message, in order: bytes (a path is read), or the URL."""
+    parts = []
+    for block in message.blocks:
+        if not isinstance(block, ImageBlock):
+            continue
+        if block.image is None and block.path is None and block.url is not None:
+            parts.append(core.ImagePart(url=str(block.url)))
+            continue
+        try:
+            data = block.resolve_image().read()
+        except (OSError, ValueError) as exc:
+            raise InvalidParameterError(f"an ImageBlock of a user message cannot be read: {exc}") from exc
+        parts.append(core.ImagePart(data=data))
+    return tuple(parts)
 
 
 def _text_of(message: ChatMessage) -> str:
@@ -515,9 +546,15 @@ def _text_of(message: ChatMessage) -> str:
             parts.append(block.text)
         elif isinstance(block, ThinkingBlock | ToolCallBlock | CachePoint):
             continue
+        elif isinstance(block, ImageBlock) and message.role == MessageRole.USER:
+            continue
+        elif isinstance(block, ImageBlock):
+            raise InvalidParameterError(
+                f"RKLLM takes images in user messages only; a {message.role.value} message has an ImageBlock"
+            )
         else:
             raise InvalidParameterError(
-                f"RKLLM takes text only; a {message.role.value} message has a {type(block).__name__}"
+                f"RKLLM takes text and images only; a {message.role.value} message has a {type(block).__name__}"
             )
     return "\n".join(parts)
 

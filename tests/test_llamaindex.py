@@ -557,8 +557,8 @@ def test_message_translation() -> None:
     assert out[2].content == "ok" and out[2].tool_calls == (ToolCallRequest("c1", "f", {"x": 1}),)  # no reasoning
     assert out[3].tool_call_id == "c1"
     assert out[4].tool_calls == (ToolCallRequest("c2", "g", {"y": 2}),)
-    with pytest.raises(ValueError, match="text only"):
-        to_core_messages([ChatMessage(role="user", blocks=[ImageBlock(url="http://example.com/a.png")])])
+    with pytest.raises(ValueError, match="images in user messages only"):
+        to_core_messages([ChatMessage(role="assistant", blocks=[ImageBlock(url="http://example.com/a.png")])])
 
 
 def test_bad_conversations_fail_before_the_runtime(llm: RKLLM, sim: SimulatorControl) -> None:
