@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rkllm_core.chat.engine import ChatDone, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta, Usage
-from rkllm_core.chat.messages import ChatMessage, ToolCallRequest
+from rkllm_core.chat.messages import ChatMessage, ImagePart, ToolCallRequest
 from rkllm_core.errors import InvalidParameterError, ModelNotFoundError
 from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.params import PerfStats
@@ -146,12 +146,17 @@ def test_tool_calls_carry_objects_and_results_find_their_call() -> None:
     assert msgs[2].tool_call_id == clock.id and msgs[3].tool_call_id == weather.id != clock.id
 
 
-def test_images_are_refused_with_a_clear_400() -> None:
-    with pytest.raises(WireError, match="images") as err:
-        ow.chat_request({"model": "m", "messages": [{"role": "user", "content": "?", "images": ["aGk="]}]})
+def test_images_are_bare_base64_on_user_messages_and_generate_prompts() -> None:
+    msgs = ow.chat_request({"model": "m", "messages": [{"role": "user", "content": "?", "images": ["aGk="]}]}).messages
+    assert msgs[0].images == (ImagePart(data=b"hi"),)
+    req = ow.generate_request({"model": "m", "prompt": "?", "system": "s", "images": ["aGk=", "eW8="]})
+    assert req.messages[-1].images == (ImagePart(data=b"hi"), ImagePart(data=b"yo"))
+    with pytest.raises(WireError, match="base64") as err:
+        ow.chat_request({"model": "m", "messages": [{"role": "user", "content": "?", "images": ["not base64!"]}]})
+    assert err.value.param == "messages[0].images[0]"
+    with pytest.raises(WireError, match="user messages only") as err:
+        ow.chat_request({"model": "m", "messages": [{"role": "assistant", "content": "?", "images": ["aGk="]}]})
     assert err.value.param == "messages[0].images"
-    with pytest.raises(WireError, match="images"):
-        ow.generate_request({"model": "m", "prompt": "?", "images": ["aGk="]})
 
 
 def test_unknown_fields_are_ignored_as_ollama_does_and_bad_roles_are_named() -> None:

@@ -49,6 +49,7 @@ from ..models.manager import ModelManager
 from .admission import AdmissionLine, Place
 from .metrics import ServerMetrics
 from .wire import WireError
+from .wire_images import DEFAULT_MAX_IMAGE_BYTES, ImagePolicy, body_limit_for
 
 __all__ = [
     "ACCESS_LOGGER",
@@ -90,7 +91,8 @@ class ServerSettings:
     Attributes:
         api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``.
         board: the name this server reports in ``X-RKLLM-Board`` (default: the host name).
-        max_body_bytes: larger request bodies get 413.
+        max_body_bytes: larger request bodies get 413 (default about 25 MiB: room for an image of the
+            default ``max_image_bytes`` in base64, with its conversation).
         max_messages: more messages in one request get 400.
         max_tokens: a larger ``max_tokens`` / ``max_completion_tokens`` gets 400.
         max_waiting: requests one model may have in flight (running or waiting for the NPU) before a
@@ -98,16 +100,26 @@ class ServerSettings:
         queue_timeout: seconds a request may wait for its model before 429.
         access_log: log one line per request to :data:`ACCESS_LOGGER` (method, path, model, status,
             tokens, milliseconds).
+        max_image_bytes: the largest image (decoded) a request may send; larger gets 400.
+        allow_remote_images: take ``http(s)`` image URLs in requests (fetched by the server, with size
+            and time limits); off by default, when such a URL gets 400 naming ``--allow-remote-images``.
     """
 
     api_key: str | None = None
     board: str = ""
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = body_limit_for(DEFAULT_MAX_IMAGE_BYTES)
     max_messages: int = 512
     max_tokens: int = 8192
     max_waiting: int = 64
     queue_timeout: float = 120.0
     access_log: bool = True
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    allow_remote_images: bool = False
+
+    @property
+    def images(self) -> ImagePolicy:
+        """What requests may send as images."""
+        return ImagePolicy(max_bytes=self.max_image_bytes, allow_remote=self.allow_remote_images)
 
 
 class Stopping:

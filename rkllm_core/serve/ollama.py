@@ -270,7 +270,7 @@ async def ps(state: State) -> Response:
 @_api.post(PREFIX + "/chat")
 async def chat(body: NamedBody, state: State, note: Note) -> Response:
     """A chat turn, streamed as NDJSON (the default) or whole; no messages loads or unloads the model."""
-    req = ow.chat_request(body, max_tokens_limit=state.settings.max_tokens)
+    req = ow.chat_request(body, max_tokens_limit=state.settings.max_tokens, images=state.settings.images)
     if len(req.messages) > state.settings.max_messages:
         raise WireError(f"more than {state.settings.max_messages} messages", "messages")
     return await _answer(state, note, req, chat=True)
@@ -279,7 +279,7 @@ async def chat(body: NamedBody, state: State, note: Note) -> Response:
 @_api.post(PREFIX + "/generate")
 async def generate(body: NamedBody, state: State, note: Note) -> Response:
     """A completion of ``prompt`` (through the chat template); an empty prompt loads or unloads the model."""
-    req = ow.generate_request(body, max_tokens_limit=state.settings.max_tokens)
+    req = ow.generate_request(body, max_tokens_limit=state.settings.max_tokens, images=state.settings.images)
     return await _answer(state, note, req, chat=False)
 
 

@@ -31,6 +31,7 @@ from ..errors import ModelNotFoundError
 from ..models.registry import ModelInfo
 from ..params import SAMPLING_FIELDS
 from .wire import WireError, _model_name
+from .wire_images import ImagePolicy, ollama_images
 
 __all__ = [
     "DEFAULT_TAG",
@@ -105,7 +106,6 @@ _COMMON = (
 )
 _CHAT_KNOWN = frozenset({*_COMMON, "messages", "tools"})
 _GENERATE_KNOWN = frozenset({*_COMMON, "prompt", "suffix", "images", "system", "template", "raw", "context"})
-_NO_IMAGES = "images are not supported by this server yet: send text only"
 
 
 # -- names ---------------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def _arguments(raw: Any, where: str) -> dict[str, Any]:
     return arguments
 
 
-def _messages(value: Any) -> list[ChatMessage]:
+def _messages(value: Any, images: ImagePolicy) -> list[ChatMessage]:
     """Ollama's messages; tool results are matched to the calls before them by ``tool_name``, else in order."""
     if value is None:
         return []
@@ -294,8 +294,7 @@ def _messages(value: Any) -> list[ChatMessage]:
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
             raise WireError(f"'{at}.role' must be system, user, assistant or tool, not {role!r}", f"{at}.role")
-        if m.get("images"):
-            raise WireError(_NO_IMAGES, f"{at}.images")
+        parts = ollama_images(m.get("images"), f"{at}.images", role, images)
         content = m.get("content") or ""
         if not isinstance(content, str):
             raise WireError(f"'{at}.content' must be a string", f"{at}.content")
@@ -322,41 +321,44 @@ def _messages(value: Any) -> list[ChatMessage]:
             if match is not None:
                 open_calls.remove(match)
                 call_id = match.id
-        out.append(ChatMessage(role, content, tool_calls=calls, tool_call_id=call_id))
+        out.append(ChatMessage(role, content, tool_calls=calls, tool_call_id=call_id, images=parts))
     return out
 
 
-def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatRequest:
-    """Read an ``/api/chat`` body.
+def chat_request(body: Any, *, max_tokens_limit: int | None = None, images: ImagePolicy | None = None) -> ChatRequest:
+    """Read an ``/api/chat`` body (a user message's ``images`` are bare base64 strings).
 
     Raises:
-        WireError: a missing or malformed field (named), images, or an unknown field.
+        WireError: a missing or malformed field (named), bad images, or an unknown field.
         ModelNotFoundError: a path or an unknown tag in ``model``.
         InvalidParameterError: a value out of range (from :class:`ChatOptions`).
     """
     body = _object(body)
     model = model_name(body)
     _check_known(body, _CHAT_KNOWN)
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), images or ImagePolicy())
     options = ChatOptions.from_settings(_settings(body, max_tokens_limit))
     return ChatRequest(
         model, messages, options, body.get("stream") is not False, keep_alive_seconds(body.get("keep_alive"))
     )
 
 
-def generate_request(body: Any, *, max_tokens_limit: int | None = None) -> GenerateRequest:
+def generate_request(
+    body: Any, *, max_tokens_limit: int | None = None, images: ImagePolicy | None = None
+) -> GenerateRequest:
     """Read an ``/api/generate`` body (``raw``, ``template``, ``suffix`` and ``context`` are refused when set).
 
+    ``images`` (bare base64 strings) go with the prompt, before its text.
+
     Raises:
-        WireError: a missing or malformed field (named), images, or a field this server cannot honour.
+        WireError: a missing or malformed field (named), bad images, or a field this server cannot honour.
         ModelNotFoundError: a path or an unknown tag in ``model``.
         InvalidParameterError: a value out of range (from :class:`ChatOptions`).
     """
     body = _object(body)
     model = model_name(body)
     _check_known(body, _GENERATE_KNOWN)
-    if body.get("images"):
-        raise WireError(_NO_IMAGES, "images")
+    parts = ollama_images(body.get("images"), "images", "user", images or ImagePolicy())
     for key in ("raw", "template", "suffix", "context"):
         if body.get(key):
             raise WireError(f"'{key}' is not supported: prompts always go through the model's chat template", key)
@@ -365,10 +367,10 @@ def generate_request(body: Any, *, max_tokens_limit: int | None = None) -> Gener
     if not isinstance(prompt, str) or not isinstance(system, str):
         raise WireError("'prompt' and 'system' must be strings", "prompt" if not isinstance(prompt, str) else "system")
     messages = []
-    if prompt:
+    if prompt or parts:
         if system:
             messages.append(ChatMessage("system", system))
-        messages.append(ChatMessage("user", prompt))
+        messages.append(ChatMessage("user", prompt, images=parts))
     options = ChatOptions.from_settings(_settings(body, max_tokens_limit))
     return GenerateRequest(
         model, messages, options, body.get("stream") is not False, keep_alive_seconds(body.get("keep_alive"))

@@ -86,7 +86,7 @@ async def retrieve_model(model_id: str, state: State) -> Response:
 @router.post(PREFIX + "/chat/completions")
 async def chat_completions(body: JsonBody, state: State, note: Note) -> Response:
     """A chat completion, whole or streamed (``X-RKLLM-KV-Reused`` says whether the KV cache was reused)."""
-    req = wire.chat_request(body, max_tokens_limit=state.settings.max_tokens)
+    req = wire.chat_request(body, max_tokens_limit=state.settings.max_tokens, images=state.settings.images)
     if len(req.messages) > state.settings.max_messages:
         raise wire.WireError(f"more than {state.settings.max_messages} messages", "messages")
     completion_id, created = wire.new_completion_id()

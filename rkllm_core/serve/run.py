@@ -23,6 +23,7 @@ from ..errors import RKLLMError
 from ..models.budget import AUTO
 from ..models.manager import LoadEvent, ModelManager
 from ..models.registry import ModelRegistry
+from .wire_images import body_limit_for
 
 if TYPE_CHECKING:
     import uvicorn
@@ -96,9 +97,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds in-flight requests may take after SIGTERM / Ctrl-C before they are aborted (default 30)",
     )
+    _add_image_arguments(parser)
     parser.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="do not log a line per request"
     )
+
+
+def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--allow-remote-images`` and ``--max-image-mb``."""
+    parser.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs that requests send (size and time limited); off by default: "
+        "requests send images as base64",
+    )
+    parser.add_argument(
+        "--max-image-mb",
+        type=_image_mb,
+        default=16.0,
+        help="largest image a request may send, decoded (default 16); the body limit grows with it",
+    )
+
+
+def _image_mb(text: str) -> float:
+    """``--max-image-mb``: a positive number of megabytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def _n_batch(text: str) -> int:
@@ -198,6 +227,9 @@ def serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_tokens=args.max_tokens,
         access_log=args.access_log,
+        max_image_bytes=int(args.max_image_mb * 1024 * 1024),
+        allow_remote_images=args.allow_remote_images,
+        max_body_bytes=body_limit_for(int(args.max_image_mb * 1024 * 1024)),
     )
     status = 0
     try:

@@ -11,15 +11,17 @@ import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..chat.engine import ChatDone, InvalidToolCall, ReasoningDelta, TextDelta, ToolCall, ToolCallDelta
-from ..chat.messages import ChatMessage, ToolCallRequest
+from ..chat.messages import ChatMessage, ImagePart, ToolCallRequest
 from ..chat.options import ChatOptions
-from ..errors import InvalidParameterError, ModelNotFoundError
+from ..errors import ModelNotFoundError
 from ..models.registry import ModelInfo
 from ..params import SAMPLING_FIELDS
+from .wire_errors import WireError
+from .wire_images import ImagePolicy, image_from_url
 
 __all__ = [
     "ChatRequest",
@@ -82,18 +84,6 @@ class ModelPathError(ModelNotFoundError):
     """A ``model`` that is a path: refused like an unknown model (the server never opens request paths)."""
 
 
-class WireError(InvalidParameterError):
-    """A request body that does not follow the wire format.
-
-    Attributes:
-        param: the offending field, dotted (``messages[0].role``).
-    """
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 def _require(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
     if key not in body:
         raise WireError(f"'{where}{key}' is required", f"{where}{key}")
@@ -111,23 +101,30 @@ def _model_name(body: Mapping[str, Any]) -> str:
     return name
 
 
-def _text_of(content: Any, where: str) -> str:
-    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
+def _content_of(content: Any, where: str, role: str, images: ImagePolicy) -> tuple[str, tuple[ImagePart, ...]]:
+    """A message's content: a string, or a list of text parts and (in user messages) ``image_url`` parts."""
     if content is None:
-        return ""
+        return "", ()
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise WireError(
-                    f"'{where}[{i}]' must be a text part; this server takes text only, not {kind!r}", f"{where}[{i}]"
-                )
+        return content, ()
+    if not isinstance(content, list):
+        raise WireError(f"'{where}' must be a string or a list of content parts", where)
+    parts: list[str] = []
+    found: list[ImagePart] = []
+    for i, part in enumerate(content):
+        at = f"{where}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text" and isinstance(part.get("text"), str):
             parts.append(part["text"])
-        return "".join(parts)
-    raise WireError(f"'{where}' must be a string or a list of text parts", where)
+        elif kind == "image_url" and role == "user":
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            found.append(image_from_url(url, f"{at}.image_url.url", images))
+        elif kind == "image_url":
+            raise WireError(f"'{at}': images go in user messages only, not in a {role} message", at)
+        else:
+            raise WireError(f"'{at}' must be a text or image_url part; this server takes no {kind!r} parts", at)
+    return "".join(parts), tuple(found)
 
 
 def _tool_calls_of(value: Any, where: str) -> tuple[ToolCallRequest, ...]:
@@ -152,7 +149,7 @@ def _tool_calls_of(value: Any, where: str) -> tuple[ToolCallRequest, ...]:
     return tuple(calls)
 
 
-def _messages(value: Any) -> list[ChatMessage]:
+def _messages(value: Any, images: ImagePolicy) -> list[ChatMessage]:
     if not isinstance(value, list) or not value:
         raise WireError("'messages' must be a non-empty list", "messages")
     out = []
@@ -166,7 +163,7 @@ def _messages(value: Any) -> list[ChatMessage]:
             raise WireError(
                 f"'{at}.role' must be system, developer, user, assistant or tool, not {role!r}", f"{at}.role"
             )
-        content = _text_of(m.get("content"), f"{at}.content")
+        content, parts = _content_of(m.get("content"), f"{at}.content", role, images)
         calls = (
             _tool_calls_of(m["tool_calls"], f"{at}.tool_calls") if role == "assistant" and m.get("tool_calls") else ()
         )
@@ -174,7 +171,9 @@ def _messages(value: Any) -> list[ChatMessage]:
         if role == "tool" and not isinstance(tool_call_id, str):
             raise WireError(f"'{at}.tool_call_id' is required for a tool message", f"{at}.tool_call_id")
         name = m.get("name") if isinstance(m.get("name"), str) else None
-        out.append(ChatMessage(role, content, name=name, tool_calls=calls, tool_call_id=tool_call_id))  # type: ignore[arg-type]
+        out.append(
+            ChatMessage(role, content, name=name, tool_calls=calls, tool_call_id=tool_call_id, images=parts)  # type: ignore[arg-type]
+        )
     return out
 
 
@@ -190,8 +189,12 @@ class ChatRequest:
     parallel_tool_calls: bool
 
 
-def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatRequest:
+def chat_request(body: Any, *, max_tokens_limit: int | None = None, images: ImagePolicy | None = None) -> ChatRequest:
     """Read a ``/v1/chat/completions`` body.
+
+    User messages may carry ``{"type": "image_url", "image_url": {"url": ...}}`` parts: a base64
+    ``data:`` URL (decoded here, at most ``images.max_bytes``), or an ``http(s)`` URL when
+    ``images.allow_remote`` (else a 400 naming ``--allow-remote-images``); never a path.
 
     Raises:
         WireError: a missing or malformed field (named), or one the runtime cannot honour.
@@ -200,7 +203,8 @@ def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatReque
     if not isinstance(body, dict):
         raise WireError("the body must be a JSON object")
     model = _model_name(body)
-    messages = _messages(body.get("messages"))
+    images = images or ImagePolicy()
+    messages = _messages(body.get("messages"), images)
     for key in body:
         if key not in _KNOWN and key not in _IGNORED:
             raise WireError(f"unknown field '{key}'", key)
@@ -212,10 +216,11 @@ def chat_request(body: Any, *, max_tokens_limit: int | None = None) -> ChatReque
     settings = _settings(body, keys, max_tokens_limit)
     if body.get("reasoning_effort") not in (None, "none", "minimal"):
         settings["reasoning"] = True
+    options = ChatOptions.from_settings(settings)
     return ChatRequest(
         model,
         messages,
-        ChatOptions.from_settings(settings),
+        replace(options, allow_remote_images=True) if images.allow_remote else options,
         stream,
         include_usage,
         body.get("parallel_tool_calls") is not False,
