@@ -7,7 +7,7 @@ import pytest
 from rkllm_core.chat.engine import _request_messages
 from rkllm_core.chat.messages import ChatMessage, ImagePart
 from rkllm_core.chat.options import ChatOptions
-from rkllm_core.errors import InvalidParameterError, ModelKindError
+from rkllm_core.errors import InvalidParameterError
 
 
 def test_an_image_is_bytes_or_a_url_never_both_or_neither() -> None:
@@ -35,8 +35,9 @@ def test_a_different_image_is_a_different_message_for_the_kv_cache() -> None:
     assert same.fingerprint() != ChatMessage("user", "what colour?").fingerprint()
 
 
-def test_the_engine_refuses_images_it_cannot_serve_instead_of_dropping_them() -> None:
-    msgs = [ChatMessage("user", "what is this?", images=(ImagePart(data=b"png"),))]
-    with pytest.raises(ModelKindError, match="images"):
-        _request_messages(msgs, ChatOptions())
-    assert _request_messages([ChatMessage("user", "text only")], ChatOptions())
+def test_the_engine_keeps_images_through_its_request_forms() -> None:
+    image = ImagePart(data=b"png")
+    msgs = [ChatMessage("user", "what is this?", images=(image,))]
+    assert _request_messages(msgs, ChatOptions())[-1].images == (image,)
+    as_json = _request_messages(msgs, ChatOptions(response_format={"type": "json_object"}))
+    assert as_json[-1].images == (image,) and as_json[-1].content != msgs[-1].content

@@ -32,6 +32,15 @@ batch of one plus filler slots: keeping a second, ``n_batch = 1`` instance for i
 hold the model's weights twice. Usage then says
 ``prefilled_tokens == input_tokens`` (estimated from the text: a slot gets no perf stats).
 
+**Images.** A user message may carry images (:class:`~.messages.ImagePart`) for a
+``vision`` model with an image encoder (see :mod:`.vision`): they are read, decoded and
+checked before the model loads, encoded through the model's encoder (each distinct image
+once while it stays in the process-wide :func:`~.vision.image_cache`), and sent with the run
+in prompt order, one ``<image>`` each before the message's text. On runtime 1.2 the
+family's image tags are set at init (so every chat request to the model asks for the same
+instance); on 1.3 they go with each run. A follow-up turn reuses the KV cache, images
+included. Batched (``n_batch`` > 1) models take no images yet.
+
 Events: text and reasoning deltas, tool-call deltas and complete tool calls,
 then one :class:`ChatDone` with the finish reason, the assistant message and
 token usage.
@@ -42,13 +51,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from .._sync import Deadline
+from .._sync import Deadline, offload
 from ..errors import InvalidParameterError, ModelKindError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
-from ..models.registry import CHAT_KINDS
+from ..models.registry import CHAT_KINDS, ModelInfo
 from ..params import InitParams, PerfStats, StreamChunk
 from ..runtime import BatchInput, Session
 from ..runtime.scheduler import BatchPolicy, Ticket, scheduler_for
@@ -66,6 +75,7 @@ from .parse import (
 )
 from .planner import PROMPT_CACHE_MIN_TOKENS, Plan, Planner
 from .templates import estimate_tokens
+from .vision import VisionRequest, vision_request, vision_tags
 
 if TYPE_CHECKING:
     from .promptcache import PromptCacheStore
@@ -243,18 +253,25 @@ class ChatEngine:
 
         Raises:
             InvalidParameterError: bad messages or options (nothing reaches the runtime).
-            ModelKindError: ``model`` is an embedding or reranker model (nothing is loaded).
+            ModelKindError: ``model`` is an embedding or reranker model, or it gets images and is not a
+                vision model with an image encoder (nothing is loaded).
+            ImageError: an image cannot be read or decoded, or the runtime cannot take that many images in
+                one prompt (nothing runs).
             ModelNotFoundError, ContextLengthError, BusyError, RunError: see their docs.
         """
         opts = options or ChatOptions()
         msgs = _request_messages(messages, opts)
+        info = self.manager.resolve(model)
+        vision = vision_request(info, msgs, opts)
         deadline = Deadline(opts.timeout)
-        with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
+        init = self._init_for(info, opts)
+        with self.manager.lease(model, init, timeout=deadline.remaining(), kinds=_CHAT) as lease:
             if _batched(lease):
+                _refuse_batched_images(lease, vision)
                 yield from self._stream_batched(lease, msgs, opts, deadline, on_start)
                 return
             with lease.runtime.session(deadline.remaining()) as session:
-                plan = self._prepare(session, lease, msgs, opts)
+                plan = self._prepare(session, lease, msgs, opts, vision)
                 if on_start is not None:
                     on_start(plan.reuse)
                 tracker = _Tracker(opts)
@@ -286,15 +303,19 @@ class ChatEngine:
         """
         opts = options or ChatOptions()
         msgs = _request_messages(messages, opts)
+        info = self.manager.resolve(model)
+        vision = await offload(vision_request, info, msgs, opts) if _has_images(msgs) else None
         deadline = Deadline(opts.timeout)
-        async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
+        init = self._init_for(info, opts)
+        async with self.manager.alease(model, init, timeout=deadline.remaining(), kinds=_CHAT) as lease:
             if _batched(lease):
+                _refuse_batched_images(lease, vision)
                 async with aclosing(self._astream_batched(lease, msgs, opts, deadline, on_start)) as batched:
                     async for event in batched:
                         yield event
                 return
             async with lease.runtime.session(deadline.remaining()) as session:
-                plan = await session.call(self._prepare, session, lease, msgs, opts)
+                plan = await session.call(self._prepare, session, lease, msgs, opts, vision)
                 if on_start is not None:
                     on_start(plan.reuse)
                 tracker = _Tracker(opts)
@@ -321,6 +342,18 @@ class ChatEngine:
     async def achat(self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None) -> ChatDone:
         """Async version of :meth:`chat`."""
         return await acollect(self.astream(model, messages, options))
+
+    def _init_for(self, info: ModelInfo, opts: ChatOptions) -> InitParams | None:
+        """The request's sampling as init settings (what may select an instance); its limit goes with the run.
+
+        On runtime 1.2 a vision model's image tags are init settings too: every chat request to it
+        asks for them, images or not, so text and image requests share one instance.
+        """
+        tags = vision_tags(info) if self.manager.library.abi == "1.2" else None
+        if opts.sampling is None and tags is None:
+            return None
+        init = InitParams(image_tags=tags)
+        return init if opts.sampling is None else replace(init, sampling=opts.sampling)
 
     def context_window(self, model: str) -> int:
         """The context size of ``model`` (from the registry)."""
@@ -395,12 +428,27 @@ class ChatEngine:
         yield done
 
     # -- inside the session ----------------------------------------------------------------------
-    def _prepare(self, session: Session, lease: Lease, msgs: list[ChatMessage], opts: ChatOptions) -> Plan:
-        """Plan the request and bring the handle to the plan's starting state."""
+    def _prepare(
+        self,
+        session: Session,
+        lease: Lease,
+        msgs: list[ChatMessage],
+        opts: ChatOptions,
+        vision: VisionRequest | None = None,
+    ) -> Plan:
+        """Plan the request, encode its images and bring the handle to the plan's starting state."""
         rt = session.runtime
         plan = self._planner.plan(
-            session.kv, rt.max_context_len, (rt.abi, rt.library.version or ""), lease.info, msgs, opts
+            session.kv,
+            rt.max_context_len,
+            (rt.abi, rt.library.version or ""),
+            lease.info,
+            msgs,
+            opts,
+            image_tokens=_image_tokens(lease, vision),
+            digests=vision.digests if vision is not None else None,
         )
+        plan.image_run = _image_run(session, lease, plan, vision)  # before the handle changes: errors leave it
         if plan.reuse:
             return plan
         assert plan.setup is not None
@@ -505,16 +553,50 @@ def _batched_done(lease: Lease, plan: Plan, tracker: _Tracker) -> ChatDone:
 
 def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> list[ChatMessage]:
     msgs = validate_messages(messages)
-    if any(m.images for m in msgs):  # never dropped silently
-        raise ModelKindError("images in chat requests are not served yet: the chat engine takes text only")
     if opts.response_format is not None:
         msgs = append_instruction(msgs, json_instruction(opts.response_format))
     return msgs
 
 
-def _init_for(opts: ChatOptions) -> InitParams | None:
-    """The request's sampling as init settings (what may select an instance); its limit goes with the run."""
-    return None if opts.sampling is None else InitParams(sampling=opts.sampling)
+def _has_images(msgs: Sequence[ChatMessage]) -> bool:
+    return any(m.images for m in msgs)
+
+
+def _refuse_batched_images(lease: Lease, vision: VisionRequest | None) -> None:
+    """Batched runs take no images yet: refuse them before the request is queued."""
+    if vision is not None:
+        raise InvalidParameterError(
+            f"{lease.info.name} runs batched (n_batch {lease.runtime.params.n_batch}), and batched runs take no "
+            "images yet: load it with n_batch = 1 to send images"
+        )
+
+
+def _image_tokens(lease: Lease, vision: VisionRequest | None) -> int:
+    """Tokens one image takes: the loaded encoder's geometry (else the family's figure)."""
+    if vision is None:
+        return 0
+    encoder = lease.encoder
+    return encoder.geometry.n_tokens if encoder is not None else vision.family.tokens_per_image
+
+
+def _image_run(session: Session, lease: Lease, plan: Plan, vision: VisionRequest | None) -> dict[str, Any]:
+    """The run's image arguments: the plan's images checked against the runtime, encoded, in prompt order."""
+    if not plan.images:
+        return {}
+    encoder = lease.encoder
+    if vision is None or encoder is None:
+        raise ModelKindError(f"{lease.info.name} has no image encoder loaded, so it takes no images")
+    family = vision.family
+    session.runtime.check_images(len(plan.images), multi_image_abi12=family.multi_image_abi12, family=family.name)
+    kwargs: dict[str, Any] = {
+        "images": vision.embeddings(plan.images, encoder),
+        "image_size": (encoder.geometry.height, encoder.geometry.width),
+        "image_digests": [vision.digests[image.key()] for image in plan.images],
+        "multi_image_abi12": family.multi_image_abi12,
+    }
+    if session.runtime.abi != "1.2":
+        kwargs["image_tags"] = vision.tags  # 1.2 took them at init
+    return kwargs
 
 
 def _run_kwargs(session: Session, plan: Plan, opts: ChatOptions) -> dict[str, Any]:
@@ -525,6 +607,7 @@ def _run_kwargs(session: Session, plan: Plan, opts: ChatOptions) -> dict[str, An
     kwargs.update(backend.place_generation(None, opts.sampling, opts.max_new_tokens).run)
     if plan.cache_save is not None:
         kwargs["save_prompt_cache"] = plan.cache_save
+    kwargs.update(plan.image_run)
     return kwargs
 
 

@@ -158,5 +158,5 @@ def append_instruction(messages: list[ChatMessage], instruction: str) -> list[Ch
     if messages and messages[-1].role == "user":
         last = messages[-1]
         joined = f"{last.content}\n\n{instruction}" if last.content else instruction
-        return [*messages[:-1], ChatMessage("user", joined, name=last.name)]
+        return [*messages[:-1], ChatMessage("user", joined, name=last.name, images=last.images)]
     return [*messages, ChatMessage("user", instruction)]

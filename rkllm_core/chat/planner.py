@@ -16,14 +16,24 @@ is right whoever used the handle before — another engine, an adapter, a direct
   :class:`~rkllm_core.errors.ContextLengthError`. A fresh conversation with a
   long system prompt loads that prefill from the prompt cache on disk, or
   saves it there for next time.
+
+**Images.** A user message's images stand before its text, one ``<image>`` each
+(:mod:`.templates`); each counts ``image_tokens`` in the context budget (the encoder's
+geometry). Only a run's own prompt carries images, never the installed template, so a
+rebuild whose earlier turns hold images replays those turns in the prompt (after the
+template's prefix) instead of the system slot; :attr:`Plan.images` lists the images the
+run sends, in prompt order. The KV tag names the images of every message (their
+fingerprints), and reuse also needs the handle's :attr:`~rkllm_core.runtime.KVState.images`
+to hold the earlier turns' image digests: a follow-up turn prefills only its new input, not
+the images already in the cache. A fresh conversation's prompt-cache key includes its images.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,9 +41,17 @@ from ..errors import ContextLengthError
 from ..models.registry import ModelInfo
 from ..params import check_text
 from ..runtime import ChatSetup, ChatTemplate, FunctionTools, KVState
-from .messages import ChatMessage
+from .messages import ChatMessage, ImagePart
 from .options import ChatOptions, normalise_tools
-from .templates import MESSAGE_OVERHEAD_TOKENS, ChatMLTemplate, estimate_tokens, render_transcript, template_for_family
+from .templates import (
+    MESSAGE_OVERHEAD_TOKENS,
+    ChatMLTemplate,
+    content_with_name,
+    estimate_tokens,
+    plain,
+    render_transcript,
+    template_for_family,
+)
 
 if TYPE_CHECKING:
     from .promptcache import CacheKey, PromptCacheStore
@@ -87,6 +105,10 @@ class Plan:
     """Where the run saves its prefill for next time (a miss)."""
     dropped_turns: int = 0
     """Oldest messages left out so the conversation fits the context."""
+    images: tuple[ImagePart, ...] = ()
+    """The images this run sends, in the order of their ``<image>`` tags in :attr:`prompt`."""
+    image_run: dict[str, Any] = field(default_factory=dict)
+    """The run's image arguments (embeddings, size, tags, digests), set by the engine."""
 
     def tag_after(self, reply: ChatMessage) -> Hashable:
         """The KV tag once the model's ``reply`` follows the input."""
@@ -109,6 +131,11 @@ class _Request:
     role: Literal["user", "tool"]
     input_tokens: int
     reserve: int
+    image_tokens: int = 0
+
+    @property
+    def input_images(self) -> tuple[ImagePart, ...]:
+        return _images_of(self.inputs)
 
     @property
     def native(self) -> bool:
@@ -137,6 +164,9 @@ class Planner:
         info: ModelInfo,
         msgs: Sequence[ChatMessage],
         opts: ChatOptions,
+        *,
+        image_tokens: int = 0,
+        digests: Mapping[str, str] | None = None,
     ) -> Plan:
         """Plan one request: reuse the cache if it holds this conversation, else rebuild it.
 
@@ -147,20 +177,42 @@ class Planner:
             info: the model.
             msgs: the validated conversation (ending with a user or tool message).
             opts: the request's options.
+            image_tokens: tokens one image takes (the encoder's ``n_tokens``).
+            digests: the content digest of each image, by :meth:`ImagePart.key`; what the handle's
+                :attr:`~rkllm_core.runtime.KVState.images` must hold for a reuse.
 
         Raises:
             ContextLengthError: the system prompt and the newest input cannot fit.
         """
-        req = _take_apart(info, msgs, opts)
+        req = _take_apart(info, msgs, opts, image_tokens)
         fingerprints = [m.fingerprint() for m in req.history]
-        if self.reuse_kv and _cache_continues(kv, kv_tag(req.setup_key, fingerprints), req, limit):
+        if (
+            self.reuse_kv
+            and _cache_continues(kv, kv_tag(req.setup_key, fingerprints), req, limit)
+            and _holds_images(kv, req.history, digests or {})
+        ):
             assert kv.tokens is not None
             kv_after = (*fingerprints, *(m.fingerprint() for m in req.inputs))
-            return Plan(True, req.prompt, req.role, req.thinking, req.native, None, req.setup_key, kv_after, kv.tokens)
-        setup, history, dropped = _fit(req, limit, info.name)
+            return Plan(
+                True,
+                req.prompt,
+                req.role,
+                req.thinking,
+                req.native,
+                None,
+                req.setup_key,
+                kv_after,
+                kv.tokens,
+                images=req.input_images,
+            )
+        return self._rebuild(req, limit, runtime_id, info)
+
+    def _rebuild(self, req: _Request, limit: int, runtime_id: tuple[str, str], info: ModelInfo) -> Plan:
+        """A rebuild that fits; a fresh conversation's long system prompt goes through the prompt cache."""
+        setup, history, dropped, carried = _fit(req, limit, info.name)
         plan = Plan(
             False,
-            req.prompt,
+            carried + req.prompt,
             req.role,
             req.thinking,
             req.native,
@@ -168,6 +220,7 @@ class Planner:
             req.setup_key,
             (*(m.fingerprint() for m in history), *(m.fingerprint() for m in req.inputs)),
             dropped_turns=dropped,
+            images=(_images_of(history) if carried else ()) + req.input_images,
         )
         if not history:
             self._look_up_prompt_cache(plan, setup, info, runtime_id)
@@ -185,7 +238,7 @@ class Planner:
             ContextLengthError: the system prompt and the newest input cannot fit.
         """
         req = _take_apart(info, msgs, opts)
-        setup, history, dropped = _fit(req, limit, info.name)
+        setup, history, dropped, _ = _fit(req, limit, info.name)
         prompt = req.prompt
         if req.template is not None and history:
             tools = _tools_list(req.tools_json)
@@ -200,13 +253,18 @@ class Planner:
         """A fresh conversation with a long system prompt loads its prefill from disk, or saves it there."""
         if self.store is None or estimate_tokens(setup.system) < self.prompt_cache_min_tokens:
             return
+        images = [image.key() for image in plan.images]
+        if any(not key.startswith("sha256:") for key in images):
+            return  # a URL does not name its content: a saved prefill could hold another image
         # The prompt cache is an optimisation: any trouble with it (logged by the store) is a miss.
+        extra = {"images": ",".join(images)} if images else {}
         key = self.store.try_key(
             info.path,
             setup=setup.cache_text,
             abi=runtime_id[0],
             runtime=runtime_id[1],
             thinking=str(plan.enable_thinking),
+            **extra,
         )
         if key is not None:
             plan.cache_key = key
@@ -215,7 +273,20 @@ class Planner:
                 plan.cache_save = self.store.staging_path(key)
 
 
-def _take_apart(info: ModelInfo, msgs: Sequence[ChatMessage], opts: ChatOptions) -> _Request:
+def _images_of(messages: Sequence[ChatMessage]) -> tuple[ImagePart, ...]:
+    """The images of ``messages`` in prompt order."""
+    return tuple(image for m in messages for image in m.images)
+
+
+def _holds_images(kv: KVState, history: Sequence[ChatMessage], digests: Mapping[str, str]) -> bool:
+    """The handle's cache holds the earlier turns' images (by content digest), in order."""
+    wanted = _images_of(history)
+    if not wanted and not kv.images:
+        return True
+    return kv.images == tuple(digests.get(image.key(), "") for image in wanted)
+
+
+def _take_apart(info: ModelInfo, msgs: Sequence[ChatMessage], opts: ChatOptions, image_tokens: int = 0) -> _Request:
     """System prompt, earlier turns and new input; the template; the rendered input and its size."""
     tools_json = normalise_tools(opts.active_tools) if opts.active_tools else ""
     system = "\n\n".join(m.content for m in msgs if m.role == "system") or (
@@ -244,8 +315,11 @@ def _take_apart(info: ModelInfo, msgs: Sequence[ChatMessage], opts: ChatOptions)
         setup_key=(kind, system, tools_json, thinking if template else None),
         prompt=prompt,
         role=role,
-        input_tokens=estimate_tokens(prompt) + MESSAGE_OVERHEAD_TOKENS * len(inputs),
+        input_tokens=estimate_tokens(prompt)
+        + MESSAGE_OVERHEAD_TOKENS * len(inputs)
+        + image_tokens * len(_images_of(inputs)),
         reserve=opts.max_new_tokens or DEFAULT_OUTPUT_RESERVE,
+        image_tokens=image_tokens,
     )
 
 
@@ -256,16 +330,21 @@ def _cache_continues(kv: KVState, wanted: Hashable, req: _Request, limit: int) -
     return kv.tokens + req.input_tokens + req.reserve <= limit
 
 
-def _fit(req: _Request, limit: int, model: str) -> tuple[ChatSetup, list[ChatMessage], int]:
+def _fit(req: _Request, limit: int, model: str) -> tuple[ChatSetup, list[ChatMessage], int, str]:
     """The setup of a rebuild that fits: drop the oldest turns until it does (else ``ContextLengthError``).
 
     Returns:
-        The setup to install, the earlier turns it replays, and how many messages were dropped.
+        The setup to install, the earlier turns it replays, how many messages were dropped, and the
+        text that carries the earlier turns in the prompt when they hold images (else empty).
     """
     history, dropped = req.history, 0
     while True:
-        setup = _setup_for(req.template, req.system, req.tools_json, req.thinking, history, req.custom)
+        carried = _carried_turns(req.template, history) if _images_of(history) else ""
+        replayed = [] if carried else history
+        setup = _setup_for(req.template, req.system, req.tools_json, req.thinking, replayed, req.custom)
         needed = estimate_tokens("".join(setup.parts)) + req.input_tokens + req.reserve
+        if carried:
+            needed += estimate_tokens(carried) + req.image_tokens * len(_images_of(history))
         if needed <= limit or not history:
             break
         cut = next((i for i in range(1, len(history)) if history[i].role == "user"), len(history))
@@ -283,7 +362,20 @@ def _fit(req: _Request, limit: int, model: str) -> tuple[ChatSetup, list[ChatMes
         )
     if dropped:
         logger.info("conversation too long for %s: rebuilt without its %d oldest messages", model, dropped)
-    return setup, history, dropped
+    return setup, history, dropped, carried
+
+
+def _carried_turns(template: ChatMLTemplate | None, history: Sequence[ChatMessage]) -> str:
+    """Earlier turns as the start of the run's prompt (the runtime adds the template's prefix before it).
+
+    With a ChatML template the text closes the replayed turns and opens the new user turn, so the
+    model reads exactly what :meth:`ChatMLTemplate.render_turns` gives in the system slot.
+    """
+    if template is None:
+        return render_transcript(history) + "\n\n"
+    turns, prefix = template.render_turns(history), template.prefix()
+    head = turns[len(prefix) :] if turns.startswith(prefix) else "<|im_end|>\n" + turns
+    return head + prefix
 
 
 def _setup_for(
@@ -328,12 +420,10 @@ def _render_inputs(
     if template is not None:
         return template.user_text(inputs) + force, "user"
     if all(m.role == "tool" for m in inputs) and not force:
-        results = [_json_or_text(m.content) for m in inputs]
+        results = [_json_or_text(plain(m.content)) for m in inputs]
         return json.dumps(results, ensure_ascii=False), "tool"
     parts = [
-        f"<tool_response>\n{m.content}\n</tool_response>"
-        if m.role == "tool"
-        else (f"{m.name}: {m.content}" if m.name else m.content)
+        f"<tool_response>\n{plain(m.content)}\n</tool_response>" if m.role == "tool" else content_with_name(m)
         for m in inputs
     ]
     return "\n\n".join(parts) + force, "user"

@@ -35,6 +35,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..native.multimodal import IMAGE_TAG
 from ..params import estimate_tokens
 from .messages import ChatMessage
 
@@ -47,11 +48,19 @@ __all__ = [
 ]
 
 TOOL_RESPONSE_TAG = "tool_response"
+
 MESSAGE_OVERHEAD_TOKENS = 5
 
 
-def _content_with_name(m: ChatMessage) -> str:
-    return f"{m.name}: {m.content}" if m.name and m.role == "user" else m.content
+def plain(text: str) -> str:
+    """A message's text with any literal ``<image>`` written ``[image]``: only an image stands for one."""
+    return text.replace(IMAGE_TAG, "[image]")
+
+
+def content_with_name(m: ChatMessage) -> str:
+    """A message's text as the prompt shows it: one ``<image>`` per image first, then ``name: content``."""
+    text = f"{m.name}: {m.content}" if m.name and m.role == "user" else m.content
+    return IMAGE_TAG * len(m.images) + plain(text)
 
 
 def _tool_call_json(name: str, arguments: object) -> str:
@@ -87,7 +96,7 @@ class ChatMLTemplate:
         while i < len(messages):
             m = messages[i]
             if m.role == "assistant":
-                body = m.content
+                body = plain(m.content)
                 for call in m.tool_calls:
                     body += (
                         "\n" if body else ""
@@ -108,9 +117,9 @@ class ChatMLTemplate:
         parts = []
         for m in messages:
             if m.role == "tool":
-                parts.append(f"<{TOOL_RESPONSE_TAG}>\n{m.content}\n</{TOOL_RESPONSE_TAG}>")
+                parts.append(f"<{TOOL_RESPONSE_TAG}>\n{plain(m.content)}\n</{TOOL_RESPONSE_TAG}>")
             else:
-                parts.append(_content_with_name(m))
+                parts.append(content_with_name(m))
         return "\n".join(parts)
 
     def prefix(self) -> str:
@@ -148,12 +157,12 @@ def render_transcript(messages: Sequence[ChatMessage]) -> str:
     lines = ["Conversation so far:"]
     for m in messages:
         if m.role == "assistant":
-            text = m.content
+            text = plain(m.content)
             for call in m.tool_calls:
                 text += ("\n" if text else "") + f"[called {call.name} with {json.dumps(dict(call.arguments))}]"
             lines.append(f"Assistant: {text}")
         elif m.role == "tool":
-            lines.append(f"Tool result: {m.content}")
+            lines.append(f"Tool result: {plain(m.content)}")
         else:
-            lines.append(f"User: {_content_with_name(m)}")
+            lines.append(f"User: {content_with_name(m)}")
     return "\n".join(lines)
