@@ -37,9 +37,9 @@ hold the model's weights twice. Usage then says
 checked before the model loads, encoded through the model's encoder (each distinct image
 once while it stays in the process-wide :func:`~.vision.image_cache`), and sent with the run
 in prompt order, one ``<image>`` each before the message's text. On runtime 1.2 the
-family's image tags are set at init (so every chat request to the model asks for the same
-instance); on 1.3 they go with each run. A follow-up turn reuses the KV cache, images
-included. Batched (``n_batch`` > 1) models take no images yet.
+family's image tags are set at init (the manager loads every vision model with an encoder
+that way, so text and image requests share one instance); on 1.3 they go with each run.
+A follow-up turn reuses the KV cache, images included. Batched (``n_batch`` > 1) models take no images yet.
 
 Events: text and reasoning deltas, tool-call deltas and complete tool calls,
 then one :class:`ChatDone` with the finish reason, the assistant message and
@@ -51,13 +51,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._sync import Deadline, offload
 from ..errors import InvalidParameterError, ModelKindError, NativeError
 from ..models.manager import Lease, ModelManager, default_manager
-from ..models.registry import CHAT_KINDS, ModelInfo
+from ..models.registry import CHAT_KINDS
 from ..params import InitParams, PerfStats, StreamChunk
 from ..runtime import BatchInput, Session
 from ..runtime.scheduler import BatchPolicy, Ticket, scheduler_for
@@ -75,7 +75,7 @@ from .parse import (
 )
 from .planner import PROMPT_CACHE_MIN_TOKENS, Plan, Planner
 from .templates import estimate_tokens
-from .vision import VisionRequest, vision_request, vision_tags
+from .vision import VisionRequest, vision_request
 
 if TYPE_CHECKING:
     from .promptcache import PromptCacheStore
@@ -264,8 +264,7 @@ class ChatEngine:
         info = self.manager.resolve(model)
         vision = vision_request(info, msgs, opts)
         deadline = Deadline(opts.timeout)
-        init = self._init_for(info, opts)
-        with self.manager.lease(model, init, timeout=deadline.remaining(), kinds=_CHAT) as lease:
+        with self.manager.lease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
             if _batched(lease):
                 _refuse_batched_images(lease, vision)
                 yield from self._stream_batched(lease, msgs, opts, deadline, on_start)
@@ -306,8 +305,7 @@ class ChatEngine:
         info = self.manager.resolve(model)
         vision = await offload(vision_request, info, msgs, opts) if _has_images(msgs) else None
         deadline = Deadline(opts.timeout)
-        init = self._init_for(info, opts)
-        async with self.manager.alease(model, init, timeout=deadline.remaining(), kinds=_CHAT) as lease:
+        async with self.manager.alease(model, _init_for(opts), timeout=deadline.remaining(), kinds=_CHAT) as lease:
             if _batched(lease):
                 _refuse_batched_images(lease, vision)
                 async with aclosing(self._astream_batched(lease, msgs, opts, deadline, on_start)) as batched:
@@ -342,18 +340,6 @@ class ChatEngine:
     async def achat(self, model: str, messages: Sequence[ChatMessage], options: ChatOptions | None = None) -> ChatDone:
         """Async version of :meth:`chat`."""
         return await acollect(self.astream(model, messages, options))
-
-    def _init_for(self, info: ModelInfo, opts: ChatOptions) -> InitParams | None:
-        """The request's sampling as init settings (what may select an instance); its limit goes with the run.
-
-        On runtime 1.2 a vision model's image tags are init settings too: every chat request to it
-        asks for them, images or not, so text and image requests share one instance.
-        """
-        tags = vision_tags(info) if self.manager.library.abi == "1.2" else None
-        if opts.sampling is None and tags is None:
-            return None
-        init = InitParams(image_tags=tags)
-        return init if opts.sampling is None else replace(init, sampling=opts.sampling)
 
     def context_window(self, model: str) -> int:
         """The context size of ``model`` (from the registry)."""
@@ -556,6 +542,14 @@ def _request_messages(messages: Sequence[ChatMessage], opts: ChatOptions) -> lis
     if opts.response_format is not None:
         msgs = append_instruction(msgs, json_instruction(opts.response_format))
     return msgs
+
+
+def _init_for(opts: ChatOptions) -> InitParams | None:
+    """The request's sampling as init settings (what may select an instance); its limit goes with the run.
+
+    On runtime 1.2 the manager adds a vision model's image tags to every instance's init settings.
+    """
+    return None if opts.sampling is None else InitParams(sampling=opts.sampling)
 
 
 def _has_images(msgs: Sequence[ChatMessage]) -> bool:

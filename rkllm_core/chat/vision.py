@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..vision.encoder import ImageEmbedding, ImageEncoder
     from ..vision.families import VisionFamily
 
-__all__ = ["VisionRequest", "image_cache", "vision_request", "vision_tags"]
+__all__ = ["VisionRequest", "image_cache", "vision_request"]
 
 _CACHE: list[EmbeddingCache] = []
 
@@ -46,17 +46,6 @@ def _family(info: ModelInfo) -> VisionFamily:
     from ..vision.families import vision_family
 
     return vision_family(info.vision_family, info.defaults.vision_overrides, model=info.name)
-
-
-def vision_tags(info: ModelInfo) -> ImageTags | None:
-    """The image tags of a vision model with an encoder and a known family, else None."""
-    if info.kind != "vision" or info.encoder is None:
-        return None
-    try:
-        family = _family(info)
-    except InvalidParameterError:
-        return None
-    return ImageTags(family.img_start, family.img_end, family.img_content)
 
 
 @dataclass

@@ -88,7 +88,15 @@ from .._sync import NESTED_GRACE_TURNS, Deadline, Reservation, Waiter, held_item
 from ..board import detect_board_platform, platform_matches
 from ..errors import BusyError, InvalidParameterError, RKLLMError
 from ..native.library import RuntimeLibrary, load_library
-from ..params import SAMPLING_POLICIES, InitParams, PerfStats, SamplingParams, SamplingPolicy, context_len
+from ..params import (
+    SAMPLING_POLICIES,
+    ImageTags,
+    InitParams,
+    PerfStats,
+    SamplingParams,
+    SamplingPolicy,
+    context_len,
+)
 from ..runtime.handle import RKLLMRuntime
 from .budget import AUTO, Budget, SwapWatch, resolve_budget
 from .line import Action, LinePolicy, LoadedModel, Request
@@ -418,7 +426,13 @@ class ModelManager:
             sampling=sampling,
             max_new_tokens=max_new,
             n_batch=n_batch if n_batch is not None and n_batch > 1 else None,
+            image_tags=init.image_tags or self._init_image_tags(info),
         )
+
+    def _init_image_tags(self, info: ModelInfo) -> ImageTags | None:
+        """Runtime 1.2 takes image tags at init: a vision model with an encoder gets its family's, always."""
+        facts = _vision_facts(info) if _has_encoder(info) and self.library.abi == "1.2" else None
+        return ImageTags(facts.img_start, facts.img_end, facts.img_content) if facts is not None else None
 
     def sampling_policy_for(self, name_or_info: str | ModelInfo) -> str:
         """How requests' sampling is served for a model: ``run`` on 1.3, else its :data:`SamplingPolicy`."""

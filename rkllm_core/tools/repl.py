@@ -5,6 +5,8 @@ command can never serve (an embedding or reranker model, a missing,
 unreadable or corrupt file, no runtime library) is a one-line error and exit
 status 2, not a prompt whose every turn fails. Ctrl-C stops the current
 answer, Ctrl-D or ``/exit`` quits; the exit status is 1 when every turn failed.
+``/image PATH`` attaches an image (read and decoded at once, so a bad file is a
+one-line error) to the next message, for a vision model with an image encoder.
 """
 
 # ruff: noqa: T201 - a command line prints
@@ -24,7 +26,7 @@ from .loading import show_loads
 
 if TYPE_CHECKING:
     from ..chat.engine import ChatEngine, ChatEvent
-    from ..chat.messages import ChatMessage
+    from ..chat.messages import ChatMessage, ImagePart
     from ..models.manager import ModelManager
 
 __all__ = ["check_readable", "cmd_chat", "prepare_chat_model"]
@@ -77,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = ChatEngine(manager_for(args.model_dir, args.lib))
     info = prepare_chat_model(engine.manager, args.model)
     chat = _Chat(engine, info.name, args.system, bool(args.think), sys.stdout.isatty() and not args.no_color)
-    print(f"chatting with {info.name} ({info.filename}); /reset, /system TEXT, /think on|off, /exit")
+    print(f"chatting with {info.name} ({info.filename}); /reset, /system TEXT, /think on|off, /image PATH, /exit")
     with show_loads(engine.manager):
         chat.loop()
     if chat.failed and not chat.answered:
@@ -95,6 +97,7 @@ class _Chat:
         self.system = system
         self.thinking = thinking
         self.history: list[ChatMessage] = []
+        self.images: list[ImagePart] = []
         self.dim, self.reset = (DIM, RESET) if color else ("", "")
         self.answered = 0
         self.failed = 0
@@ -122,10 +125,13 @@ class _Chat:
                 self.answer(text)
 
     def command(self, text: str) -> bool:
-        """Carry out ``/reset``, ``/system TEXT`` or ``/think on|off``; False when ``text`` is none of them."""
+        """Carry out ``/reset``, ``/system TEXT``, ``/think on|off`` or ``/image PATH``; False for other text."""
         if text == "/reset":
             self.history = []
+            self.images = []
             print("(conversation cleared)")
+        elif text == "/image" or text.startswith("/image "):
+            self.attach(text[len("/image") :].strip())
         elif text.startswith("/system"):
             self.system = text[len("/system") :].strip() or None
             self.history = []
@@ -137,6 +143,24 @@ class _Chat:
             return False
         return True
 
+    def attach(self, path: str) -> None:
+        """Read and decode the image at ``path`` and keep it for the next message (an error is one line)."""
+        from ..chat.messages import ImagePart
+        from ..vision.preprocess import decode_image, image_bytes
+
+        if not path:
+            print("error: /image needs a file: /image PATH", file=sys.stderr)
+            return
+        try:
+            data = image_bytes(Path(path).expanduser())
+            decode_image(data)
+        except RKLLMError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return
+        self.images.append(ImagePart(data=data))
+        count = f"{len(self.images)} images" if len(self.images) > 1 else "it"
+        print(f"(image {Path(path).name} attached: {count} will go with your next message)")
+
     def answer(self, text: str) -> None:
         """Stream the answer to ``text``; Ctrl-C stops it (and aborts the run), an error is reported."""
         from ..chat.messages import ChatMessage
@@ -144,7 +168,8 @@ class _Chat:
 
         stream = None
         try:
-            self.history.append(ChatMessage("user", text))  # refused when it is not valid text
+            images, self.images = tuple(self.images), []
+            self.history.append(ChatMessage("user", text, images=images))  # refused when it is not valid text
             messages = ([ChatMessage("system", self.system)] if self.system else []) + self.history
             stream = self.engine.stream(self.model, messages, ChatOptions(enable_thinking=self.thinking))
             self._show(stream)
