@@ -17,6 +17,7 @@ from PIL import Image
 
 from rkllm_core.chat.engine import ChatEngine
 from rkllm_core.chat.messages import ChatMessage, ImagePart
+from rkllm_core.chat.promptcache import PromptCacheStore
 from rkllm_core.chat.vision import image_cache
 from rkllm_core.errors import ContextLengthError, ImageError, InvalidParameterError, ModelKindError, RKLLMError
 from rkllm_core.models.manager import ModelManager
@@ -73,7 +74,7 @@ def engine_for(
             memory_budget_mb=None,
         )
         made.append(manager)
-        return ChatEngine(manager, prompt_cache=False, **options)  # type: ignore[arg-type]
+        return ChatEngine(manager, **{"prompt_cache": False, **options})  # type: ignore[arg-type]
 
     yield factory
     for manager in made:
@@ -211,3 +212,26 @@ def test_a_text_request_and_an_image_request_share_one_instance(engine_for: Call
     engine.chat(VL, [ChatMessage("user", "Hello")])
     engine.chat(VL, [ask("What is this?", RED)])
     assert len([e for e in engine.manager.loaded() if e.info.name == VL]) == 1
+
+
+def test_the_prompt_cache_of_a_fresh_conversation_is_keyed_by_its_images(
+    engine_for: Callable[..., ChatEngine], sim: SimulatorControl, tmp_path: Path
+) -> None:
+    system = ChatMessage("system", " ".join(f"Rule {i}: describe images plainly and briefly." for i in range(40)))
+    store = PromptCacheStore(tmp_path / "cache")
+    engine = engine_for(prompt_cache=store)
+    first = engine.chat(VL, [system, ask("What is this?", RED)])
+    assert first.text.startswith("I see a mostly red image.") and sim.counter("prompt_cache_saves") == 1
+    other = engine_for(prompt_cache=store).chat(VL, [system, ask("What is this?", BLUE)])
+    assert other.text.startswith("I see a mostly blue image.")
+    assert sim.counter("prompt_cache_loads") == 0  # another image: the red one's prefill is not loaded
+    again = engine_for(prompt_cache=store).chat(VL, [system, ask("What is this?", RED)])
+    assert again.text.startswith("I see a mostly red image.") and sim.counter("prompt_cache_loads") == 1
+
+
+def test_a_batched_model_refuses_images_with_a_clear_error(engine_for: Callable[..., ChatEngine], vl_dir: Path) -> None:
+    (vl_dir / "rkllm-models.toml").write_text('[models."qwen2.5-vl-3b"]\nn_batch = 2\n')
+    engine = engine_for()
+    with pytest.raises(InvalidParameterError, match="n_batch"):
+        engine.chat(VL, [ask("What is this?", RED)])
+    assert not engine.manager.loaded()
