@@ -232,3 +232,31 @@ def test_an_image_over_the_servers_limit_is_a_400(manager: ModelManager) -> None
 
     response = asyncio.run(post())
     assert response.status_code == 400 and "image limit of 100 bytes" in response.json()["error"]
+
+
+def test_an_image_the_model_side_cannot_use_is_a_400_on_both_apis(
+    manager: ModelManager, image_server: Callable[[bytes], str], rknn_sim: RKNNSimulatorControl
+) -> None:
+    not_an_image = base64.b64encode(b"these bytes are no picture").decode()
+    truncated = base64.b64encode(png(RED)[:40]).decode()
+    missing = image_server(png(RED)).replace(".png", "-missing.png")  # the local server answers 404
+
+    async def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        transport = asgi(manager, allow_remote_images=True)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.post(path, json=body)
+
+    def openai_body(url: str) -> dict[str, Any]:
+        return {
+            "model": VL,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+        }
+
+    for data in (not_an_image, truncated):
+        reply = asyncio.run(post("/api/chat", {"model": VL, "messages": [{"role": "user", "images": [data]}]}))
+        assert reply.status_code == 400 and "image" in reply.json()["error"]
+        reply = asyncio.run(post("/v1/chat/completions", openai_body(f"data:image/png;base64,{data}")))
+        assert reply.status_code == 400 and "image" in reply.json()["error"]["message"]
+    reply = asyncio.run(post("/v1/chat/completions", openai_body(missing)))
+    assert reply.status_code == 400 and "-missing.png" in reply.json()["error"]["message"]
+    assert rknn_sim.counter("runs") == 0  # nothing reached the encoder
