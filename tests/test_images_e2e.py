@@ -25,13 +25,15 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 from PIL import Image
 
 from langchain_rkllm import ChatRKLLM
+from langchain_rkllm._convert import to_core_messages as from_langchain
 from llamaindex_rkllm import RKLLM
+from llamaindex_rkllm.base import to_core_messages as from_llamaindex
 from rkllm_core.chat.vision import image_cache
 from rkllm_core.models.manager import ModelManager
 from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.native.library import RuntimeLibrary
 from rkllm_core.native.rknn import RKNNLibrary
-from rkllm_core.serve import ServerSettings, create_app
+from rkllm_core.serve import ServerSettings, create_app, ollama_wire, wire
 from rkllm_core.sim import RKNNSimulatorControl, SimulatorControl, make_encoder, make_model
 from tests import rknn_fixtures
 
@@ -260,3 +262,33 @@ def test_an_image_the_model_side_cannot_use_is_a_400_on_both_apis(
     reply = asyncio.run(post("/v1/chat/completions", openai_body(missing)))
     assert reply.status_code == 400 and "-missing.png" in reply.json()["error"]["message"]
     assert rknn_sim.counter("runs") == 0  # nothing reached the encoder
+
+
+def test_one_image_reaches_the_engine_as_the_same_message_from_every_form() -> None:
+    data_url = f"data:image/png;base64,{RED_B64}"
+    forms = [
+        from_langchain([HumanMessage([{"type": "image", "base64": RED_B64, "mime_type": "image/png"}, "Colour?"])]),
+        from_langchain([HumanMessage([{"type": "image_url", "image_url": {"url": data_url}}, "Colour?"])]),
+        from_llamaindex(
+            [ChatMessage(role=MessageRole.USER, blocks=[ImageBlock(image=png(RED)), TextBlock(text="Colour?")])]
+        ),
+        wire.chat_request(
+            {
+                "model": VL,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": data_url}},
+                            {"type": "text", "text": "Colour?"},
+                        ],
+                    }
+                ],
+            }
+        ).messages,
+        ollama_wire.chat_request(
+            {"model": VL, "messages": [{"role": "user", "content": "Colour?", "images": [RED_B64]}]}
+        ).messages,
+    ]
+    assert all(form == forms[0] for form in forms), forms
+    assert [m.fingerprint() for m in forms[0]] == [m.fingerprint() for m in forms[-1]]  # one KV-cache identity
