@@ -107,3 +107,10 @@ def test_the_default_body_limit_leaves_room_for_the_largest_image_in_base64() ->
     assert settings.max_body_bytes == body_limit_for(DEFAULT_MAX_IMAGE_BYTES)
     assert len(base64.b64encode(b"x" * DEFAULT_MAX_IMAGE_BYTES)) < settings.max_body_bytes
     assert settings.images == ImagePolicy(max_bytes=DEFAULT_MAX_IMAGE_BYTES, allow_remote=False)
+
+
+def test_base64_wrapped_in_lines_is_taken_as_the_base64_tool_prints_it() -> None:
+    wrapped = base64.encodebytes(RAW * 10).decode()  # 76-character lines
+    assert "\n" in wrapped
+    req = ow.chat_request({"model": "m", "messages": [{"role": "user", "content": "?", "images": [wrapped]}]})
+    assert req.messages[0].images == (ImagePart(data=RAW * 10),)
