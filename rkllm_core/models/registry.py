@@ -104,7 +104,7 @@ CHAT_KINDS: Final[tuple[ModelKind, ...]] = ("chat", "vision")
 # What serves each kind, for the message of a refusal.
 _SERVED_BY: Final[dict[str, str]] = {
     "chat": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine",
-    "vision": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine (text only)",
+    "vision": "langchain_rkllm.ChatRKLLM, llamaindex_rkllm.RKLLM or rkllm_core.chat.ChatEngine",
     "embedding": "langchain_rkllm.RKLLMEmbeddings, llamaindex_rkllm.RKLLMEmbedding or rkllm_core.embed.EmbeddingEngine",
     "reranker": "langchain_rkllm.RKLLMRerank, llamaindex_rkllm.RKLLMRerank or rkllm_core.embed.EmbeddingEngine.rerank",
 }
