@@ -17,6 +17,7 @@ from PIL import Image
 
 from rkllm_core.chat.engine import ChatEngine
 from rkllm_core.chat.messages import ChatMessage, ImagePart
+from rkllm_core.chat.options import ChatOptions
 from rkllm_core.chat.promptcache import PromptCacheStore
 from rkllm_core.chat.vision import image_cache
 from rkllm_core.errors import ContextLengthError, ImageError, InvalidParameterError, ModelKindError, RKLLMError
@@ -235,3 +236,17 @@ def test_a_batched_model_refuses_images_with_a_clear_error(engine_for: Callable[
     with pytest.raises(InvalidParameterError, match="n_batch"):
         engine.chat(VL, [ask("What is this?", RED)])
     assert not engine.manager.loaded()
+
+
+def test_the_planner_counts_the_encoders_image_tokens_in_the_context(
+    engine_for: Callable[..., ChatEngine], model_dir: Path
+) -> None:
+    small = model_dir / "small"
+    make_model(small, "Qwen2.5-VL-3B-Instruct-w8a8-rk3588.rkllm", hidden_size=EMBED, think=False, max_context=512)
+    make_encoder(small, "qwen2.5-vl-3b_vision_rk3588.rknn", height=32, width=32, tokens=300, embed=EMBED)
+    (small / "rkllm-models.toml").write_text(f'[models."{VL}"]\nmax_context_len = 512\n')
+    engine = engine_for(small)  # the family says 196 tokens an image; this encoder gives 300
+    options = ChatOptions(max_new_tokens=64)
+    assert engine.chat(VL, [ask("What is this?", RED)], options).text.startswith("I see a mostly red image.")
+    with pytest.raises(ContextLengthError):
+        engine.chat(VL, [ask("What is this?", RED)], ChatOptions(max_new_tokens=256))  # 300 + 256 > 512
