@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from langchain_rkllm import ChatRKLLM, UnsupportedContentError
+from rkllm_core.errors import ModelKindError
 from rkllm_core.models.manager import ModelManager
 from rkllm_core.models.registry import ModelRegistry
 from rkllm_core.native.library import RuntimeLibrary
@@ -200,8 +201,11 @@ def test_names_and_consecutive_messages(chat: ChatRKLLM) -> None:
 
 
 def test_unsupported_modality_never_reaches_the_runtime(chat: ChatRKLLM, sim: SimulatorControl) -> None:
+    audio = {"type": "audio", "base64": "UklGRg==", "mime_type": "audio/wav"}
+    with pytest.raises(UnsupportedContentError, match="audio"):
+        chat.invoke([HumanMessage([{"type": "text", "text": "What is this?"}, audio])])
     image = {"type": "image", "base64": "iVBORw0KGgo=", "mime_type": "image/png"}
-    with pytest.raises(UnsupportedContentError, match="image"):
+    with pytest.raises(ModelKindError, match="image"):  # a text model: refused before it loads
         chat.invoke([HumanMessage([{"type": "text", "text": "What is this?"}, image])])
     assert sim.counter("runs") == 0 and sim.counter("inits") == 0
 
