@@ -224,7 +224,8 @@ def image_bytes(
         if scheme.startswith(("http://", "https://")):
             if not allow_remote:
                 raise ImageError(
-                    f"fetching image URLs is turned off; pass the image's bytes or a data: URL ({source[:80]!r})",
+                    f"fetching image URLs is turned off; pass the image's bytes or a data: URL, or allow it "
+                    f"(allow_remote_images=True; rkllm serve --allow-remote-images) ({source[:80]!r})",
                     reason="remote-disabled",
                 )
             return fetch_image_url(source, max_bytes=max_bytes, timeout=timeout)
