@@ -149,3 +149,42 @@ def rag_models(env: Setup) -> tuple[str, str]:
         )
     print(f"embeddings: {embed}; reranker: {rerank}{' (simulated)' if env.simulated else ''}")
     return embed, rerank
+
+
+def vision_model(env: Setup) -> str:
+    """A vision-language model with its image encoder (a simulated pair on the simulator, if needed).
+
+    On a board, put a VL ``.rkllm`` and its ``.rknn`` encoder side by side in the model directory
+    (e.g. ``qwen2.5-vl-3b-instruct_w8a8_rk3588.rkllm`` and ``qwen2.5-vl-3b_vision_rk3588.rknn``)
+    and ``librknnrt.so`` where the RKNN runtime is found (or ``RKNN_LIB_PATH``); name the model with
+    ``RKLLM_VISION_MODEL``. Without ``librknnrt.so`` on the simulator, its simulator is built too.
+    """
+    from rkllm_core.native.rknn import load_rknn_library
+    from rkllm_core.sim import build_rknn_simulator, make_encoder, make_model
+
+    def find() -> str | None:
+        wanted = os.environ.get("RKLLM_VISION_MODEL")
+        return wanted or next((m.name for m in ModelRegistry().models() if m.encoder is not None), None)
+
+    name = find()
+    if name is None and env.simulated:
+        where = default_demo_dir().parent / "vision"  # apart from the demo set, like the other extra models
+        make_model(where, "Qwen2.5-VL-3B-Instruct-w8a8-rk3588.rkllm", hidden_size=64, think=False, size_mb=3800)
+        make_encoder(where, "qwen2.5-vl-3b_vision_rk3588.rknn", size_mb=800)
+        dirs = [d for d in os.environ.get("RKLLM_MODEL_DIR", "").split(os.pathsep) if d]
+        os.environ["RKLLM_MODEL_DIR"] = os.pathsep.join([*[d for d in dirs if d != str(where)], str(where)])
+        name = find()
+    if name is None:
+        raise SystemExit(
+            "this example needs a vision-language model (.rkllm) with its image encoder (.rknn) beside it, "
+            "e.g. Qwen2.5-VL-3B converted for your board (or set RKLLM_VISION_MODEL)"
+        )
+    try:
+        load_rknn_library()
+    except LibraryNotFoundError:
+        if not env.simulated:
+            raise
+        _banner("NO RKNN RUNTIME (librknnrt.so) FOUND -- THE IMAGE ENCODER RUNS ON ITS SIMULATOR.")
+        os.environ["RKNN_LIB_PATH"] = str(build_rknn_simulator())
+    print(f"vision model: {name}{' (simulated)' if env.simulated else ''}")
+    return name
