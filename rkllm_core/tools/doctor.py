@@ -13,6 +13,12 @@ With ``batch=True`` (``rkllm doctor --batch``) one more step checks batched deco
 in one batched run, both greedily (``top_k = 1``) on fresh handles, and every batched
 answer must equal its single-run answer — the board check that this runtime's batching
 behaves as its manual documents.
+
+A vision model among the models gets a vision step: its image encoder is loaded with it,
+the RKNN runtime's SDK and driver versions and the encoder's geometry (input size and
+layout, image tokens, embedding width, outputs) are shown, a small generated image is
+encoded (timed), and one multimodal chat turn runs. A vision model without an encoder is
+skipped with the reason (it serves text only).
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ def run_doctor(
         for info in checkup.retrieval:
             step = "embedding" if info.kind == "embedding" else "reranking"
             checkup.step(f"{step} ({info.name})", partial(checkup.retrieve, info))
+        if checkup.vision is not None:
+            checkup.step(f"vision ({checkup.vision.name})", partial(checkup.see, checkup.vision))
     return checkup.results
 
 
@@ -111,6 +119,7 @@ class _Checkup:
         self.model = ""  # the first of them ("" when there is none)
         self.others: list[ModelInfo] = []  # the models that are not chat models
         self.retrieval: list[ModelInfo] = []  # the first embedding and the first reranker model
+        self.vision: ModelInfo | None = None  # the first vision model (with an encoder if there is one)
 
     def step(self, name: str, fn: Callable[[], str]) -> bool:
         """Run one step and record its result; False when it failed."""
@@ -152,6 +161,8 @@ class _Checkup:
         self.others = [info for info in infos if info.kind not in CHAT_KINDS]
         firsts = {info.kind: info for info in reversed(self.others) if info.kind in ("embedding", "reranker")}
         self.retrieval = sorted(firsts.values(), key=self.others.index)
+        visions = [info for info in infos if info.kind == "vision"]
+        self.vision = next((info for info in visions if info.encoder is not None), visions[0] if visions else None)
         used = f"using {self.model}" if self.model else "no chat model"
         if len(self.names) > 1:
             used += f", second model {self.names[1]}"
@@ -178,6 +189,34 @@ class _Checkup:
         if len(scores) != 2:
             raise AssertionError(f"expected two scores, got {scores}")
         return f"2 documents scored: {scores[0]:.3f}, {scores[1]:.3f}"
+
+    def see(self, info: ModelInfo) -> str:
+        """Load a vision model's encoder, show its versions and geometry, encode an image, run one image turn."""
+        if info.encoder is None:
+            return (
+                f"skipped: {info.name} has no image encoder (put its .rknn beside the .rkllm, or set "
+                "vision_encoder in the registry file); it serves text only"
+            )
+        try:
+            picture = _test_picture()
+        except ImportError:
+            return "skipped: Pillow is not installed (pip install 'boardllm[vision]')"
+        with self.manager.lease(info.name) as lease:
+            encoder = lease.encoder
+            if encoder is None:
+                raise AssertionError(f"{info.name} loaded without its encoder {info.encoder.name}")
+            t0 = time.perf_counter()
+            embedding = encoder.encode_image(picture)
+            took_ms = (time.perf_counter() - t0) * 1000
+            g, sdk = encoder.geometry, encoder.sdk_version
+        if embedding.n_tokens != g.n_tokens or embedding.width != g.row_width:
+            raise AssertionError(f"embedding {embedding.n_tokens}x{embedding.width}, geometry says {g}")
+        answer = _image_turn(self.manager, info.name, picture)
+        return (
+            f"{info.encoder.name}: RKNN API {sdk.api}, driver {sdk.driver}; input {g.height}x{g.width} {g.layout}, "
+            f"{g.n_tokens} tokens x {g.embed_width} x {g.n_outputs} output(s); encoded in {took_ms:.0f} ms; "
+            f"answer: {answer[:60]!r}"
+        )
 
     def preflight(self) -> None:
         """One result per pre-flight finding (memory, NPU driver, CPU) for the first model."""
@@ -265,6 +304,33 @@ class _Checkup:
                 rt.generate("Hello again.")
                 rt.release_prompt_cache()
             return f"saved {path.stat().st_size} bytes, loaded and released"
+
+
+def _test_picture() -> bytes:
+    """A small PNG (a red field with a white square), made with Pillow (ImportError without it)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    image.paste((255, 255, 255), (60, 8, 88, 36))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _image_turn(manager: ModelManager, model: str, picture: bytes) -> str:
+    """One chat turn with an image (no prompt cache); the answer text, or AssertionError when empty."""
+    from ..chat.engine import ChatEngine
+    from ..chat.messages import ChatMessage, ImagePart
+
+    message = ChatMessage("user", "Describe this image in one sentence.", images=(ImagePart(data=picture),))
+    done = ChatEngine(manager, prompt_cache=False).chat(model, [message])
+    if not done.text.strip():
+        raise AssertionError("the model produced no text for the image")
+    if done.usage.prefilled_tokens <= 0:
+        raise AssertionError("nothing was prefilled for the image turn")
+    return done.text.strip()
 
 
 def _answers_match(singles: Sequence[str], batched: Sequence[str]) -> str:
