@@ -16,7 +16,10 @@ The JSON schema (``schema: 1``)::
                   "prompt_tokens", "runs",
                   "median": {metric: value}, "min": {...}, "max": {...},
                   "official": {"tokens_per_s", "ttft_ms", "memory_mb"} | null,
-                  "vs_official": float | null, "partial"?: true}]}
+                  "vs_official": float | null, "partial"?: true}],
+     "retrieval": [...],                                 # embedding and reranker models
+     "vision": [{"model", "kind", "filename", "dtype", "platform", "encoder",
+                 "input", "image_tokens", "runs", "median": {metric: value}}]}
 
 A row with ``"partial": true`` holds the runs completed at that point before
 the benchmark was interrupted (fewer than ``repeat``).
@@ -25,16 +28,25 @@ Metrics: ``ttft_ms`` (wall), ``prefill_tps`` / ``decode_tps`` (runtime perf
 stats), ``prefill_tps_wall`` / ``decode_tps_wall`` (wall clock),
 ``prefill_tokens``, ``generate_tokens``, ``memory_mb`` (runtime, VmHWM) and
 ``rss_mb`` (process peak RSS).
+
+Vision models with an image encoder get one ``vision`` row each: ``preprocess_ms``
+(decoding, padding and resizing one image on the host), ``encode_ms`` (one image on
+the encoder, per image), ``image_ttft_ms`` (time to the first token of a chat turn
+with one image: preprocessing, encoding and the prefill of its image tokens) and
+``image_prefill_tokens``. Each run uses a new image, so nothing comes from the image
+cache. Older reports have no ``vision`` key; every reader treats it as empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import json
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -44,7 +56,7 @@ from typing import Any, TextIO
 
 from ..board import read_system_state
 from ..embed import EmbeddingEngine
-from ..errors import NoModelsFoundError
+from ..errors import ModelKindError, NoModelsFoundError
 from ..filenames import friendly_name, parse_model_filename
 from ..models.manager import ModelManager
 from ..models.registry import CHAT_KINDS, ModelInfo
@@ -63,6 +75,7 @@ METRICS = (
     "memory_mb",
     "rss_mb",
 )
+VISION_METRICS = ("preprocess_ms", "encode_ms", "image_ttft_ms", "image_prefill_tokens")
 _FILLER = (
     "the sky is blue and the sea is wide while birds fly over old towns near green hills "
     "where people walk slowly along quiet roads at the end of a long summer day "
@@ -128,6 +141,50 @@ def _retrieval_run(engine: EmbeddingEngine, info: ModelInfo, tokens: int) -> dic
     }
 
 
+def _bench_picture(seed: int) -> bytes:
+    """A 640x480 PNG whose colours depend on ``seed`` (a new image per run), made with Pillow."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 480), (200, (seed * 37) % 256, 30))
+    ImageDraw.Draw(image).ellipse((400, 40, 560, 200), fill=(255, 255, (seed * 91) % 256))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _vision_run(manager: ModelManager, name: str, new_tokens: int, seeds: Iterator[int]) -> dict[str, float]:
+    """Time one image through the encoder alone, then a chat turn with another image (to its first token)."""
+    from ..chat.engine import ChatDone, ChatEngine, TextDelta
+    from ..chat.messages import ChatMessage, ImagePart
+    from ..chat.options import ChatOptions
+    from ..vision.preprocess import preprocess
+
+    with manager.lease(name) as lease:
+        encoder = lease.encoder
+        if encoder is None:
+            raise ModelKindError(f"{name} was loaded without its image encoder")
+        t0 = time.perf_counter()
+        pixels = preprocess(_bench_picture(next(seeds)), encoder.pixel_spec)
+        t1 = time.perf_counter()
+        encoder.encode(pixels)
+        t2 = time.perf_counter()
+    message = ChatMessage("user", "What is in this picture?", images=(ImagePart(data=_bench_picture(next(seeds))),))
+    engine = ChatEngine(manager, prompt_cache=False, reuse_kv=False)
+    t_start, t_first, done = time.perf_counter(), None, None
+    for event in engine.stream(name, [message], ChatOptions(max_new_tokens=new_tokens)):
+        if t_first is None and isinstance(event, TextDelta):
+            t_first = time.perf_counter()
+        done = event
+    t_first = t_first or time.perf_counter()
+    prefilled = done.usage.prefilled_tokens if isinstance(done, ChatDone) else 0
+    return {
+        "preprocess_ms": (t1 - t0) * 1000,
+        "encode_ms": (t2 - t1) * 1000,
+        "image_ttft_ms": (t_first - t_start) * 1000,
+        "image_prefill_tokens": float(prefilled),
+    }
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -181,10 +238,11 @@ def run_bench(
     including the runs completed at the point in progress (that row marked ``partial: true``).
     """
     chat_infos, retrieval_infos = _models_to_bench(manager, models)
+    vision_infos = [info for info in chat_infos if info.kind == "vision" and info.encoder is not None]
     table = official_table()
     report = _new_report(manager, config, table)
-    runs_in_all = (len(chat_infos) + len(retrieval_infos)) * len(config.prompt_tokens) * (config.repeat + config.warmup)
-    bar = _Progress(progress, runs_in_all)
+    points = (len(chat_infos) + len(retrieval_infos)) * len(config.prompt_tokens) + len(vision_infos)
+    bar = _Progress(progress, points * (config.repeat + config.warmup))
 
     def point(rows: list[dict[str, Any]], label: str, run: Callable[[], dict[str, float]], row: _Row) -> None:
         runs: list[dict[str, float]] = []
@@ -212,12 +270,11 @@ def run_bench(
             for info in retrieval_infos:
                 for tokens in config.prompt_tokens:
                     run = partial(_retrieval_run, engine, info, tokens)
-                    point(
-                        report["retrieval"],
-                        f"{info.name} {tokens}-token texts",
-                        run,
-                        partial(_retrieval_result, info, tokens),
-                    )
+                    label = f"{info.name} {tokens}-token texts"
+                    point(report["retrieval"], label, run, partial(_retrieval_result, info, tokens))
+            for info in vision_infos:
+                run = partial(_vision_run, manager, info.name, config.new_tokens, itertools.count())
+                point(report["vision"], f"{info.name} image", run, partial(_vision_result, manager, info))
         except KeyboardInterrupt:
             report["partial"] = True
     bar.end()
@@ -262,6 +319,7 @@ def _new_report(manager: ModelManager, config: BenchConfig, table: dict[str, Any
         "reference": {"source": table["source"], "runtime": table["runtime"]},
         "results": [],
         "retrieval": [],
+        "vision": [],
         "title": f"RKLLM benchmark — {where}" + (" (simulated)" if lib.is_simulator else ""),
     }
 
@@ -355,6 +413,16 @@ def _retrieval_result(info: ModelInfo, tokens: int, runs: list[dict[str, float]]
     }
 
 
+def _vision_result(manager: ModelManager, info: ModelInfo, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One ``vision`` row: a vision model's encoder and a turn with an image (the encoder's geometry, as loaded)."""
+    row: dict[str, Any] = {**_model_fields(info), "encoder": info.encoder.name if info.encoder else None}
+    loaded = next((e.encoder for e in manager.loaded() if e.info.name == info.name and e.encoder), None)
+    if loaded is not None:
+        g = loaded.geometry
+        row.update(input=f"{g.height}x{g.width}", image_tokens=g.n_tokens)
+    return {**row, "runs": runs, "median": {k: statistics.median(r[k] for r in runs) for k in VISION_METRICS}}
+
+
 def _model_fields(info: ModelInfo) -> dict[str, Any]:
     return {
         "model": info.name,
@@ -413,8 +481,28 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{m['items_per_s']:.1f} {unit} | "
                 f"{m['tokens_per_s']:.0f} | {m['ms_per_item']:.1f} |"
             )
+    lines += _vision_markdown(report.get("vision") or [])
     lines += ["", f"Official numbers: {report['reference']['source']} (runtime {report['reference']['runtime']})."]
     return "\n".join(lines) + "\n"
+
+
+def _vision_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The vision table: per model, the encoder's input and tokens, ms per image, TTFT of a turn with an image."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| Model | Encoder | Input | Image tokens | Preprocess (ms) | Encoder (ms/image) | TTFT with an image (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["median"]
+        lines.append(
+            f"| {r['model']}{_partial_note(r)} | {r.get('encoder') or '—'} | {r.get('input', '—')} | "
+            f"{r.get('image_tokens', '—')} | {m['preprocess_ms']:.1f} | {m['encode_ms']:.1f} | "
+            f"{m['image_ttft_ms']:.0f} |"
+        )
+    return lines
 
 
 def _partial_note(row: dict[str, Any]) -> str:
@@ -446,6 +534,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
             f"| {r['model']} | {r['prompt_tokens']} | {delta(m0['decode_tps'], m1['decode_tps'])} | "
             f"{delta(m0['ttft_ms'], m1['ttft_ms'])} | {delta(m0['memory_mb'], m1['memory_mb'])} |"
         )
+    lines += _vision_compare(a.get("vision") or [], b.get("vision") or [], delta)
     diffs = []
     for key in ("cpu_governors", "devfreq", "npu_driver", "kernel"):
         if a["system"].get(key) != b["system"].get(key):
@@ -454,6 +543,27 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
         diffs.append("runtime version")
     lines += ["", "System differences: " + (", ".join(diffs) if diffs else "none recorded")]
     return "\n".join(lines) + "\n"
+
+
+def _vision_compare(
+    old_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]], delta: Callable[[float, float], str]
+) -> list[str]:
+    """The vision part of :func:`compare` (nothing when the second report has no vision rows)."""
+    if not new_rows:
+        return []
+    index = {r["model"]: r for r in old_rows}
+    lines = ["", "| Model | Encoder (ms/image) | TTFT with an image (ms) |", "|---|---|---|"]
+    for r in new_rows:
+        old = index.get(r["model"])
+        if old is None:
+            lines.append(f"| {r['model']} | only in the second report | |")
+            continue
+        m0, m1 = old["median"], r["median"]
+        lines.append(
+            f"| {r['model']} | {delta(m0['encode_ms'], m1['encode_ms'])} | "
+            f"{delta(m0['image_ttft_ms'], m1['image_ttft_ms'])} |"
+        )
+    return lines
 
 
 def write_outputs(report: dict[str, Any], json_path: Path, markdown_path: Path | None) -> None:
