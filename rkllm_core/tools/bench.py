@@ -34,12 +34,14 @@ Vision models with an image encoder get one ``vision`` row each: ``preprocess_ms
 the encoder, per image), ``image_ttft_ms`` (time to the first token of a chat turn
 with one image: preprocessing, encoding and the prefill of its image tokens) and
 ``image_prefill_tokens``. Each run uses a new image, so nothing comes from the image
-cache. Older reports have no ``vision`` key; every reader treats it as empty.
+cache (without Pillow, the ``vision`` extra, there are no vision rows). Older reports have no
+``vision`` key; every reader treats it as empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import itertools
 import json
@@ -238,7 +240,7 @@ def run_bench(
     including the runs completed at the point in progress (that row marked ``partial: true``).
     """
     chat_infos, retrieval_infos = _models_to_bench(manager, models)
-    vision_infos = [info for info in chat_infos if info.kind == "vision" and info.encoder is not None]
+    vision_infos = _vision_models(chat_infos)
     table = official_table()
     report = _new_report(manager, config, table)
     points = (len(chat_infos) + len(retrieval_infos)) * len(config.prompt_tokens) + len(vision_infos)
@@ -296,6 +298,13 @@ def _models_to_bench(manager: ModelManager, models: Sequence[str]) -> tuple[list
         )
     retrieval = [info for info in infos if info.kind in ("embedding", "reranker")]
     return [info for info in infos if info.kind in CHAT_KINDS], retrieval
+
+
+def _vision_models(chat_infos: Sequence[ModelInfo]) -> list[ModelInfo]:
+    """The vision models with an image encoder, when Pillow (the ``vision`` extra) can make the test images."""
+    if importlib.util.find_spec("PIL") is None:
+        return []
+    return [info for info in chat_infos if info.kind == "vision" and info.encoder is not None]
 
 
 def _new_report(manager: ModelManager, config: BenchConfig, table: dict[str, Any]) -> dict[str, Any]:
