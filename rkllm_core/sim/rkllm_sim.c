@@ -3115,6 +3115,54 @@ static void *batch_worker(void *arg) {
 }
 
 /* rkllm_run / rkllm_run_async on a handle with n_batch > 1: `in` is an array of n_batch inputs. */
+/* A run starts on h (called with the lock held). */
+static void begin_run_locked(sim_handle *h) {
+    h->running = true;
+    h->abort_flag = false;
+    G.counters[C_RUNS]++;
+    if (++G.counters[C_ACTIVE_RUNS] > G.counters[C_MAX_ACTIVE_RUNS])
+        G.counters[C_MAX_ACTIVE_RUNS] = G.counters[C_ACTIVE_RUNS];
+}
+
+static int job_done(void *arg) {
+    sim_job *j = arg;
+    int ret = j->ret;
+    job_free(j);
+    return ret;
+}
+
+static int batch_done(void *arg) {
+    sim_batch *b = arg;
+    int ret = b->ret;
+    batch_free(b);
+    return ret;
+}
+
+/* Run worker(arg) on a thread of its own: detached when async (the worker then frees arg and releases the
+ * handle), else joined, and done(arg) frees it and gives the run's result. */
+static int launch(const char *fn, sim_handle *h, void *(*worker)(void *), void *arg, bool async, int (*done)(void *)) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, worker, arg) != 0) {
+        lock();
+        h->running = false;
+        G.counters[C_ACTIVE_RUNS]--;
+        G.counters[C_ERRORS]++;
+        unlock();
+        sim_log("%s: cannot start a worker thread", fn);
+        done(arg);
+        handle_release(h);
+        return -1;
+    }
+    if (async) {
+        pthread_detach(t);
+        return 0;
+    }
+    pthread_join(t, NULL);
+    int ret = done(arg);
+    handle_release(h);
+    return ret;
+}
+
 static int start_batch(const char *fn, sim_handle *h, RKLLMInput *in, RKLLMInferParam *ip, void *userdata,
                        bool async) {
     const char *why = NULL;
@@ -3148,35 +3196,10 @@ static int start_batch(const char *fn, sim_handle *h, RKLLMInput *in, RKLLMInfer
     b->set = G.set;
     b->err_after = G.set.error_after_tokens >= 0 ? (int)G.set.error_after_tokens : -1;
     G.set.error_after_tokens = -1; /* one-shot */
-    h->running = true;
-    h->abort_flag = false;
-    G.counters[C_RUNS]++;
     G.counters[C_BATCHED_RUNS]++;
-    if (++G.counters[C_ACTIVE_RUNS] > G.counters[C_MAX_ACTIVE_RUNS])
-        G.counters[C_MAX_ACTIVE_RUNS] = G.counters[C_ACTIVE_RUNS];
+    begin_run_locked(h);
     unlock();
-
-    pthread_t t;
-    if (pthread_create(&t, NULL, batch_worker, b) != 0) {
-        lock();
-        h->running = false;
-        G.counters[C_ACTIVE_RUNS]--;
-        G.counters[C_ERRORS]++;
-        unlock();
-        sim_log("%s: cannot start a worker thread", fn);
-        batch_free(b);
-        handle_release(h);
-        return -1;
-    }
-    if (async) {
-        pthread_detach(t); /* the worker frees the batch and releases the handle */
-        return 0;
-    }
-    pthread_join(t, NULL);
-    int ret = b->ret;
-    batch_free(b);
-    handle_release(h);
-    return ret;
+    return launch(fn, h, batch_worker, b, async, batch_done);
 }
 
 static int start_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *userdata,
@@ -3189,11 +3212,7 @@ static int start_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMInfe
     const char *why = NULL;
     sim_job *j = job_from_input(h, in, ip, &why);
     lock();
-    if (j && j->lora) {
-        size_t i = 0;
-        while (i < h->n_loras && strcmp(h->loras[i].name, j->lora) != 0) i++;
-        if (i == h->n_loras) why = "rkllm_run: the requested LoRA adapter is not loaded";
-    }
+    if (j && j->lora && !lora_loaded_locked(h, j->lora)) why = "rkllm_run: the requested LoRA adapter is not loaded";
     if (why || G.table[h->id] != h || h->running) {
         if (why)
             G.counters[C_ERRORS]++;
@@ -3219,34 +3238,9 @@ static int start_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMInfe
     j->set = G.set;
     j->err_after = G.set.error_after_tokens >= 0 ? (int)G.set.error_after_tokens : -1;
     G.set.error_after_tokens = -1; /* one-shot */
-    h->running = true;
-    h->abort_flag = false;
-    G.counters[C_RUNS]++;
-    if (++G.counters[C_ACTIVE_RUNS] > G.counters[C_MAX_ACTIVE_RUNS])
-        G.counters[C_MAX_ACTIVE_RUNS] = G.counters[C_ACTIVE_RUNS];
+    begin_run_locked(h);
     unlock();
-
-    pthread_t t;
-    if (pthread_create(&t, NULL, run_worker, j) != 0) {
-        lock();
-        h->running = false;
-        G.counters[C_ACTIVE_RUNS]--;
-        G.counters[C_ERRORS]++;
-        unlock();
-        sim_log("%s: cannot start a worker thread", fn);
-        job_free(j);
-        handle_release(h);
-        return -1;
-    }
-    if (async) {
-        pthread_detach(t); /* the worker frees the job and releases the handle */
-        return 0;
-    }
-    pthread_join(t, NULL);
-    int ret = j->ret;
-    job_free(j);
-    handle_release(h);
-    return ret;
+    return launch(fn, h, run_worker, j, async, job_done);
 }
 
 SIM_API int rkllm_run(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void *userdata) {
