@@ -30,14 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench_core import machine
 
 from rkllm_core.chat.engine import ChatEngine, TextDelta
 from rkllm_core.chat.messages import ChatMessage
@@ -49,20 +49,7 @@ from rkllm_core.params import InitParams
 from rkllm_core.runtime import RKLLMRuntime
 from rkllm_core.runtime.batch import BatchSlot
 from rkllm_core.sim import SimulatorControl, build_simulator, make_model
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
+from rkllm_core.tools.bench_concurrency import ConcurrencyPoint, percentile
 
 
 @dataclass
@@ -134,30 +121,6 @@ def measure_sequential(lib: RuntimeLibrary, model: Path, n: int, tokens: int, re
     return Point(f"{n} sequential single runs", 1, total, wall, total / wall, total / wall, 1000 * ttft)
 
 
-@dataclass
-class EnginePoint:
-    """C concurrent streaming clients through the chat engine, for one n_batch setting."""
-
-    label: str
-    n_batch: int
-    clients: int
-    tokens: int
-    seconds: float
-    aggregate_tps: float
-    per_client_tps: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-    prefill_tokens: int
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation."""
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 async def client(engine: ChatEngine, model: str, i: int, tokens: int, t0: float) -> tuple[float, float, int]:
     """One streaming request; returns (TTFT s, end s, output tokens)."""
     first = 0.0
@@ -173,7 +136,7 @@ async def client(engine: ChatEngine, model: str, i: int, tokens: int, t0: float)
 
 def measure_engine(
     lib: RuntimeLibrary, model_file: Path, n_batch: int | None, clients: int, tokens: int, ctl: SimulatorControl | None
-) -> EnginePoint:
+) -> ConcurrencyPoint:
     """C clients at once through a ChatEngine whose manager loads the model with ``n_batch``."""
     registry = ModelRegistry([model_file.parent], platform=None)
     manager = ModelManager(registry, library=lib, max_loaded=1, n_batch=n_batch)
@@ -196,7 +159,7 @@ def measure_engine(
     total = sum(r[2] for r in results)
     ttfts = [1000 * r[0] for r in results]
     label = f"engine, n_batch={n_batch}" if n_batch else "engine, unbatched"
-    return EnginePoint(
+    return ConcurrencyPoint(
         label,
         n_batch or 1,
         clients,
@@ -210,7 +173,7 @@ def measure_engine(
     )
 
 
-def report_engine(points: list[EnginePoint]) -> tuple[float, float]:
+def report_engine(points: list[ConcurrencyPoint]) -> tuple[float, float]:
     """Print the engine table; return (aggregate ratio, TTFT p95 ratio) of N=4 against unbatched."""
     print(
         "\n| clients through the chat engine | clients | tokens | wall s | aggregate tok/s | per-client tok/s "
