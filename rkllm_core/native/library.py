@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -131,41 +132,55 @@ def find_library(path: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         LibraryNotFoundError: nothing was found; the message lists every path tried.
     """
+    return locate_library(
+        LIBRARY_NAME,
+        path,
+        "RKLLM_LIB_PATH",
+        candidate_paths(),
+        "Install Rockchip's runtime (rknn-llm, rkllm-runtime/Linux/librkllm_api) or set RKLLM_LIB_PATH. Without a "
+        "board, build the simulator: python -m rkllm_core.sim",
+    )
+
+
+def locate_library(
+    file_name: str, path: str | os.PathLike[str] | None, env_var: str, candidates: Sequence[str], hint: str
+) -> Path:
+    """Find a shared library: ``path``, else ``$env_var``, else the first of ``candidates`` that exists.
+
+    A directory stands for ``file_name`` in it; a bare soname among the candidates (from
+    ``ctypes.util.find_library``) is left to the loader.
+
+    Raises:
+        LibraryNotFoundError: nothing was found; the message lists every path tried, then ``hint``.
+    """
     tried: list[str] = []
 
     def resolve(value: str, origin: str) -> Path | None:
         p = Path(value).expanduser()
         if p.is_dir():
-            p = p / LIBRARY_NAME
+            p = p / file_name
         tried.append(f"{p} ({origin})")
         return p if p.is_file() else None
 
     if path is not None:
         hit = resolve(os.fspath(path), "argument")
         if hit is None:
-            raise LibraryNotFoundError(f"RKLLM runtime library not found at {tried[0]}", tried)
+            raise LibraryNotFoundError(f"{file_name} not found at {tried[0]}", tried)
         return hit
-    env = os.environ.get("RKLLM_LIB_PATH")
+    env = os.environ.get(env_var)
     if env:
-        hit = resolve(env, "RKLLM_LIB_PATH")
+        hit = resolve(env, env_var)
         if hit is None:
-            raise LibraryNotFoundError(
-                f"RKLLM_LIB_PATH points to {tried[0]}, which does not exist; fix or unset it", tried
-            )
+            raise LibraryNotFoundError(f"{env_var} points to {tried[0]}, which does not exist; fix or unset it", tried)
         return hit
-    for candidate in candidate_paths():
+    for candidate in candidates:
         if os.sep not in candidate:  # a bare soname from find_library: let the loader resolve it
             tried.append(f"{candidate} (ctypes.util.find_library)")
             return Path(candidate)
         hit = resolve(candidate, "default")
         if hit is not None:
             return hit
-    raise LibraryNotFoundError(
-        f"{LIBRARY_NAME} not found; tried: {', '.join(tried)}. Install Rockchip's runtime "
-        "(rknn-llm, rkllm-runtime/Linux/librkllm_api) or set RKLLM_LIB_PATH. Without a board, build the "
-        "simulator: python -m rkllm_core.sim",
-        tried,
-    )
+    raise LibraryNotFoundError(f"{file_name} not found; tried: {', '.join(tried)}. {hint}", tried)
 
 
 @dataclass(frozen=True)

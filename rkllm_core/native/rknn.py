@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..errors import HandleClosedError, LibraryNotFoundError, RKNNError
+from .library import locate_library
 
 __all__ = [
     "LIBRARY_NAME",
@@ -359,33 +360,14 @@ def find_rknn_library(path: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         LibraryNotFoundError: nothing was found; the message lists every path tried.
     """
-    tried: list[str] = []
-
-    def resolve(value: str, origin: str) -> Path | None:
-        p = Path(value).expanduser()
-        if p.is_dir():
-            p = p / LIBRARY_NAME
-        tried.append(f"{p} ({origin})")
-        return p if p.is_file() else None
-
-    for value, origin in ((path, "argument"), (os.environ.get("RKNN_LIB_PATH") or None, "RKNN_LIB_PATH")):
-        if value is not None:
-            hit = resolve(os.fspath(value), origin)
-            if hit is None:
-                raise LibraryNotFoundError(f"RKNN runtime library not found at {tried[0]}", tried)
-            return hit
-    for candidate in candidate_paths():
-        if os.sep not in candidate:  # a bare soname from find_library: the loader resolves it
-            tried.append(f"{candidate} (ctypes.util.find_library)")
-            return Path(candidate)
-        hit = resolve(candidate, "default")
-        if hit is not None:
-            return hit
-    raise LibraryNotFoundError(
-        f"{LIBRARY_NAME} (the RKNN runtime that runs vision encoders) not found; tried: {', '.join(tried)}. "
-        "Install it from rknn-toolkit2 (rknpu2/runtime/Linux/librknn_api) or set RKNN_LIB_PATH. Without a "
-        "board, build the simulator: rkllm_core.sim.build_rknn_simulator()",
-        tried,
+    return locate_library(
+        LIBRARY_NAME,
+        path,
+        "RKNN_LIB_PATH",
+        candidate_paths(),
+        "It is the RKNN runtime that runs vision encoders: install it from rknn-toolkit2 "
+        "(rknpu2/runtime/Linux/librknn_api) or set RKNN_LIB_PATH. Without a board, build the simulator: "
+        "rkllm_core.sim.build_rknn_simulator()",
     )
 
 
