@@ -3115,6 +3115,26 @@ static void *batch_worker(void *arg) {
 }
 
 /* rkllm_run / rkllm_run_async on a handle with n_batch > 1: `in` is an array of n_batch inputs. */
+/* Whether a run on h must be refused (called with the lock held): a bad input (why), a destroyed
+ * handle or a run already going. Counts the cause and puts what to log in msg (empty: nothing). */
+static bool run_refused_locked(const char *fn, const sim_handle *h, const char *why, bool batched, char *msg,
+                               size_t cap) {
+    msg[0] = '\0';
+    if (why) {
+        G.counters[C_ERRORS]++;
+        if (batched) G.counters[C_BATCH_REFUSALS]++;
+        snprintf(msg, cap, "%s", why);
+    } else if (G.table[h->id] != h) {
+        G.counters[C_INVALID_HANDLE_CALLS]++;
+    } else if (h->running) {
+        G.counters[C_CONCURRENT_RUN_VIOLATIONS]++;
+        snprintf(msg, cap, "%s: a run is already active on this handle", fn);
+    } else {
+        return false;
+    }
+    return true;
+}
+
 /* A run starts on h (called with the lock held). */
 static void begin_run_locked(sim_handle *h) {
     h->running = true;
@@ -3170,20 +3190,10 @@ static int start_batch(const char *fn, sim_handle *h, RKLLMInput *in, RKLLMInfer
     lock();
     if (b && b->slots[0].j->lora && !lora_loaded_locked(h, b->slots[0].j->lora))
         why = "rkllm_run: the requested LoRA adapter is not loaded";
-    if (why || G.table[h->id] != h || h->running) {
-        if (why) {
-            G.counters[C_ERRORS]++;
-            G.counters[C_BATCH_REFUSALS]++;
-        } else if (G.table[h->id] != h)
-            G.counters[C_INVALID_HANDLE_CALLS]++;
-        else
-            G.counters[C_CONCURRENT_RUN_VIOLATIONS]++;
-        bool violation = !why && h->running;
+    char msg[512];
+    if (run_refused_locked(fn, h, why, true, msg, sizeof msg)) {
         unlock();
-        if (why)
-            sim_log("%s", why);
-        else if (violation)
-            sim_log("%s: a run is already active on this handle", fn);
+        if (msg[0]) sim_log("%s", msg);
         if (b) batch_free(b);
         handle_release(h);
         return -1;
@@ -3213,19 +3223,10 @@ static int start_run(const char *fn, LLMHandle handle, RKLLMInput *in, RKLLMInfe
     sim_job *j = job_from_input(h, in, ip, &why);
     lock();
     if (j && j->lora && !lora_loaded_locked(h, j->lora)) why = "rkllm_run: the requested LoRA adapter is not loaded";
-    if (why || G.table[h->id] != h || h->running) {
-        if (why)
-            G.counters[C_ERRORS]++;
-        else if (G.table[h->id] != h)
-            G.counters[C_INVALID_HANDLE_CALLS]++;
-        else
-            G.counters[C_CONCURRENT_RUN_VIOLATIONS]++;
-        bool violation = !why && h->running;
+    char msg[512];
+    if (run_refused_locked(fn, h, why, false, msg, sizeof msg)) {
         unlock();
-        if (why)
-            sim_log("%s", why);
-        else if (violation)
-            sim_log("%s: a run is already active on this handle", fn);
+        if (msg[0]) sim_log("%s", msg);
         if (j) job_free(j);
         handle_release(h);
         return -1;
